@@ -1,0 +1,467 @@
+//! `quiver.toml`: the shapes of DESIGN.md §3, their defaults, environment overrides and
+//! validation. An invalid config fails at start with the path of the field that is wrong.
+//!
+//! Precedence, lowest first: built-in defaults, the TOML file, `QUIVER_<SECTION>_<KEY>`
+//! environment variables (e.g. `QUIVER_LOG_PARTITIONS=16`), then CLI flags (applied by the binary).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: cannot parse TOML: {0}")]
+    Toml(String),
+    #[error("config: {path}: {message}")]
+    Field { path: String, message: String },
+}
+
+impl ConfigError {
+    pub fn field(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Field {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A duration written as `"250ms"`, `"10m"`, `"24h"`, `"30d"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map(HumanDuration)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+    }
+}
+
+impl HumanDuration {
+    pub fn as_ms(self) -> i64 {
+        i64::try_from(self.0.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub log: LogConfig,
+    pub limits: LimitsConfig,
+    pub store: StoreConfig,
+    pub ingest: IngestConfig,
+    pub models: ModelsConfig,
+    #[serde(rename = "entity")]
+    pub entities: Vec<EntityConfig>,
+    #[serde(rename = "view")]
+    pub views: Vec<ViewConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Longest a read with `Quiver-Read-After` waits for the materializer before answering 503.
+    pub read_after_wait_ms_max: u64,
+    /// Largest number of entity rows one `POST /v1/features` may ask for.
+    pub read_entities_max: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:7070".parse().expect("static address"),
+            data_dir: PathBuf::from("./data"),
+            read_after_wait_ms_max: 100,
+            read_entities_max: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// fsync after every append request before acknowledging it.
+    Always,
+    /// Group commit: one fsync covers every append gathered while the previous one ran.
+    Batch,
+    /// Never fsync; the OS writes back when it likes. `ack=durable` then means "written".
+    Never,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub partitions: u32,
+    pub fsync: FsyncPolicy,
+    pub segment_bytes: u64,
+    /// Segments whose newest record is older than this are deleted.
+    pub retention: HumanDuration,
+    /// Per partition: oldest segments are deleted while the partition is larger than this.
+    pub retention_bytes: Option<u64>,
+    /// Largest number of records one group commit writes before it fsyncs.
+    pub group_commit_records_max: usize,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            partitions: 8,
+            fsync: FsyncPolicy::Batch,
+            segment_bytes: 64 * 1024 * 1024,
+            retention: HumanDuration(Duration::from_secs(24 * 3600)),
+            retention_bytes: None,
+            group_commit_records_max: 65_536,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub request_body_bytes_max: usize,
+    /// Events accepted by ingest but not yet written to the log, over all partitions.
+    pub ingest_queue_events_max: usize,
+    pub batch_events_max: usize,
+    pub key_bytes_max: usize,
+    pub event_id_bytes_max: usize,
+    pub string_bytes_max: usize,
+    pub idempotency_key_bytes_max: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            request_body_bytes_max: 4 * 1024 * 1024,
+            ingest_queue_events_max: 65_536,
+            batch_events_max: 10_000,
+            key_bytes_max: 256,
+            event_id_bytes_max: 128,
+            string_bytes_max: 64 * 1024,
+            idempotency_key_bytes_max: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// How often each partition's store is snapshotted (bounds replay time at restart).
+    pub snapshot_interval: HumanDuration,
+    /// Per partition: how many recent `event_id`s are remembered for at-most-once apply.
+    pub dedup_window_events: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            snapshot_interval: HumanDuration(Duration::from_secs(60)),
+            dedup_window_events: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// How many `Idempotency-Key`s (and their replies) are remembered.
+    pub idempotency_keys_max: usize,
+    /// How long an `Idempotency-Key` is remembered.
+    pub idempotency_ttl: HumanDuration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            idempotency_keys_max: 100_000,
+            idempotency_ttl: HumanDuration(Duration::from_secs(24 * 3600)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelsConfig {
+    pub repository: PathBuf,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        ModelsConfig {
+            repository: PathBuf::from("./models"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntityConfig {
+    pub name: String,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewConfig {
+    pub name: String,
+    pub entity: String,
+    pub ttl: Option<HumanDuration>,
+    pub allowed_lateness: Option<HumanDuration>,
+    pub features: Vec<FeatureConfig>,
+    #[serde(default)]
+    pub aggregations: Vec<AggregationConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureConfig {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// Length of an `f32[]` embedding, when not written in the type as `f32[16]`.
+    pub dims: Option<u32>,
+    pub default: Option<toml::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregationConfig {
+    pub name: String,
+    pub of: String,
+    #[serde(rename = "fn")]
+    pub func: String,
+    pub window: HumanDuration,
+}
+
+/// Sections whose keys `QUIVER_<SECTION>_<KEY>` may override.
+const ENV_SECTIONS: &[&str] = &["server", "log", "limits", "store", "ingest", "models"];
+
+impl Config {
+    /// Parses TOML text, applies `env` overrides (pairs of `QUIVER_*` names and values), and
+    /// validates the result.
+    pub fn from_toml_with_env<I>(text: &str, env: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let mut root: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Toml(e.to_string()))?;
+        apply_env(&mut root, env)?;
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(root))
+            .map_err(|e| ConfigError::field(e.path().to_string(), e.inner().to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let check = |ok: bool, path: &str, msg: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::field(path, msg))
+            }
+        };
+        check(
+            (1..=1024).contains(&self.log.partitions),
+            "log.partitions",
+            "must be 1..=1024",
+        )?;
+        check(
+            self.log.segment_bytes >= 4096,
+            "log.segment_bytes",
+            "must be at least 4096",
+        )?;
+        check(
+            self.log.group_commit_records_max > 0,
+            "log.group_commit_records_max",
+            "must be > 0",
+        )?;
+        check(
+            self.limits.request_body_bytes_max > 0,
+            "limits.request_body_bytes_max",
+            "must be > 0",
+        )?;
+        check(
+            self.limits.batch_events_max > 0,
+            "limits.batch_events_max",
+            "must be > 0",
+        )?;
+        check(
+            self.limits.ingest_queue_events_max >= self.limits.batch_events_max,
+            "limits.ingest_queue_events_max",
+            "must be at least limits.batch_events_max, or a full batch could never be admitted",
+        )?;
+        check(
+            (1..=u16::MAX as usize).contains(&self.limits.key_bytes_max),
+            "limits.key_bytes_max",
+            "must be 1..=65535",
+        )?;
+        check(
+            self.limits.event_id_bytes_max <= u16::MAX as usize,
+            "limits.event_id_bytes_max",
+            "must be at most 65535",
+        )?;
+        check(
+            self.server.read_entities_max > 0,
+            "server.read_entities_max",
+            "must be > 0",
+        )?;
+        check(
+            self.store.snapshot_interval.0 >= Duration::from_millis(100),
+            "store.snapshot_interval",
+            "must be at least 100ms",
+        )?;
+        // The schema is validated by compiling it.
+        crate::schema::Schema::compile(self)?;
+        Ok(())
+    }
+}
+
+fn apply_env<I>(root: &mut toml::Table, env: I) -> Result<(), ConfigError>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    let mut overrides: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix("QUIVER_") else {
+            continue;
+        };
+        let rest = rest.to_ascii_lowercase();
+        let Some((section, key)) = rest.split_once('_') else {
+            continue;
+        };
+        if ENV_SECTIONS.contains(&section) && !key.is_empty() {
+            overrides.insert(format!("{section}.{key}"), value);
+        }
+    }
+    for (path, raw) in overrides {
+        let (section, key) = path.split_once('.').expect("built with a dot");
+        let table = root
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(table) = table.as_table_mut() else {
+            return Err(ConfigError::field(section, "must be a table"));
+        };
+        table.insert(key.to_string(), parse_env_value(&raw));
+    }
+    Ok(())
+}
+
+/// An environment value is read as a TOML literal when it is one (`16`, `true`, `"x"`),
+/// else as a bare string (`batch`, `127.0.0.1:7070`).
+fn parse_env_value(raw: &str) -> toml::Value {
+    #[derive(Deserialize)]
+    struct Probe {
+        v: toml::Value,
+    }
+    match toml::from_str::<Probe>(&format!("v = {raw}")) {
+        Ok(p) => p.v,
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DESIGN_EXAMPLE: &str = r#"
+[server]
+listen = "127.0.0.1:7070"
+data_dir = "./data"
+
+[log]
+partitions = 8
+fsync = "batch"
+segment_bytes = 67108864
+retention = "24h"
+
+[limits]
+request_body_bytes_max = 4194304
+ingest_queue_events_max = 65536
+batch_events_max = 10000
+
+[[entity]]
+name = "user"
+key = "user_id"
+
+[[view]]
+name = "txn"
+entity = "user"
+ttl = "1h"
+allowed_lateness = "10m"
+features = [
+  { name = "amount", type = "f64", default = 0.0 },
+  { name = "merchant", type = "string" },
+]
+aggregations = [
+  { name = "amount_sum_5m", of = "amount", fn = "sum", window = "5m" },
+]
+
+[models]
+repository = "./models"
+"#;
+
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    #[test]
+    fn parses_the_design_example() {
+        let c = Config::from_toml_with_env(DESIGN_EXAMPLE, no_env()).unwrap();
+        assert_eq!(c.log.partitions, 8);
+        assert_eq!(c.log.fsync, FsyncPolicy::Batch);
+        assert_eq!(
+            c.views[0].ttl,
+            Some(HumanDuration(Duration::from_secs(3600)))
+        );
+        assert_eq!(c.views[0].aggregations[0].func, "sum");
+    }
+
+    #[test]
+    fn empty_config_has_defaults() {
+        let c = Config::from_toml_with_env("", no_env()).unwrap();
+        assert_eq!(c.server.listen.port(), 7070);
+        assert_eq!(c.limits.batch_events_max, 10_000);
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let env = vec![
+            ("QUIVER_LOG_PARTITIONS".to_string(), "3".to_string()),
+            ("QUIVER_LOG_FSYNC".to_string(), "always".to_string()),
+            (
+                "QUIVER_SERVER_LISTEN".to_string(),
+                "127.0.0.1:9999".to_string(),
+            ),
+            ("QUIVER_CONFIG".to_string(), "ignored.toml".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ];
+        let c = Config::from_toml_with_env(DESIGN_EXAMPLE, env).unwrap();
+        assert_eq!(c.log.partitions, 3);
+        assert_eq!(c.log.fsync, FsyncPolicy::Always);
+        assert_eq!(c.server.listen.port(), 9999);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let err = |text: &str| {
+            Config::from_toml_with_env(text, no_env())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("[log]\npartitions = \"many\"").contains("log.partitions"));
+        assert!(err("[log]\nfsync = \"sometimes\"").contains("log.fsync"));
+        assert!(err("[log]\npartitions = 0").contains("log.partitions"));
+        assert!(err("[log]\nretention = \"forever\"").contains("log.retention"));
+        assert!(err("[server]\nlisten = \"nowhere\"").contains("server.listen"));
+        assert!(err("[limits]\nbogus = 1").contains("bogus"));
+        let env = vec![("QUIVER_LOG_PARTITIONS".to_string(), "x".to_string())];
+        let e = Config::from_toml_with_env("", env).unwrap_err().to_string();
+        assert!(e.contains("log.partitions"), "{e}");
+    }
+}

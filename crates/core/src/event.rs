@@ -1,0 +1,609 @@
+//! Ingest decoding: a request body (JSON array or NDJSON) → validated [`Event`]s.
+//!
+//! A batch is validated whole before anything is appended: the first bad event rejects the
+//! batch with an [`EventError`] naming its index and field. Nothing here does IO; the HTTP
+//! layer maps the error to a status code.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::schema::{FeatureIdx, Schema, ViewId};
+use crate::time::{self, EpochMs};
+use crate::value::{FeatureType, Value};
+
+/// A validated event, ready to be encoded as a log record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub view: ViewId,
+    pub key: String,
+    pub ts_ms: EpochMs,
+    pub event_id: Option<String>,
+    /// Sorted by feature index, no duplicates.
+    pub values: Vec<(FeatureIdx, Value)>,
+}
+
+/// The per-event bounds ingest enforces (from `[limits]`).
+#[derive(Debug, Clone, Copy)]
+pub struct EventLimits {
+    pub batch_events_max: usize,
+    pub key_bytes_max: usize,
+    pub event_id_bytes_max: usize,
+    pub string_bytes_max: usize,
+}
+
+/// Why an event was refused; `code()` is the stable metric label and error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    MalformedJson,
+    UnknownField,
+    UnknownView,
+    UnknownFeature,
+    MissingField,
+    WrongType,
+    NonFinite,
+    BadTimestamp,
+    TooLong,
+    BatchTooLarge,
+    EmptyBatch,
+}
+
+impl Reason {
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::MalformedJson => "malformed_json",
+            Reason::UnknownField => "unknown_field",
+            Reason::UnknownView => "unknown_view",
+            Reason::UnknownFeature => "unknown_feature",
+            Reason::MissingField => "missing_field",
+            Reason::WrongType => "wrong_type",
+            Reason::NonFinite => "non_finite",
+            Reason::BadTimestamp => "bad_timestamp",
+            Reason::TooLong => "too_long",
+            Reason::BatchTooLarge => "batch_too_large",
+            Reason::EmptyBatch => "empty_batch",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventError {
+    pub reason: Reason,
+    /// Position of the offending event in the batch (0-based); `None` for whole-batch errors.
+    pub index: Option<usize>,
+    /// Dotted path of the offending field, e.g. `values.amount`.
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for EventError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(i) = self.index {
+            write!(f, "event {i}: ")?;
+        }
+        if !self.field.is_empty() {
+            write!(f, "{}: ", self.field)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for EventError {}
+
+fn err(
+    reason: Reason,
+    index: usize,
+    field: impl Into<String>,
+    message: impl Into<String>,
+) -> EventError {
+    EventError {
+        reason,
+        index: Some(index),
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Every field optional and raw, so that each problem is reported with its own field name
+/// rather than serde's generic message.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvent<'a> {
+    #[serde(borrow)]
+    view: Option<&'a RawValue>,
+    #[serde(borrow)]
+    key: Option<&'a RawValue>,
+    #[serde(borrow)]
+    ts: Option<&'a RawValue>,
+    #[serde(borrow)]
+    event_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    values: Option<BTreeMap<Cow<'a, str>, &'a RawValue>>,
+}
+
+/// Splits a body into raw events: a JSON array, or NDJSON (one object per non-blank line).
+pub fn split_batch<'a>(
+    body: &'a [u8],
+    limits: &EventLimits,
+) -> Result<Vec<&'a RawValue>, EventError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    let events: Vec<&RawValue> = match first {
+        None => Vec::new(),
+        Some(b'[') => serde_json::from_slice(body).map_err(|e| EventError {
+            reason: Reason::MalformedJson,
+            index: None,
+            field: String::new(),
+            message: format!("body is not a JSON array of events: {e}"),
+        })?,
+        Some(_) => {
+            let mut out = Vec::new();
+            for (line_no, line) in body.split(|b| *b == b'\n').enumerate() {
+                if line.iter().all(|b| b.is_ascii_whitespace()) {
+                    continue;
+                }
+                if out.len() >= limits.batch_events_max {
+                    return Err(batch_too_large(limits));
+                }
+                let raw: &RawValue = serde_json::from_slice(line).map_err(|e| EventError {
+                    reason: Reason::MalformedJson,
+                    index: Some(out.len()),
+                    field: String::new(),
+                    message: format!("NDJSON line {}: {e}", line_no + 1),
+                })?;
+                out.push(raw);
+            }
+            out
+        }
+    };
+    if events.is_empty() {
+        return Err(EventError {
+            reason: Reason::EmptyBatch,
+            index: None,
+            field: String::new(),
+            message: "the batch has no events".into(),
+        });
+    }
+    if events.len() > limits.batch_events_max {
+        return Err(batch_too_large(limits));
+    }
+    Ok(events)
+}
+
+fn batch_too_large(limits: &EventLimits) -> EventError {
+    EventError {
+        reason: Reason::BatchTooLarge,
+        index: None,
+        field: String::new(),
+        message: format!(
+            "a batch holds at most {} events (limits.batch_events_max)",
+            limits.batch_events_max
+        ),
+    }
+}
+
+/// Decodes and validates a whole batch; `now_ms` is the event time of events without `ts`.
+pub fn decode_batch(
+    body: &[u8],
+    schema: &Schema,
+    limits: &EventLimits,
+    now_ms: EpochMs,
+) -> Result<Vec<Event>, EventError> {
+    let raws = split_batch(body, limits)?;
+    let mut events = Vec::with_capacity(raws.len());
+    for (index, raw) in raws.into_iter().enumerate() {
+        events.push(decode_event(raw, index, schema, limits, now_ms)?);
+    }
+    Ok(events)
+}
+
+pub fn decode_event(
+    raw: &RawValue,
+    index: usize,
+    schema: &Schema,
+    limits: &EventLimits,
+    now_ms: EpochMs,
+) -> Result<Event, EventError> {
+    let ev: RawEvent<'_> = serde_json::from_str(raw.get()).map_err(|e| {
+        let msg = e.to_string();
+        // serde names the field in its message for unknown fields: surface it as the path.
+        let field = msg
+            .strip_prefix("unknown field `")
+            .and_then(|s| s.split('`').next())
+            .unwrap_or("")
+            .to_string();
+        let reason = if field.is_empty() {
+            Reason::MalformedJson
+        } else {
+            Reason::UnknownField
+        };
+        err(reason, index, field, msg)
+    })?;
+
+    let view_name: Cow<'_, str> = match ev.view {
+        None => return Err(err(Reason::MissingField, index, "view", "missing")),
+        Some(v) => serde_json::from_str(v.get())
+            .map_err(|_| err(Reason::WrongType, index, "view", "must be a string"))?,
+    };
+    let Some(view_id) = schema.view_id(&view_name) else {
+        return Err(err(
+            Reason::UnknownView,
+            index,
+            "view",
+            format!("unknown view {view_name:?}"),
+        ));
+    };
+    let view = schema.view(view_id);
+
+    let key = match ev.key {
+        None => return Err(err(Reason::MissingField, index, "key", "missing")),
+        Some(k) => parse_key(k).ok_or_else(|| {
+            err(
+                Reason::WrongType,
+                index,
+                "key",
+                "must be a non-empty string or an integer",
+            )
+        })?,
+    };
+    if key.len() > limits.key_bytes_max {
+        return Err(err(
+            Reason::TooLong,
+            index,
+            "key",
+            format!(
+                "longer than {} bytes (limits.key_bytes_max)",
+                limits.key_bytes_max
+            ),
+        ));
+    }
+
+    let ts_ms = match ev.ts {
+        None => now_ms,
+        Some(t) => parse_ts(t).ok_or_else(|| {
+            err(
+                Reason::BadTimestamp,
+                index,
+                "ts",
+                "must be epoch milliseconds (integer) or an RFC 3339 string, years 1970..=9999",
+            )
+        })?,
+    };
+
+    let event_id = match ev.event_id {
+        None => None,
+        Some(id) => {
+            let id: String = serde_json::from_str(id.get())
+                .map_err(|_| err(Reason::WrongType, index, "event_id", "must be a string"))?;
+            if id.is_empty() || id.len() > limits.event_id_bytes_max {
+                return Err(err(
+                    Reason::TooLong,
+                    index,
+                    "event_id",
+                    format!(
+                        "must be 1..={} bytes (limits.event_id_bytes_max)",
+                        limits.event_id_bytes_max
+                    ),
+                ));
+            }
+            Some(id)
+        }
+    };
+
+    let Some(raw_values) = ev.values else {
+        return Err(err(Reason::MissingField, index, "values", "missing"));
+    };
+    if raw_values.is_empty() {
+        return Err(err(
+            Reason::MissingField,
+            index,
+            "values",
+            "must name at least one feature",
+        ));
+    }
+    let mut values = Vec::with_capacity(raw_values.len());
+    for (name, raw) in raw_values {
+        let field = || format!("values.{name}");
+        let Some(idx) = view.feature_index(&name) else {
+            return Err(err(
+                Reason::UnknownFeature,
+                index,
+                field(),
+                format!("view {:?} has no feature {name:?}", view.name),
+            ));
+        };
+        let ty = view.feature(idx).ty;
+        let value =
+            parse_value(raw, ty, limits).map_err(|(reason, m)| err(reason, index, field(), m))?;
+        values.push((idx, value));
+    }
+    // BTreeMap keys are unique, so indices are unique; sort by index for the row layout.
+    values.sort_by_key(|(i, _)| *i);
+    debug_assert!(values.windows(2).all(|w| w[0].0 < w[1].0));
+
+    Ok(Event {
+        view: view_id,
+        key,
+        ts_ms,
+        event_id,
+        values,
+    })
+}
+
+fn parse_key(raw: &RawValue) -> Option<String> {
+    let text = raw.get();
+    if text.starts_with('"') {
+        let s: String = serde_json::from_str(text).ok()?;
+        (!s.is_empty()).then_some(s)
+    } else {
+        // Numbers are kept as their decimal string; only integers make sense as keys.
+        let n: i64 = serde_json::from_str(text).ok().or_else(|| {
+            serde_json::from_str::<u64>(text)
+                .ok()
+                .and_then(|u| i64::try_from(u).ok())
+        })?;
+        Some(n.to_string())
+    }
+}
+
+fn parse_ts(raw: &RawValue) -> Option<EpochMs> {
+    let text = raw.get();
+    let ms = if text.starts_with('"') {
+        let s: Cow<'_, str> = serde_json::from_str(text).ok()?;
+        time::parse_rfc3339_ms(&s)?
+    } else {
+        serde_json::from_str::<i64>(text).ok()?
+    };
+    time::is_valid_event_time(ms).then_some(ms)
+}
+
+fn parse_value(
+    raw: &RawValue,
+    ty: FeatureType,
+    limits: &EventLimits,
+) -> Result<Value, (Reason, String)> {
+    let text = raw.get();
+    if text == "null" {
+        return Ok(Value::Null);
+    }
+    let wrong = || {
+        (
+            Reason::WrongType,
+            format!("expected {ty}, got {}", preview(text)),
+        )
+    };
+    let value = match ty {
+        FeatureType::F64 => {
+            let v: f64 = serde_json::from_str(text).map_err(|_| wrong())?;
+            if !v.is_finite() {
+                return Err((Reason::NonFinite, "must be finite".into()));
+            }
+            Value::F64(v)
+        }
+        FeatureType::I64 => Value::I64(serde_json::from_str(text).map_err(|_| wrong())?),
+        FeatureType::Bool => Value::Bool(serde_json::from_str(text).map_err(|_| wrong())?),
+        FeatureType::String => {
+            let s: Cow<'_, str> = serde_json::from_str(text).map_err(|_| wrong())?;
+            if s.len() > limits.string_bytes_max {
+                return Err((
+                    Reason::TooLong,
+                    format!(
+                        "longer than {} bytes (limits.string_bytes_max)",
+                        limits.string_bytes_max
+                    ),
+                ));
+            }
+            Value::Str(s.as_ref().into())
+        }
+        FeatureType::F32s(dims) => {
+            let v: Vec<f64> = serde_json::from_str(text).map_err(|_| wrong())?;
+            if v.len() != dims as usize {
+                return Err((
+                    Reason::WrongType,
+                    format!("expected {dims} numbers, got {}", v.len()),
+                ));
+            }
+            if v.iter()
+                .any(|x| !x.is_finite() || x.abs() > f64::from(f32::MAX))
+            {
+                return Err((
+                    Reason::NonFinite,
+                    "every element must be a finite f32".into(),
+                ));
+            }
+            Value::F32s(v.iter().map(|x| *x as f32).collect())
+        }
+    };
+    Ok(value)
+}
+
+fn preview(text: &str) -> String {
+    let mut end = text.len().min(40);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    if end < text.len() {
+        format!("{}…", &text[..end])
+    } else {
+        text.to_string()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    pub(crate) fn schema() -> Schema {
+        let text = r#"
+[[entity]]
+name = "user"
+key = "user_id"
+[[view]]
+name = "txn"
+entity = "user"
+features = [
+  { name = "amount", type = "f64" },
+  { name = "count", type = "i64" },
+  { name = "flag", type = "bool" },
+  { name = "merchant", type = "string" },
+  { name = "emb", type = "f32[2]" },
+]
+"#;
+        Schema::compile(&Config::from_toml_with_env(text, Vec::new()).unwrap()).unwrap()
+    }
+
+    const LIMITS: EventLimits = EventLimits {
+        batch_events_max: 3,
+        key_bytes_max: 8,
+        event_id_bytes_max: 8,
+        string_bytes_max: 8,
+    };
+
+    fn decode(body: &str) -> Result<Vec<Event>, EventError> {
+        decode_batch(body.as_bytes(), &schema(), &LIMITS, 42)
+    }
+
+    #[test]
+    fn decodes_array_and_ndjson_alike() {
+        let one = r#"{"view":"txn","key":"u1","ts":1000,"values":{"amount":1.5,"merchant":"m7","emb":[1,2]}}"#;
+        let a = decode(&format!("[{one},{one}]")).unwrap();
+        let b = decode(&format!("{one}\n\n{one}\n")).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[0].key, "u1");
+        assert_eq!(a[0].ts_ms, 1000);
+        assert_eq!(a[0].values[0], (0, Value::F64(1.5)));
+    }
+
+    #[test]
+    fn defaults_and_forms() {
+        let e =
+            decode(r#"[{"view":"txn","key":42,"values":{"count":3,"flag":true,"amount":null}}]"#)
+                .unwrap();
+        assert_eq!(e[0].key, "42");
+        assert_eq!(e[0].ts_ms, 42, "missing ts is arrival time");
+        assert_eq!(e[0].values[0], (0, Value::Null));
+        let e = decode(r#"[{"view":"txn","key":"k","ts":"2024-11-23T08:20:00.123Z","event_id":"e1","values":{"amount":2}}]"#).unwrap();
+        assert_eq!(e[0].ts_ms, 1_732_350_000_123);
+        assert_eq!(e[0].event_id.as_deref(), Some("e1"));
+    }
+
+    #[test]
+    fn bad_input_names_index_and_field() {
+        let ok = r#"{"view":"txn","key":"u","values":{"amount":1}}"#;
+        let cases: &[(&str, Reason, &str)] = &[
+            (
+                r#"{"view":"nope","key":"u","values":{"amount":1}}"#,
+                Reason::UnknownView,
+                "view",
+            ),
+            (
+                r#"{"view":"txn","key":"u","values":{"nope":1}}"#,
+                Reason::UnknownFeature,
+                "values.nope",
+            ),
+            (
+                r#"{"view":"txn","key":"u","values":{"amount":"x"}}"#,
+                Reason::WrongType,
+                "values.amount",
+            ),
+            (
+                r#"{"view":"txn","key":"u","values":{"count":1.5}}"#,
+                Reason::WrongType,
+                "values.count",
+            ),
+            (
+                r#"{"view":"txn","key":"u","values":{"emb":[1]}}"#,
+                Reason::WrongType,
+                "values.emb",
+            ),
+            (
+                r#"{"view":"txn","key":"u","values":{"emb":[1,1e300]}}"#,
+                Reason::NonFinite,
+                "values.emb",
+            ),
+            (
+                r#"{"view":"txn","values":{"amount":1}}"#,
+                Reason::MissingField,
+                "key",
+            ),
+            (
+                r#"{"view":"txn","key":"","values":{"amount":1}}"#,
+                Reason::WrongType,
+                "key",
+            ),
+            (
+                r#"{"view":"txn","key":"123456789","values":{"amount":1}}"#,
+                Reason::TooLong,
+                "key",
+            ),
+            (
+                r#"{"view":"txn","key":"u","ts":"soon","values":{"amount":1}}"#,
+                Reason::BadTimestamp,
+                "ts",
+            ),
+            (
+                r#"{"view":"txn","key":"u","ts":-5,"values":{"amount":1}}"#,
+                Reason::BadTimestamp,
+                "ts",
+            ),
+            (
+                r#"{"view":"txn","key":"u","values":{}}"#,
+                Reason::MissingField,
+                "values",
+            ),
+            (
+                r#"{"view":"txn","key":"u","valuez":{}}"#,
+                Reason::UnknownField,
+                "valuez",
+            ),
+            (
+                r#"{"view":"txn","key":"u","values":{"merchant":"123456789"}}"#,
+                Reason::TooLong,
+                "values.merchant",
+            ),
+            (
+                r#"{"view":"txn","key":"u","values":{"amount":1e999}}"#,
+                Reason::WrongType,
+                "values.amount",
+            ),
+            (
+                r#"{"view":"txn","key":"u","values":{"amount":NaN}}"#,
+                Reason::MalformedJson,
+                "",
+            ),
+        ];
+        for (bad, reason, field) in cases {
+            let body = format!("[{ok},{bad}]");
+            let e = decode(&body).unwrap_err();
+            assert_eq!(
+                (e.reason, e.field.as_str()),
+                (*reason, *field),
+                "{bad}: {e}"
+            );
+            if *reason != Reason::MalformedJson {
+                assert_eq!(e.index, Some(1), "{bad}");
+            }
+        }
+    }
+
+    #[test]
+    fn batch_bounds() {
+        let ok = r#"{"view":"txn","key":"u","values":{"amount":1}}"#;
+        assert_eq!(decode("").unwrap_err().reason, Reason::EmptyBatch);
+        assert_eq!(decode("[]").unwrap_err().reason, Reason::EmptyBatch);
+        let four = format!("[{ok},{ok},{ok},{ok}]");
+        assert_eq!(decode(&four).unwrap_err().reason, Reason::BatchTooLarge);
+        let four = format!("{ok}\n{ok}\n{ok}\n{ok}");
+        assert_eq!(decode(&four).unwrap_err().reason, Reason::BatchTooLarge);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_bodies(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = decode_batch(&body, &schema(), &LIMITS, 0);
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The compiled schema: entities and feature views from the config, checked once at start and
+//! indexed for the hot paths (event validation, apply, reads).
+
+use std::collections::HashMap;
+
+use crate::config::{Config, ConfigError};
+use crate::time::EpochMs;
+use crate::value::{FeatureType, Value};
+
+/// Most features one view may declare: the record codec counts them in a `u16`, and a row
+/// holds one slot per feature.
+pub const VIEW_FEATURES_MAX: usize = 4096;
+
+pub type ViewId = u16;
+pub type FeatureIdx = u16;
+
+#[derive(Debug, Clone)]
+pub struct Entity {
+    pub name: String,
+    /// Name of the key column in reads (Feast's entity key, e.g. `user_id`).
+    pub key: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Feature {
+    pub name: String,
+    pub ty: FeatureType,
+    pub default: Option<Value>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Aggregation {
+    pub name: String,
+    pub of: FeatureIdx,
+    pub func: String,
+    pub window_ms: EpochMs,
+}
+
+#[derive(Debug, Clone)]
+pub struct View {
+    pub id: ViewId,
+    pub name: String,
+    pub entity: usize,
+    /// `None`: values never expire.
+    pub ttl_ms: Option<EpochMs>,
+    pub allowed_lateness_ms: EpochMs,
+    pub features: Vec<Feature>,
+    pub aggregations: Vec<Aggregation>,
+    by_name: HashMap<String, FeatureIdx>,
+}
+
+impl View {
+    pub fn feature_index(&self, name: &str) -> Option<FeatureIdx> {
+        self.by_name.get(name).copied()
+    }
+
+    pub fn feature(&self, idx: FeatureIdx) -> &Feature {
+        &self.features[usize::from(idx)]
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Schema {
+    pub entities: Vec<Entity>,
+    pub views: Vec<View>,
+    by_name: HashMap<String, ViewId>,
+}
+
+impl Schema {
+    pub fn compile(config: &Config) -> Result<Schema, ConfigError> {
+        let mut schema = Schema::default();
+        let mut entity_index = HashMap::new();
+        for (i, e) in config.entities.iter().enumerate() {
+            let path = format!("entity[{i}]");
+            if e.name.is_empty() || e.key.is_empty() {
+                return Err(ConfigError::field(path, "name and key must be non-empty"));
+            }
+            if entity_index.insert(e.name.clone(), i).is_some() {
+                return Err(ConfigError::field(
+                    format!("{path}.name"),
+                    "duplicate entity name",
+                ));
+            }
+            schema.entities.push(Entity {
+                name: e.name.clone(),
+                key: e.key.clone(),
+            });
+        }
+        if config.views.len() > usize::from(ViewId::MAX) {
+            return Err(ConfigError::field("view", "too many views"));
+        }
+        for (vi, v) in config.views.iter().enumerate() {
+            let path = format!("view[{vi}]");
+            if v.name.is_empty() || v.name.contains(':') {
+                return Err(ConfigError::field(
+                    format!("{path}.name"),
+                    "must be non-empty and contain no ':'",
+                ));
+            }
+            let Some(&entity) = entity_index.get(&v.entity) else {
+                return Err(ConfigError::field(
+                    format!("{path}.entity"),
+                    format!("unknown entity {:?}", v.entity),
+                ));
+            };
+            if v.features.is_empty() || v.features.len() > VIEW_FEATURES_MAX {
+                return Err(ConfigError::field(
+                    format!("{path}.features"),
+                    format!("a view has 1..={VIEW_FEATURES_MAX} features"),
+                ));
+            }
+            let mut features = Vec::with_capacity(v.features.len());
+            let mut by_name = HashMap::new();
+            for (fi, f) in v.features.iter().enumerate() {
+                let fpath = format!("{path}.features[{fi}]");
+                if f.name.is_empty() || f.name.contains(':') {
+                    return Err(ConfigError::field(
+                        format!("{fpath}.name"),
+                        "must be non-empty and contain no ':'",
+                    ));
+                }
+                let ty = FeatureType::parse(&f.ty, f.dims)
+                    .map_err(|m| ConfigError::field(format!("{fpath}.type"), m))?;
+                let default = match &f.default {
+                    None => None,
+                    Some(d) => Some(toml_default(d, ty).ok_or_else(|| {
+                        ConfigError::field(
+                            format!("{fpath}.default"),
+                            format!("does not fit type {ty}"),
+                        )
+                    })?),
+                };
+                if by_name.insert(f.name.clone(), fi as FeatureIdx).is_some() {
+                    return Err(ConfigError::field(
+                        format!("{fpath}.name"),
+                        format!("duplicate feature {:?}", f.name),
+                    ));
+                }
+                features.push(Feature {
+                    name: f.name.clone(),
+                    ty,
+                    default,
+                });
+            }
+            let mut aggregations = Vec::new();
+            for (ai, a) in v.aggregations.iter().enumerate() {
+                let apath = format!("{path}.aggregations[{ai}]");
+                if by_name.contains_key(&a.name)
+                    || aggregations.iter().any(|x: &Aggregation| x.name == a.name)
+                {
+                    return Err(ConfigError::field(
+                        format!("{apath}.name"),
+                        format!("duplicate name {:?}", a.name),
+                    ));
+                }
+                let Some(&of) = by_name.get(&a.of) else {
+                    return Err(ConfigError::field(
+                        format!("{apath}.of"),
+                        format!("unknown feature {:?}", a.of),
+                    ));
+                };
+                const FNS: &[&str] = &["count", "sum", "mean", "min", "max", "last", "stddev"];
+                if !FNS.contains(&a.func.as_str()) {
+                    return Err(ConfigError::field(
+                        format!("{apath}.fn"),
+                        format!("expected one of {FNS:?}"),
+                    ));
+                }
+                if a.func != "count" && !features[usize::from(of)].ty.is_numeric() {
+                    return Err(ConfigError::field(
+                        format!("{apath}.of"),
+                        "must name a numeric feature",
+                    ));
+                }
+                if a.window.0.is_zero() {
+                    return Err(ConfigError::field(format!("{apath}.window"), "must be > 0"));
+                }
+                aggregations.push(Aggregation {
+                    name: a.name.clone(),
+                    of,
+                    func: a.func.clone(),
+                    window_ms: a.window.as_ms(),
+                });
+            }
+            let id = vi as ViewId;
+            if schema.by_name.insert(v.name.clone(), id).is_some() {
+                return Err(ConfigError::field(
+                    format!("{path}.name"),
+                    "duplicate view name",
+                ));
+            }
+            schema.views.push(View {
+                id,
+                name: v.name.clone(),
+                entity,
+                ttl_ms: v.ttl.map(|d| d.as_ms()),
+                allowed_lateness_ms: v.allowed_lateness.map(|d| d.as_ms()).unwrap_or(0),
+                features,
+                aggregations,
+                by_name,
+            });
+        }
+        Ok(schema)
+    }
+
+    pub fn view_id(&self, name: &str) -> Option<ViewId> {
+        self.by_name.get(name).copied()
+    }
+
+    pub fn view(&self, id: ViewId) -> &View {
+        &self.views[usize::from(id)]
+    }
+
+    pub fn view_by_name(&self, name: &str) -> Option<&View> {
+        self.view_id(name).map(|id| self.view(id))
+    }
+
+    pub fn entity_of(&self, view: &View) -> &Entity {
+        &self.entities[view.entity]
+    }
+}
+
+fn toml_default(v: &toml::Value, ty: FeatureType) -> Option<Value> {
+    let value = match (v, ty) {
+        (toml::Value::Float(f), FeatureType::F64) => Value::F64(*f),
+        (toml::Value::Integer(i), FeatureType::F64) => Value::F64(*i as f64),
+        (toml::Value::Integer(i), FeatureType::I64) => Value::I64(*i),
+        (toml::Value::Boolean(b), FeatureType::Bool) => Value::Bool(*b),
+        (toml::Value::String(s), FeatureType::String) => Value::Str(s.as_str().into()),
+        (toml::Value::Array(a), FeatureType::F32s(d)) if a.len() == d as usize => {
+            let mut out = Vec::with_capacity(a.len());
+            for x in a {
+                out.push(match x {
+                    toml::Value::Float(f) => *f as f32,
+                    toml::Value::Integer(i) => *i as f32,
+                    _ => return None,
+                });
+            }
+            Value::F32s(out.into())
+        }
+        _ => return None,
+    };
+    value.fits(ty).then_some(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn compile(views: &str) -> Result<super::Schema, String> {
+        let text = format!("[[entity]]\nname = \"user\"\nkey = \"user_id\"\n{views}");
+        Config::from_toml_with_env(&text, Vec::new())
+            .map(|c| super::Schema::compile(&c).unwrap())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn rejects_bad_views_naming_the_field() {
+        let e = compile(
+            "[[view]]\nname=\"v\"\nentity=\"nobody\"\nfeatures=[{name=\"a\",type=\"f64\"}]",
+        )
+        .unwrap_err();
+        assert!(e.contains("view[0].entity"), "{e}");
+        let e =
+            compile("[[view]]\nname=\"v\"\nentity=\"user\"\nfeatures=[{name=\"a\",type=\"f65\"}]")
+                .unwrap_err();
+        assert!(e.contains("view[0].features[0].type"), "{e}");
+        let e = compile(
+            "[[view]]\nname=\"v\"\nentity=\"user\"\nfeatures=[{name=\"a\",type=\"i64\",default=\"x\"}]",
+        )
+        .unwrap_err();
+        assert!(e.contains("view[0].features[0].default"), "{e}");
+        let e = compile("[[view]]\nname=\"v\"\nentity=\"user\"\nfeatures=[{name=\"a\",type=\"f64\"},{name=\"a\",type=\"f64\"}]")
+            .unwrap_err();
+        assert!(e.contains("duplicate feature"), "{e}");
+    }
+
+    #[test]
+    fn compiles_embeddings_and_defaults() {
+        let s = compile("[[view]]\nname=\"v\"\nentity=\"user\"\nttl=\"1h\"\nfeatures=[{name=\"e\",type=\"f32[3]\"},{name=\"x\",type=\"f32[]\",dims=2,default=[1.0,2]}]")
+            .unwrap();
+        let v = s.view_by_name("v").unwrap();
+        assert_eq!(v.ttl_ms, Some(3_600_000));
+        assert_eq!(v.feature(1).ty, crate::value::FeatureType::F32s(2));
+        assert!(v.feature(1).default.is_some());
+    }
+}
