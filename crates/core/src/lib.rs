@@ -6,6 +6,7 @@ pub mod event;
 pub mod partition;
 pub mod record;
 pub mod schema;
+pub mod telemetry;
 pub mod time;
 pub mod token;
 pub mod value;

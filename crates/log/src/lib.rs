@@ -1,1 +1,446 @@
+//! Quiver's embedded partitioned durable log.
+//!
+//! # Design constraints
+//! - **P partitions**, fixed for the life of a data directory (a key's partition is
+//!   `murmur2(key) % P`, as Kafka's producer computes it, so changing P would move keys).
+//! - **Every record is framed with its length and a CRC32C** that also covers its offset and
+//!   append time; readers, recovery and `quiver log verify` check it on every read.
+//! - **Group commit**: one writer thread per partition drains that partition's queue, writes
+//!   every queued record in one `write`, then fsyncs once (`fsync = batch`), or once per request
+//!   (`always`), or never (`never`). Waiters are completed after the write (`ack=written`) or
+//!   after the fsync (`ack=durable`).
+//! - **Bounded**: at most `queue_records_max` records are queued or in flight over all
+//!   partitions; an append over the bound fails at once with [`LogError::Full`] (the HTTP layer
+//!   answers 503 + `Retry-After`). Segments are at most `segment_bytes` (one oversized record
+//!   gets a segment of its own).
+//! - **A failed write or fsync poisons the log** ([`LogError::Poisoned`]): after fsyncgate, the
+//!   page cache cannot be trusted to hold what failed, so every later append is refused until
+//!   a restart recovers from what is actually on disk.
+//! - **Readers see only durable records**: nothing the store serves can be taken back by a crash.
+//! - **Recovery** verifies the last segment of each partition frame by frame, truncates a torn
+//!   tail (an incomplete or bad frame with nothing valid after it), and refuses to start if
+//!   valid frames follow a bad one: that is damage to acknowledged data, not a torn write.
+//!
+//! # On-disk format
+//! ```text
+//! <data_dir>/log/
+//!   p-0000/                       one directory per partition
+//!     00000000000000000000.seg    segments, named by the offset of their first record
+//!     00000000000000812345.seg
+//!   offsets/<consumer>.offsets    committed consumer offsets (see `offsets`)
+//!
+//! segment = header, frame*
+//!   header = "QVRLOG01" (8 bytes) | base offset (u64 LE)
+//!   frame  = len (u32 LE) | crc32c (u32 LE) | offset (u64 LE) | append_ms (i64 LE) | payload (len bytes)
+//!            crc32c covers offset | append_ms | payload
+//! ```
+//! Offsets are dense per partition: a segment's frames carry `base, base+1, …`. The payload is
+//! opaque here (`quiver_core::record` defines it).
 
+mod error;
+pub mod frame;
+pub mod offsets;
+mod partition;
+mod reader;
+pub mod segment;
+pub mod tools;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+pub use error::{LogError, Result};
+pub use offsets::OffsetStore;
+pub use partition::SegmentMeta;
+pub use quiver_core::config::FsyncPolicy;
+pub use reader::{LogRecord, PartitionReader, ReadBatch};
+
+pub(crate) fn now_ms() -> i64 {
+    quiver_core::time::now_ms()
+}
+
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    pub partitions: u32,
+    pub fsync: FsyncPolicy,
+    pub segment_bytes: u64,
+    pub queue_records_max: usize,
+    pub group_commit_records_max: usize,
+    pub retention_ms: i64,
+    pub retention_bytes: Option<u64>,
+}
+
+impl LogOptions {
+    pub fn from_config(c: &quiver_core::Config) -> LogOptions {
+        LogOptions {
+            partitions: c.log.partitions,
+            fsync: c.log.fsync,
+            segment_bytes: c.log.segment_bytes,
+            queue_records_max: c.limits.ingest_queue_events_max,
+            group_commit_records_max: c.log.group_commit_records_max,
+            retention_ms: c.log.retention.as_ms(),
+            retention_bytes: c.log.retention_bytes,
+        }
+    }
+}
+
+/// When an append's completion fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// Not at all: offsets are reserved, the caller does not wait.
+    None,
+    /// After the records were written to the OS.
+    Written,
+    /// After they were fsynced (`fsync = never`: after the write).
+    Durable,
+}
+
+/// Payloads bound for one partition, packed into one buffer.
+#[derive(Debug, Default, Clone)]
+pub struct RecordBatch {
+    buf: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl RecordBatch {
+    pub fn new() -> RecordBatch {
+        RecordBatch::default()
+    }
+
+    /// Appends one payload, written by `write` into the shared buffer.
+    pub fn push_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        write(&mut self.buf);
+        self.ends.push(self.buf.len());
+    }
+
+    pub fn push(&mut self, payload: &[u8]) {
+        self.push_with(|b| b.extend_from_slice(payload));
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let p = &self.buf[start..end];
+            start = end;
+            p
+        })
+    }
+}
+
+/// The offsets one append reserved in one partition, and its completion.
+#[derive(Debug)]
+pub struct Appended {
+    pub partition: u32,
+    pub first_offset: u64,
+    pub count: u64,
+    done: Option<oneshot::Receiver<Result<()>>>,
+}
+
+impl Appended {
+    /// Offset after the last record of this append.
+    pub fn next_offset(&self) -> u64 {
+        self.first_offset + self.count
+    }
+
+    /// Waits for the acknowledgement level the append asked for.
+    pub async fn wait(self) -> Result<()> {
+        match self.done {
+            None => Ok(()),
+            Some(rx) => rx.await.unwrap_or(Err(LogError::ShuttingDown)),
+        }
+    }
+
+    pub fn wait_blocking(self) -> Result<()> {
+        match self.done {
+            None => Ok(()),
+            Some(rx) => rx.blocking_recv().unwrap_or(Err(LogError::ShuttingDown)),
+        }
+    }
+}
+
+/// State shared by every partition: the admission bound and the poison flag.
+pub(crate) struct Shared {
+    #[cfg(feature = "failpoints")]
+    pub(crate) fail_next_fsync: std::sync::atomic::AtomicBool,
+    queued: AtomicUsize,
+    queue_max: usize,
+    poison: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn admit(&self, n: usize) -> Result<()> {
+        let mut cur = self.queued.load(Ordering::Relaxed);
+        loop {
+            if cur + n > self.queue_max {
+                return Err(LogError::Full {
+                    queued: cur,
+                    max: self.queue_max,
+                });
+            }
+            match self.queued.compare_exchange_weak(
+                cur,
+                cur + n,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    pub(crate) fn release(&self, n: usize) {
+        let before = self.queued.fetch_sub(n, Ordering::AcqRel);
+        assert!(before >= n, "released more records than were admitted");
+    }
+
+    pub(crate) fn poisoned(&self) -> Option<String> {
+        self.poison.lock().clone()
+    }
+
+    pub(crate) fn poison(&self, reason: &str) {
+        let mut p = self.poison.lock();
+        if p.is_none() {
+            tracing::error!(reason, "log poisoned: refusing writes until restart");
+            metrics::gauge!(quiver_core::telemetry::LOG_POISONED).set(1.0);
+            *p = Some(reason.to_string());
+        }
+    }
+}
+
+pub struct Log {
+    dir: PathBuf,
+    opts: LogOptions,
+    parts: Vec<Arc<partition::PartitionShared>>,
+    shared: Arc<Shared>,
+    writers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Log {
+    /// Opens the log in `dir` (`<data_dir>/log`), recovering every partition.
+    pub fn open(dir: &Path, opts: LogOptions) -> Result<Log> {
+        assert!(opts.partitions > 0 && opts.queue_records_max > 0);
+        std::fs::create_dir_all(dir).map_err(error::io(dir))?;
+        let existing = tools::partition_dirs(dir)?;
+        if !existing.is_empty() && existing.len() != opts.partitions as usize {
+            return Err(LogError::Corrupt {
+                partition: 0,
+                segment: dir.display().to_string(),
+                reason: format!(
+                    "the log has {} partitions but log.partitions = {}: changing it would move keys \
+                     to other partitions; use a new data_dir",
+                    existing.len(),
+                    opts.partitions
+                ),
+            });
+        }
+        let shared = Arc::new(Shared {
+            #[cfg(feature = "failpoints")]
+            fail_next_fsync: std::sync::atomic::AtomicBool::new(false),
+            queued: AtomicUsize::new(0),
+            queue_max: opts.queue_records_max,
+            poison: Mutex::new(None),
+        });
+        metrics::gauge!(quiver_core::telemetry::LOG_POISONED).set(0.0);
+        let mut parts = Vec::new();
+        let mut writers = Vec::new();
+        for p in 0..opts.partitions {
+            let (part, active) = partition::open(p, &segment::partition_dir(dir, p))?;
+            let (part2, opts2, shared2) = (part.clone(), opts.clone(), shared.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("log-writer-{p}"))
+                .spawn(move || partition::run_writer(part2, active, opts2, shared2))
+                .map_err(error::io(dir))?;
+            parts.push(part);
+            writers.push(handle);
+        }
+        Ok(Log {
+            dir: dir.to_path_buf(),
+            opts,
+            parts,
+            shared,
+            writers: Mutex::new(writers),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn options(&self) -> &LogOptions {
+        &self.opts
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.opts.partitions
+    }
+
+    /// Appends batches to their partitions as one admission: all are queued or none is.
+    /// Offsets are reserved now, so the result carries them even for `Ack::None`.
+    pub fn append(&self, batches: Vec<(u32, RecordBatch)>, ack: Ack) -> Result<Vec<Appended>> {
+        if let Some(reason) = self.shared.poisoned() {
+            return Err(LogError::Poisoned(reason));
+        }
+        for (p, b) in &batches {
+            if *p >= self.opts.partitions {
+                return Err(LogError::NoPartition(*p));
+            }
+            if let Some(big) = b
+                .iter()
+                .map(<[u8]>::len)
+                .find(|&l| l > frame::FRAME_PAYLOAD_BYTES_MAX)
+            {
+                return Err(LogError::RecordTooLarge(big));
+            }
+        }
+        let total: usize = batches.iter().map(|(_, b)| b.len()).sum();
+        self.shared.admit(total)?;
+        let mut out = Vec::with_capacity(batches.len());
+        for (p, batch) in batches {
+            if batch.is_empty() {
+                continue;
+            }
+            let part = &self.parts[p as usize];
+            let (tx, rx) = match ack {
+                Ack::None => (None, None),
+                _ => {
+                    let (tx, rx) = oneshot::channel();
+                    (Some(tx), Some(rx))
+                }
+            };
+            let count = batch.len() as u64;
+            let mut q = part.queue.lock();
+            if q.shutdown {
+                drop(q);
+                self.shared.release(batch.len());
+                return Err(LogError::ShuttingDown);
+            }
+            let first_offset = q.next_offset;
+            q.next_offset += count;
+            q.pending.push_back(partition::Pending {
+                first_offset,
+                batch,
+                ack,
+                done: tx,
+                enqueued: Instant::now(),
+            });
+            drop(q);
+            part.wake_writer.notify_one();
+            out.push(Appended {
+                partition: p,
+                first_offset,
+                count,
+                done: rx,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn reader(&self, partition: u32, from: u64) -> Result<PartitionReader> {
+        let part = self
+            .parts
+            .get(partition as usize)
+            .ok_or(LogError::NoPartition(partition))?;
+        PartitionReader::new(part.clone(), from)
+    }
+
+    /// Offset after the last durable record of `partition`.
+    pub fn durable_offset(&self, partition: u32) -> u64 {
+        self.parts[partition as usize].durable_offset()
+    }
+
+    /// Offset the next append to `partition` will get.
+    pub fn next_offset(&self, partition: u32) -> u64 {
+        self.parts[partition as usize].queue.lock().next_offset
+    }
+
+    /// Offset of the oldest record still kept in `partition`.
+    pub fn first_offset(&self, partition: u32) -> u64 {
+        self.parts[partition as usize].first_offset()
+    }
+
+    pub fn segments(&self, partition: u32) -> Vec<SegmentMeta> {
+        self.parts[partition as usize].segments.read().clone()
+    }
+
+    /// Records queued or being written, over all partitions.
+    pub fn queued_records(&self) -> usize {
+        self.shared.queued.load(Ordering::Relaxed)
+    }
+
+    pub fn poisoned(&self) -> Option<String> {
+        self.shared.poisoned()
+    }
+
+    /// Deletes sealed segments older than `retention` or beyond `retention_bytes`, except any
+    /// holding offsets at or after `protect(partition)` (the materializer's snapshot offset:
+    /// recovery needs everything after it). Returns the number of segments deleted.
+    pub fn enforce_retention(&self, now_ms: i64, protect: impl Fn(u32) -> u64) -> Result<usize> {
+        let mut deleted = 0;
+        for part in &self.parts {
+            let keep_from = protect(part.id);
+            loop {
+                let victim = {
+                    let segs = part.segments.read();
+                    let total: u64 = segs.iter().map(|s| s.bytes).sum();
+                    let Some(oldest) = segs.first() else { break };
+                    let sealed = segs.len() > 1;
+                    let too_old = now_ms - oldest.last_append_ms > self.opts.retention_ms;
+                    let too_big = self.opts.retention_bytes.is_some_and(|max| total > max);
+                    (sealed && oldest.next_offset <= keep_from && (too_old || too_big))
+                        .then_some(oldest.base_offset)
+                };
+                let Some(base) = victim else { break };
+                let path = part.dir.join(segment::segment_name(base));
+                // Forget it before unlinking: a reader opening it now gets OffsetOutOfRange.
+                part.segments.write().retain(|s| s.base_offset != base);
+                std::fs::remove_file(&path).map_err(error::io(&path))?;
+                tracing::info!(partition = part.id, segment = %path.display(), "retention deleted a segment");
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Test hook: the next fsync of any partition fails as if the disk had refused it.
+    #[cfg(feature = "failpoints")]
+    pub fn inject_fsync_failure(&self) {
+        self.shared.fail_next_fsync.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops the writers after they drain what is queued; appends after this fail.
+    pub fn shutdown(&self) {
+        for part in &self.parts {
+            part.queue.lock().shutdown = true;
+            part.wake_writer.notify_all();
+            let _g = part.progress_lock.lock();
+            part.progress.notify_all();
+        }
+        for handle in self.writers.lock().drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,0 +1,32 @@
+//! Metric names, from one place (Vector's instrumentation spec): counters end in `_total`,
+//! durations are histograms in seconds, `reason` labels come from a small fixed set of codes.
+
+pub const EVENTS_INGESTED_TOTAL: &str = "quiver_events_ingested_total";
+/// Label `reason`: an [`crate::event::Reason`] code, `queue_full`, `body_too_large`, `log_poisoned`.
+pub const EVENTS_REJECTED_TOTAL: &str = "quiver_events_rejected_total";
+pub const EVENTS_APPLIED_TOTAL: &str = "quiver_events_applied_total";
+/// Events skipped at apply because their `event_id` was already applied.
+pub const EVENTS_DUPLICATE_TOTAL: &str = "quiver_events_duplicate_total";
+/// Events skipped at apply because a newer value was already stored (per feature).
+pub const VALUES_LATE_TOTAL: &str = "quiver_values_late_total";
+
+/// From enqueue to the log round that carried it completing (written, and fsynced if enabled).
+pub const LOG_APPEND_SECONDS: &str = "quiver_log_append_seconds";
+pub const LOG_FSYNC_SECONDS: &str = "quiver_log_fsync_seconds";
+pub const LOG_QUEUE_RECORDS: &str = "quiver_log_queue_records";
+pub const LOG_NEXT_OFFSET: &str = "quiver_log_next_offset";
+pub const LOG_POISONED: &str = "quiver_log_poisoned";
+
+/// Label `partition`: records durable in the log but not yet applied to the store.
+pub const MATERIALIZER_LAG_RECORDS: &str = "quiver_materializer_lag_records";
+pub const MATERIALIZER_APPLIED_OFFSET: &str = "quiver_materializer_applied_offset";
+pub const SNAPSHOT_SECONDS: &str = "quiver_snapshot_seconds";
+pub const STORE_ROWS: &str = "quiver_store_rows";
+
+/// Label `path`: `single` (GET one entity) or `batch` (POST /v1/features).
+pub const LOOKUP_SECONDS: &str = "quiver_lookup_seconds";
+/// Label `route`, `status`.
+pub const HTTP_REQUESTS_TOTAL: &str = "quiver_http_requests_total";
+pub const INGEST_SECONDS: &str = "quiver_ingest_seconds";
+pub const READ_AFTER_WAIT_SECONDS: &str = "quiver_read_after_wait_seconds";
+pub const IDEMPOTENT_REPLAYS_TOTAL: &str = "quiver_idempotent_replays_total";

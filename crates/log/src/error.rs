@@ -1,0 +1,43 @@
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("log io error at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A write or fsync failed: what reached the disk is unknown, so the log refuses every
+    /// further write until a restart recovers it from what is on disk.
+    #[error("log is poisoned after a failed write or fsync ({0}); restart to recover")]
+    Poisoned(String),
+    #[error("log append queue is full ({queued} of {max} records)")]
+    Full { queued: usize, max: usize },
+    #[error("log is shutting down")]
+    ShuttingDown,
+    #[error("corrupt log: partition {partition} segment {segment}: {reason}")]
+    Corrupt {
+        partition: u32,
+        segment: String,
+        reason: String,
+    },
+    #[error("offset {offset} of partition {partition} is not in the log (range {first}..{next})")]
+    OffsetOutOfRange {
+        partition: u32,
+        offset: u64,
+        first: u64,
+        next: u64,
+    },
+    #[error("no such partition {0}")]
+    NoPartition(u32),
+    #[error("record of {0} bytes is over FRAME_PAYLOAD_BYTES_MAX")]
+    RecordTooLarge(usize),
+}
+
+pub type Result<T, E = LogError> = std::result::Result<T, E>;
+
+pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> LogError {
+    let path = path.into();
+    move |source| LogError::Io { path, source }
+}
