@@ -113,14 +113,14 @@ pub fn encode(schema: &Schema, event: &Event, dedup: Option<u128>, out: &mut Vec
     }
 }
 
-fn put_str16(out: &mut Vec<u8>, s: &str) {
+pub fn put_str16(out: &mut Vec<u8>, s: &str) {
     // Ingest limits (key_bytes_max, event_id_bytes_max ≤ 65535) and config names guarantee this.
     let len = u16::try_from(s.len()).expect("validated strings fit a u16 length");
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(s.as_bytes());
 }
 
-fn put_value(out: &mut Vec<u8>, value: &Value) {
+pub fn put_value(out: &mut Vec<u8>, value: &Value) {
     match value {
         Value::Null => out.push(0),
         Value::F64(v) => {
@@ -150,12 +150,19 @@ fn put_value(out: &mut Vec<u8>, value: &Value) {
     }
 }
 
-struct Reader<'a> {
+/// A bounds-checked cursor over bytes, shared with the store's snapshot codec.
+pub struct Reader<'a> {
     buf: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], CodecError> {
+    pub fn new(buf: &'a [u8]) -> Reader<'a> {
+        Reader { buf }
+    }
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], CodecError> {
         if self.buf.len() < n {
             return Err(CodecError::Truncated);
         }
@@ -163,19 +170,19 @@ impl<'a> Reader<'a> {
         self.buf = tail;
         Ok(head)
     }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], CodecError> {
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N], CodecError> {
         Ok(self.take(N)?.try_into().expect("took N bytes"))
     }
-    fn u8(&mut self) -> Result<u8, CodecError> {
+    pub fn u8(&mut self) -> Result<u8, CodecError> {
         Ok(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Result<u16, CodecError> {
+    pub fn u16(&mut self) -> Result<u16, CodecError> {
         Ok(u16::from_le_bytes(self.array()?))
     }
-    fn u32(&mut self) -> Result<u32, CodecError> {
+    pub fn u32(&mut self) -> Result<u32, CodecError> {
         Ok(u32::from_le_bytes(self.array()?))
     }
-    fn str16(&mut self, what: &'static str) -> Result<&'a str, CodecError> {
+    pub fn str16(&mut self, what: &'static str) -> Result<&'a str, CodecError> {
         let n = usize::from(self.u16()?);
         std::str::from_utf8(self.take(n)?).map_err(|_| CodecError::Utf8(what))
     }
@@ -210,6 +217,26 @@ pub fn decode(payload: &[u8]) -> Result<Record<'_>, CodecError> {
     let mut values = Vec::with_capacity(n.min(r.buf.len() / 3));
     for _ in 0..n {
         let name = r.str16("feature name")?;
+        let value = r.value()?;
+        values.push((name, value));
+    }
+    if !r.buf.is_empty() {
+        return Err(CodecError::Trailing(r.buf.len()));
+    }
+    Ok(Record {
+        ts_ms,
+        view,
+        key,
+        event_id,
+        dedup,
+        values,
+    })
+}
+
+impl Reader<'_> {
+    /// Reads one value written by [`put_value`].
+    pub fn value(&mut self) -> Result<Value, CodecError> {
+        let r = self;
         let value = match r.u8()? {
             0 => Value::Null,
             1 => Value::F64(f64::from_le_bytes(r.array()?)),
@@ -233,19 +260,8 @@ pub fn decode(payload: &[u8]) -> Result<Record<'_>, CodecError> {
             }
             tag => return Err(CodecError::Tag(tag)),
         };
-        values.push((name, value));
+        Ok(value)
     }
-    if !r.buf.is_empty() {
-        return Err(CodecError::Trailing(r.buf.len()));
-    }
-    Ok(Record {
-        ts_ms,
-        view,
-        key,
-        event_id,
-        dedup,
-        values,
-    })
 }
 
 #[cfg(test)]

@@ -1,1 +1,320 @@
+//! Quiver's online store: the freshest value of every feature of every entity, in memory, fed
+//! by one materializer per log partition, snapshotted for fast restart.
+//!
+//! # Concurrency
+//! Rows live in `papaya` hash maps, one per (partition, view). papaya's reads are lock-free
+//! (epoch-based reclamation): a lookup never waits for a writer, a writer never waits for
+//! readers, and a reader holding a row keeps it alive until it is done. Each map has exactly
+//! one writer, the materializer of its partition, so there are no write-write races to
+//! resolve, and rows are immutable: an apply builds a new row and swaps it in whole, so a
+//! reader sees a row before or after an event, never half of one. (Rejected: `RwLock` or
+//! `DashMap` shards, whose readers block behind a writer holding the shard; left-right maps,
+//! which double memory.)
 
+mod dedup;
+mod error;
+pub mod materializer;
+pub mod row;
+pub mod snapshot;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quiver_core::partition::partition_for;
+use quiver_core::record::Record;
+use quiver_core::schema::{FeatureIdx, Schema, ViewId};
+use quiver_core::time::EpochMs;
+use quiver_core::token::Token;
+use quiver_core::value::Value;
+
+pub use dedup::DedupWindow;
+pub use error::{Result, StoreError};
+pub use row::{Cell, Layout, Row};
+
+/// Feast's per-value statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Present,
+    NullValue,
+    NotFound,
+    OutsideMaxAge,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Present => "PRESENT",
+            Status::NullValue => "NULL_VALUE",
+            Status::NotFound => "NOT_FOUND",
+            Status::OutsideMaxAge => "OUTSIDE_MAX_AGE",
+        }
+    }
+}
+
+/// One feature of one entity as a read sees it. `value` is `Null` unless `Present`: a value
+/// past its TTL is never returned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureRead {
+    pub status: Status,
+    pub value: Value,
+    pub ts_ms: Option<EpochMs>,
+}
+
+type RowMap = papaya::HashMap<Box<str>, Row>;
+
+pub struct Store {
+    schema: Arc<Schema>,
+    layouts: Vec<Layout>,
+    partitions: u32,
+    /// `[partition][view]`
+    maps: Vec<Vec<RowMap>>,
+    /// Per partition: offset after the last record applied.
+    applied: Vec<AtomicU64>,
+    applied_changed: Vec<tokio::sync::Notify>,
+    /// Per partition: offset the newest snapshot covers (the log must keep what follows).
+    snapshot_offset: Vec<AtomicU64>,
+    recovered: AtomicBool,
+}
+
+/// What applying one record did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Changed,
+    /// Every value was older than the stored one.
+    Late,
+    Duplicate,
+    /// The record names a view this config no longer has, or nothing of it still fits.
+    Skipped,
+}
+
+impl Store {
+    pub fn new(schema: Arc<Schema>, partitions: u32) -> Store {
+        assert!(partitions > 0);
+        let layouts: Vec<Layout> = schema.views.iter().map(Layout::of).collect();
+        let maps = (0..partitions)
+            .map(|_| schema.views.iter().map(|_| RowMap::new()).collect())
+            .collect();
+        Store {
+            layouts,
+            partitions,
+            maps,
+            applied: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
+            applied_changed: (0..partitions)
+                .map(|_| tokio::sync::Notify::new())
+                .collect(),
+            snapshot_offset: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
+            recovered: AtomicBool::new(false),
+            schema,
+        }
+    }
+
+    pub fn schema(&self) -> &Arc<Schema> {
+        &self.schema
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    pub fn partition_of(&self, key: &str) -> u32 {
+        partition_for(key.as_bytes(), self.partitions)
+    }
+
+    pub fn layout(&self, view: ViewId) -> &Layout {
+        &self.layouts[usize::from(view)]
+    }
+
+    /// Reads `features` of `key` in `view` as of `now_ms` into `out` (one entry per feature,
+    /// in order). Returns the row's version, or `None` if the entity has no row.
+    pub fn read(
+        &self,
+        view: ViewId,
+        key: &str,
+        features: &[FeatureIdx],
+        now_ms: EpochMs,
+        out: &mut Vec<FeatureRead>,
+    ) -> Option<u64> {
+        let v = self.schema.view(view);
+        let layout = self.layout(view);
+        let map = &self.maps[self.partition_of(key) as usize][usize::from(view)];
+        let guard = map.guard();
+        let Some(row) = map.get(key, &guard) else {
+            out.extend(features.iter().map(|_| FeatureRead {
+                status: Status::NotFound,
+                value: Value::Null,
+                ts_ms: None,
+            }));
+            return None;
+        };
+        for &f in features {
+            let read = match row.get(layout, f) {
+                Cell::Absent => FeatureRead {
+                    status: Status::NotFound,
+                    value: Value::Null,
+                    ts_ms: None,
+                },
+                cell => {
+                    let ts = cell.ts_ms().expect("set cells have a time");
+                    let expired = v.ttl_ms.is_some_and(|ttl| now_ms.saturating_sub(ts) > ttl);
+                    match cell {
+                        _ if expired => FeatureRead {
+                            status: Status::OutsideMaxAge,
+                            value: Value::Null,
+                            ts_ms: Some(ts),
+                        },
+                        Cell::Null { .. } => FeatureRead {
+                            status: Status::NullValue,
+                            value: Value::Null,
+                            ts_ms: Some(ts),
+                        },
+                        Cell::Value { value, .. } => FeatureRead {
+                            status: Status::Present,
+                            value,
+                            ts_ms: Some(ts),
+                        },
+                        Cell::Absent => unreachable!(),
+                    }
+                }
+            };
+            out.push(read);
+        }
+        Some(row.version())
+    }
+
+    /// The version of a row (`None` if absent): what the prediction cache keys on.
+    pub fn row_version(&self, view: ViewId, key: &str) -> Option<u64> {
+        let map = &self.maps[self.partition_of(key) as usize][usize::from(view)];
+        map.pin().get(key).map(Row::version)
+    }
+
+    /// Applies one decoded record of `partition` at `offset`. Only that partition's
+    /// materializer calls this, so each map has a single writer.
+    pub fn apply(
+        &self,
+        partition: u32,
+        offset: u64,
+        rec: &Record<'_>,
+        dedup: &mut DedupWindow,
+        late_values: &mut u64,
+    ) -> Applied {
+        let Some(view_id) = self.schema.view_id(rec.view) else {
+            return Applied::Skipped;
+        };
+        debug_assert_eq!(
+            self.partition_of(rec.key),
+            partition,
+            "the log routes keys by murmur2"
+        );
+        let view = self.schema.view(view_id);
+        let layout = self.layout(view_id);
+        // Map names to this config's features; values that no longer fit (feature dropped or
+        // retyped since the record was written) are left out.
+        let mut values: Vec<(FeatureIdx, Value)> = rec
+            .values
+            .iter()
+            .filter_map(|(name, value)| {
+                let f = view.feature_index(name)?;
+                value
+                    .fits(layout.feature_type(f))
+                    .then(|| (f, value.clone()))
+            })
+            .collect();
+        if values.is_empty() {
+            return Applied::Skipped;
+        }
+        values.sort_by_key(|(f, _)| *f);
+        if let Some(id) = rec.dedup {
+            if !dedup.insert(id) {
+                return Applied::Duplicate;
+            }
+        }
+        let map = &self.maps[partition as usize][usize::from(view_id)];
+        let guard = map.guard();
+        let next = match map.get(rec.key, &guard) {
+            Some(row) => row.apply(layout, rec.ts_ms, offset, &values, late_values),
+            None => Row::empty(layout).apply(layout, rec.ts_ms, offset, &values, late_values),
+        };
+        match next {
+            Some(row) => {
+                map.insert(rec.key.into(), row, &guard);
+                Applied::Changed
+            }
+            None => Applied::Late,
+        }
+    }
+
+    pub(crate) fn insert_row(&self, partition: u32, view: ViewId, key: &str, row: Row) {
+        let map = &self.maps[partition as usize][usize::from(view)];
+        map.pin().insert(key.into(), row);
+    }
+
+    pub(crate) fn for_each_row(&self, partition: u32, view: ViewId, mut f: impl FnMut(&str, &Row)) {
+        let map = &self.maps[partition as usize][usize::from(view)];
+        for (k, r) in map.pin().iter() {
+            f(k, r);
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.maps.iter().flatten().map(|m| m.len()).sum()
+    }
+
+    pub fn applied_offset(&self, partition: u32) -> u64 {
+        self.applied[partition as usize].load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_applied(&self, partition: u32, offset: u64) {
+        let prev = self.applied[partition as usize].swap(offset, Ordering::AcqRel);
+        debug_assert!(prev <= offset, "applied offsets only move forward");
+        self.applied_changed[partition as usize].notify_waiters();
+    }
+
+    pub fn snapshot_offset(&self, partition: u32) -> u64 {
+        self.snapshot_offset[partition as usize].load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_snapshot_offset(&self, partition: u32, offset: u64) {
+        self.snapshot_offset[partition as usize].store(offset, Ordering::Release);
+    }
+
+    /// Whether every partition has replayed the log as it was at start.
+    pub fn is_recovered(&self) -> bool {
+        self.recovered.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_recovered(&self) {
+        self.recovered.store(true, Ordering::Release);
+    }
+
+    /// Whether everything `token` names has been applied.
+    pub fn has_applied(&self, token: &Token) -> bool {
+        token
+            .positions()
+            .iter()
+            .all(|&(p, o)| p < self.partitions && self.applied_offset(p) >= o)
+    }
+
+    /// Waits until everything `token` names is applied, at most `timeout`; false on timeout.
+    /// A token naming a partition this store does not have is never satisfied.
+    pub async fn wait_applied(&self, token: &Token, timeout: Duration) -> bool {
+        if token.positions().iter().any(|&(p, _)| p >= self.partitions) {
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        for &(p, o) in token.positions() {
+            loop {
+                let notified = self.applied_changed[p as usize].notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.applied_offset(p) >= o {
+                    break;
+                }
+                if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                    return self.applied_offset(p) >= o && self.has_applied(token);
+                }
+            }
+        }
+        true
+    }
+}

@@ -1,0 +1,424 @@
+//! One entity's row of one view: the latest value of each feature and its event time, laid
+//! out compactly, immutable once built (the store swaps whole rows, so readers never see a
+//! half-applied event).
+//!
+//! Layout of `words` (u64 each):
+//! ```text
+//! [0]                 version: offset + 1 of the last record that changed the row
+//! [1]                 S: number of distinct event times in use
+//! [2 .. 2+S]          the distinct event times (epoch ms)
+//! [2+S .. 2+S+N]      numeric slots (f64 bits, i64, bool) in feature order of numeric features
+//! [.. + ceil(F/8)]    one byte per feature: 0xFF never set; else bit 7 = explicit null,
+//!                     bits 0..6 = index of its event time
+//! ```
+//! Features of one event share an event time, so a 32-feature row updated together stores
+//! one timestamp instead of 32 (~9 bytes per f64 feature instead of 16). Strings and vectors
+//! live in `heap`, absent for views that have none.
+//!
+//! LWW rule: a value replaces the stored one iff its event time is >= the stored time. Records
+//! are applied in log order, so on a tie the later offset (the new record) wins — the
+//! (event time, offset) order of DESIGN.md §2 without storing offsets per feature.
+
+use quiver_core::schema::{FeatureIdx, View};
+use quiver_core::time::EpochMs;
+use quiver_core::value::{FeatureType, Value};
+
+const ABSENT: u8 = 0xFF;
+const NULL_BIT: u8 = 0x80;
+/// At most this many distinct event times per row (bit 7 of the index byte is the null flag).
+const STAMPS_MAX: usize = 127;
+
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Num(u16),
+    Heap(u16),
+}
+
+/// Where each feature of a view lives in a [`Row`].
+#[derive(Debug, Clone)]
+pub struct Layout {
+    slots: Vec<Slot>,
+    types: Vec<FeatureType>,
+    nums: usize,
+    heaps: usize,
+}
+
+impl Layout {
+    pub fn of(view: &View) -> Layout {
+        let (mut nums, mut heaps) = (0u16, 0u16);
+        let mut slots = Vec::with_capacity(view.features.len());
+        for f in &view.features {
+            slots.push(match f.ty {
+                FeatureType::String | FeatureType::F32s(_) => {
+                    heaps += 1;
+                    Slot::Heap(heaps - 1)
+                }
+                _ => {
+                    nums += 1;
+                    Slot::Num(nums - 1)
+                }
+            });
+        }
+        Layout {
+            slots,
+            types: view.features.iter().map(|f| f.ty).collect(),
+            nums: usize::from(nums),
+            heaps: usize::from(heaps),
+        }
+    }
+
+    pub fn features(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn feature_type(&self, f: FeatureIdx) -> FeatureType {
+        self.types[usize::from(f)]
+    }
+}
+
+/// What a row holds for one feature.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cell {
+    Absent,
+    Null { ts_ms: EpochMs },
+    Value { ts_ms: EpochMs, value: Value },
+}
+
+impl Cell {
+    pub fn ts_ms(&self) -> Option<EpochMs> {
+        match self {
+            Cell::Absent => None,
+            Cell::Null { ts_ms } | Cell::Value { ts_ms, .. } => Some(*ts_ms),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    words: Box<[u64]>,
+    heap: Option<Box<[Value]>>,
+}
+
+impl Row {
+    /// A row in which no feature was ever set.
+    pub fn empty(layout: &Layout) -> Row {
+        Row::build(
+            layout,
+            0,
+            &[],
+            &vec![ABSENT; layout.features()],
+            &vec![0; layout.nums],
+            empty_heap(layout),
+        )
+    }
+
+    fn build(
+        layout: &Layout,
+        version: u64,
+        stamps: &[EpochMs],
+        idx: &[u8],
+        nums: &[u64],
+        heap: Option<Box<[Value]>>,
+    ) -> Row {
+        debug_assert_eq!(idx.len(), layout.features());
+        debug_assert_eq!(nums.len(), layout.nums);
+        let idx_words = layout.features().div_ceil(8);
+        let mut words = Vec::with_capacity(2 + stamps.len() + nums.len() + idx_words);
+        words.push(version);
+        words.push(stamps.len() as u64);
+        words.extend(stamps.iter().map(|&t| t as u64));
+        words.extend_from_slice(nums);
+        for chunk in idx.chunks(8) {
+            let mut b = [ABSENT; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            words.push(u64::from_le_bytes(b));
+        }
+        Row {
+            words: words.into_boxed_slice(),
+            heap,
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        self.words[0]
+    }
+
+    fn stamps(&self) -> &[u64] {
+        let s = self.words[1] as usize;
+        &self.words[2..2 + s]
+    }
+
+    fn nums<'a>(&'a self, layout: &Layout) -> &'a [u64] {
+        let start = 2 + self.words[1] as usize;
+        &self.words[start..start + layout.nums]
+    }
+
+    fn idx_byte(&self, layout: &Layout, f: usize) -> u8 {
+        let start = 2 + self.words[1] as usize + layout.nums;
+        self.words[start + f / 8].to_le_bytes()[f % 8]
+    }
+
+    pub fn get(&self, layout: &Layout, f: FeatureIdx) -> Cell {
+        let fi = usize::from(f);
+        let b = self.idx_byte(layout, fi);
+        if b == ABSENT {
+            return Cell::Absent;
+        }
+        let ts_ms = self.stamps()[usize::from(b & !NULL_BIT)] as EpochMs;
+        if b & NULL_BIT != 0 {
+            return Cell::Null { ts_ms };
+        }
+        let value = match layout.slots[fi] {
+            Slot::Num(n) => {
+                let bits = self.nums(layout)[usize::from(n)];
+                match layout.types[fi] {
+                    FeatureType::F64 => Value::F64(f64::from_bits(bits)),
+                    FeatureType::I64 => Value::I64(bits as i64),
+                    FeatureType::Bool => Value::Bool(bits != 0),
+                    other => unreachable!("{other} is not a numeric slot"),
+                }
+            }
+            Slot::Heap(h) => self
+                .heap
+                .as_ref()
+                .expect("views with heap features have a heap")[usize::from(h)]
+            .clone(),
+        };
+        Cell::Value { ts_ms, value }
+    }
+
+    /// Applies one event's values (sorted by feature, types already checked against the
+    /// layout) with event time `ts_ms`, from the record at `offset`. Returns the new row, or
+    /// `None` if every value was older than what the row holds (nothing changes, the version
+    /// stays). `late` counts the values refused by the LWW rule.
+    pub fn apply(
+        &self,
+        layout: &Layout,
+        ts_ms: EpochMs,
+        offset: u64,
+        values: &[(FeatureIdx, Value)],
+        late: &mut u64,
+    ) -> Option<Row> {
+        let f_count = layout.features();
+        let old_stamps = self.stamps();
+        let mut idx: Vec<u8> = (0..f_count).map(|f| self.idx_byte(layout, f)).collect();
+        let mut cell_ts: Vec<Option<EpochMs>> = idx
+            .iter()
+            .map(|&b| (b != ABSENT).then(|| old_stamps[usize::from(b & !NULL_BIT)] as EpochMs))
+            .collect();
+        let mut nums = self.nums(layout).to_vec();
+        let mut heap = self.heap.clone();
+        let mut changed = false;
+        for (f, value) in values {
+            let fi = usize::from(*f);
+            debug_assert!(
+                value.fits(layout.types[fi]),
+                "apply gets type-checked values"
+            );
+            if cell_ts[fi].is_some_and(|old| ts_ms < old) {
+                *late += 1;
+                continue;
+            }
+            changed = true;
+            cell_ts[fi] = Some(ts_ms);
+            let null = matches!(value, Value::Null);
+            idx[fi] = if null { NULL_BIT } else { 0 };
+            if !null {
+                match layout.slots[fi] {
+                    Slot::Num(n) => {
+                        nums[usize::from(n)] = match value {
+                            Value::F64(v) => v.to_bits(),
+                            Value::I64(v) => *v as u64,
+                            Value::Bool(v) => u64::from(*v),
+                            other => unreachable!("{other:?} in a numeric slot"),
+                        }
+                    }
+                    Slot::Heap(h) => {
+                        heap.as_mut().expect("heap slot")[usize::from(h)] = value.clone()
+                    }
+                }
+            }
+        }
+        if !changed {
+            return None;
+        }
+        // Rebuild the stamp table from the times still referenced.
+        let mut stamps: Vec<EpochMs> = cell_ts.iter().flatten().copied().collect();
+        stamps.sort_unstable();
+        stamps.dedup();
+        if stamps.len() > STAMPS_MAX {
+            // More distinct times than the index byte can name: collapse the oldest ones onto
+            // the newest of them. Only reachable with > 127 features updated at distinct times.
+            let cut = stamps.len() - STAMPS_MAX;
+            let floor = stamps[cut];
+            for t in cell_ts.iter_mut().flatten() {
+                *t = (*t).max(floor);
+            }
+            stamps.drain(..cut);
+        }
+        for (fi, t) in cell_ts.iter().enumerate() {
+            if let Some(t) = t {
+                let s = stamps
+                    .binary_search(t)
+                    .expect("every referenced time is in the table") as u8;
+                idx[fi] = (idx[fi] & NULL_BIT) | s;
+            }
+        }
+        Some(Row::build(layout, offset + 1, &stamps, &idx, &nums, heap))
+    }
+
+    /// Bytes this row occupies on the heap (the words and heap slots, not the map entry).
+    pub fn heap_bytes(&self) -> usize {
+        self.words.len() * 8
+            + self
+                .heap
+                .as_ref()
+                .map(|h| h.len() * std::mem::size_of::<Value>())
+                .unwrap_or(0)
+    }
+
+    /// Rebuilds a row from cells (snapshot load).
+    pub fn from_cells(layout: &Layout, version: u64, cells: Vec<Cell>) -> Row {
+        let mut row = Row::empty(layout);
+        // Group cells by time and apply oldest first so ties cannot reorder anything.
+        let mut by_time: Vec<(EpochMs, FeatureIdx, Value)> = cells
+            .into_iter()
+            .enumerate()
+            .filter_map(|(f, c)| match c {
+                Cell::Absent => None,
+                Cell::Null { ts_ms } => Some((ts_ms, f as FeatureIdx, Value::Null)),
+                Cell::Value { ts_ms, value } => Some((ts_ms, f as FeatureIdx, value)),
+            })
+            .collect();
+        by_time.sort_by_key(|(t, f, _)| (*t, *f));
+        let mut late = 0;
+        for (t, f, v) in by_time {
+            if let Some(next) = row.apply(layout, t, 0, &[(f, v)], &mut late) {
+                row = next;
+            }
+        }
+        row.words[0] = version;
+        row
+    }
+}
+
+fn empty_heap(layout: &Layout) -> Option<Box<[Value]>> {
+    (layout.heaps > 0).then(|| vec![Value::Null; layout.heaps].into_boxed_slice())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use quiver_core::{Config, Schema};
+
+    fn layout() -> Layout {
+        let text = r#"
+[[entity]]
+name = "user"
+key = "user_id"
+[[view]]
+name = "v"
+entity = "user"
+features = [
+  { name = "a", type = "f64" }, { name = "b", type = "i64" }, { name = "c", type = "bool" },
+  { name = "s", type = "string" }, { name = "e", type = "f32[2]" },
+  { name = "f5", type = "f64" }, { name = "f6", type = "f64" }, { name = "f7", type = "f64" }, { name = "f8", type = "f64" },
+]
+"#;
+        let schema =
+            Schema::compile(&Config::from_toml_with_env(text, Vec::new()).unwrap()).unwrap();
+        Layout::of(&schema.views[0])
+    }
+
+    fn value_for(f: u16, seed: i64) -> Value {
+        match f {
+            1 => Value::I64(seed),
+            2 => Value::Bool(seed % 2 == 0),
+            3 => Value::Str(format!("s{seed}").into()),
+            4 => Value::F32s(vec![seed as f32, 1.0].into()),
+            _ => Value::F64(seed as f64 * 0.5),
+        }
+    }
+
+    proptest! {
+        /// The row agrees with a brute-force model of the LWW rule over any event order.
+        #[test]
+        fn lww_matches_a_model(events in prop::collection::vec((0i64..20, prop::collection::btree_set(0u16..9, 1..4), any::<bool>()), 1..40)) {
+            let layout = layout();
+            let mut row = Row::empty(&layout);
+            let mut model: Vec<Cell> = vec![Cell::Absent; 9];
+            let mut version = 0;
+            for (offset, (ts, features, null)) in events.iter().enumerate() {
+                let values: Vec<(u16, Value)> = features.iter().map(|&f| (f, if *null { Value::Null } else { value_for(f, offset as i64) })).collect();
+                let mut late = 0;
+                let mut changed = false;
+                let mut expected_late = 0;
+                for (f, v) in &values {
+                    let m = &mut model[usize::from(*f)];
+                    if m.ts_ms().is_some_and(|old| *ts < old) {
+                        expected_late += 1;
+                    } else {
+                        *m = if matches!(v, Value::Null) { Cell::Null { ts_ms: *ts } } else { Cell::Value { ts_ms: *ts, value: v.clone() } };
+                        changed = true;
+                    }
+                }
+                if let Some(next) = row.apply(&layout, *ts, offset as u64, &values, &mut late) {
+                    row = next;
+                    version = offset as u64 + 1;
+                }
+                prop_assert_eq!(changed, row.version() == offset as u64 + 1);
+                prop_assert_eq!(late, expected_late);
+            }
+            prop_assert_eq!(row.version(), version);
+            for f in 0..9u16 {
+                prop_assert_eq!(row.get(&layout, f), model[usize::from(f)].clone(), "feature {}", f);
+            }
+            let cells: Vec<Cell> = (0..9u16).map(|f| row.get(&layout, f)).collect();
+            let rebuilt = Row::from_cells(&layout, row.version(), cells);
+            for f in 0..9u16 {
+                prop_assert_eq!(rebuilt.get(&layout, f), row.get(&layout, f));
+            }
+        }
+    }
+
+    #[test]
+    fn a_late_event_never_overwrites() {
+        let layout = layout();
+        let mut late = 0;
+        let r1 = Row::empty(&layout)
+            .apply(&layout, 100, 0, &[(0, Value::F64(1.0))], &mut late)
+            .unwrap();
+        assert!(r1
+            .apply(&layout, 99, 1, &[(0, Value::F64(2.0))], &mut late)
+            .is_none());
+        assert_eq!(late, 1);
+        let r2 = r1
+            .apply(&layout, 100, 2, &[(0, Value::F64(3.0))], &mut late)
+            .unwrap();
+        assert_eq!(
+            r2.get(&layout, 0),
+            Cell::Value {
+                ts_ms: 100,
+                value: Value::F64(3.0)
+            },
+            "tie: the later offset wins"
+        );
+        assert_eq!(r2.version(), 3);
+    }
+
+    #[test]
+    fn shared_times_are_stored_once() {
+        let layout = layout();
+        let values: Vec<(u16, Value)> = (0..9).map(|f| (f, value_for(f, 1))).collect();
+        let mut late = 0;
+        let r = Row::empty(&layout)
+            .apply(&layout, 5, 0, &values, &mut late)
+            .unwrap();
+        assert_eq!(r.stamps().len(), 1);
+        let r = r.apply(&layout, 6, 1, &values[..1], &mut late).unwrap();
+        assert_eq!(r.stamps().len(), 2);
+        let r = r.apply(&layout, 6, 2, &values, &mut late).unwrap();
+        assert_eq!(r.stamps().len(), 1, "unreferenced times are dropped");
+    }
+}
