@@ -1,1 +1,112 @@
-fn main() {}
+//! The `quiver` binary: the CLI over the crates. `anyhow` lives here and nowhere else.
+
+mod bench;
+mod logcmd;
+mod push;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use quiver_core::Config;
+
+#[derive(Parser)]
+#[command(name = "quiver", version, about = "Real-time feature and inference server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Send events from a JSONL or CSV file to a running server.
+    Push(push::PushArgs),
+    /// Inspect or verify a log directory offline.
+    Log {
+        #[command(subcommand)]
+        command: logcmd::LogCommand,
+    },
+    /// Measure Quiver (and its peers) on this machine.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML config (DESIGN.md §3). Without one, Quiver starts on defaults with no views.
+    #[arg(long, env = "QUIVER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Overrides `server.data_dir`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Overrides `server.listen` (use port 0 for any free port; the bound address is logged).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+/// Loads the config: defaults < file < `QUIVER_*` env < flags.
+pub fn load_config(path: Option<&std::path::Path>, data_dir: Option<PathBuf>, listen: Option<SocketAddr>) -> Result<Config> {
+    let text = match path {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?,
+        None => String::new(),
+    };
+    let mut config = Config::from_toml_with_env(&text, std::env::vars())?;
+    if let Some(d) = data_dir {
+        config.server.data_dir = d;
+    }
+    if let Some(l) = listen {
+        config.server.listen = l;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Push(args) => push::run(args),
+        Command::Log { command } => logcmd::run(command),
+        Command::Bench(args) => bench::run(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let config = load_config(args.config.as_deref(), args.data_dir, args.listen)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listen = config.server.listen;
+        let data_dir = config.server.data_dir.clone();
+        let views = config.views.len();
+        let node = tokio::task::spawn_blocking(move || quiver_server::Node::open(config)).await??;
+        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, data_dir = %data_dir.display(), views, "quiver listening");
+        // A line on stdout that scripts and tests can wait for.
+        println!("quiver listening on http://{addr}");
+        quiver_server::serve(Arc::new(node), listener, shutdown_signal()).await?;
+        tracing::info!("stopped cleanly");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,1 +1,72 @@
+//! Quiver's HTTP surface (axum): ingest, feature reads and ops. The only crate that knows HTTP
+//! and JSON status codes; it sees the log and store through their public APIs.
 
+mod body;
+pub mod error;
+mod features;
+pub mod idempotency;
+mod ingest;
+pub mod node;
+mod ops;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub use node::{Node, NodeError};
+
+pub struct AppState {
+    pub node: Arc<Node>,
+    pub metrics: Option<PrometheusHandle>,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/events", post(ingest::post_events))
+        .route("/v1/features/{view}/{key}", get(features::get_entity))
+        .route("/v1/features", post(features::post_features))
+        .route("/get-online-features", post(features::post_features))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .fallback(|| async {
+            error::ApiError::new(axum::http::StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint")
+        })
+        .with_state(state)
+}
+
+/// Installs the process-wide Prometheus recorder (once; later calls return `None`).
+pub fn install_metrics() -> Option<PrometheusHandle> {
+    const LATENCY_BUCKETS: &[f64] = &[
+        0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    ];
+    let recorder = PrometheusBuilder::new().set_buckets(LATENCY_BUCKETS).ok()?.build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).ok()?;
+    Some(handle)
+}
+
+/// Serves `node` on `listener` until `shutdown` resolves, then stops the node cleanly
+/// (in-flight requests finish, materializers snapshot, log writers drain).
+pub async fn serve(node: Arc<Node>, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    let state = Arc::new(AppState { node: node.clone(), metrics: install_metrics() });
+    let housekeeping = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(node::HOUSEKEEPING_INTERVAL);
+            loop {
+                tick.tick().await;
+                let node = node.clone();
+                let _ = tokio::task::spawn_blocking(move || node.housekeeping()).await;
+            }
+        })
+    };
+    let app = router(state);
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    housekeeping.abort();
+    tokio::task::spawn_blocking(move || node.shutdown()).await.ok();
+    result
+}

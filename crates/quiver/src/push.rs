@@ -1,0 +1,234 @@
+//! `quiver push FILE`: JSONL or CSV → batched NDJSON POSTs to `/v1/events`, each batch with
+//! its own `Idempotency-Key` (kept across its retries, so a retried batch is applied once),
+//! retrying 429/503 and connection errors with exponential backoff, full jitter, and at least
+//! the server's `Retry-After`.
+//!
+//! CSV: a header row; columns `view`, `key`, `ts`, `event_id` are the event's fields (`view`
+//! may instead come from `--view`), every other column is a feature value. Cells are read as
+//! JSON where they parse as a number or `true`/`false`, else as strings; empty cells are left
+//! out.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::Rng;
+use serde_json::{Map, Value};
+
+#[derive(clap::Args, Clone)]
+pub struct PushArgs {
+    /// Events as JSONL (one event object per line) or CSV (by the .csv extension).
+    pub file: PathBuf,
+    #[arg(long, default_value = "http://127.0.0.1:7070", env = "QUIVER_URL")]
+    pub url: String,
+    /// Events per POST.
+    #[arg(long, default_value_t = 1000)]
+    pub batch_size: usize,
+    /// Batches in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// none | written | durable
+    #[arg(long, default_value = "durable")]
+    pub ack: String,
+    /// The view of every CSV row without a `view` column.
+    #[arg(long)]
+    pub view: Option<String>,
+    /// Attempts per batch before giving up.
+    #[arg(long, default_value_t = 10)]
+    pub attempts_max: u32,
+}
+
+/// Backoff before attempt `attempt` (1-based): full jitter over `base · 2^attempt`, capped,
+/// and never less than the server's `Retry-After`.
+pub fn backoff(attempt: u32, retry_after: Option<Duration>, rng: &mut impl Rng) -> Duration {
+    const BASE_MS: u64 = 50;
+    const CAP_MS: u64 = 5_000;
+    let ceiling = BASE_MS.saturating_mul(1 << attempt.min(16)).min(CAP_MS);
+    let jittered = Duration::from_millis(rng.random_range(0..=ceiling));
+    retry_after.map_or(jittered, |r| jittered.max(r))
+}
+
+pub fn run(args: PushArgs) -> Result<()> {
+    let events = read_events(&args)?;
+    if events.is_empty() {
+        bail!("{} holds no events", args.file.display());
+    }
+    let batches: Vec<String> = events
+        .chunks(args.batch_size.max(1))
+        .map(|chunk| chunk.iter().map(|e| serde_json::to_string(e).expect("json")).collect::<Vec<_>>().join("\n"))
+        .collect();
+    let bar = ProgressBar::new(events.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} events ({per_sec}) {msg}")
+            .expect("static template"),
+    );
+    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build()?;
+    let url = format!("{}/v1/events?ack={}", args.url.trim_end_matches('/'), args.ack);
+    let next = Mutex::new(batches.iter().enumerate());
+    let sent = AtomicU64::new(0);
+    let retries = AtomicU64::new(0);
+    let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..args.concurrency.max(1) {
+            s.spawn(|| loop {
+                if failure.lock().expect("lock").is_some() {
+                    return;
+                }
+                let Some((i, body)) = next.lock().expect("lock").next() else { return };
+                let n = body.lines().count() as u64;
+                match send_batch(&client, &url, body, args.attempts_max, &retries) {
+                    Ok(()) => {
+                        sent.fetch_add(n, Ordering::Relaxed);
+                        bar.inc(n);
+                    }
+                    Err(e) => {
+                        *failure.lock().expect("lock") = Some(e.context(format!("batch {i}")));
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    bar.finish_and_clear();
+    let elapsed = started.elapsed().as_secs_f64();
+    let sent = sent.load(Ordering::Relaxed);
+    println!(
+        "pushed {sent} events in {} batches in {elapsed:.2}s ({:.0} events/s), {} retries",
+        batches.len(),
+        sent as f64 / elapsed.max(1e-9),
+        retries.load(Ordering::Relaxed)
+    );
+    match failure.into_inner().expect("lock") {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn send_batch(client: &reqwest::blocking::Client, url: &str, body: &str, attempts_max: u32, retries: &AtomicU64) -> Result<()> {
+    let key = uuid::Uuid::new_v4().to_string();
+    let mut rng = rand::rng();
+    for attempt in 1..=attempts_max {
+        let result = client
+            .post(url)
+            .header("content-type", "application/x-ndjson")
+            .header("idempotency-key", &key)
+            .body(body.to_string())
+            .send();
+        let retry_after = match result {
+            Ok(resp) if resp.status().is_success() => return Ok(()),
+            Ok(resp) if resp.status().as_u16() == 429 || resp.status().as_u16() == 503 || resp.status().as_u16() == 409 => resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_secs),
+            Ok(resp) => {
+                let status = resp.status();
+                let text = resp.text().unwrap_or_default();
+                return Err(anyhow!("server refused the batch ({status}): {text}"));
+            }
+            Err(e) if e.is_connect() || e.is_timeout() || e.is_request() => None,
+            Err(e) => return Err(e.into()),
+        };
+        if attempt == attempts_max {
+            break;
+        }
+        retries.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(backoff(attempt, retry_after, &mut rng));
+    }
+    bail!("gave up after {attempts_max} attempts")
+}
+
+fn read_events(args: &PushArgs) -> Result<Vec<Value>> {
+    let is_csv = args.file.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    let file = std::fs::File::open(&args.file).with_context(|| format!("opening {}", args.file.display()))?;
+    if !is_csv {
+        let mut out = Vec::new();
+        for (i, line) in BufReader::new(file).lines().enumerate() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&line).with_context(|| format!("{}:{}: not JSON", args.file.display(), i + 1))?;
+            out.push(v);
+        }
+        return Ok(out);
+    }
+    let mut reader = csv::Reader::from_reader(file);
+    let headers = reader.headers()?.clone();
+    let mut out = Vec::new();
+    for (i, row) in reader.records().enumerate() {
+        let row = row?;
+        let mut event = Map::new();
+        let mut values = Map::new();
+        for (h, cell) in headers.iter().zip(row.iter()) {
+            if cell.is_empty() {
+                continue;
+            }
+            match h {
+                "view" | "key" | "event_id" => {
+                    event.insert(h.into(), Value::String(cell.into()));
+                }
+                "ts" => {
+                    event.insert("ts".into(), cell.parse::<i64>().map(Value::from).unwrap_or_else(|_| Value::String(cell.into())));
+                }
+                feature => {
+                    values.insert(feature.into(), csv_cell(cell));
+                }
+            }
+        }
+        if !event.contains_key("view") {
+            let view = args.view.clone().ok_or_else(|| anyhow!("CSV row {} has no view column; pass --view", i + 1))?;
+            event.insert("view".into(), Value::String(view));
+        }
+        event.insert("values".into(), Value::Object(values));
+        out.push(Value::Object(event));
+    }
+    Ok(out)
+}
+
+fn csv_cell(cell: &str) -> Value {
+    match cell {
+        "true" => Value::Bool(true),
+        "false" => Value::Bool(false),
+        _ => {
+            if let Ok(i) = cell.parse::<i64>() {
+                Value::from(i)
+            } else if let Some(f) = cell.parse::<f64>().ok().filter(|f| f.is_finite()) {
+                Value::from(f)
+            } else {
+                Value::String(cell.into())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_honours_retry_after() {
+        let mut rng = rand::rng();
+        for attempt in 1..30 {
+            let d = backoff(attempt, None, &mut rng);
+            assert!(d <= Duration::from_millis(5_000));
+            let d = backoff(attempt, Some(Duration::from_secs(2)), &mut rng);
+            assert!(d >= Duration::from_secs(2));
+        }
+    }
+
+    #[test]
+    fn csv_cells_are_typed() {
+        assert_eq!(csv_cell("12"), Value::from(12));
+        assert_eq!(csv_cell("1.5"), Value::from(1.5));
+        assert_eq!(csv_cell("true"), Value::Bool(true));
+        assert_eq!(csv_cell("m7"), Value::String("m7".into()));
+        assert_eq!(csv_cell("NaN"), Value::String("NaN".into()));
+    }
+}

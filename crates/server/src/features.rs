@@ -1,0 +1,216 @@
+//! Feature reads: `GET /v1/features/{view}/{key}` and Feast's get-online-features shape at
+//! `POST /v1/features` and `POST /get-online-features`. Reads touch only memory.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use quiver_core::schema::{FeatureIdx, ViewId};
+use quiver_core::telemetry as t;
+use quiver_core::time::{format_rfc3339_ms, now_ms};
+use quiver_core::token::Token;
+use quiver_store::{FeatureRead, Status};
+use serde::Deserialize;
+use serde_json::{json, Map, Value as Json_};
+
+use crate::error::ApiError;
+use crate::AppState;
+
+pub const READ_AFTER: &str = "quiver-read-after";
+/// Feast's timestamp for values it has none for.
+const EPOCH: &str = "1970-01-01T00:00:00Z";
+
+/// Honours `Quiver-Read-After: <token>`: waits (bounded) until the materializer has applied
+/// every position the token names.
+pub async fn read_after(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(raw) = headers.get(READ_AFTER) else { return Ok(()) };
+    let token = raw
+        .to_str()
+        .ok()
+        .and_then(|s| Token::parse(s).ok())
+        .ok_or_else(|| ApiError::bad_request("BAD_TOKEN", "Quiver-Read-After is not a token from /v1/events"))?;
+    if state.node.store.has_applied(&token) {
+        return Ok(());
+    }
+    let wait = Duration::from_millis(state.node.config.server.read_after_wait_ms_max);
+    let started = Instant::now();
+    let ok = state.node.store.wait_applied(&token, wait).await;
+    metrics::histogram!(t::READ_AFTER_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::unavailable(
+            "READ_AFTER_TIMEOUT",
+            format!("the token's writes were not applied within {} ms", wait.as_millis()),
+        )
+        .with_details(json!({"token": token.to_string()})))
+    }
+}
+
+pub async fn get_entity(State(state): State<Arc<AppState>>, Path((view, key)): Path<(String, String)>, headers: HeaderMap) -> Response {
+    let started = Instant::now();
+    let result = get_entity_inner(&state, &view, &key, &headers).await;
+    metrics::histogram!(t::LOOKUP_SECONDS, "path" => "single").record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn get_entity_inner(state: &AppState, view: &str, key: &str, headers: &HeaderMap) -> Result<Response, ApiError> {
+    read_after(state, headers).await?;
+    let schema = &state.node.schema;
+    let Some(v) = schema.view_by_name(view) else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "UNKNOWN_VIEW", format!("no view {view:?}")).with_details(json!({"view": view})));
+    };
+    let features: Vec<FeatureIdx> = (0..v.features.len() as FeatureIdx).collect();
+    let now = now_ms();
+    let mut reads = Vec::with_capacity(features.len());
+    let Some(version) = state.node.store.read(v.id, key, &features, now, &mut reads) else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "ENTITY_NOT_FOUND", format!("view {view:?} has no entity {key:?}"))
+            .with_details(json!({"view": view, "key": key})));
+    };
+    let mut out = Map::with_capacity(features.len());
+    for (f, r) in v.features.iter().zip(reads) {
+        let mut cell = Map::with_capacity(4);
+        cell.insert("value".into(), r.value.to_json());
+        cell.insert("status".into(), Json_::from(r.status.as_str()));
+        if let Some(ts) = r.ts_ms {
+            cell.insert("event_timestamp".into(), Json_::from(format_rfc3339_ms(ts)));
+            cell.insert("age_ms".into(), Json_::from(now.saturating_sub(ts).max(0)));
+        }
+        out.insert(f.name.clone(), Json_::Object(cell));
+    }
+    Ok(Json(json!({"view": v.name, "key": key, "version": version, "features": out})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OnlineRequest {
+    features: Vec<String>,
+    entities: Map<String, Json_>,
+    #[serde(default)]
+    full_feature_names: bool,
+}
+
+pub async fn post_features(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let result = post_features_inner(&state, &headers, body).await;
+    metrics::histogram!(t::LOOKUP_SECONDS, "path" => "batch").record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn post_features_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let bytes = crate::body::read_limited(body, state.node.config.limits.request_body_bytes_max).await?;
+    let req: OnlineRequest = serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request("BAD_REQUEST", format!("invalid request: {e}")))?;
+    read_after(state, headers).await?;
+    let schema = &state.node.schema;
+    if req.features.is_empty() {
+        return Err(ApiError::bad_request("BAD_REQUEST", "features must name at least one view:feature"));
+    }
+    // Resolve every reference first: an unknown one fails the request, as in Feast.
+    let mut refs: Vec<(ViewId, FeatureIdx, String)> = Vec::with_capacity(req.features.len());
+    for name in &req.features {
+        let resolved = name.split_once(':').and_then(|(view, feature)| {
+            let v = schema.view_by_name(view)?;
+            Some((v.id, v.feature_index(feature)?))
+        });
+        let Some((view, f)) = resolved else {
+            return Err(ApiError::bad_request("UNKNOWN_FEATURE", format!("no feature {name:?} (expected view:feature)"))
+                .with_details(json!({"feature": name})));
+        };
+        let v = schema.view(view);
+        let col = if req.full_feature_names { format!("{}__{}", v.name, v.feature(f).name) } else { v.feature(f).name.clone() };
+        refs.push((view, f, col));
+    }
+    // Entity columns: each must be an array, all of one length.
+    let mut rows = None;
+    let mut columns: Vec<(&String, Vec<Option<String>>, &Vec<Json_>)> = Vec::new();
+    for (name, values) in &req.entities {
+        let Json_::Array(values) = values else {
+            return Err(ApiError::bad_request("BAD_REQUEST", format!("entities.{name} must be an array")));
+        };
+        if *rows.get_or_insert(values.len()) != values.len() {
+            return Err(ApiError::bad_request("BAD_REQUEST", "every entity column must have the same length"));
+        }
+        let keys = values
+            .iter()
+            .map(|v| match v {
+                Json_::String(s) => Some(s.clone()),
+                Json_::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+                _ => None,
+            })
+            .collect();
+        columns.push((name, keys, values));
+    }
+    let rows = rows.unwrap_or(0);
+    if rows > state.node.config.server.read_entities_max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "TOO_MANY_ENTITIES",
+            format!("at most {} entity rows per request (server.read_entities_max)", state.node.config.server.read_entities_max),
+        ));
+    }
+    // Which entity column keys each requested view.
+    let mut key_col_of_view: Vec<Option<usize>> = vec![None; schema.views.len()];
+    for (view, _, _) in &refs {
+        let key = &schema.entity_of(schema.view(*view)).key;
+        let Some(i) = columns.iter().position(|(n, _, _)| *n == key) else {
+            return Err(ApiError::bad_request("MISSING_ENTITY", format!("entities must include {key:?} for view {:?}", schema.view(*view).name))
+                .with_details(json!({"entity_key": key})));
+        };
+        key_col_of_view[usize::from(*view)] = Some(i);
+    }
+
+    let now = now_ms();
+    let mut names: Vec<Json_> = columns.iter().map(|(n, _, _)| Json_::from(n.as_str())).collect();
+    let mut results: Vec<Json_> = columns
+        .iter()
+        .map(|(_, _, raw)| json!({"values": raw, "statuses": vec!["PRESENT"; rows], "event_timestamps": vec![EPOCH; rows]}))
+        .collect();
+    // One store read per (view, row), shared by that view's features.
+    let mut per_feature: Vec<Vec<FeatureRead>> = vec![Vec::with_capacity(rows); refs.len()];
+    let mut scratch = Vec::new();
+    for view in 0..schema.views.len() {
+        let wanted: Vec<(usize, FeatureIdx)> =
+            refs.iter().enumerate().filter(|(_, (v, _, _))| usize::from(*v) == view).map(|(i, (_, f, _))| (i, *f)).collect();
+        if wanted.is_empty() {
+            continue;
+        }
+        let features: Vec<FeatureIdx> = wanted.iter().map(|(_, f)| *f).collect();
+        let keys = &columns[key_col_of_view[view].expect("resolved above")].1;
+        for key in keys {
+            scratch.clear();
+            match key {
+                Some(k) => {
+                    state.node.store.read(view as ViewId, k, &features, now, &mut scratch);
+                }
+                None => scratch.extend(features.iter().map(|_| FeatureRead { status: Status::NotFound, value: quiver_core::value::Value::Null, ts_ms: None })),
+            }
+            for ((i, _), r) in wanted.iter().zip(scratch.drain(..)) {
+                per_feature[*i].push(r);
+            }
+        }
+    }
+    for ((_, _, col), reads) in refs.iter().zip(per_feature) {
+        names.push(Json_::from(col.as_str()));
+        let values: Vec<Json_> = reads.iter().map(|r| r.value.to_json()).collect();
+        let statuses: Vec<&str> = reads.iter().map(|r| r.status.as_str()).collect();
+        let stamps: Vec<String> = reads
+            .iter()
+            .map(|r| match (r.status, r.ts_ms) {
+                (Status::NotFound, _) | (_, None) => EPOCH.to_string(),
+                (_, Some(ts)) => format_rfc3339_ms(ts),
+            })
+            .collect();
+        results.push(json!({"values": values, "statuses": statuses, "event_timestamps": stamps}));
+    }
+    Ok(Json(json!({"metadata": {"feature_names": names}, "results": results})).into_response())
+}
