@@ -30,7 +30,9 @@ pub fn run(cmd: LogCommand) -> Result<()> {
             if records > 0 {
                 for r in &reports {
                     println!("\npartition {} — last {records} records:", r.partition);
-                    for (offset, append_ms, payload) in tools::tail_records(&log_dir, r.partition, records)? {
+                    for (offset, append_ms, payload) in
+                        tools::tail_records(&log_dir, r.partition, records)?
+                    {
                         let text = match quiver_core::record::decode(&payload) {
                             Ok(rec) => format!(
                                 "view={} key={} ts={} event_id={} values={:?}",
@@ -42,7 +44,10 @@ pub fn run(cmd: LogCommand) -> Result<()> {
                             ),
                             Err(e) => format!("undecodable payload ({e})"),
                         };
-                        println!("  @{offset} appended {}  {text}", format_rfc3339_ms(append_ms));
+                        println!(
+                            "  @{offset} appended {}  {text}",
+                            format_rfc3339_ms(append_ms)
+                        );
                     }
                 }
             }
@@ -53,7 +58,11 @@ pub fn run(cmd: LogCommand) -> Result<()> {
             let reports = tools::verify(&log_dir)?;
             print_summary(&reports);
             let errors: Vec<String> = reports.iter().flat_map(PartitionReport::errors).collect();
-            let torn: u64 = reports.iter().flat_map(|r| &r.segments).map(|s| s.torn_tail_bytes).sum();
+            let torn: u64 = reports
+                .iter()
+                .flat_map(|r| &r.segments)
+                .map(|s| s.torn_tail_bytes)
+                .sum();
             if torn > 0 {
                 println!("torn tail: {torn} bytes after the last valid record (recovery truncates them; not an error)");
             }
@@ -61,7 +70,11 @@ pub fn run(cmd: LogCommand) -> Result<()> {
                 for e in &errors {
                     println!("ERROR {e}");
                 }
-                bail!("{} damaged segment(s) in {}", errors.len(), log_dir.display());
+                bail!(
+                    "{} damaged segment(s) in {}",
+                    errors.len(),
+                    log_dir.display()
+                );
             }
             println!("OK: every record's checksum and offset verified");
             Ok(())
@@ -74,7 +87,10 @@ fn print_summary(reports: &[PartitionReport]) {
         println!("no partitions found");
         return;
     }
-    println!("{:<9} {:>8} {:>14} {:>14} {:>12} {:>14}  {}", "partition", "segments", "first offset", "next offset", "records", "bytes", "appended");
+    println!(
+        "{:<9} {:>8} {:>14} {:>14} {:>12} {:>14}  appended",
+        "partition", "segments", "first offset", "next offset", "records", "bytes"
+    );
     let (mut total_records, mut total_bytes) = (0u64, 0u64);
     for r in reports {
         let records: u64 = r.segments.iter().map(|s| s.records).sum();
@@ -98,5 +114,8 @@ fn print_summary(reports: &[PartitionReport]) {
             range
         );
     }
-    println!("total: {total_records} records, {total_bytes} bytes in {} partitions", reports.len());
+    println!(
+        "total: {total_records} records, {total_bytes} bytes in {} partitions",
+        reports.len()
+    );
 }

@@ -13,7 +13,11 @@ use clap::{Parser, Subcommand};
 use quiver_core::Config;
 
 #[derive(Parser)]
-#[command(name = "quiver", version, about = "Real-time feature and inference server")]
+#[command(
+    name = "quiver",
+    version,
+    about = "Real-time feature and inference server"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,9 +52,15 @@ struct ServeArgs {
 }
 
 /// Loads the config: defaults < file < `QUIVER_*` env < flags.
-pub fn load_config(path: Option<&std::path::Path>, data_dir: Option<PathBuf>, listen: Option<SocketAddr>) -> Result<Config> {
+pub fn load_config(
+    path: Option<&std::path::Path>,
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+) -> Result<Config> {
     let text = match path {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?,
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?
+        }
         None => String::new(),
     };
     let mut config = Config::from_toml_with_env(&text, std::env::vars())?;
@@ -66,7 +76,9 @@ pub fn load_config(path: Option<&std::path::Path>, data_dir: Option<PathBuf>, li
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -80,18 +92,23 @@ fn main() -> Result<()> {
 
 fn serve(args: ServeArgs) -> Result<()> {
     let config = load_config(args.config.as_deref(), args.data_dir, args.listen)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let metrics = quiver_server::install_metrics();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let listen = config.server.listen;
         let data_dir = config.server.data_dir.clone();
         let views = config.views.len();
         let node = tokio::task::spawn_blocking(move || quiver_server::Node::open(config)).await??;
-        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, data_dir = %data_dir.display(), views, "quiver listening");
         // A line on stdout that scripts and tests can wait for.
         println!("quiver listening on http://{addr}");
-        quiver_server::serve(Arc::new(node), listener, shutdown_signal()).await?;
+        quiver_server::serve(Arc::new(node), listener, metrics, shutdown_signal()).await?;
         tracing::info!("stopped cleanly");
         Ok(())
     })
@@ -101,7 +118,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},

@@ -59,15 +59,29 @@ pub fn run(args: PushArgs) -> Result<()> {
     }
     let batches: Vec<String> = events
         .chunks(args.batch_size.max(1))
-        .map(|chunk| chunk.iter().map(|e| serde_json::to_string(e).expect("json")).collect::<Vec<_>>().join("\n"))
+        .map(|chunk| {
+            chunk
+                .iter()
+                .map(|e| serde_json::to_string(e).expect("json"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
         .collect();
     let bar = ProgressBar::new(events.len() as u64);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} events ({per_sec}) {msg}")
-            .expect("static template"),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} events ({per_sec}) {msg}",
+        )
+        .expect("static template"),
     );
-    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build()?;
-    let url = format!("{}/v1/events?ack={}", args.url.trim_end_matches('/'), args.ack);
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()?;
+    let url = format!(
+        "{}/v1/events?ack={}",
+        args.url.trim_end_matches('/'),
+        args.ack
+    );
     let next = Mutex::new(batches.iter().enumerate());
     let sent = AtomicU64::new(0);
     let retries = AtomicU64::new(0);
@@ -79,7 +93,9 @@ pub fn run(args: PushArgs) -> Result<()> {
                 if failure.lock().expect("lock").is_some() {
                     return;
                 }
-                let Some((i, body)) = next.lock().expect("lock").next() else { return };
+                let Some((i, body)) = next.lock().expect("lock").next() else {
+                    return;
+                };
                 let n = body.lines().count() as u64;
                 match send_batch(&client, &url, body, args.attempts_max, &retries) {
                     Ok(()) => {
@@ -109,7 +125,13 @@ pub fn run(args: PushArgs) -> Result<()> {
     }
 }
 
-fn send_batch(client: &reqwest::blocking::Client, url: &str, body: &str, attempts_max: u32, retries: &AtomicU64) -> Result<()> {
+fn send_batch(
+    client: &reqwest::blocking::Client,
+    url: &str,
+    body: &str,
+    attempts_max: u32,
+    retries: &AtomicU64,
+) -> Result<()> {
     let key = uuid::Uuid::new_v4().to_string();
     let mut rng = rand::rng();
     for attempt in 1..=attempts_max {
@@ -121,12 +143,17 @@ fn send_batch(client: &reqwest::blocking::Client, url: &str, body: &str, attempt
             .send();
         let retry_after = match result {
             Ok(resp) if resp.status().is_success() => return Ok(()),
-            Ok(resp) if resp.status().as_u16() == 429 || resp.status().as_u16() == 503 || resp.status().as_u16() == 409 => resp
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .map(Duration::from_secs),
+            Ok(resp)
+                if resp.status().as_u16() == 429
+                    || resp.status().as_u16() == 503
+                    || resp.status().as_u16() == 409 =>
+            {
+                resp.headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(Duration::from_secs)
+            }
             Ok(resp) => {
                 let status = resp.status();
                 let text = resp.text().unwrap_or_default();
@@ -145,8 +172,12 @@ fn send_batch(client: &reqwest::blocking::Client, url: &str, body: &str, attempt
 }
 
 fn read_events(args: &PushArgs) -> Result<Vec<Value>> {
-    let is_csv = args.file.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"));
-    let file = std::fs::File::open(&args.file).with_context(|| format!("opening {}", args.file.display()))?;
+    let is_csv = args
+        .file
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    let file = std::fs::File::open(&args.file)
+        .with_context(|| format!("opening {}", args.file.display()))?;
     if !is_csv {
         let mut out = Vec::new();
         for (i, line) in BufReader::new(file).lines().enumerate() {
@@ -154,7 +185,8 @@ fn read_events(args: &PushArgs) -> Result<Vec<Value>> {
             if line.trim().is_empty() {
                 continue;
             }
-            let v: Value = serde_json::from_str(&line).with_context(|| format!("{}:{}: not JSON", args.file.display(), i + 1))?;
+            let v: Value = serde_json::from_str(&line)
+                .with_context(|| format!("{}:{}: not JSON", args.file.display(), i + 1))?;
             out.push(v);
         }
         return Ok(out);
@@ -175,7 +207,12 @@ fn read_events(args: &PushArgs) -> Result<Vec<Value>> {
                     event.insert(h.into(), Value::String(cell.into()));
                 }
                 "ts" => {
-                    event.insert("ts".into(), cell.parse::<i64>().map(Value::from).unwrap_or_else(|_| Value::String(cell.into())));
+                    event.insert(
+                        "ts".into(),
+                        cell.parse::<i64>()
+                            .map(Value::from)
+                            .unwrap_or_else(|_| Value::String(cell.into())),
+                    );
                 }
                 feature => {
                     values.insert(feature.into(), csv_cell(cell));
@@ -183,7 +220,10 @@ fn read_events(args: &PushArgs) -> Result<Vec<Value>> {
             }
         }
         if !event.contains_key("view") {
-            let view = args.view.clone().ok_or_else(|| anyhow!("CSV row {} has no view column; pass --view", i + 1))?;
+            let view = args
+                .view
+                .clone()
+                .ok_or_else(|| anyhow!("CSV row {} has no view column; pass --view", i + 1))?;
             event.insert("view".into(), Value::String(view));
         }
         event.insert("values".into(), Value::Object(values));

@@ -17,6 +17,9 @@ pub async fn read_limited(body: Body, max: usize) -> Result<Bytes, ApiError> {
             format!("request body over {max} bytes (limits.request_body_bytes_max)"),
         )
         .with_details(serde_json::json!({"limit_bytes": max}))),
-        Err(e) => Err(ApiError::bad_request("BAD_BODY", format!("could not read the request body: {e}"))),
+        Err(e) => Err(ApiError::bad_request(
+            "BAD_BODY",
+            format!("could not read the request body: {e}"),
+        )),
     }
 }

@@ -17,7 +17,13 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), details: json!({}), retry_after_s: None }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            details: json!({}),
+            retry_after_s: None,
+        }
     }
 
     pub fn with_details(mut self, details: Value) -> ApiError {
@@ -41,10 +47,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message, "details": self.details}});
+        let body =
+            json!({"error": {"code": self.code, "message": self.message, "details": self.details}});
         let mut resp = (self.status, axum::Json(body)).into_response();
         if let Some(s) = self.retry_after_s {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         resp
     }
@@ -57,7 +65,11 @@ impl From<quiver_log::LogError> for ApiError {
             L::Full { .. } => ApiError::unavailable("QUEUE_FULL", e.to_string()),
             L::Poisoned(_) => ApiError::unavailable("LOG_POISONED", e.to_string()).retry_after(30),
             L::ShuttingDown => ApiError::unavailable("SHUTTING_DOWN", e.to_string()),
-            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "LOG_ERROR", e.to_string()),
+            _ => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "LOG_ERROR",
+                e.to_string(),
+            ),
         }
     }
 }

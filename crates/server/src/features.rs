@@ -27,12 +27,19 @@ const EPOCH: &str = "1970-01-01T00:00:00Z";
 /// Honours `Quiver-Read-After: <token>`: waits (bounded) until the materializer has applied
 /// every position the token names.
 pub async fn read_after(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(raw) = headers.get(READ_AFTER) else { return Ok(()) };
+    let Some(raw) = headers.get(READ_AFTER) else {
+        return Ok(());
+    };
     let token = raw
         .to_str()
         .ok()
         .and_then(|s| Token::parse(s).ok())
-        .ok_or_else(|| ApiError::bad_request("BAD_TOKEN", "Quiver-Read-After is not a token from /v1/events"))?;
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "BAD_TOKEN",
+                "Quiver-Read-After is not a token from /v1/events",
+            )
+        })?;
     if state.node.store.has_applied(&token) {
         return Ok(());
     }
@@ -45,34 +52,56 @@ pub async fn read_after(state: &AppState, headers: &HeaderMap) -> Result<(), Api
     } else {
         Err(ApiError::unavailable(
             "READ_AFTER_TIMEOUT",
-            format!("the token's writes were not applied within {} ms", wait.as_millis()),
+            format!(
+                "the token's writes were not applied within {} ms",
+                wait.as_millis()
+            ),
         )
         .with_details(json!({"token": token.to_string()})))
     }
 }
 
-pub async fn get_entity(State(state): State<Arc<AppState>>, Path((view, key)): Path<(String, String)>, headers: HeaderMap) -> Response {
+pub async fn get_entity(
+    State(state): State<Arc<AppState>>,
+    Path((view, key)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
     let started = Instant::now();
     let result = get_entity_inner(&state, &view, &key, &headers).await;
-    metrics::histogram!(t::LOOKUP_SECONDS, "path" => "single").record(started.elapsed().as_secs_f64());
+    metrics::histogram!(t::LOOKUP_SECONDS, "path" => "single")
+        .record(started.elapsed().as_secs_f64());
     match result {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn get_entity_inner(state: &AppState, view: &str, key: &str, headers: &HeaderMap) -> Result<Response, ApiError> {
+async fn get_entity_inner(
+    state: &AppState,
+    view: &str,
+    key: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
     read_after(state, headers).await?;
     let schema = &state.node.schema;
     let Some(v) = schema.view_by_name(view) else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "UNKNOWN_VIEW", format!("no view {view:?}")).with_details(json!({"view": view})));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "UNKNOWN_VIEW",
+            format!("no view {view:?}"),
+        )
+        .with_details(json!({"view": view})));
     };
     let features: Vec<FeatureIdx> = (0..v.features.len() as FeatureIdx).collect();
     let now = now_ms();
     let mut reads = Vec::with_capacity(features.len());
     let Some(version) = state.node.store.read(v.id, key, &features, now, &mut reads) else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "ENTITY_NOT_FOUND", format!("view {view:?} has no entity {key:?}"))
-            .with_details(json!({"view": view, "key": key})));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "ENTITY_NOT_FOUND",
+            format!("view {view:?} has no entity {key:?}"),
+        )
+        .with_details(json!({"view": view, "key": key})));
     };
     let mut out = Map::with_capacity(features.len());
     for (f, r) in v.features.iter().zip(reads) {
@@ -85,7 +114,10 @@ async fn get_entity_inner(state: &AppState, view: &str, key: &str, headers: &Hea
         }
         out.insert(f.name.clone(), Json_::Object(cell));
     }
-    Ok(Json(json!({"view": v.name, "key": key, "version": version, "features": out})).into_response())
+    Ok(
+        Json(json!({"view": v.name, "key": key, "version": version, "features": out}))
+            .into_response(),
+    )
 }
 
 #[derive(Deserialize)]
@@ -97,23 +129,37 @@ struct OnlineRequest {
     full_feature_names: bool,
 }
 
-pub async fn post_features(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn post_features(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
     let result = post_features_inner(&state, &headers, body).await;
-    metrics::histogram!(t::LOOKUP_SECONDS, "path" => "batch").record(started.elapsed().as_secs_f64());
+    metrics::histogram!(t::LOOKUP_SECONDS, "path" => "batch")
+        .record(started.elapsed().as_secs_f64());
     match result {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn post_features_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let bytes = crate::body::read_limited(body, state.node.config.limits.request_body_bytes_max).await?;
-    let req: OnlineRequest = serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request("BAD_REQUEST", format!("invalid request: {e}")))?;
+async fn post_features_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes =
+        crate::body::read_limited(body, state.node.config.limits.request_body_bytes_max).await?;
+    let req: OnlineRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request("BAD_REQUEST", format!("invalid request: {e}")))?;
     read_after(state, headers).await?;
     let schema = &state.node.schema;
     if req.features.is_empty() {
-        return Err(ApiError::bad_request("BAD_REQUEST", "features must name at least one view:feature"));
+        return Err(ApiError::bad_request(
+            "BAD_REQUEST",
+            "features must name at least one view:feature",
+        ));
     }
     // Resolve every reference first: an unknown one fails the request, as in Feast.
     let mut refs: Vec<(ViewId, FeatureIdx, String)> = Vec::with_capacity(req.features.len());
@@ -123,22 +169,37 @@ async fn post_features_inner(state: &AppState, headers: &HeaderMap, body: Body) 
             Some((v.id, v.feature_index(feature)?))
         });
         let Some((view, f)) = resolved else {
-            return Err(ApiError::bad_request("UNKNOWN_FEATURE", format!("no feature {name:?} (expected view:feature)"))
-                .with_details(json!({"feature": name})));
+            return Err(ApiError::bad_request(
+                "UNKNOWN_FEATURE",
+                format!("no feature {name:?} (expected view:feature)"),
+            )
+            .with_details(json!({"feature": name})));
         };
         let v = schema.view(view);
-        let col = if req.full_feature_names { format!("{}__{}", v.name, v.feature(f).name) } else { v.feature(f).name.clone() };
+        let col = if req.full_feature_names {
+            format!("{}__{}", v.name, v.feature(f).name)
+        } else {
+            v.feature(f).name.clone()
+        };
         refs.push((view, f, col));
     }
     // Entity columns: each must be an array, all of one length.
     let mut rows = None;
-    let mut columns: Vec<(&String, Vec<Option<String>>, &Vec<Json_>)> = Vec::new();
+    // (column name, keys as strings — None where not a string or integer, raw values)
+    type EntityColumn<'a> = (&'a String, Vec<Option<String>>, &'a Vec<Json_>);
+    let mut columns: Vec<EntityColumn<'_>> = Vec::new();
     for (name, values) in &req.entities {
         let Json_::Array(values) = values else {
-            return Err(ApiError::bad_request("BAD_REQUEST", format!("entities.{name} must be an array")));
+            return Err(ApiError::bad_request(
+                "BAD_REQUEST",
+                format!("entities.{name} must be an array"),
+            ));
         };
         if *rows.get_or_insert(values.len()) != values.len() {
-            return Err(ApiError::bad_request("BAD_REQUEST", "every entity column must have the same length"));
+            return Err(ApiError::bad_request(
+                "BAD_REQUEST",
+                "every entity column must have the same length",
+            ));
         }
         let keys = values
             .iter()
@@ -155,7 +216,10 @@ async fn post_features_inner(state: &AppState, headers: &HeaderMap, body: Body) 
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "TOO_MANY_ENTITIES",
-            format!("at most {} entity rows per request (server.read_entities_max)", state.node.config.server.read_entities_max),
+            format!(
+                "at most {} entity rows per request (server.read_entities_max)",
+                state.node.config.server.read_entities_max
+            ),
         ));
     }
     // Which entity column keys each requested view.
@@ -163,14 +227,23 @@ async fn post_features_inner(state: &AppState, headers: &HeaderMap, body: Body) 
     for (view, _, _) in &refs {
         let key = &schema.entity_of(schema.view(*view)).key;
         let Some(i) = columns.iter().position(|(n, _, _)| *n == key) else {
-            return Err(ApiError::bad_request("MISSING_ENTITY", format!("entities must include {key:?} for view {:?}", schema.view(*view).name))
-                .with_details(json!({"entity_key": key})));
+            return Err(ApiError::bad_request(
+                "MISSING_ENTITY",
+                format!(
+                    "entities must include {key:?} for view {:?}",
+                    schema.view(*view).name
+                ),
+            )
+            .with_details(json!({"entity_key": key})));
         };
         key_col_of_view[usize::from(*view)] = Some(i);
     }
 
     let now = now_ms();
-    let mut names: Vec<Json_> = columns.iter().map(|(n, _, _)| Json_::from(n.as_str())).collect();
+    let mut names: Vec<Json_> = columns
+        .iter()
+        .map(|(n, _, _)| Json_::from(n.as_str()))
+        .collect();
     let mut results: Vec<Json_> = columns
         .iter()
         .map(|(_, _, raw)| json!({"values": raw, "statuses": vec!["PRESENT"; rows], "event_timestamps": vec![EPOCH; rows]}))
@@ -179,8 +252,12 @@ async fn post_features_inner(state: &AppState, headers: &HeaderMap, body: Body) 
     let mut per_feature: Vec<Vec<FeatureRead>> = vec![Vec::with_capacity(rows); refs.len()];
     let mut scratch = Vec::new();
     for view in 0..schema.views.len() {
-        let wanted: Vec<(usize, FeatureIdx)> =
-            refs.iter().enumerate().filter(|(_, (v, _, _))| usize::from(*v) == view).map(|(i, (_, f, _))| (i, *f)).collect();
+        let wanted: Vec<(usize, FeatureIdx)> = refs
+            .iter()
+            .enumerate()
+            .filter(|(_, (v, _, _))| usize::from(*v) == view)
+            .map(|(i, (_, f, _))| (i, *f))
+            .collect();
         if wanted.is_empty() {
             continue;
         }
@@ -190,9 +267,16 @@ async fn post_features_inner(state: &AppState, headers: &HeaderMap, body: Body) 
             scratch.clear();
             match key {
                 Some(k) => {
-                    state.node.store.read(view as ViewId, k, &features, now, &mut scratch);
+                    state
+                        .node
+                        .store
+                        .read(view as ViewId, k, &features, now, &mut scratch);
                 }
-                None => scratch.extend(features.iter().map(|_| FeatureRead { status: Status::NotFound, value: quiver_core::value::Value::Null, ts_ms: None })),
+                None => scratch.extend(features.iter().map(|_| FeatureRead {
+                    status: Status::NotFound,
+                    value: quiver_core::value::Value::Null,
+                    ts_ms: None,
+                })),
             }
             for ((i, _), r) in wanted.iter().zip(scratch.drain(..)) {
                 per_feature[*i].push(r);

@@ -35,8 +35,14 @@ pub enum Lookup {
 }
 
 enum Entry {
-    InFlight { body_hash: u128 },
-    Done { body_hash: u128, reply: Vec<u8>, created_ms: i64 },
+    InFlight {
+        body_hash: u128,
+    },
+    Done {
+        body_hash: u128,
+        reply: Vec<u8>,
+        created_ms: i64,
+    },
 }
 
 struct Inner {
@@ -61,20 +67,44 @@ pub fn body_hash(body: &[u8]) -> u128 {
 
 impl IdempotencyStore {
     /// Opens (and replays) the journal at `path`; `sync` fsyncs each entry.
-    pub fn open(path: Option<&Path>, keys_max: usize, ttl_ms: i64, sync: bool, now_ms: i64) -> std::io::Result<IdempotencyStore> {
-        let mut inner = Inner { entries: HashMap::new(), order: VecDeque::new(), journal: None, journal_entries: 0 };
+    pub fn open(
+        path: Option<&Path>,
+        keys_max: usize,
+        ttl_ms: i64,
+        sync: bool,
+        now_ms: i64,
+    ) -> std::io::Result<IdempotencyStore> {
+        let mut inner = Inner {
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+            journal: None,
+            journal_entries: 0,
+        };
         if let Some(path) = path {
             if let Ok(bytes) = std::fs::read(path) {
                 for (created_ms, hash, key, reply) in decode_journal(&bytes) {
                     inner.journal_entries += 1;
                     if now_ms - created_ms <= ttl_ms {
-                        inner.entries.insert(key.clone(), Entry::Done { body_hash: hash, reply, created_ms });
+                        inner.entries.insert(
+                            key.clone(),
+                            Entry::Done {
+                                body_hash: hash,
+                                reply,
+                                created_ms,
+                            },
+                        );
                         inner.order.push_back((key, created_ms));
                     }
                 }
             }
         }
-        let store = IdempotencyStore { inner: Mutex::new(inner), path: path.map(Path::to_path_buf), keys_max, ttl_ms, sync };
+        let store = IdempotencyStore {
+            inner: Mutex::new(inner),
+            path: path.map(Path::to_path_buf),
+            keys_max,
+            ttl_ms,
+            sync,
+        };
         {
             let mut inner = store.inner.lock();
             store.evict(&mut inner, now_ms);
@@ -88,7 +118,11 @@ impl IdempotencyStore {
         self.evict(&mut inner, now_ms);
         match inner.entries.get(key) {
             Some(Entry::InFlight { .. }) => Lookup::InFlight,
-            Some(Entry::Done { body_hash: h, reply, .. }) => {
+            Some(Entry::Done {
+                body_hash: h,
+                reply,
+                ..
+            }) => {
                 if *h == body_hash {
                     Lookup::Done(reply.clone())
                 } else {
@@ -96,7 +130,9 @@ impl IdempotencyStore {
                 }
             }
             None => {
-                inner.entries.insert(key.to_string(), Entry::InFlight { body_hash });
+                inner
+                    .entries
+                    .insert(key.to_string(), Entry::InFlight { body_hash });
                 Lookup::New
             }
         }
@@ -135,7 +171,14 @@ impl IdempotencyStore {
             }
             inner.journal_entries += 1;
         }
-        inner.entries.insert(key.to_string(), Entry::Done { body_hash, reply, created_ms: now_ms });
+        inner.entries.insert(
+            key.to_string(),
+            Entry::Done {
+                body_hash,
+                reply,
+                created_ms: now_ms,
+            },
+        );
         inner.order.push_back((key.to_string(), now_ms));
         self.evict(&mut inner, now_ms);
         if inner.journal_entries > 2 * inner.order.len() + 1024 {
@@ -167,11 +210,18 @@ impl IdempotencyStore {
 
     /// Rewrites the journal with the live entries only (write, fsync, rename).
     fn rewrite(&self, inner: &mut Inner) -> std::io::Result<()> {
-        let Some(path) = &self.path else { return Ok(()) };
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
         let tmp = path.with_extension("journal.tmp");
         let mut out = Vec::new();
         for (key, _) in &inner.order {
-            if let Some(Entry::Done { body_hash, reply, created_ms }) = inner.entries.get(key) {
+            if let Some(Entry::Done {
+                body_hash,
+                reply,
+                created_ms,
+            }) = inner.entries.get(key)
+            {
                 let mut payload = Vec::new();
                 payload.extend_from_slice(&created_ms.to_le_bytes());
                 payload.extend_from_slice(&body_hash.to_le_bytes());
@@ -202,7 +252,9 @@ fn decode_journal(bytes: &[u8]) -> Vec<(i64, u128, String, Vec<u8>)> {
     while let Some(head) = bytes.get(pos..pos + 8) {
         let len = u32::from_le_bytes(head[..4].try_into().expect("4")) as usize;
         let crc = u32::from_le_bytes(head[4..].try_into().expect("4"));
-        let Some(payload) = bytes.get(pos + 8..pos + 8 + len) else { break };
+        let Some(payload) = bytes.get(pos + 8..pos + 8 + len) else {
+            break;
+        };
         if crc32c::crc32c(payload) != crc {
             break;
         }

@@ -30,10 +30,16 @@ pub struct IngestQuery {
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 fn reject(reason: &str, events: usize) {
-    metrics::counter!(t::EVENTS_REJECTED_TOTAL, "reason" => reason.to_string()).increment(events.max(1) as u64);
+    metrics::counter!(t::EVENTS_REJECTED_TOTAL, "reason" => reason.to_string())
+        .increment(events.max(1) as u64);
 }
 
-pub async fn post_events(State(state): State<Arc<AppState>>, Query(q): Query<IngestQuery>, headers: HeaderMap, body: Body) -> Response {
+pub async fn post_events(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<IngestQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
     let result = ingest(&state, q, &headers, body).await;
     metrics::histogram!(t::INGEST_SECONDS).record(started.elapsed().as_secs_f64());
@@ -43,24 +49,37 @@ pub async fn post_events(State(state): State<Arc<AppState>>, Query(q): Query<Ing
     }
 }
 
-async fn ingest(state: &AppState, q: IngestQuery, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn ingest(
+    state: &AppState,
+    q: IngestQuery,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let ack = match q.ack.as_deref() {
         None | Some("durable") => Ack::Durable,
         Some("written") => Ack::Written,
         Some("none") => Ack::None,
         Some(other) => {
-            return Err(ApiError::bad_request("BAD_PARAMETER", format!("ack must be none, written or durable, not {other:?}"))
-                .with_details(json!({"parameter": "ack"})))
+            return Err(ApiError::bad_request(
+                "BAD_PARAMETER",
+                format!("ack must be none, written or durable, not {other:?}"),
+            )
+            .with_details(json!({"parameter": "ack"})))
         }
     };
     let idem_key = match headers.get(IDEMPOTENCY_KEY) {
         None => None,
         Some(v) => {
-            let k = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= state.node.config.limits.idempotency_key_bytes_max);
+            let k = v.to_str().ok().filter(|k| {
+                !k.is_empty() && k.len() <= state.node.config.limits.idempotency_key_bytes_max
+            });
             Some(k.ok_or_else(|| {
                 ApiError::bad_request(
                     "BAD_IDEMPOTENCY_KEY",
-                    format!("Idempotency-Key must be 1..={} visible ASCII bytes", state.node.config.limits.idempotency_key_bytes_max),
+                    format!(
+                        "Idempotency-Key must be 1..={} visible ASCII bytes",
+                        state.node.config.limits.idempotency_key_bytes_max
+                    ),
                 )
             })?)
         }
@@ -70,7 +89,9 @@ async fn ingest(state: &AppState, q: IngestQuery, headers: &HeaderMap, body: Bod
         .inspect_err(|_| reject("body_too_large", 1))?;
 
     let Some(key) = idem_key else {
-        return append(state, &bytes, None, ack).await.map(|reply| json_reply(reply, false));
+        return append(state, &bytes, None, ack)
+            .await
+            .map(|reply| json_reply(reply, false));
     };
     let now = now_ms();
     match state.node.idempotency.begin(key, body_hash(&bytes), now) {
@@ -107,20 +128,35 @@ async fn ingest(state: &AppState, q: IngestQuery, headers: &HeaderMap, body: Bod
 }
 
 fn json_reply(body: Vec<u8>, replayed: bool) -> Response {
-    let mut resp = (StatusCode::OK, [(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response();
+    let mut resp = (
+        StatusCode::OK,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response();
     if replayed {
-        resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     resp
 }
 
 /// Validates, appends and waits; returns the reply body.
-async fn append(state: &AppState, bytes: &[u8], idem_key: Option<&str>, ack: Ack) -> Result<Vec<u8>, ApiError> {
+async fn append(
+    state: &AppState,
+    bytes: &[u8],
+    idem_key: Option<&str>,
+    ack: Ack,
+) -> Result<Vec<u8>, ApiError> {
     let node = &state.node;
     let schema = &node.schema;
     let events = decode_batch(bytes, schema, &node.limits, now_ms()).map_err(|e| {
         reject(e.reason.code(), 1);
-        let status = if e.reason == Reason::BatchTooLarge { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::BAD_REQUEST };
+        let status = if e.reason == Reason::BatchTooLarge {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
         ApiError::new(status, "INVALID_EVENT", e.to_string())
             .with_details(json!({"index": e.index, "field": e.field, "reason": e.reason.code()}))
     })?;
@@ -136,10 +172,21 @@ async fn append(state: &AppState, bytes: &[u8], idem_key: Option<&str>, ack: Ack
         let p = partition_for(e.key.as_bytes(), partitions);
         batches[p as usize].push_with(|buf| record::encode(schema, e, dedup, buf));
     }
-    let batches: Vec<(u32, RecordBatch)> =
-        batches.into_iter().enumerate().filter(|(_, b)| !b.is_empty()).map(|(p, b)| (p as u32, b)).collect();
+    let batches: Vec<(u32, RecordBatch)> = batches
+        .into_iter()
+        .enumerate()
+        .filter(|(_, b)| !b.is_empty())
+        .map(|(p, b)| (p as u32, b))
+        .collect();
     let appended = node.log.append(batches, ack).map_err(|e| {
-        reject(if matches!(e, quiver_log::LogError::Full { .. }) { "queue_full" } else { "log_unavailable" }, events.len());
+        reject(
+            if matches!(e, quiver_log::LogError::Full { .. }) {
+                "queue_full"
+            } else {
+                "log_unavailable"
+            },
+            events.len(),
+        );
         ApiError::from(e)
     })?;
     let mut token = Token::new();
@@ -150,5 +197,8 @@ async fn append(state: &AppState, bytes: &[u8], idem_key: Option<&str>, ack: Ack
         a.wait().await.map_err(ApiError::from)?;
     }
     metrics::counter!(t::EVENTS_INGESTED_TOTAL).increment(events.len() as u64);
-    Ok(serde_json::to_vec(&json!({"accepted": events.len(), "token": token.to_string()})).expect("serializable"))
+    Ok(
+        serde_json::to_vec(&json!({"accepted": events.len(), "token": token.to_string()}))
+            .expect("serializable"),
+    )
 }

@@ -33,7 +33,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .fallback(|| async {
-            error::ApiError::new(axum::http::StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint")
+            error::ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "NOT_FOUND",
+                "no such endpoint",
+            )
         })
         .with_state(state)
 }
@@ -41,18 +45,32 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// Installs the process-wide Prometheus recorder (once; later calls return `None`).
 pub fn install_metrics() -> Option<PrometheusHandle> {
     const LATENCY_BUCKETS: &[f64] = &[
-        0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01,
+        0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     ];
-    let recorder = PrometheusBuilder::new().set_buckets(LATENCY_BUCKETS).ok()?.build_recorder();
+    let recorder = PrometheusBuilder::new()
+        .set_buckets(LATENCY_BUCKETS)
+        .ok()?
+        .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).ok()?;
     Some(handle)
 }
 
 /// Serves `node` on `listener` until `shutdown` resolves, then stops the node cleanly
-/// (in-flight requests finish, materializers snapshot, log writers drain).
-pub async fn serve(node: Arc<Node>, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-    let state = Arc::new(AppState { node: node.clone(), metrics: install_metrics() });
+/// (in-flight requests finish, materializers snapshot, log writers drain). `metrics` comes
+/// from [`install_metrics`], called before [`Node::open`] so that the node's threads register
+/// their metrics with the real recorder.
+pub async fn serve(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    metrics: Option<PrometheusHandle>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let state = Arc::new(AppState {
+        node: node.clone(),
+        metrics,
+    });
     let housekeeping = {
         let node = node.clone();
         tokio::spawn(async move {
@@ -65,8 +83,12 @@ pub async fn serve(node: Arc<Node>, listener: tokio::net::TcpListener, shutdown:
         })
     };
     let app = router(state);
-    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
     housekeeping.abort();
-    tokio::task::spawn_blocking(move || node.shutdown()).await.ok();
+    tokio::task::spawn_blocking(move || node.shutdown())
+        .await
+        .ok();
     result
 }

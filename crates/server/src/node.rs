@@ -42,7 +42,10 @@ impl Node {
         let schema = Arc::new(Schema::compile(&config)?);
         let data = &config.server.data_dir;
         std::fs::create_dir_all(data).map_err(|e| NodeError::Io(data.display().to_string(), e))?;
-        let log = Arc::new(Log::open(&data.join("log"), LogOptions::from_config(&config))?);
+        let log = Arc::new(Log::open(
+            &data.join("log"),
+            LogOptions::from_config(&config),
+        )?);
         let store = Arc::new(Store::new(schema.clone(), config.log.partitions));
         let materializers = Materializers::start(
             store.clone(),
@@ -69,7 +72,15 @@ impl Node {
             event_id_bytes_max: config.limits.event_id_bytes_max,
             string_bytes_max: config.limits.string_bytes_max,
         };
-        Ok(Node { config, schema, log, store, materializers, idempotency, limits })
+        Ok(Node {
+            config,
+            schema,
+            log,
+            store,
+            materializers,
+            idempotency,
+            limits,
+        })
     }
 
     /// Why the node cannot serve reads yet (or any more), if it cannot.
@@ -90,7 +101,10 @@ impl Node {
     /// Deletes log segments past retention that the store no longer needs. Run periodically.
     pub fn housekeeping(&self) {
         let store = self.store.clone();
-        if let Err(e) = self.log.enforce_retention(quiver_core::time::now_ms(), |p| store.snapshot_offset(p)) {
+        if let Err(e) = self
+            .log
+            .enforce_retention(quiver_core::time::now_ms(), |p| store.snapshot_offset(p))
+        {
             tracing::error!(error = %e, "retention failed");
         }
     }

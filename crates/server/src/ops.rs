@@ -29,10 +29,16 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     metrics::gauge!(t::LOG_QUEUE_RECORDS).set(node.log.queued_records() as f64);
     metrics::gauge!(t::STORE_ROWS).set(node.store.rows() as f64);
     for p in 0..node.log.partitions() {
-        metrics::gauge!(t::LOG_NEXT_OFFSET, "partition" => p.to_string()).set(node.log.next_offset(p) as f64);
+        metrics::gauge!(t::LOG_NEXT_OFFSET, "partition" => p.to_string())
+            .set(node.log.next_offset(p) as f64);
     }
     let Some(handle) = &state.metrics else {
         return (StatusCode::OK, "").into_response();
     };
-    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
 }

@@ -1,0 +1,242 @@
+//! Harness for end-to-end tests: the real `quiver` binary on a random loopback port.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_quiver");
+
+pub const CONFIG: &str = r#"
+[log]
+partitions = 4
+fsync = "batch"
+segment_bytes = 65536
+
+[store]
+snapshot_interval = "1s"
+
+[[entity]]
+name = "user"
+key = "user_id"
+
+[[view]]
+name = "txn"
+entity = "user"
+ttl = "1h"
+features = [
+  { name = "amount", type = "f64" },
+  { name = "merchant", type = "string" },
+  { name = "seq", type = "i64" },
+]
+"#;
+
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    pub data_dir: PathBuf,
+    config_path: PathBuf,
+}
+
+impl Server {
+    /// Starts `quiver serve` with `config` (TOML) on a fresh port and waits until it is ready.
+    pub fn start(dir: &Path, config: &str) -> Server {
+        let config_path = dir.join("quiver.toml");
+        std::fs::write(&config_path, config).unwrap();
+        Server::start_with(dir, &config_path)
+    }
+
+    fn start_with(dir: &Path, config_path: &Path) -> Server {
+        let data_dir = dir.join("data");
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(config_path)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn quiver");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let url = loop {
+            let line = lines
+                .next()
+                .expect("quiver exited before listening")
+                .unwrap();
+            if let Some(url) = line.strip_prefix("quiver listening on ") {
+                break url.to_string();
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let server = Server {
+            child,
+            url,
+            data_dir,
+            config_path: config_path.to_path_buf(),
+        };
+        server.wait_ready(Duration::from_secs(30));
+        server
+    }
+
+    pub fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(r) = client().get(format!("{}/readyz", self.url)).send() {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("server not ready after {timeout:?}");
+    }
+
+    /// `kill -9`: no shutdown, no final snapshot, no flush.
+    pub fn kill9(mut self) -> PathBuf {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.config_path.parent().unwrap().to_path_buf()
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) -> PathBuf {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = self.child.wait().unwrap();
+        assert!(exit.success(), "clean shutdown exits 0, got {exit}");
+        self.config_path.parent().unwrap().to_path_buf()
+    }
+
+    /// Restarts on the same data directory and config (new port).
+    pub fn restart(dir: &Path) -> Server {
+        Server::start_with(dir, &dir.join("quiver.toml"))
+    }
+
+    pub fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        self.post_with(path, body, &[])
+    }
+
+    pub fn post_with(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+        let mut req = client()
+            .post(format!("{}{path}", self.url))
+            .body(body.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        self.get_with(path, &[])
+    }
+
+    pub fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+        let mut req = client().get(format!("{}{path}", self.url));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = client()
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Resident memory of the server process, from /proc.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        kb * 1024
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Runs the binary with `args`, returning (success, stdout, stderr).
+pub fn quiver(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+pub fn event(key: &str, seq: i64, event_id: Option<&str>) -> String {
+    let id = event_id
+        .map(|id| format!(r#","event_id":"{id}""#))
+        .unwrap_or_default();
+    format!(
+        r#"{{"view":"txn","key":"{key}","values":{{"amount":{}.5,"seq":{seq}}}{id}}}"#,
+        seq
+    )
+}
+
+/// Reads `seq` of each key through the Feast-shaped endpoint; `None` where not PRESENT.
+pub fn read_seqs(server: &Server, keys: &[String]) -> Vec<Option<i64>> {
+    let mut out = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(1000) {
+        let body = serde_json::json!({"features": ["txn:seq"], "entities": {"user_id": chunk}});
+        let (status, v) = server.post("/v1/features", &body.to_string());
+        assert_eq!(status, 200, "{v}");
+        let col = &v["results"][1];
+        for (i, val) in col["values"].as_array().unwrap().iter().enumerate() {
+            out.push((col["statuses"][i] == "PRESENT").then(|| val.as_i64().unwrap()));
+        }
+    }
+    out
+}

@@ -1,0 +1,324 @@
+//! End to end with the real binary: push and read back, the bad-input matrix, idempotency
+//! across a restart, read-your-writes tokens, log tools, config errors.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[test]
+fn push_file_and_read_back_every_entity() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), CONFIG);
+    // 3000 events over 300 keys; the last event per key (in file order, same event time
+    // order) must be what every read returns.
+    let mut lines = Vec::new();
+    let mut expected = std::collections::BTreeMap::new();
+    for i in 0..3000i64 {
+        let key = format!("u{}", (i * 7) % 300);
+        lines.push(format!(
+            r#"{{"view":"txn","key":"{key}","ts":{},"values":{{"seq":{i},"merchant":"m{i}"}}}}"#,
+            1_800_000_000_000i64 + i
+        ));
+        expected.insert(key, i);
+    }
+    let file = dir.path().join("events.jsonl");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let (ok, stdout, stderr) = quiver(&[
+        "push",
+        file.to_str().unwrap(),
+        "--url",
+        &server.url,
+        "--batch-size",
+        "250",
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("pushed 3000 events"), "{stdout}");
+
+    // Pushed with ack=durable, so a read-after token is not needed for durability, but the
+    // materializer may still be applying: wait for the ingested count to be applied.
+    let keys: Vec<String> = expected.keys().cloned().collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = read_seqs(&server, &keys);
+        let want: Vec<Option<i64>> = expected.values().map(|v| Some(*v)).collect();
+        if got == want {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reads never converged to the pushed values"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (status, v) = server.get("/v1/features/txn/u7");
+    assert_eq!(status, 200);
+    assert_eq!(v["features"]["seq"]["status"], "PRESENT");
+    assert_eq!(v["features"]["amount"]["status"], "NOT_FOUND", "never sent");
+    assert!(v["version"].as_u64().unwrap() > 0);
+
+    // CSV goes through the same path.
+    let csv = dir.path().join("events.csv");
+    std::fs::write(&csv, "key,seq,merchant\ncsv1,5,m1\ncsv2,6,\n").unwrap();
+    let (ok, stdout, stderr) = quiver(&[
+        "push",
+        csv.to_str().unwrap(),
+        "--url",
+        &server.url,
+        "--view",
+        "txn",
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    assert_eq!(
+        read_seqs(&server, &["csv1".into(), "csv2".into()]),
+        vec![Some(5), Some(6)]
+    );
+}
+
+#[test]
+fn feast_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), CONFIG);
+    let (status, reply) = server.post(
+        "/v1/events",
+        r#"[{"view":"txn","key":"u1","ts":"2026-11-23T10:00:00Z","values":{"amount":12.5,"merchant":null}}]"#,
+    );
+    assert_eq!(status, 200, "{reply}");
+    let token = reply["token"].as_str().unwrap().to_string();
+    let body = json!({"features": ["txn:amount", "txn:merchant", "txn:seq"], "entities": {"user_id": ["u1", "u2"]}, "full_feature_names": true});
+    let (status, v) = server.post_with(
+        "/get-online-features",
+        &body.to_string(),
+        &[("Quiver-Read-After", &token)],
+    );
+    assert_eq!(status, 200, "{v}");
+    // TTL is 1h and the event is from 10:00 today; compute what the server must say.
+    let age_ok = quiver_core::time::now_ms()
+        - quiver_core::time::parse_rfc3339_ms("2026-11-23T10:00:00Z").unwrap()
+        <= 3_600_000;
+    assert_eq!(
+        v["metadata"]["feature_names"],
+        json!(["user_id", "txn__amount", "txn__merchant", "txn__seq"])
+    );
+    assert_eq!(v["results"][0]["values"], json!(["u1", "u2"]));
+    let amount = &v["results"][1];
+    if age_ok {
+        assert_eq!(amount["statuses"], json!(["PRESENT", "NOT_FOUND"]));
+        assert_eq!(amount["values"], json!([12.5, null]));
+        assert_eq!(
+            v["results"][2]["statuses"],
+            json!(["NULL_VALUE", "NOT_FOUND"])
+        );
+    } else {
+        assert_eq!(amount["statuses"], json!(["OUTSIDE_MAX_AGE", "NOT_FOUND"]));
+        assert_eq!(
+            amount["values"],
+            json!([null, null]),
+            "a stale value is never served"
+        );
+    }
+    assert_eq!(amount["event_timestamps"][0], "2026-11-23T10:00:00.000Z");
+    assert_eq!(amount["event_timestamps"][1], "1970-01-01T00:00:00Z");
+    assert_eq!(
+        v["results"][3]["statuses"],
+        json!(["NOT_FOUND", "NOT_FOUND"])
+    );
+}
+
+#[test]
+fn bad_input_is_rejected_whole_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CONFIG.replace(
+        "[log]",
+        "[limits]\nrequest_body_bytes_max = 20000\nbatch_events_max = 50\n\n[log]",
+    );
+    let server = Server::start(dir.path(), &config);
+    let good = event("victim", 1, None);
+    let big_string = "x".repeat(30_000);
+    let too_many: Vec<String> = (0..51).map(|i| event("victim", i, None)).collect();
+    let cases: Vec<(String, u16, &str, serde_json::Value)> = vec![
+        (format!(r#"[{good},{{"view":"nope","key":"victim","values":{{"seq":1}}}}]"#), 400, "INVALID_EVENT", json!({"index": 1, "field": "view", "reason": "unknown_view"})),
+        (format!(r#"[{good},{{"view":"txn","key":"victim","values":{{"nope":1}}}}]"#), 400, "INVALID_EVENT", json!({"index": 1, "field": "values.nope", "reason": "unknown_feature"})),
+        (format!(r#"[{good},{{"view":"txn","key":"victim","values":{{"seq":"one"}}}}]"#), 400, "INVALID_EVENT", json!({"index": 1, "field": "values.seq", "reason": "wrong_type"})),
+        (format!(r#"[{good},{{"view":"txn","values":{{"seq":1}}}}]"#), 400, "INVALID_EVENT", json!({"index": 1, "field": "key", "reason": "missing_field"})),
+        (format!(r#"[{good},{{"view":"txn","key":"victim","ts":"tomorrow","values":{{"seq":1}}}}]"#), 400, "INVALID_EVENT", json!({"index": 1, "field": "ts", "reason": "bad_timestamp"})),
+        (format!(r#"[{good},{{"view":"txn","key":"victim","values":{{"amount":NaN}}}}]"#), 400, "INVALID_EVENT", json!({"reason": "malformed_json"})),
+        (format!("{good}\n{{\"view\":\"txn\",\"key\":\"victim\",\"values\":{{\"amount\":\"NaN\"}}}}"), 400, "INVALID_EVENT", json!({"index": 1, "field": "values.amount", "reason": "wrong_type"})),
+        (format!("[{good},{{\"view\":\"txn\",\"key\":\"victim\",\"values\":{{\"merchant\":\"{big_string}\"}}}}]"), 413, "BODY_TOO_LARGE", json!({"limit_bytes": 20000})),
+        (format!("[{}]", too_many.join(",")), 413, "INVALID_EVENT", json!({"reason": "batch_too_large"})),
+        ("[]".into(), 400, "INVALID_EVENT", json!({"reason": "empty_batch"})),
+        ("not json".into(), 400, "INVALID_EVENT", json!({"index": 0, "reason": "malformed_json"})),
+    ];
+    for (body, status, code, details) in &cases {
+        let (got, v) = server.post("/v1/events", body);
+        assert_eq!(got, *status, "{v}");
+        assert_eq!(v["error"]["code"], *code, "{v}");
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+        for (k, want) in details.as_object().unwrap() {
+            assert_eq!(&v["error"]["details"][k], want, "detail {k} of {v}");
+        }
+    }
+    let (got, v) = server.post("/v1/events?ack=maybe", &format!("[{good}]"));
+    assert_eq!(
+        (got, v["error"]["code"].as_str()),
+        (400, Some("BAD_PARAMETER"))
+    );
+    let (got, v) = server.get_with(
+        "/v1/features/txn/victim",
+        &[("Quiver-Read-After", "garbage")],
+    );
+    assert_eq!((got, v["error"]["code"].as_str()), (400, Some("BAD_TOKEN")));
+    let (got, v) = server.get("/v1/features/nope/victim");
+    assert_eq!(
+        (got, v["error"]["code"].as_str()),
+        (404, Some("UNKNOWN_VIEW"))
+    );
+    let (got, v) = server.post(
+        "/v1/features",
+        r#"{"features":["txn:nope"],"entities":{"user_id":["a"]}}"#,
+    );
+    assert_eq!(
+        (got, v["error"]["code"].as_str()),
+        (400, Some("UNKNOWN_FEATURE"))
+    );
+    let (got, v) = server.post(
+        "/v1/features",
+        r#"{"features":["txn:seq"],"entities":{"account":["a"]}}"#,
+    );
+    assert_eq!(
+        (got, v["error"]["code"].as_str()),
+        (400, Some("MISSING_ENTITY"))
+    );
+    let (got, v) = server.get("/v2/nothing");
+    assert_eq!((got, v["error"]["code"].as_str()), (404, Some("NOT_FOUND")));
+
+    // Nothing reached the log or the store.
+    assert_eq!(server.metric("quiver_events_ingested_total"), 0.0);
+    assert!(server.metric("quiver_events_rejected_total") >= cases.len() as f64);
+    let (got, _) = server.get("/v1/features/txn/victim");
+    assert_eq!(got, 404);
+    let dir = server.stop();
+    let (ok, stdout, _) = quiver(&["log", "inspect", dir.join("data").to_str().unwrap()]);
+    assert!(ok);
+    assert!(stdout.contains("total: 0 records"), "{stdout}");
+}
+
+#[test]
+fn idempotency_key_replays_the_first_reply_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), CONFIG);
+    let body = format!("[{},{}]", event("a", 1, None), event("b", 2, None));
+    let key = [("Idempotency-Key", "batch-0001")];
+    let (status, first) = server.post_with("/v1/events", &body, &key);
+    assert_eq!(status, 200, "{first}");
+    let token = first["token"].as_str().unwrap().to_string();
+    let (_, row) = server.get_with("/v1/features/txn/a", &[("Quiver-Read-After", &token)]);
+    let version = row["version"].as_u64().unwrap();
+
+    let (status, again) = server.post_with("/v1/events", &body, &key);
+    assert_eq!(
+        (status, &again),
+        (200, &first),
+        "a retry gets the first reply"
+    );
+    let (status, v) = server.post_with("/v1/events", &format!("[{}]", event("c", 3, None)), &key);
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("IDEMPOTENCY_KEY_REUSED"))
+    );
+
+    let dir = server.kill9();
+    let server = Server::restart(&dir);
+    let (status, after) = server.post_with("/v1/events", &body, &key);
+    assert_eq!(
+        (status, &after),
+        (200, &first),
+        "the first reply survives kill -9"
+    );
+    assert_eq!(
+        server.metric("quiver_events_ingested_total"),
+        0.0,
+        "nothing appended again"
+    );
+    let (_, row) = server.get("/v1/features/txn/a");
+    assert_eq!(row["version"].as_u64().unwrap(), version, "applied once");
+}
+
+#[test]
+fn read_after_token_sees_own_writes_or_503s() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), CONFIG);
+    for i in 0..20 {
+        let (status, reply) = server.post(
+            "/v1/events?ack=none",
+            &format!("[{}]", event("rw", i, None)),
+        );
+        assert_eq!(status, 200);
+        let token = reply["token"].as_str().unwrap();
+        let (status, v) = server.get_with("/v1/features/txn/rw", &[("Quiver-Read-After", token)]);
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["features"]["seq"]["value"], i, "read-your-writes");
+    }
+    let (status, v) = server.get_with(
+        "/v1/features/txn/rw",
+        &[("Quiver-Read-After", "0:999999999")],
+    );
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (503, Some("READ_AFTER_TIMEOUT"))
+    );
+}
+
+#[test]
+fn invalid_config_fails_at_start_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[log]\npartitions = \"eight\"\n").unwrap();
+    let (ok, _, stderr) = quiver(&[
+        "serve",
+        "--config",
+        path.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("log.partitions"), "{stderr}");
+    std::fs::write(&path, CONFIG.replace("ttl = \"1h\"", "ttl = \"soon\"")).unwrap();
+    let (ok, _, stderr) = quiver(&[
+        "serve",
+        "--config",
+        path.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("view[0].ttl"), "{stderr}");
+}
+
+#[test]
+fn log_verify_finds_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), CONFIG);
+    let events: Vec<String> = (0..200).map(|i| event(&format!("k{i}"), i, None)).collect();
+    assert_eq!(
+        server
+            .post("/v1/events", &format!("[{}]", events.join(",")))
+            .0,
+        200
+    );
+    let dir = server.stop();
+    let data = dir.join("data");
+    let (ok, stdout, _) = quiver(&["log", "verify", data.to_str().unwrap()]);
+    assert!(ok, "{stdout}");
+    assert!(stdout.contains("total: 200 records"), "{stdout}");
+    let seg = data.join("log/p-0000/00000000000000000000.seg");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&seg, bytes).unwrap();
+    let (ok, stdout, _) = quiver(&["log", "verify", data.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stdout.contains("ERROR partition 0"), "{stdout}");
+}
