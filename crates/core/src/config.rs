@@ -162,7 +162,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             snapshot_interval: HumanDuration(Duration::from_secs(60)),
-            dedup_window_events: 1_000_000,
+            dedup_window_events: 100_000,
         }
     }
 }
