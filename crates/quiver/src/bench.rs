@@ -1,5 +1,605 @@
-pub fn run(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
-}
+//! `quiver bench SCENARIO`: measurements for BENCHMARKS.md, each against a peer measured in
+//! the same run on the same machine (machines here are small and noisy: ratios, not absolutes).
+//!
+//! - `ingest`: durable ingest over HTTP (`ack=durable`, group commit), events/s and batch
+//!   latency, plus freshness: from the ack of a probe event to the moment the store serves it.
+//! - `lookup`: single-entity lookups of a 32-feature row over HTTP vs Redis `HGETALL` of the
+//!   same row, same keys (uniform and Zipf), same number of connections, closed loop.
+//! - `memory`: resident bytes per entity for N entities × 32 f64 features vs the raw bytes.
+//!
+//! Quiver runs in this process on its own 2-thread runtime; the load generator on another.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
 #[derive(clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// ingest | lookup | memory | all
+    pub scenario: String,
+    /// Seconds each measured phase runs (after warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds of warm-up excluded from the figures.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Concurrent connections of the load generator.
+    #[arg(long, default_value_t = 16)]
+    pub connections: usize,
+    /// Entities loaded for `lookup` and `memory`.
+    #[arg(long, default_value_t = 100_000)]
+    pub entities: usize,
+    /// Events per POST for `ingest`.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    pub redis: String,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+const FEATURES: usize = 32;
+
+fn bench_config(dir: &std::path::Path) -> Result<quiver_core::Config> {
+    let features: Vec<String> = (0..FEATURES)
+        .map(|i| format!("{{ name = \"f{i}\", type = \"f64\" }}"))
+        .collect();
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "{}"
+[log]
+partitions = 8
+fsync = "batch"
+[limits]
+ingest_queue_events_max = 262144
+[store]
+snapshot_interval = "1h"
+[[entity]]
+name = "user"
+key = "user_id"
+[[view]]
+name = "row"
+entity = "user"
+features = [{}]
+[[view]]
+name = "txn"
+entity = "user"
+features = [{{ name = "amount", type = "f64" }}, {{ name = "merchant", type = "string" }}, {{ name = "count", type = "i64" }}, {{ name = "foreign", type = "bool" }}]
+"#,
+        dir.display(),
+        features.join(", ")
+    );
+    Ok(quiver_core::Config::from_toml_with_env(
+        &text,
+        Vec::<(String, String)>::new(),
+    )?)
+}
+
+/// A Quiver node serving HTTP on its own runtime, in this process.
+struct Embedded {
+    node: Arc<quiver_server::Node>,
+    addr: std::net::SocketAddr,
+    _runtime: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+fn start_embedded() -> Result<Embedded> {
+    let dir = tempfile::tempdir()?;
+    let config = bench_config(dir.path())?;
+    let metrics = quiver_server::install_metrics();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("quiver-server")
+        .build()?;
+    let node = Arc::new(quiver_server::Node::open(config)?);
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?;
+    let n = node.clone();
+    runtime.spawn(async move {
+        quiver_server::serve(n, listener, metrics, std::future::pending()).await
+    });
+    while !node.store.is_recovered() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(Embedded {
+        node,
+        addr,
+        _runtime: runtime,
+        _dir: dir,
+    })
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(addr: std::net::SocketAddr) -> Result<Sender> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+async fn request(
+    sender: &mut Sender,
+    method: &str,
+    uri: &str,
+    body: Bytes,
+) -> Result<(u16, Bytes)> {
+    sender.ready().await?;
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("host", "quiver")
+        .body(Full::new(body))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+fn us(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let scenarios: Vec<&str> = match args.scenario.as_str() {
+        "all" => vec!["ingest", "lookup", "memory"],
+        s @ ("ingest" | "lookup" | "memory") => vec![s],
+        other => anyhow::bail!("unknown scenario {other:?}: ingest | lookup | memory | all"),
+    };
+    let mut results = serde_json::Map::new();
+    for s in scenarios {
+        let r = match s {
+            "ingest" => bench_ingest(&args)?,
+            "lookup" => bench_lookup(&args)?,
+            _ => bench_memory(&args)?,
+        };
+        results.insert(s.to_string(), r);
+    }
+    let report = json!({
+        "machine": {"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
+        "args": {"duration_s": args.duration, "warmup_s": args.warmup, "connections": args.connections, "entities": args.entities, "batch": args.batch},
+        "results": results,
+    });
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        println!("\nresults written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Durable ingest throughput and freshness.
+fn bench_ingest(args: &BenchArgs) -> Result<Value> {
+    let q = start_embedded()?;
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let addr = q.addr;
+    let node = q.node.clone();
+    let (warmup, duration, conns, batch) =
+        (args.warmup, args.duration, args.connections, args.batch);
+    let out = client_rt.block_on(async move {
+        // Pre-built NDJSON bodies: the generator should spend its CPU sending, not formatting.
+        let bodies: Arc<Vec<Bytes>> = Arc::new(
+            (0..64)
+                .map(|b| {
+                    let lines: Vec<String> = (0..batch)
+                        .map(|i| {
+                            format!(
+                                r#"{{"view":"txn","key":"u{}","values":{{"amount":{}.25,"merchant":"m{}","count":{},"foreign":{}}}}}"#,
+                                (b * batch + i) % 1_000_000,
+                                i,
+                                i % 97,
+                                i,
+                                i % 2 == 0
+                            )
+                        })
+                        .collect();
+                    Bytes::from(lines.join("\n"))
+                })
+                .collect(),
+        );
+        let measuring = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let events = Arc::new(AtomicU64::new(0));
+        let rejected = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for c in 0..conns {
+            let (bodies, measuring, stop, events, rejected) = (bodies.clone(), measuring.clone(), stop.clone(), events.clone(), rejected.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut sender = connect(addr).await?;
+                let mut h = histogram();
+                let mut i = c;
+                while !stop.load(Ordering::Relaxed) {
+                    let body = bodies[i % bodies.len()].clone();
+                    i += conns;
+                    let t = Instant::now();
+                    let (status, _) = request(&mut sender, "POST", "/v1/events?ack=durable", body).await?;
+                    if !measuring.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    if status == 200 {
+                        events.fetch_add(batch as u64, Ordering::Relaxed);
+                        h.record(t.elapsed().as_micros().max(1) as u64)?;
+                    } else {
+                        rejected.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                anyhow::Ok(h)
+            }));
+        }
+        // Freshness probes: one event, ack=durable, then spin until the store has applied it.
+        let probe = {
+            let (measuring, stop, node) = (measuring.clone(), stop.clone(), node.clone());
+            tokio::spawn(async move {
+                let mut sender = connect(addr).await?;
+                let mut h = histogram();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let body = Bytes::from(format!(r#"{{"view":"txn","key":"probe{}","values":{{"count":{i}}}}}"#, i % 64));
+                    let (status, reply) = request(&mut sender, "POST", "/v1/events?ack=durable", body).await?;
+                    let acked = Instant::now();
+                    if status != 200 {
+                        continue;
+                    }
+                    let v: Value = serde_json::from_slice(&reply)?;
+                    let token = quiver_core::token::Token::parse(v["token"].as_str().unwrap_or_default())?;
+                    while !node.store.has_applied(&token) {
+                        std::hint::spin_loop();
+                    }
+                    if measuring.load(Ordering::Relaxed) {
+                        h.record(acked.elapsed().as_micros().max(1) as u64)?;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                anyhow::Ok(h)
+            })
+        };
+        tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+        measuring.store(true, Ordering::Relaxed);
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs_f64(duration)).await;
+        measuring.store(false, Ordering::Relaxed);
+        let elapsed = started.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        let mut lat = histogram();
+        for t in tasks {
+            lat.add(t.await??)?;
+        }
+        let fresh = probe.await??;
+        anyhow::Ok((events.load(Ordering::Relaxed) as f64 / elapsed, rejected.load(Ordering::Relaxed), lat, fresh))
+    })?;
+    let (rate, rejected, lat, fresh) = out;
+    println!(
+        "\n## ingest (ack=durable, fsync=batch, {} connections × {} events per POST)\n",
+        args.connections, args.batch
+    );
+    println!("| metric | value |\n|---|---|");
+    println!("| durable events/s | {rate:.0} |");
+    println!(
+        "| POST latency p50 / p99 (ms) | {:.2} / {:.2} |",
+        us(&lat, 0.5) / 1e3,
+        us(&lat, 0.99) / 1e3
+    );
+    println!(
+        "| freshness ack→readable p50 / p99 (µs) | {:.0} / {:.0} ({} probes) |",
+        us(&fresh, 0.5),
+        us(&fresh, 0.99),
+        fresh.len()
+    );
+    println!("| rejected POSTs (503) | {rejected} |");
+    q.node.shutdown();
+    Ok(json!({
+        "events_per_s": rate,
+        "post_p50_us": us(&lat, 0.5), "post_p99_us": us(&lat, 0.99),
+        "freshness_p50_us": us(&fresh, 0.5), "freshness_p99_us": us(&fresh, 0.99), "freshness_probes": fresh.len(),
+        "rejected_posts": rejected,
+    }))
+}
+
+/// Zipf(s = 1) over `n` ranks by inverse CDF.
+struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    fn new(n: usize) -> Zipf {
+        let mut acc = 0.0;
+        let mut cdf: Vec<f64> = (1..=n)
+            .map(|k| {
+                acc += 1.0 / k as f64;
+                acc
+            })
+            .collect();
+        for c in &mut cdf {
+            *c /= acc;
+        }
+        Zipf { cdf }
+    }
+    fn sample(&self, rng: &mut impl Rng) -> usize {
+        let u: f64 = rng.random();
+        self.cdf.partition_point(|&c| c < u).min(self.cdf.len() - 1)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Peer {
+    Quiver,
+    Redis,
+}
+
+fn bench_lookup(args: &BenchArgs) -> Result<Value> {
+    let q = start_embedded()?;
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let n = args.entities;
+    let redis = redis::Client::open(args.redis.as_str()).context("redis url")?;
+    let addr = q.addr;
+    let node = q.node.clone();
+    let (warmup, duration, conns) = (args.warmup, args.duration, args.connections);
+    let rows = client_rt.block_on(async move {
+        // Load the same rows into both: key "e{i}", 32 f64 features.
+        let mut sender = connect(addr).await?;
+        let mut con = redis.get_multiplexed_async_connection().await?;
+        let prefix = format!("quiverbench:{}:", std::process::id());
+        for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+            let mut lines = Vec::with_capacity(chunk.len());
+            let mut pipe = redis::pipe();
+            for &i in chunk {
+                let values: Vec<String> = (0..FEATURES)
+                    .map(|f| format!("\"f{f}\":{}", (i * 31 + f) as f64 * 0.5))
+                    .collect();
+                lines.push(format!(
+                    r#"{{"view":"row","key":"e{i}","values":{{{}}}}}"#,
+                    values.join(",")
+                ));
+                let mut cmd = redis::cmd("HSET");
+                cmd.arg(format!("{prefix}e{i}"));
+                for f in 0..FEATURES {
+                    cmd.arg(format!("f{f}")).arg((i * 31 + f) as f64 * 0.5);
+                }
+                pipe.add_command(cmd).ignore();
+            }
+            let (status, body) = request(
+                &mut sender,
+                "POST",
+                "/v1/events",
+                Bytes::from(lines.join("\n")),
+            )
+            .await?;
+            anyhow::ensure!(
+                status == 200,
+                "loading Quiver failed: {}",
+                String::from_utf8_lossy(&body)
+            );
+            pipe.query_async::<()>(&mut con).await?;
+        }
+        while (0..node.log.partitions())
+            .any(|p| node.store.applied_offset(p) < node.log.durable_offset(p))
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut rows = Vec::new();
+        for dist in ["uniform", "zipf"] {
+            for peer in [Peer::Quiver, Peer::Redis] {
+                let (ops, h, errors) = closed_loop(
+                    peer, dist, addr, &redis, &prefix, n, conns, warmup, duration,
+                )
+                .await?;
+                rows.push((dist, peer, ops, h, errors));
+            }
+        }
+        // Leave Redis as we found it.
+        let keys: Vec<String> = (0..n).map(|i| format!("{prefix}e{i}")).collect();
+        for chunk in keys.chunks(1000) {
+            redis::cmd("DEL")
+                .arg(chunk)
+                .query_async::<()>(&mut con)
+                .await?;
+        }
+        anyhow::Ok(rows)
+    })?;
+    println!("\n## lookup: one entity × {FEATURES} f64 features, {} entities, {} connections, closed loop\n", n, args.connections);
+    println!("| keys | system | ops/s | p50 µs | p99 µs | errors |\n|---|---|---|---|---|---|");
+    let mut out = serde_json::Map::new();
+    for (dist, peer, ops, h, errors) in &rows {
+        let name = match peer {
+            Peer::Quiver => "Quiver GET /v1/features",
+            Peer::Redis => "Redis HGETALL",
+        };
+        println!(
+            "| {dist} | {name} | {ops:.0} | {:.0} | {:.0} | {errors} |",
+            us(h, 0.5),
+            us(h, 0.99)
+        );
+        let key = format!(
+            "{dist}_{}",
+            if matches!(peer, Peer::Quiver) {
+                "quiver"
+            } else {
+                "redis"
+            }
+        );
+        out.insert(key, json!({"ops_per_s": ops, "p50_us": us(h, 0.5), "p99_us": us(h, 0.99), "errors": errors}));
+    }
+    for dist in ["uniform", "zipf"] {
+        let get = |p: &str, f: &str| out[&format!("{dist}_{p}")][f].as_f64().unwrap_or(0.0);
+        let ratio_ops = get("quiver", "ops_per_s") / get("redis", "ops_per_s").max(1e-9);
+        let ratio_p99 = get("quiver", "p99_us") / get("redis", "p99_us").max(1e-9);
+        println!("\n{dist}: Quiver/Redis throughput {ratio_ops:.2}×, p99 {ratio_p99:.2}×");
+        out.insert(format!("{dist}_throughput_vs_redis"), json!(ratio_ops));
+        out.insert(format!("{dist}_p99_vs_redis"), json!(ratio_p99));
+    }
+    q.node.shutdown();
+    Ok(Value::Object(out))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn closed_loop(
+    peer: Peer,
+    dist: &str,
+    addr: std::net::SocketAddr,
+    redis: &redis::Client,
+    prefix: &str,
+    n: usize,
+    conns: usize,
+    warmup: f64,
+    duration: f64,
+) -> Result<(f64, Histogram<u64>, u64)> {
+    let zipf = Arc::new(Zipf::new(n));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let (zipf, measuring, stop, ops, errors) = (
+            zipf.clone(),
+            measuring.clone(),
+            stop.clone(),
+            ops.clone(),
+            errors.clone(),
+        );
+        let uniform = dist == "uniform";
+        let prefix = prefix.to_string();
+        let redis = redis.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(c as u64);
+            let mut h = histogram();
+            let mut http = match peer {
+                Peer::Quiver => Some(connect(addr).await?),
+                Peer::Redis => None,
+            };
+            // One connection per worker, as HTTP keep-alive: not a shared multiplexed one.
+            let mut con = match peer {
+                Peer::Redis => Some(redis.get_multiplexed_async_connection().await?),
+                Peer::Quiver => None,
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let i = if uniform {
+                    rng.random_range(0..n)
+                } else {
+                    zipf.sample(&mut rng)
+                };
+                let t = Instant::now();
+                let ok = match peer {
+                    Peer::Quiver => {
+                        let uri = format!("/v1/features/row/e{i}");
+                        let (status, _) =
+                            request(http.as_mut().expect("http"), "GET", &uri, Bytes::new())
+                                .await?;
+                        status == 200
+                    }
+                    Peer::Redis => {
+                        let v: redis::Value = redis::cmd("HGETALL")
+                            .arg(format!("{prefix}e{i}"))
+                            .query_async(con.as_mut().expect("redis"))
+                            .await?;
+                        matches!(v, redis::Value::Map(ref m) if m.len() == FEATURES)
+                            || matches!(v, redis::Value::Array(ref a) if a.len() == 2 * FEATURES)
+                    }
+                };
+                if measuring.load(Ordering::Relaxed) {
+                    if ok {
+                        ops.fetch_add(1, Ordering::Relaxed);
+                        h.record(t.elapsed().as_micros().max(1) as u64)?;
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            anyhow::Ok(h)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(duration)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut h = histogram();
+    for t in tasks {
+        h.add(t.await??)?;
+    }
+    Ok((
+        ops.load(Ordering::Relaxed) as f64 / elapsed,
+        h,
+        errors.load(Ordering::Relaxed),
+    ))
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// Memory per entity: rows applied straight to a store (no HTTP, no log), RSS before/after.
+fn bench_memory(args: &BenchArgs) -> Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let config = bench_config(dir.path())?;
+    let schema = Arc::new(quiver_core::Schema::compile(&config)?);
+    let n = args.entities;
+    let store = quiver_store::Store::new(schema.clone(), config.log.partitions);
+    let view = schema.view_id("row").expect("bench view");
+    let mut dedup = quiver_store::DedupWindow::new(0);
+    let mut buf = Vec::new();
+    let mut raw = 0u64;
+    let before = rss_bytes();
+    for i in 0..n {
+        let key = format!("e{i}");
+        raw += (key.len() + FEATURES * 8) as u64;
+        let event = quiver_core::event::Event {
+            view,
+            key: key.clone(),
+            ts_ms: 1_800_000_000_000,
+            event_id: None,
+            values: (0..FEATURES as u16)
+                .map(|f| (f, quiver_core::value::Value::F64(i as f64 + f64::from(f))))
+                .collect(),
+        };
+        buf.clear();
+        quiver_core::record::encode(&schema, &event, None, &mut buf);
+        let rec = quiver_core::record::decode(&buf)?;
+        let p = store.partition_of(&key);
+        let mut late = 0;
+        store.apply(p, i as u64, &rec, &mut dedup, &mut late);
+    }
+    let after = rss_bytes();
+    let per_entity = (after.saturating_sub(before)) as f64 / n as f64;
+    let raw_per = raw as f64 / n as f64;
+    println!("\n## memory: {n} entities × {FEATURES} f64 features\n");
+    println!("| metric | value |\n|---|---|");
+    println!("| resident bytes per entity | {per_entity:.0} |");
+    println!("| raw bytes per entity (key + 8 per value) | {raw_per:.0} |");
+    println!("| ratio | {:.2}× |", per_entity / raw_per);
+    assert_eq!(store.rows(), n);
+    Ok(
+        json!({"entities": n, "rss_bytes_per_entity": per_entity, "raw_bytes_per_entity": raw_per, "ratio": per_entity / raw_per}),
+    )
+}

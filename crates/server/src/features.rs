@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use quiver_core::schema::{FeatureIdx, ViewId};
@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value as Json_};
 
 use crate::error::ApiError;
+use crate::json_out::JsonBuf;
 use crate::AppState;
 
 pub const READ_AFTER: &str = "quiver-read-after";
@@ -103,21 +104,23 @@ async fn get_entity_inner(
         )
         .with_details(json!({"view": view, "key": key})));
     };
-    let mut out = Map::with_capacity(features.len());
-    for (f, r) in v.features.iter().zip(reads) {
-        let mut cell = Map::with_capacity(4);
-        cell.insert("value".into(), r.value.to_json());
-        cell.insert("status".into(), Json_::from(r.status.as_str()));
-        if let Some(ts) = r.ts_ms {
-            cell.insert("event_timestamp".into(), Json_::from(format_rfc3339_ms(ts)));
-            cell.insert("age_ms".into(), Json_::from(now.saturating_sub(ts).max(0)));
+    let mut j = JsonBuf::with_capacity(64 + 96 * features.len());
+    j.raw("{\"view\":").str(&v.name).raw(",\"key\":").str(key);
+    j.raw(",\"version\":").u64(version).raw(",\"features\":{");
+    for (i, (f, r)) in v.features.iter().zip(&reads).enumerate() {
+        if i > 0 {
+            j.raw(",");
         }
-        out.insert(f.name.clone(), Json_::Object(cell));
+        j.str(&f.name).raw(":{\"value\":").value(&r.value);
+        j.raw(",\"status\":\"").raw(r.status.as_str()).raw("\"");
+        if let Some(ts) = r.ts_ms {
+            j.raw(",\"event_timestamp\":").timestamp(ts);
+            j.raw(",\"age_ms\":").i64(now.saturating_sub(ts).max(0));
+        }
+        j.raw("}");
     }
-    Ok(
-        Json(json!({"view": v.name, "key": key, "version": version, "features": out}))
-            .into_response(),
-    )
+    j.raw("}}");
+    Ok(([(header::CONTENT_TYPE, "application/json")], j.buf).into_response())
 }
 
 #[derive(Deserialize)]

@@ -6,6 +6,7 @@ pub mod error;
 mod features;
 pub mod idempotency;
 mod ingest;
+mod json_out;
 pub mod node;
 mod ops;
 

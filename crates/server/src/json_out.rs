@@ -1,0 +1,116 @@
+//! Writing JSON replies straight into a byte buffer, for the read hot path. Building a
+//! `serde_json::Value` tree for a 32-feature row costs over a hundred allocations per request;
+//! this writes the same JSON with none beyond the buffer (measured in BENCHMARKS.md, `lookup`).
+//! Primitives still go through serde_json, so escaping and float formatting are its own.
+
+use quiver_core::time::{format_rfc3339_ms, EpochMs};
+use quiver_core::value::Value;
+
+pub struct JsonBuf {
+    pub buf: Vec<u8>,
+    /// The last timestamp formatted and its text: features of one event share a time.
+    last_ts: Option<(EpochMs, String)>,
+}
+
+impl JsonBuf {
+    pub fn with_capacity(n: usize) -> JsonBuf {
+        JsonBuf {
+            buf: Vec::with_capacity(n),
+            last_ts: None,
+        }
+    }
+
+    pub fn raw(&mut self, s: &str) -> &mut Self {
+        self.buf.extend_from_slice(s.as_bytes());
+        self
+    }
+
+    pub fn str(&mut self, s: &str) -> &mut Self {
+        serde_json::to_writer(&mut self.buf, s).expect("writing to a Vec cannot fail");
+        self
+    }
+
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        serde_json::to_writer(&mut self.buf, &v).expect("writing to a Vec cannot fail");
+        self
+    }
+
+    pub fn i64(&mut self, v: i64) -> &mut Self {
+        serde_json::to_writer(&mut self.buf, &v).expect("writing to a Vec cannot fail");
+        self
+    }
+
+    pub fn value(&mut self, v: &Value) -> &mut Self {
+        match v {
+            Value::Null => self.raw("null"),
+            Value::F64(x) => {
+                // Stored values are finite (validated at ingest); null is the safe fallback.
+                if x.is_finite() {
+                    serde_json::to_writer(&mut self.buf, x).expect("vec");
+                    self
+                } else {
+                    self.raw("null")
+                }
+            }
+            Value::I64(x) => self.i64(*x),
+            Value::Bool(b) => self.raw(if *b { "true" } else { "false" }),
+            Value::Str(s) => self.str(s),
+            Value::F32s(xs) => {
+                self.raw("[");
+                for (i, x) in xs.iter().enumerate() {
+                    if i > 0 {
+                        self.raw(",");
+                    }
+                    serde_json::to_writer(&mut self.buf, x).expect("vec");
+                }
+                self.raw("]")
+            }
+        }
+    }
+
+    pub fn timestamp(&mut self, ts: EpochMs) -> &mut Self {
+        match &self.last_ts {
+            Some((t, text)) if *t == ts => {
+                self.buf.push(b'"');
+                self.buf.extend_from_slice(text.as_bytes());
+                self.buf.push(b'"');
+            }
+            _ => {
+                let text = format_rfc3339_ms(ts);
+                self.buf.push(b'"');
+                self.buf.extend_from_slice(text.as_bytes());
+                self.buf.push(b'"');
+                self.last_ts = Some((ts, text));
+            }
+        }
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_valid_json() {
+        let mut j = JsonBuf::with_capacity(64);
+        j.raw("{")
+            .str("a\"b")
+            .raw(":[")
+            .value(&Value::F64(1.5))
+            .raw(",")
+            .value(&Value::F32s(vec![1.0, 2.5].into()));
+        j.raw(",")
+            .value(&Value::Str("x\ny".into()))
+            .raw(",")
+            .timestamp(0)
+            .raw(",")
+            .timestamp(0)
+            .raw("]}");
+        let v: serde_json::Value = serde_json::from_slice(&j.buf).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"a\"b": [1.5, [1.0, 2.5], "x\ny", "1970-01-01T00:00:00.000Z", "1970-01-01T00:00:00.000Z"]})
+        );
+    }
+}
