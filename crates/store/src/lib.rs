@@ -61,7 +61,8 @@ pub struct FeatureRead {
     pub ts_ms: Option<EpochMs>,
 }
 
-type RowMap = papaya::HashMap<Box<str>, Row>;
+/// Keys up to 24 bytes live inline in the map entry (no allocation of their own).
+type RowMap = papaya::HashMap<compact_str::CompactString, Row>;
 
 pub struct Store {
     schema: Arc<Schema>,
@@ -237,7 +238,7 @@ impl Store {
         };
         match next {
             Some(row) => {
-                map.insert(rec.key.into(), row, &guard);
+                map.insert(compact_str::CompactString::from(rec.key), row, &guard);
                 Applied::Changed
             }
             None => Applied::Late,
@@ -246,7 +247,7 @@ impl Store {
 
     pub(crate) fn insert_row(&self, partition: u32, view: ViewId, key: &str, row: Row) {
         let map = &self.maps[partition as usize][usize::from(view)];
-        map.pin().insert(key.into(), row);
+        map.pin().insert(compact_str::CompactString::from(key), row);
     }
 
     pub(crate) fn for_each_row(&self, partition: u32, view: ViewId, mut f: impl FnMut(&str, &Row)) {

@@ -4,16 +4,17 @@
 //!
 //! Layout of `words` (u64 each):
 //! ```text
-//! [0]                 version: offset + 1 of the last record that changed the row
-//! [1]                 S: number of distinct event times in use
-//! [2 .. 2+S]          the distinct event times (epoch ms)
-//! [2+S .. 2+S+N]      numeric slots (f64 bits, i64, bool) in feature order of numeric features
+//! [0]                 header: bits 0..56 version (offset + 1 of the last record that changed
+//!                     the row), bits 56..63 S (distinct event times in use), bit 63 DENSE
+//! [1 .. 1+S]          the distinct event times (epoch ms)
+//! [1+S .. 1+S+N]      numeric slots (f64 bits, i64, bool) in feature order of numeric features
 //! [.. + ceil(F/8)]    one byte per feature: 0xFF never set; else bit 7 = explicit null,
-//!                     bits 0..6 = index of its event time
+//!                     bits 0..6 = index of its event time. Left out when DENSE: every
+//!                     feature set, none null, all at the one event time.
 //! ```
-//! Features of one event share an event time, so a 32-feature row updated together stores
-//! one timestamp instead of 32 (~9 bytes per f64 feature instead of 16). Strings and vectors
-//! live in `heap`, absent for views that have none.
+//! Features of one event share an event time, so a 32-feature row written by whole events is
+//! DENSE: 8 bytes per f64 feature plus 16 for the row, against 16 per feature for a value and
+//! a timestamp each. Strings and vectors live in `heap`, absent for views that have none.
 //!
 //! LWW rule: a value replaces the stored one iff its event time is >= the stored time. Records
 //! are applied in log order, so on a tie the later offset (the new record) wins — the
@@ -93,10 +94,15 @@ impl Cell {
     }
 }
 
+const VERSION_MASK: u64 = (1 << 56) - 1;
+const STAMPS_SHIFT: u32 = 56;
+const DENSE_BIT: u64 = 1 << 63;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
     words: Box<[u64]>,
-    heap: Option<Box<[Value]>>,
+    /// Boxed twice so that the row stays two words wide for views without heap features.
+    heap: Option<Box<Box<[Value]>>>,
 }
 
 impl Row {
@@ -118,20 +124,32 @@ impl Row {
         stamps: &[EpochMs],
         idx: &[u8],
         nums: &[u64],
-        heap: Option<Box<[Value]>>,
+        heap: Option<Box<Box<[Value]>>>,
     ) -> Row {
         debug_assert_eq!(idx.len(), layout.features());
         debug_assert_eq!(nums.len(), layout.nums);
-        let idx_words = layout.features().div_ceil(8);
-        let mut words = Vec::with_capacity(2 + stamps.len() + nums.len() + idx_words);
-        words.push(version);
-        words.push(stamps.len() as u64);
+        assert!(
+            version <= VERSION_MASK,
+            "row versions are log offsets, far below 2^56"
+        );
+        assert!(stamps.len() <= STAMPS_MAX);
+        let dense = stamps.len() == 1 && idx.iter().all(|&b| b == 0);
+        let idx_words = if dense {
+            0
+        } else {
+            layout.features().div_ceil(8)
+        };
+        let mut words = Vec::with_capacity(1 + stamps.len() + nums.len() + idx_words);
+        let flag = if dense { DENSE_BIT } else { 0 };
+        words.push(version | ((stamps.len() as u64) << STAMPS_SHIFT) | flag);
         words.extend(stamps.iter().map(|&t| t as u64));
         words.extend_from_slice(nums);
-        for chunk in idx.chunks(8) {
-            let mut b = [ABSENT; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            words.push(u64::from_le_bytes(b));
+        if !dense {
+            for chunk in idx.chunks(8) {
+                let mut b = [ABSENT; 8];
+                b[..chunk.len()].copy_from_slice(chunk);
+                words.push(u64::from_le_bytes(b));
+            }
         }
         Row {
             words: words.into_boxed_slice(),
@@ -140,21 +158,31 @@ impl Row {
     }
 
     pub fn version(&self) -> u64 {
-        self.words[0]
+        self.words[0] & VERSION_MASK
+    }
+
+    fn stamp_count(&self) -> usize {
+        ((self.words[0] & !DENSE_BIT) >> STAMPS_SHIFT) as usize
+    }
+
+    fn is_dense(&self) -> bool {
+        self.words[0] & DENSE_BIT != 0
     }
 
     fn stamps(&self) -> &[u64] {
-        let s = self.words[1] as usize;
-        &self.words[2..2 + s]
+        &self.words[1..1 + self.stamp_count()]
     }
 
     fn nums<'a>(&'a self, layout: &Layout) -> &'a [u64] {
-        let start = 2 + self.words[1] as usize;
+        let start = 1 + self.stamp_count();
         &self.words[start..start + layout.nums]
     }
 
     fn idx_byte(&self, layout: &Layout, f: usize) -> u8 {
-        let start = 2 + self.words[1] as usize + layout.nums;
+        if self.is_dense() {
+            return 0;
+        }
+        let start = 1 + self.stamp_count() + layout.nums;
         self.words[start + f / 8].to_le_bytes()[f % 8]
     }
 
@@ -297,13 +325,14 @@ impl Row {
                 row = next;
             }
         }
-        row.words[0] = version;
+        assert!(version <= VERSION_MASK);
+        row.words[0] = (row.words[0] & !VERSION_MASK) | version;
         row
     }
 }
 
-fn empty_heap(layout: &Layout) -> Option<Box<[Value]>> {
-    (layout.heaps > 0).then(|| vec![Value::Null; layout.heaps].into_boxed_slice())
+fn empty_heap(layout: &Layout) -> Option<Box<Box<[Value]>>> {
+    (layout.heaps > 0).then(|| Box::new(vec![Value::Null; layout.heaps].into_boxed_slice()))
 }
 
 #[cfg(test)]
@@ -420,5 +449,18 @@ features = [
         assert_eq!(r.stamps().len(), 2);
         let r = r.apply(&layout, 6, 2, &values, &mut late).unwrap();
         assert_eq!(r.stamps().len(), 1, "unreferenced times are dropped");
+        assert!(r.is_dense(), "every feature at one time: no index bytes");
+        assert_eq!(
+            r.words.len(),
+            1 + 1 + 7,
+            "header, one time, seven numeric slots"
+        );
+        let r = r
+            .apply(&layout, 7, 3, &[(0, Value::Null)], &mut late)
+            .unwrap();
+        assert!(!r.is_dense());
+        assert_eq!(r.get(&layout, 0), Cell::Null { ts_ms: 7 });
+        assert_eq!(r.version(), 4);
+        assert_eq!(std::mem::size_of::<Row>(), 24);
     }
 }
