@@ -29,6 +29,8 @@ pub enum LogError {
         first: u64,
         next: u64,
     },
+    #[error("log directory {0} is in use by another process")]
+    Locked(PathBuf),
     #[error("no such partition {0}")]
     NoPartition(u32),
     #[error("record of {0} bytes is over FRAME_PAYLOAD_BYTES_MAX")]

@@ -226,6 +226,8 @@ impl Shared {
 }
 
 pub struct Log {
+    /// Held for the life of the log: a second process on the same directory fails to open.
+    _lock: std::fs::File,
     dir: PathBuf,
     opts: LogOptions,
     parts: Vec<Arc<partition::PartitionShared>>,
@@ -238,6 +240,20 @@ impl Log {
     pub fn open(dir: &Path, opts: LogOptions) -> Result<Log> {
         assert!(opts.partitions > 0 && opts.queue_records_max > 0);
         std::fs::create_dir_all(dir).map_err(error::io(dir))?;
+        let lock_path = dir.join("LOCK");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(error::io(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(LogError::Locked(dir.to_path_buf()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(error::io(&lock_path)(e)),
+        }
         let existing = tools::partition_dirs(dir)?;
         if !existing.is_empty() && existing.len() != opts.partitions as usize {
             return Err(LogError::Corrupt {
@@ -272,6 +288,7 @@ impl Log {
             writers.push(handle);
         }
         Ok(Log {
+            _lock: lock,
             dir: dir.to_path_buf(),
             opts,
             parts,

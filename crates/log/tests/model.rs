@@ -222,3 +222,15 @@ fn retention_deletes_old_sealed_segments_but_not_unapplied_ones() {
     let last = read_all(&log, 0);
     assert_eq!(last.last().unwrap(), &payloads[59]);
 }
+
+#[test]
+fn a_second_opener_of_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts(FsyncPolicy::Batch)).unwrap();
+    assert!(matches!(
+        Log::open(dir.path(), opts(FsyncPolicy::Batch)),
+        Err(LogError::Locked(_))
+    ));
+    drop(log);
+    Log::open(dir.path(), opts(FsyncPolicy::Batch)).unwrap();
+}

@@ -1,0 +1,51 @@
+//! `quiver bench` in a tiny configuration: the report has its structure and both sides did
+//! real work. Timing thresholds live in BENCHMARKS.md, never here. `lookup` needs the Redis on
+//! 127.0.0.1:6379.
+
+mod common;
+
+use common::quiver;
+
+#[test]
+fn bench_scenarios_report_real_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench.json");
+    let (ok, stdout, stderr) = quiver(&[
+        "bench",
+        "all",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0.2",
+        "--connections",
+        "2",
+        "--entities",
+        "2000",
+        "--batch",
+        "50",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let r = &report["results"];
+    assert!(r["ingest"]["events_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["ingest"]["freshness_probes"].as_u64().unwrap() > 0, "{r}");
+    for side in [
+        "uniform_quiver",
+        "uniform_redis",
+        "zipf_quiver",
+        "zipf_redis",
+    ] {
+        assert!(
+            r["lookup"][side]["ops_per_s"].as_f64().unwrap() > 0.0,
+            "{side}: {r}"
+        );
+        assert_eq!(r["lookup"][side]["errors"].as_u64(), Some(0), "{side}: {r}");
+    }
+    assert!(r["lookup"]["uniform_throughput_vs_redis"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["memory"]["entities"].as_u64(), Some(2000));
+    assert!(r["memory"]["raw_bytes_per_entity"].as_f64().unwrap() > 256.0);
+    assert!(stdout.contains("| Redis HGETALL |"), "{stdout}");
+}
