@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// server acknowledges, closed loop).
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
+    /// `lookup`: rounds, each measuring every system once (interleaved, so drift in the
+    /// machine's speed hits both); figures are medians over the rounds.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     pub redis: String,
     /// Write the results as JSON here.
@@ -361,10 +365,26 @@ impl Zipf {
     }
 }
 
+/// One measured phase of `lookup`: (round, key distribution, system, ops/s, latencies, errors).
+type Phase = (usize, &'static str, Peer, f64, Histogram<u64>, u64);
+
 #[derive(Clone, Copy)]
 enum Peer {
-    Quiver,
-    Redis,
+    Quiver = 0,
+    Redis = 1,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    xs.sort_by(|a, b| a.total_cmp(b));
+    let m = xs.len() / 2;
+    if xs.len() % 2 == 1 {
+        xs[m]
+    } else {
+        (xs[m - 1] + xs[m]) / 2.0
+    }
 }
 
 fn bench_lookup(args: &BenchArgs) -> Result<Value> {
@@ -377,7 +397,8 @@ fn bench_lookup(args: &BenchArgs) -> Result<Value> {
     let redis = redis::Client::open(args.redis.as_str()).context("redis url")?;
     let addr = q.addr;
     let node = q.node.clone();
-    let (warmup, duration, conns) = (args.warmup, args.duration, args.connections);
+    let (warmup, duration, conns, repeat) =
+        (args.warmup, args.duration, args.connections, args.repeat);
     let rows = client_rt.block_on(async move {
         // Load the same rows into both: key "e{i}", 32 f64 features.
         let mut sender = connect(addr).await?;
@@ -421,13 +442,15 @@ fn bench_lookup(args: &BenchArgs) -> Result<Value> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let mut rows = Vec::new();
-        for dist in ["uniform", "zipf"] {
-            for peer in [Peer::Quiver, Peer::Redis] {
-                let (ops, h, errors) = closed_loop(
-                    peer, dist, addr, &redis, &prefix, n, conns, warmup, duration,
-                )
-                .await?;
-                rows.push((dist, peer, ops, h, errors));
+        for round in 0..repeat.max(1) {
+            for dist in ["uniform", "zipf"] {
+                for peer in [Peer::Quiver, Peer::Redis] {
+                    let (ops, h, errors) = closed_loop(
+                        peer, dist, addr, &redis, &prefix, n, conns, warmup, duration,
+                    )
+                    .await?;
+                    rows.push((round, dist, peer, ops, h, errors));
+                }
             }
         }
         // Leave Redis as we found it.
@@ -441,33 +464,50 @@ fn bench_lookup(args: &BenchArgs) -> Result<Value> {
         anyhow::Ok(rows)
     })?;
     println!("\n## lookup: one entity × {FEATURES} f64 features, {} entities, {} connections, closed loop\n", n, args.connections);
+    println!("median of {} round(s)\n", args.repeat.max(1));
     println!("| keys | system | ops/s | p50 µs | p99 µs | errors |\n|---|---|---|---|---|---|");
     let mut out = serde_json::Map::new();
-    for (dist, peer, ops, h, errors) in &rows {
-        let name = match peer {
-            Peer::Quiver => "Quiver GET /v1/features",
-            Peer::Redis => "Redis HGETALL",
-        };
-        println!(
-            "| {dist} | {name} | {ops:.0} | {:.0} | {:.0} | {errors} |",
-            us(h, 0.5),
-            us(h, 0.99)
-        );
-        let key = format!(
-            "{dist}_{}",
-            if matches!(peer, Peer::Quiver) {
-                "quiver"
-            } else {
-                "redis"
-            }
-        );
-        out.insert(key, json!({"ops_per_s": ops, "p50_us": us(h, 0.5), "p99_us": us(h, 0.99), "errors": errors}));
+    for dist in ["uniform", "zipf"] {
+        for (peer, name, label) in [
+            (0, "Quiver GET /v1/features", "quiver"),
+            (1, "Redis HGETALL", "redis"),
+        ] {
+            let mine: Vec<_> = rows
+                .iter()
+                .filter(|r| r.1 == dist && (r.2 as usize) == peer)
+                .collect();
+            let ops = median(mine.iter().map(|r| r.3).collect());
+            let p50 = median(mine.iter().map(|r| us(&r.4, 0.5)).collect());
+            let p99 = median(mine.iter().map(|r| us(&r.4, 0.99)).collect());
+            let errors: u64 = mine.iter().map(|r| r.5).sum();
+            println!("| {dist} | {name} | {ops:.0} | {p50:.0} | {p99:.0} | {errors} |");
+            out.insert(
+                format!("{dist}_{label}"),
+                json!({"ops_per_s": ops, "p50_us": p50, "p99_us": p99, "errors": errors}),
+            );
+        }
     }
     for dist in ["uniform", "zipf"] {
-        let get = |p: &str, f: &str| out[&format!("{dist}_{p}")][f].as_f64().unwrap_or(0.0);
-        let ratio_ops = get("quiver", "ops_per_s") / get("redis", "ops_per_s").max(1e-9);
-        let ratio_p99 = get("quiver", "p99_us") / get("redis", "p99_us").max(1e-9);
-        println!("\n{dist}: Quiver/Redis throughput {ratio_ops:.2}×, p99 {ratio_p99:.2}×");
+        // Ratios per round (both systems measured back to back), then the median.
+        let rounds = args.repeat.max(1);
+        let per_round = |f: &dyn Fn(&Phase) -> f64| -> f64 {
+            median(
+                (0..rounds)
+                    .map(|round| {
+                        let pick = |peer: usize| {
+                            rows.iter()
+                                .find(|r| r.0 == round && r.1 == dist && (r.2 as usize) == peer)
+                                .map(f)
+                                .unwrap_or(0.0)
+                        };
+                        pick(0) / pick(1).max(1e-9)
+                    })
+                    .collect(),
+            )
+        };
+        let ratio_ops = per_round(&|r| r.3);
+        let ratio_p99 = per_round(&|r| us(&r.4, 0.99));
+        println!("\n{dist}: Quiver/Redis throughput {ratio_ops:.2}×, p99 {ratio_p99:.2}× (median of per-round ratios)");
         out.insert(format!("{dist}_throughput_vs_redis"), json!(ratio_ops));
         out.insert(format!("{dist}_p99_vs_redis"), json!(ratio_p99));
     }

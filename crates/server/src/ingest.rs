@@ -20,7 +20,8 @@ use serde_json::json;
 
 use crate::error::ApiError;
 use crate::idempotency::{body_hash, Lookup};
-use crate::AppState;
+use crate::{AppState, Node};
+use bytes::Bytes;
 
 #[derive(Deserialize)]
 pub struct IngestQuery {
@@ -141,14 +142,17 @@ fn json_reply(body: Vec<u8>, replayed: bool) -> Response {
     resp
 }
 
-/// Validates, appends and waits; returns the reply body.
-async fn append(
-    state: &AppState,
+/// Bodies larger than this are validated and encoded on the blocking pool: a 1000-event batch
+/// takes about a millisecond of CPU, which would stall every request sharing the async worker.
+const INLINE_DECODE_BYTES_MAX: usize = 64 * 1024;
+
+/// Validates the whole batch and encodes one record per event, grouped by partition.
+/// Returns the number of events and the non-empty per-partition batches.
+fn encode_batch(
+    node: &Node,
     bytes: &[u8],
     idem_key: Option<&str>,
-    ack: Ack,
-) -> Result<Vec<u8>, ApiError> {
-    let node = &state.node;
+) -> Result<(usize, Vec<(u32, RecordBatch)>), ApiError> {
     let schema = &node.schema;
     let events = decode_batch(bytes, schema, &node.limits, now_ms()).map_err(|e| {
         reject(e.reason.code(), 1);
@@ -172,12 +176,33 @@ async fn append(
         let p = partition_for(e.key.as_bytes(), partitions);
         batches[p as usize].push_with(|buf| record::encode(schema, e, dedup, buf));
     }
-    let batches: Vec<(u32, RecordBatch)> = batches
+    let batches = batches
         .into_iter()
         .enumerate()
         .filter(|(_, b)| !b.is_empty())
         .map(|(p, b)| (p as u32, b))
         .collect();
+    Ok((events.len(), batches))
+}
+
+/// Validates, appends and waits; returns the reply body.
+async fn append(
+    state: &AppState,
+    bytes: &Bytes,
+    idem_key: Option<&str>,
+    ack: Ack,
+) -> Result<Vec<u8>, ApiError> {
+    let node = &state.node;
+    let (count, batches) = if bytes.len() <= INLINE_DECODE_BYTES_MAX {
+        encode_batch(node, bytes, idem_key)?
+    } else {
+        let (node, bytes, key) = (node.clone(), bytes.clone(), idem_key.map(str::to_string));
+        tokio::task::spawn_blocking(move || encode_batch(&node, &bytes, key.as_deref()))
+            .await
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", e.to_string())
+            })??
+    };
     let appended = node.log.append(batches, ack).map_err(|e| {
         reject(
             if matches!(e, quiver_log::LogError::Full { .. }) {
@@ -185,7 +210,7 @@ async fn append(
             } else {
                 "log_unavailable"
             },
-            events.len(),
+            count,
         );
         ApiError::from(e)
     })?;
@@ -196,9 +221,9 @@ async fn append(
     for a in appended {
         a.wait().await.map_err(ApiError::from)?;
     }
-    metrics::counter!(t::EVENTS_INGESTED_TOTAL).increment(events.len() as u64);
+    metrics::counter!(t::EVENTS_INGESTED_TOTAL).increment(count as u64);
     Ok(
-        serde_json::to_vec(&json!({"accepted": events.len(), "token": token.to_string()}))
+        serde_json::to_vec(&json!({"accepted": count, "token": token.to_string()}))
             .expect("serializable"),
     )
 }
