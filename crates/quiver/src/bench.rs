@@ -157,6 +157,24 @@ async fn request(
     Ok((status, body))
 }
 
+/// Lets the workers warm up, opens the measured window for `duration` seconds, then tells them
+/// to stop. Returns the measured window's length in seconds.
+async fn measure_window(
+    warmup: f64,
+    duration: f64,
+    measuring: &AtomicBool,
+    stop: &AtomicBool,
+) -> f64 {
+    tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(duration)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    elapsed
+}
+
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
 }
@@ -297,13 +315,7 @@ fn bench_ingest(args: &BenchArgs) -> Result<Value> {
                 anyhow::Ok(h)
             })
         };
-        tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
-        measuring.store(true, Ordering::Relaxed);
-        let started = Instant::now();
-        tokio::time::sleep(Duration::from_secs_f64(duration)).await;
-        measuring.store(false, Ordering::Relaxed);
-        let elapsed = started.elapsed().as_secs_f64();
-        stop.store(true, Ordering::Relaxed);
+        let elapsed = measure_window(warmup, duration, &measuring, &stop).await;
         let mut lat = histogram();
         for t in tasks {
             lat.add(t.await??)?;
@@ -592,13 +604,7 @@ async fn closed_loop(
             anyhow::Ok(h)
         }));
     }
-    tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
-    measuring.store(true, Ordering::Relaxed);
-    let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs_f64(duration)).await;
-    measuring.store(false, Ordering::Relaxed);
-    let elapsed = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
+    let elapsed = measure_window(warmup, duration, &measuring, &stop).await;
     let mut h = histogram();
     for t in tasks {
         h.add(t.await??)?;

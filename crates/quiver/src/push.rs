@@ -12,6 +12,7 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -53,24 +54,13 @@ pub fn backoff(attempt: u32, retry_after: Option<Duration>, rng: &mut impl Rng) 
 }
 
 pub fn run(args: PushArgs) -> Result<()> {
-    let events = read_events(&args)?;
-    if events.is_empty() {
-        bail!("{} holds no events", args.file.display());
-    }
-    let batches: Vec<String> = events
-        .chunks(args.batch_size.max(1))
-        .map(|chunk| {
-            chunk
-                .iter()
-                .map(|e| serde_json::to_string(e).expect("json"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        })
-        .collect();
-    let bar = ProgressBar::new(events.len() as u64);
+    let total_bytes = std::fs::metadata(&args.file)
+        .with_context(|| format!("opening {}", args.file.display()))?
+        .len();
+    let bar = ProgressBar::new(total_bytes);
     bar.set_style(
         ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} events ({per_sec}) {msg}",
+            "{spinner} [{elapsed_precise}] {bar:40} {bytes}/{total_bytes} {msg}",
         )
         .expect("static template"),
     );
@@ -82,46 +72,118 @@ pub fn run(args: PushArgs) -> Result<()> {
         args.url.trim_end_matches('/'),
         args.ack
     );
-    let next = Mutex::new(batches.iter().enumerate());
+    let concurrency = args.concurrency.max(1);
+    // Batches wait here for a sender: bounded, so a large file is streamed, never loaded whole.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(2 * concurrency);
+    let rx = Mutex::new(rx);
     let sent = AtomicU64::new(0);
+    let batches = AtomicU64::new(0);
     let retries = AtomicU64::new(0);
     let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
     let started = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..args.concurrency.max(1) {
+    let read_result = std::thread::scope(|s| {
+        for _ in 0..concurrency {
             s.spawn(|| loop {
-                if failure.lock().expect("lock").is_some() {
-                    return;
-                }
-                let Some((i, body)) = next.lock().expect("lock").next() else {
+                let Ok(batch) = rx.lock().expect("lock").recv() else {
                     return;
                 };
-                let n = body.lines().count() as u64;
-                match send_batch(&client, &url, body, args.attempts_max, &retries) {
+                match send_batch(&client, &url, &batch.body, args.attempts_max, &retries) {
                     Ok(()) => {
-                        sent.fetch_add(n, Ordering::Relaxed);
-                        bar.inc(n);
+                        sent.fetch_add(batch.events, Ordering::Relaxed);
+                        batches.fetch_add(1, Ordering::Relaxed);
+                        bar.set_position(batch.read_to);
+                        bar.set_message(format!("{} events", sent.load(Ordering::Relaxed)));
                     }
                     Err(e) => {
-                        *failure.lock().expect("lock") = Some(e.context(format!("batch {i}")));
+                        *failure.lock().expect("lock") =
+                            Some(e.context(format!("batch {}", batch.index)));
                         return;
                     }
                 }
             });
         }
+        let mut builder = BatchBuilder {
+            size: args.batch_size.max(1),
+            index: 0,
+            body: String::new(),
+            events: 0,
+        };
+        let result = for_each_event(&args, |event, read_to| {
+            if failure.lock().expect("lock").is_some() {
+                return Ok(false);
+            }
+            if let Some(batch) = builder.push(&event, read_to) {
+                if tx.send(batch).is_err() {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        });
+        if let Some(batch) = builder.finish(total_bytes) {
+            let _ = tx.send(batch);
+        }
+        drop(tx);
+        result
     });
     bar.finish_and_clear();
     let elapsed = started.elapsed().as_secs_f64();
     let sent = sent.load(Ordering::Relaxed);
     println!(
         "pushed {sent} events in {} batches in {elapsed:.2}s ({:.0} events/s), {} retries",
-        batches.len(),
+        batches.load(Ordering::Relaxed),
         sent as f64 / elapsed.max(1e-9),
         retries.load(Ordering::Relaxed)
     );
-    match failure.into_inner().expect("lock") {
-        Some(e) => Err(e),
-        None => Ok(()),
+    read_result?;
+    if let Some(e) = failure.into_inner().expect("lock") {
+        return Err(e);
+    }
+    if sent == 0 {
+        bail!("{} holds no events", args.file.display());
+    }
+    Ok(())
+}
+
+/// One POST's worth of NDJSON.
+struct Batch {
+    index: usize,
+    body: String,
+    events: u64,
+    /// Bytes of the file read when the batch was complete (for the progress bar).
+    read_to: u64,
+}
+
+struct BatchBuilder {
+    size: usize,
+    index: usize,
+    body: String,
+    events: u64,
+}
+
+impl BatchBuilder {
+    fn push(&mut self, event: &str, read_to: u64) -> Option<Batch> {
+        if !self.body.is_empty() {
+            self.body.push('\n');
+        }
+        self.body.push_str(event);
+        self.events += 1;
+        (self.events as usize >= self.size).then(|| self.take(read_to))
+    }
+
+    fn finish(&mut self, read_to: u64) -> Option<Batch> {
+        (self.events > 0).then(|| self.take(read_to))
+    }
+
+    fn take(&mut self, read_to: u64) -> Batch {
+        let batch = Batch {
+            index: self.index,
+            body: std::mem::take(&mut self.body),
+            events: self.events,
+            read_to,
+        };
+        self.index += 1;
+        self.events = 0;
+        batch
     }
 }
 
@@ -171,7 +233,10 @@ fn send_batch(
     bail!("gave up after {attempts_max} attempts")
 }
 
-fn read_events(args: &PushArgs) -> Result<Vec<Value>> {
+/// Calls `f` with each event as one line of JSON and the bytes of the file read so far, until
+/// the file ends or `f` returns false. JSONL lines are checked to be JSON here, so a typo is
+/// reported with its line number before anything is sent from that batch.
+fn for_each_event(args: &PushArgs, mut f: impl FnMut(String, u64) -> Result<bool>) -> Result<()> {
     let is_csv = args
         .file
         .extension()
@@ -179,23 +244,27 @@ fn read_events(args: &PushArgs) -> Result<Vec<Value>> {
     let file = std::fs::File::open(&args.file)
         .with_context(|| format!("opening {}", args.file.display()))?;
     if !is_csv {
-        let mut out = Vec::new();
+        let mut read_to = 0u64;
         for (i, line) in BufReader::new(file).lines().enumerate() {
             let line = line?;
+            read_to += line.len() as u64 + 1;
             if line.trim().is_empty() {
                 continue;
             }
-            let v: Value = serde_json::from_str(&line)
+            serde_json::from_str::<serde::de::IgnoredAny>(&line)
                 .with_context(|| format!("{}:{}: not JSON", args.file.display(), i + 1))?;
-            out.push(v);
+            if !f(line, read_to)? {
+                break;
+            }
         }
-        return Ok(out);
+        return Ok(());
     }
     let mut reader = csv::Reader::from_reader(file);
     let headers = reader.headers()?.clone();
-    let mut out = Vec::new();
-    for (i, row) in reader.records().enumerate() {
-        let row = row?;
+    let mut row = csv::StringRecord::new();
+    let mut line = 1;
+    while reader.read_record(&mut row)? {
+        line += 1;
         let mut event = Map::new();
         let mut values = Map::new();
         for (h, cell) in headers.iter().zip(row.iter()) {
@@ -220,16 +289,20 @@ fn read_events(args: &PushArgs) -> Result<Vec<Value>> {
             }
         }
         if !event.contains_key("view") {
-            let view = args
-                .view
-                .clone()
-                .ok_or_else(|| anyhow!("CSV row {} has no view column; pass --view", i + 1))?;
+            let view = args.view.clone().ok_or_else(|| {
+                anyhow!(
+                    "{}:{line}: no view column; pass --view",
+                    args.file.display()
+                )
+            })?;
             event.insert("view".into(), Value::String(view));
         }
         event.insert("values".into(), Value::Object(values));
-        out.push(Value::Object(event));
+        if !f(Value::Object(event).to_string(), reader.position().byte())? {
+            break;
+        }
     }
-    Ok(out)
+    Ok(())
 }
 
 fn csv_cell(cell: &str) -> Value {

@@ -188,3 +188,72 @@ fn a_full_queue_answers_503_with_retry_after_and_memory_stays_bounded() {
         "memory grew from {rss_before} to {rss_after} bytes under overload"
     );
 }
+
+#[test]
+fn push_retries_through_backpressure_and_lands_everything_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CONFIG
+        .replace("fsync = \"batch\"", "fsync = \"always\"")
+        .replace(
+            "[log]",
+            "[limits]\ningest_queue_events_max = 200\nbatch_events_max = 100\n\n[log]",
+        );
+    let server = Server::start(dir.path(), &config);
+    let lines: Vec<String> = (0..4000)
+        .map(|i| event(&format!("p{i}"), i, Some(&format!("e{i}"))))
+        .collect();
+    let file = dir.path().join("events.jsonl");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let (ok, stdout, stderr) = quiver(&[
+        "push",
+        file.to_str().unwrap(),
+        "--url",
+        &server.url,
+        "--batch-size",
+        "100",
+        "--concurrency",
+        "8",
+        "--attempts-max",
+        "50",
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("pushed 4000 events in 40 batches"),
+        "{stdout}"
+    );
+    assert_eq!(
+        server.metric("quiver_events_ingested_total"),
+        4000.0,
+        "each batch appended exactly once"
+    );
+    let keys: Vec<String> = (0..4000).map(|i| format!("p{i}")).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while read_seqs(&server, &keys).iter().any(Option::is_none) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pushed events never all became readable"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("{stdout}");
+
+    // A bad event stops the push with the server's structured error.
+    let mut bad = lines[..300].to_vec();
+    bad[150] = r#"{"view":"txn","key":"x","values":{"seq":"not a number"}}"#.into();
+    std::fs::write(&file, bad.join("\n")).unwrap();
+    let (ok, _, stderr) = quiver(&[
+        "push",
+        file.to_str().unwrap(),
+        "--url",
+        &server.url,
+        "--batch-size",
+        "100",
+        "--concurrency",
+        "1",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("INVALID_EVENT") && stderr.contains("values.seq"),
+        "{stderr}"
+    );
+}

@@ -146,14 +146,23 @@ impl IdempotencyStore {
         }
     }
 
-    /// Records the reply of an acknowledged batch (journaled before this returns).
-    pub fn complete(&self, key: &str, reply: Vec<u8>, now_ms: i64) -> std::io::Result<()> {
+    /// Records the reply of an acknowledged batch. With `durable` (the batch was acknowledged
+    /// after fsync) the reply is journaled before this returns; otherwise it is kept in memory
+    /// only, because a journaled reply must never outlive events a crash can still take: after
+    /// a crash the retry is appended again and its key-derived dedup ids keep it applied once.
+    pub fn complete(
+        &self,
+        key: &str,
+        reply: Vec<u8>,
+        now_ms: i64,
+        durable: bool,
+    ) -> std::io::Result<()> {
         let mut inner = self.inner.lock();
         let Some(Entry::InFlight { body_hash }) = inner.entries.get(key) else {
             return Ok(());
         };
         let body_hash = *body_hash;
-        if inner.journal.is_some() {
+        if durable && inner.journal.is_some() {
             let mut payload = Vec::with_capacity(64 + key.len() + reply.len());
             payload.extend_from_slice(&now_ms.to_le_bytes());
             payload.extend_from_slice(&body_hash.to_le_bytes());
@@ -287,7 +296,11 @@ mod tests {
         let s = IdempotencyStore::open(Some(&path), 10, 1000, true, 0).unwrap();
         assert_eq!(s.begin("k", 1, 0), Lookup::New);
         assert_eq!(s.begin("k", 1, 0), Lookup::InFlight);
-        s.complete("k", b"reply".to_vec(), 0).unwrap();
+        s.complete("k", b"reply".to_vec(), 0, true).unwrap();
+        assert_eq!(s.begin("soft", 1, 0), Lookup::New);
+        s.complete("soft", b"not durable".to_vec(), 0, false)
+            .unwrap();
+        assert_eq!(s.begin("soft", 1, 0), Lookup::Done(b"not durable".to_vec()));
         assert_eq!(s.begin("k", 1, 1), Lookup::Done(b"reply".to_vec()));
         assert_eq!(s.begin("k", 2, 1), Lookup::Mismatch);
         assert_eq!(s.begin("gone", 1, 1), Lookup::New);
@@ -299,6 +312,11 @@ mod tests {
         f.write_all(&[9, 0, 0, 0, 1]).unwrap();
         let s = IdempotencyStore::open(Some(&path), 10, 1000, true, 500).unwrap();
         assert_eq!(s.begin("k", 1, 500), Lookup::Done(b"reply".to_vec()));
+        assert_eq!(
+            s.begin("soft", 1, 500),
+            Lookup::New,
+            "a reply to a non-durable ack is not journaled"
+        );
         assert_eq!(s.begin("k", 1, 2000), Lookup::New, "expired after the ttl");
     }
 
@@ -308,7 +326,7 @@ mod tests {
         for i in 0..10 {
             let k = format!("k{i}");
             assert_eq!(s.begin(&k, 0, 0), Lookup::New);
-            s.complete(&k, vec![], 0).unwrap();
+            s.complete(&k, vec![], 0, true).unwrap();
         }
         assert_eq!(s.len(), 3);
         assert_eq!(s.begin("k0", 0, 0), Lookup::New);

@@ -113,7 +113,12 @@ async fn ingest(
         .retry_after(1)),
         Lookup::New => match append(state, &bytes, Some(key), ack).await {
             Ok(reply) => {
-                if let Err(e) = state.node.idempotency.complete(key, reply.clone(), now) {
+                let durable = ack == Ack::Durable;
+                if let Err(e) = state
+                    .node
+                    .idempotency
+                    .complete(key, reply.clone(), now, durable)
+                {
                     // The batch is in the log and its events carry key-derived dedup ids, so a
                     // retry is still applied once; only the reply replay is lost.
                     tracing::error!(error = %e, "idempotency journal write failed");

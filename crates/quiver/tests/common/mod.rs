@@ -126,18 +126,11 @@ impl Server {
     }
 
     pub fn post_with(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> (u16, Value) {
-        let mut req = client()
-            .post(format!("{}{path}", self.url))
-            .body(body.to_string());
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let resp = req.send().unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.text().unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        send(
+            client()
+                .post(format!("{}{path}", self.url))
+                .body(body.to_string()),
+            headers,
         )
     }
 
@@ -146,17 +139,7 @@ impl Server {
     }
 
     pub fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> (u16, Value) {
-        let mut req = client().get(format!("{}{path}", self.url));
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let resp = req.send().unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.text().unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        send(client().get(format!("{}{path}", self.url)), headers)
     }
 
     pub fn metric(&self, name: &str) -> f64 {
@@ -193,6 +176,20 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends with `headers`; the reply as JSON (or as a JSON string if it is not JSON).
+fn send(mut req: reqwest::blocking::RequestBuilder, headers: &[(&str, &str)]) -> (u16, Value) {
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 pub fn client() -> reqwest::blocking::Client {
