@@ -319,3 +319,63 @@ impl Store {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use quiver_core::Config;
+
+    fn store(ttl: Option<&str>) -> Store {
+        let ttl = ttl.map(|t| format!("ttl = \"{t}\"\n")).unwrap_or_default();
+        let text = format!(
+            "[[entity]]\nname = \"u\"\nkey = \"id\"\n[[view]]\nname = \"v\"\nentity = \"u\"\n{ttl}features = [{{ name = \"x\", type = \"f64\" }}, {{ name = \"n\", type = \"i64\" }}]\n"
+        );
+        let schema =
+            Schema::compile(&Config::from_toml_with_env(&text, Vec::new()).unwrap()).unwrap();
+        Store::new(Arc::new(schema), 3)
+    }
+
+    fn put(s: &Store, key: &str, ts: i64, x: Option<f64>, offset: u64) {
+        let rec = Record {
+            ts_ms: ts,
+            view: "v",
+            key,
+            event_id: None,
+            dedup: None,
+            values: vec![("x", x.map(Value::F64).unwrap_or(Value::Null))],
+        };
+        let mut dedup = DedupWindow::new(0);
+        let mut late = 0;
+        s.apply(s.partition_of(key), offset, &rec, &mut dedup, &mut late);
+    }
+
+    proptest! {
+        /// TTL: a value is PRESENT iff `now - ts <= ttl`; past it the read is OUTSIDE_MAX_AGE
+        /// with no value, whatever the value was (explicit nulls included); never-set features
+        /// are NOT_FOUND; a view without a TTL never expires.
+        #[test]
+        fn ttl_rule(ts in 0i64..10_000_000, age in -1_000i64..10_000_000, ttl_s in 1i64..5_000, x in proptest::option::of(-1e9f64..1e9)) {
+            let now = ts + age;
+            let s = store(Some(&format!("{ttl_s}s")));
+            put(&s, "k", ts, x, 0);
+            let mut out = Vec::new();
+            let version = s.read(0, "k", &[0, 1], now, &mut out);
+            prop_assert_eq!(version, Some(1));
+            let fresh = now - ts <= ttl_s * 1000;
+            let expected = match (fresh, x) {
+                (false, _) => FeatureRead { status: Status::OutsideMaxAge, value: Value::Null, ts_ms: Some(ts) },
+                (true, Some(x)) => FeatureRead { status: Status::Present, value: Value::F64(x), ts_ms: Some(ts) },
+                (true, None) => FeatureRead { status: Status::NullValue, value: Value::Null, ts_ms: Some(ts) },
+            };
+            prop_assert_eq!(&out[0], &expected);
+            prop_assert_eq!(out[1].status, Status::NotFound);
+
+            let forever = store(None);
+            put(&forever, "k", ts, Some(1.0), 0);
+            out.clear();
+            forever.read(0, "k", &[0], now, &mut out);
+            prop_assert_eq!(out[0].status, Status::Present);
+        }
+    }
+}
