@@ -21,16 +21,19 @@ features = [
 
 const LIMITS: EventLimits = EventLimits { batch_events_max: 64, key_bytes_max: 64, event_id_bytes_max: 64, string_bytes_max: 256 };
 
+static SCHEMA: std::sync::LazyLock<Schema> =
+    std::sync::LazyLock::new(|| Schema::compile(&Config::from_toml_with_env(CONFIG, Vec::new()).unwrap()).unwrap());
+
 fuzz_target!(|body: &[u8]| {
-    let schema = Schema::compile(&Config::from_toml_with_env(CONFIG, Vec::new()).unwrap()).unwrap();
-    if let Ok(events) = decode_batch(body, &schema, &LIMITS, 0) {
+    let schema = &*SCHEMA;
+    if let Ok(events) = decode_batch(body, schema, &LIMITS, 0) {
         for e in &events {
             let view = schema.view(e.view);
             for (f, v) in &e.values {
                 assert!(v.fits(view.feature(*f).ty));
             }
             let mut buf = Vec::new();
-            record::encode(&schema, e, None, &mut buf);
+            record::encode(schema, e, None, &mut buf);
             let rec = record::decode(&buf).expect("what ingest accepts, the log can decode");
             assert_eq!(rec.key, e.key);
         }
