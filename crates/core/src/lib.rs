@@ -10,6 +10,7 @@ pub mod telemetry;
 pub mod time;
 pub mod token;
 pub mod value;
+pub mod window;
 
 pub use config::Config;
 pub use schema::Schema;
