@@ -237,6 +237,8 @@ pub struct AggregationConfig {
     #[serde(rename = "fn")]
     pub func: String,
     pub window: HumanDuration,
+    /// Tile size; by default chosen from the window (see `quiver_core::window`).
+    pub tile: Option<HumanDuration>,
 }
 
 /// Sections whose keys `QUIVER_<SECTION>_<KEY>` may override.
@@ -420,6 +422,25 @@ repository = "./models"
             Some(HumanDuration(Duration::from_secs(3600)))
         );
         assert_eq!(c.views[0].aggregations[0].func, "sum");
+        let schema = crate::Schema::compile(&c).unwrap();
+        let v = schema.view_by_name("txn").unwrap();
+        assert_eq!(v.column_index("amount_sum_5m"), Some(2));
+        assert_eq!(v.column_name(2), "amount_sum_5m");
+        assert_eq!(
+            v.feature_index("amount_sum_5m"),
+            None,
+            "events cannot write an aggregate"
+        );
+        let bad = DESIGN_EXAMPLE.replace("window = \"5m\"", "window = \"5m\", tile = \"10m\"");
+        let e = Config::from_toml_with_env(&bad, no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("view[0].aggregations[0].tile"), "{e}");
+        let bad = DESIGN_EXAMPLE.replace("fn = \"sum\"", "fn = \"median\"");
+        let e = Config::from_toml_with_env(&bad, no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("view[0].aggregations[0].fn"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use crate::config::{Config, ConfigError};
 use crate::time::EpochMs;
 use crate::value::{FeatureType, Value};
+use crate::window::{AggFn, Window};
 
 /// Most features one view may declare: the record codec counts them in a `u16`, and a row
 /// holds one slot per feature.
@@ -32,8 +33,7 @@ pub struct Feature {
 pub struct Aggregation {
     pub name: String,
     pub of: FeatureIdx,
-    pub func: String,
-    pub window_ms: EpochMs,
+    pub window: Window,
 }
 
 #[derive(Debug, Clone)]
@@ -50,8 +50,34 @@ pub struct View {
 }
 
 impl View {
+    /// A feature events may write (not an aggregation).
     pub fn feature_index(&self, name: &str) -> Option<FeatureIdx> {
         self.by_name.get(name).copied()
+    }
+
+    /// A readable column: features first (`0..features.len()`), then aggregations.
+    pub fn column_index(&self, name: &str) -> Option<FeatureIdx> {
+        self.feature_index(name).or_else(|| {
+            let a = self.aggregations.iter().position(|a| a.name == name)?;
+            FeatureIdx::try_from(self.features.len() + a).ok()
+        })
+    }
+
+    pub fn columns(&self) -> usize {
+        self.features.len() + self.aggregations.len()
+    }
+
+    pub fn column_name(&self, idx: FeatureIdx) -> &str {
+        let i = usize::from(idx);
+        match self.features.get(i) {
+            Some(f) => &f.name,
+            None => &self.aggregations[i - self.features.len()].name,
+        }
+    }
+
+    /// The aggregation a column index names, if it names one.
+    pub fn aggregation_of_column(&self, idx: FeatureIdx) -> Option<usize> {
+        usize::from(idx).checked_sub(self.features.len())
     }
 
     pub fn feature(&self, idx: FeatureIdx) -> &Feature {
@@ -159,27 +185,31 @@ impl Schema {
                         format!("unknown feature {:?}", a.of),
                     ));
                 };
-                const FNS: &[&str] = &["count", "sum", "mean", "min", "max", "last", "stddev"];
-                if !FNS.contains(&a.func.as_str()) {
+                let Some(func) = AggFn::parse(&a.func) else {
                     return Err(ConfigError::field(
                         format!("{apath}.fn"),
-                        format!("expected one of {FNS:?}"),
+                        format!("expected one of {:?}", AggFn::NAMES),
                     ));
-                }
-                if a.func != "count" && !features[usize::from(of)].ty.is_numeric() {
+                };
+                if func != AggFn::Count && !features[usize::from(of)].ty.is_numeric() {
                     return Err(ConfigError::field(
                         format!("{apath}.of"),
                         "must name a numeric feature",
                     ));
                 }
-                if a.window.0.is_zero() {
-                    return Err(ConfigError::field(format!("{apath}.window"), "must be > 0"));
-                }
+                let window = Window::new(func, a.window.as_ms(), a.tile.map(|t| t.as_ms()))
+                    .map_err(|m| {
+                        let field = if m.starts_with("tile") {
+                            "tile"
+                        } else {
+                            "window"
+                        };
+                        ConfigError::field(format!("{apath}.{field}"), m)
+                    })?;
                 aggregations.push(Aggregation {
                     name: a.name.clone(),
                     of,
-                    func: a.func.clone(),
-                    window_ms: a.window.as_ms(),
+                    window,
                 });
             }
             let id = vi as ViewId;

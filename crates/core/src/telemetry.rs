@@ -9,6 +9,9 @@ pub const EVENTS_APPLIED_TOTAL: &str = "quiver_events_applied_total";
 pub const EVENTS_DUPLICATE_TOTAL: &str = "quiver_events_duplicate_total";
 /// Events skipped at apply because a newer value was already stored (per feature).
 pub const VALUES_LATE_TOTAL: &str = "quiver_values_late_total";
+/// Aggregation observations dropped: beyond the view's `allowed_lateness`, or older than the
+/// tiles an entity keeps.
+pub const AGGREGATION_LATE_DROPPED_TOTAL: &str = "quiver_aggregation_late_dropped_total";
 
 /// From enqueue to the log round that carried it completing (written, and fsynced if enabled).
 pub const LOG_APPEND_SECONDS: &str = "quiver_log_append_seconds";

@@ -654,7 +654,7 @@ fn bench_memory(args: &BenchArgs) -> Result<Value> {
         quiver_core::record::encode(&schema, &event, None, &mut buf);
         let rec = quiver_core::record::decode(&buf)?;
         let p = store.partition_of(&key);
-        let mut late = 0;
+        let mut late = quiver_store::LateCounts::default();
         store.apply(p, i as u64, &rec, &mut dedup, &mut late);
     }
     let after = rss_bytes();

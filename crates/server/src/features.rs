@@ -93,7 +93,8 @@ async fn get_entity_inner(
         )
         .with_details(json!({"view": view})));
     };
-    let features: Vec<FeatureIdx> = (0..v.features.len() as FeatureIdx).collect();
+    // Every column: the view's features, then its aggregations.
+    let features: Vec<FeatureIdx> = (0..v.columns() as FeatureIdx).collect();
     let now = now_ms();
     let mut reads = Vec::with_capacity(features.len());
     let Some(version) = state.node.store.read(v.id, key, &features, now, &mut reads) else {
@@ -107,11 +108,11 @@ async fn get_entity_inner(
     let mut j = JsonBuf::with_capacity(64 + 96 * features.len());
     j.raw("{\"view\":").str(&v.name).raw(",\"key\":").str(key);
     j.raw(",\"version\":").u64(version).raw(",\"features\":{");
-    for (i, (f, r)) in v.features.iter().zip(&reads).enumerate() {
+    for (i, (&f, r)) in features.iter().zip(&reads).enumerate() {
         if i > 0 {
             j.raw(",");
         }
-        j.str(&f.name).raw(":{\"value\":").value(&r.value);
+        j.str(v.column_name(f)).raw(":{\"value\":").value(&r.value);
         j.raw(",\"status\":\"").raw(r.status.as_str()).raw("\"");
         if let Some(ts) = r.ts_ms {
             j.raw(",\"event_timestamp\":").timestamp(ts);
@@ -169,7 +170,7 @@ async fn post_features_inner(
     for name in &req.features {
         let resolved = name.split_once(':').and_then(|(view, feature)| {
             let v = schema.view_by_name(view)?;
-            Some((v.id, v.feature_index(feature)?))
+            Some((v.id, v.column_index(feature)?))
         });
         let Some((view, f)) = resolved else {
             return Err(ApiError::bad_request(
@@ -180,9 +181,9 @@ async fn post_features_inner(
         };
         let v = schema.view(view);
         let col = if req.full_feature_names {
-            format!("{}__{}", v.name, v.feature(f).name)
+            format!("{}__{}", v.name, v.column_name(f))
         } else {
-            v.feature(f).name.clone()
+            v.column_name(f).to_string()
         };
         refs.push((view, f, col));
     }

@@ -11,6 +11,7 @@
 //! `DashMap` shards, whose readers block behind a writer holding the shard; left-right maps,
 //! which double memory.)
 
+mod aggs;
 mod dedup;
 mod error;
 pub mod materializer;
@@ -28,6 +29,7 @@ use quiver_core::time::EpochMs;
 use quiver_core::token::Token;
 use quiver_core::value::Value;
 
+pub use aggs::{AggCell, AggLayout};
 pub use dedup::DedupWindow;
 pub use error::{Result, StoreError};
 pub use row::{Cell, Layout, Row};
@@ -62,11 +64,53 @@ pub struct FeatureRead {
 }
 
 /// Keys up to 24 bytes live inline in the map entry (no allocation of their own).
+/// Re-reads of a row whose aggregations moved past it mid-read (see [`Store::read`]).
+const READ_RETRIES_MAX: usize = 1000;
+
+fn read_cell(cell: Cell, ttl_ms: Option<EpochMs>, now_ms: EpochMs) -> FeatureRead {
+    let Some(ts) = cell.ts_ms() else {
+        return FeatureRead {
+            status: Status::NotFound,
+            value: Value::Null,
+            ts_ms: None,
+        };
+    };
+    if ttl_ms.is_some_and(|ttl| now_ms.saturating_sub(ts) > ttl) {
+        return FeatureRead {
+            status: Status::OutsideMaxAge,
+            value: Value::Null,
+            ts_ms: Some(ts),
+        };
+    }
+    match cell {
+        Cell::Value { value, .. } => FeatureRead {
+            status: Status::Present,
+            value,
+            ts_ms: Some(ts),
+        },
+        _ => FeatureRead {
+            status: Status::NullValue,
+            value: Value::Null,
+            ts_ms: Some(ts),
+        },
+    }
+}
+
+/// Observations refused by the event-time rules while applying.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LateCounts {
+    /// Feature values older than the stored value (LWW).
+    pub values: u64,
+    /// Aggregation observations beyond `allowed_lateness` or older than their ring.
+    pub aggregations: u64,
+}
+
 type RowMap = papaya::HashMap<compact_str::CompactString, Row>;
 
 pub struct Store {
     schema: Arc<Schema>,
     layouts: Vec<Layout>,
+    agg_layouts: Vec<Option<AggLayout>>,
     partitions: u32,
     /// `[partition][view]`
     maps: Vec<Vec<RowMap>>,
@@ -97,6 +141,7 @@ impl Store {
             .map(|_| schema.views.iter().map(|_| RowMap::new()).collect())
             .collect();
         Store {
+            agg_layouts: schema.views.iter().map(AggLayout::of).collect(),
             layouts,
             partitions,
             maps,
@@ -128,11 +173,14 @@ impl Store {
 
     /// Reads `features` of `key` in `view` as of `now_ms` into `out` (one entry per feature,
     /// in order). Returns the row's version, or `None` if the entity has no row.
+    /// Reads columns `columns` of `key` in `view` as of `now_ms` into `out`, one entry per
+    /// column in order. Columns are features, then aggregations (`View::column_index`).
+    /// Returns the row's version, or `None` if the entity has no row.
     pub fn read(
         &self,
         view: ViewId,
         key: &str,
-        features: &[FeatureIdx],
+        columns: &[FeatureIdx],
         now_ms: EpochMs,
         out: &mut Vec<FeatureRead>,
     ) -> Option<u64> {
@@ -140,47 +188,56 @@ impl Store {
         let layout = self.layout(view);
         let map = &self.maps[self.partition_of(key) as usize][usize::from(view)];
         let guard = map.guard();
-        let Some(row) = map.get(key, &guard) else {
-            out.extend(features.iter().map(|_| FeatureRead {
-                status: Status::NotFound,
-                value: Value::Null,
-                ts_ms: None,
-            }));
-            return None;
-        };
-        for &f in features {
-            let read = match row.get(layout, f) {
-                Cell::Absent => FeatureRead {
+        let start = out.len();
+        let mut attempt = 0;
+        loop {
+            out.truncate(start);
+            let Some(row) = map.get(key, &guard) else {
+                out.extend(columns.iter().map(|_| FeatureRead {
                     status: Status::NotFound,
                     value: Value::Null,
                     ts_ms: None,
-                },
-                cell => {
-                    let ts = cell.ts_ms().expect("set cells have a time");
-                    let expired = v.ttl_ms.is_some_and(|ttl| now_ms.saturating_sub(ts) > ttl);
-                    match cell {
-                        _ if expired => FeatureRead {
-                            status: Status::OutsideMaxAge,
-                            value: Value::Null,
-                            ts_ms: Some(ts),
-                        },
-                        Cell::Null { .. } => FeatureRead {
-                            status: Status::NullValue,
-                            value: Value::Null,
-                            ts_ms: Some(ts),
-                        },
-                        Cell::Value { value, .. } => FeatureRead {
-                            status: Status::Present,
-                            value,
-                            ts_ms: Some(ts),
-                        },
-                        Cell::Absent => unreachable!(),
-                    }
-                }
+                }));
+                return None;
             };
-            out.push(read);
+            let mut agg_version = 0;
+            for &c in columns {
+                let read = match v.aggregation_of_column(c) {
+                    Some(a) => match (row.aggs(), &self.agg_layouts[usize::from(view)]) {
+                        (Some(cell), Some(al)) => {
+                            let (value, newest, version) = cell.read(v, al, a, now_ms);
+                            agg_version = agg_version.max(version);
+                            let status = if value == Value::Null {
+                                Status::NullValue
+                            } else {
+                                Status::Present
+                            };
+                            FeatureRead {
+                                status,
+                                value,
+                                ts_ms: newest,
+                            }
+                        }
+                        _ => FeatureRead {
+                            status: Status::NotFound,
+                            value: Value::Null,
+                            ts_ms: None,
+                        },
+                    },
+                    None => read_cell(row.get(layout, c), v.ttl_ms, now_ms),
+                };
+                out.push(read);
+            }
+            // The materializer updates aggregations in place *before* it swaps in the row of
+            // the same event: rings newer than the row mean that swap is in flight, so read
+            // again to see both at one version. (Bounded; only a writer updating this very
+            // entity continuously for the whole time could exhaust it.)
+            if agg_version <= row.version() || attempt == READ_RETRIES_MAX {
+                return Some(row.version());
+            }
+            attempt += 1;
+            std::hint::spin_loop();
         }
-        Some(row.version())
     }
 
     /// The version of a row (`None` if absent): what the prediction cache keys on.
@@ -197,7 +254,7 @@ impl Store {
         offset: u64,
         rec: &Record<'_>,
         dedup: &mut DedupWindow,
-        late_values: &mut u64,
+        late: &mut LateCounts,
     ) -> Applied {
         let Some(view_id) = self.schema.view_id(rec.view) else {
             return Applied::Skipped;
@@ -232,9 +289,26 @@ impl Store {
         }
         let map = &self.maps[partition as usize][usize::from(view_id)];
         let guard = map.guard();
-        let next = match map.get(rec.key, &guard) {
-            Some(row) => row.apply(layout, rec.ts_ms, offset, &values, late_values),
-            None => Row::empty(layout).apply(layout, rec.ts_ms, offset, &values, late_values),
+        let fresh;
+        let base = match map.get(rec.key, &guard) {
+            Some(row) => row,
+            None => {
+                fresh = self.new_row(view_id);
+                &fresh
+            }
+        };
+        // Aggregations first, in place; then the row of the same version is swapped in (the
+        // order `Store::read` relies on to see both at one version).
+        let aggs_changed = match (base.aggs(), &self.agg_layouts[usize::from(view_id)]) {
+            (Some(cell), Some(al)) => {
+                cell.apply(view, al, rec.ts_ms, offset, &values, &mut late.aggregations)
+            }
+            _ => false,
+        };
+        let next = match base.apply(layout, rec.ts_ms, offset, &values, &mut late.values) {
+            Some(row) => Some(row),
+            None if aggs_changed => Some(base.with_version(offset + 1)),
+            None => None,
         };
         match next {
             Some(row) => {
@@ -243,6 +317,19 @@ impl Store {
             }
             None => Applied::Late,
         }
+    }
+
+    /// A row for an entity seen for the first time, with empty rings if the view aggregates.
+    pub(crate) fn new_row(&self, view: ViewId) -> Row {
+        let row = Row::empty(self.layout(view));
+        match &self.agg_layouts[usize::from(view)] {
+            Some(al) => row.with_aggs(Arc::new(AggCell::new(self.schema.view(view), al))),
+            None => row,
+        }
+    }
+
+    pub fn agg_layout(&self, view: ViewId) -> Option<&AggLayout> {
+        self.agg_layouts[usize::from(view)].as_ref()
     }
 
     pub(crate) fn insert_row(&self, partition: u32, view: ViewId, key: &str, row: Row) {
@@ -346,7 +433,7 @@ mod tests {
             values: vec![("x", x.map(Value::F64).unwrap_or(Value::Null))],
         };
         let mut dedup = DedupWindow::new(0);
-        let mut late = 0;
+        let mut late = LateCounts::default();
         s.apply(s.partition_of(key), offset, &rec, &mut dedup, &mut late);
     }
 

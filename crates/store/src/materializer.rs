@@ -176,6 +176,7 @@ impl Worker {
         let applied_total = metrics::counter!(t::EVENTS_APPLIED_TOTAL);
         let dup_total = metrics::counter!(t::EVENTS_DUPLICATE_TOTAL);
         let late_total = metrics::counter!(t::VALUES_LATE_TOTAL);
+        let late_aggs_total = metrics::counter!(t::AGGREGATION_LATE_DROPPED_TOTAL);
         let mut batch = ReadBatch::default();
         let mut last_snapshot = Instant::now();
         let mut snapshotted = self.reader.position();
@@ -201,7 +202,7 @@ impl Worker {
                 self.fail(format!("partition {p}: {e}"));
                 return;
             }
-            let mut late = 0u64;
+            let mut late = crate::LateCounts::default();
             for rec in batch.iter() {
                 match record::decode(rec.payload) {
                     Ok(decoded) => {
@@ -221,7 +222,8 @@ impl Worker {
                     }
                 }
             }
-            late_total.increment(late);
+            late_total.increment(late.values);
+            late_aggs_total.increment(late.aggregations);
             let position = self.reader.position();
             if !batch.is_empty() {
                 self.store.set_applied(p, position);

@@ -20,7 +20,11 @@
 //! are applied in log order, so on a tie the later offset (the new record) wins — the
 //! (event time, offset) order of DESIGN.md §2 without storing offsets per feature.
 
+use std::sync::Arc;
+
 use quiver_core::schema::{FeatureIdx, View};
+
+use crate::aggs::AggCell;
 use quiver_core::time::EpochMs;
 use quiver_core::value::{FeatureType, Value};
 
@@ -98,11 +102,19 @@ const VERSION_MASK: u64 = (1 << 56) - 1;
 const STAMPS_SHIFT: u32 = 56;
 const DENSE_BIT: u64 = 1 << 63;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Row {
     words: Box<[u64]>,
-    /// Boxed twice so that the row stays two words wide for views without heap features.
-    heap: Option<Box<Box<[Value]>>>,
+    /// Only for views with string/vector features or aggregations, so that the row handle
+    /// stays three words for the rest.
+    extra: Option<Box<Extra>>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Extra {
+    heap: Box<[Value]>,
+    /// Shared by every version of the row: updated in place (see `aggs`).
+    aggs: Option<Arc<AggCell>>,
 }
 
 impl Row {
@@ -114,8 +126,29 @@ impl Row {
             &[],
             &vec![ABSENT; layout.features()],
             &vec![0; layout.nums],
-            empty_heap(layout),
+            empty_extra(layout),
         )
+    }
+
+    /// This row with aggregation state attached.
+    pub fn with_aggs(mut self, cell: Arc<AggCell>) -> Row {
+        self.extra.get_or_insert_with(Default::default).aggs = Some(cell);
+        self
+    }
+
+    pub fn aggs(&self) -> Option<&Arc<AggCell>> {
+        self.extra.as_ref().and_then(|e| e.aggs.as_ref())
+    }
+
+    /// The same row under a new version: an event changed only its aggregations.
+    pub fn with_version(&self, version: u64) -> Row {
+        assert!(
+            version <= VERSION_MASK && version > self.version(),
+            "versions only grow"
+        );
+        let mut row = self.clone();
+        row.words[0] = (row.words[0] & !VERSION_MASK) | version;
+        row
     }
 
     fn build(
@@ -124,7 +157,7 @@ impl Row {
         stamps: &[EpochMs],
         idx: &[u8],
         nums: &[u64],
-        heap: Option<Box<Box<[Value]>>>,
+        extra: Option<Box<Extra>>,
     ) -> Row {
         debug_assert_eq!(idx.len(), layout.features());
         debug_assert_eq!(nums.len(), layout.nums);
@@ -153,7 +186,7 @@ impl Row {
         }
         Row {
             words: words.into_boxed_slice(),
-            heap,
+            extra,
         }
     }
 
@@ -207,9 +240,10 @@ impl Row {
                 }
             }
             Slot::Heap(h) => self
-                .heap
+                .extra
                 .as_ref()
-                .expect("views with heap features have a heap")[usize::from(h)]
+                .expect("views with heap features have a heap")
+                .heap[usize::from(h)]
             .clone(),
         };
         Cell::Value { ts_ms, value }
@@ -235,7 +269,7 @@ impl Row {
             .map(|&b| (b != ABSENT).then(|| old_stamps[usize::from(b & !NULL_BIT)] as EpochMs))
             .collect();
         let mut nums = self.nums(layout).to_vec();
-        let mut heap = self.heap.clone();
+        let mut extra = self.extra.clone();
         let mut changed = false;
         for (f, value) in values {
             let fi = usize::from(*f);
@@ -262,7 +296,7 @@ impl Row {
                         }
                     }
                     Slot::Heap(h) => {
-                        heap.as_mut().expect("heap slot")[usize::from(h)] = value.clone()
+                        extra.as_mut().expect("heap slot").heap[usize::from(h)] = value.clone()
                     }
                 }
             }
@@ -292,16 +326,16 @@ impl Row {
                 idx[fi] = (idx[fi] & NULL_BIT) | s;
             }
         }
-        Some(Row::build(layout, offset + 1, &stamps, &idx, &nums, heap))
+        Some(Row::build(layout, offset + 1, &stamps, &idx, &nums, extra))
     }
 
     /// Bytes this row occupies on the heap (the words and heap slots, not the map entry).
     pub fn heap_bytes(&self) -> usize {
         self.words.len() * 8
             + self
-                .heap
+                .extra
                 .as_ref()
-                .map(|h| h.len() * std::mem::size_of::<Value>())
+                .map(|e| std::mem::size_of::<Extra>() + e.heap.len() * std::mem::size_of::<Value>())
                 .unwrap_or(0)
     }
 
@@ -331,8 +365,13 @@ impl Row {
     }
 }
 
-fn empty_heap(layout: &Layout) -> Option<Box<Box<[Value]>>> {
-    (layout.heaps > 0).then(|| Box::new(vec![Value::Null; layout.heaps].into_boxed_slice()))
+fn empty_extra(layout: &Layout) -> Option<Box<Extra>> {
+    (layout.heaps > 0).then(|| {
+        Box::new(Extra {
+            heap: vec![Value::Null; layout.heaps].into_boxed_slice(),
+            aggs: None,
+        })
+    })
 }
 
 #[cfg(test)]

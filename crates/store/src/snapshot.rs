@@ -15,8 +15,10 @@
 //! ```text
 //! "QVSNAP01" | u32 partition | u64 offset | u32 views
 //! per view:  str16 name | u16 features | features × (str16 name, str16 type)
-//!            u64 rows | rows × (str16 key | u64 version | features × cell)
+//!            u16 aggregations | aggregations × (str16 name, str16 spec "fn/window_ms/tile_ms")
+//!            u64 rows | rows × (str16 key | u64 version | features × cell | rings)
 //!            cell = u8 0 absent | u8 1, i64 ts (null) | u8 2, i64 ts, value (record codec)
+//!            rings (views with aggregations) = u64 cell version | aggregations × (u32 n, n × f64)
 //! u64 dedup ids | ids × u128 (oldest first)
 //! u32 crc32c of everything before
 //! ```
@@ -29,9 +31,13 @@ use quiver_core::schema::FeatureIdx;
 
 use crate::error::{io, Result, StoreError};
 use crate::row::{Cell, Row};
-use crate::{DedupWindow, Store};
+use crate::{AggCell, DedupWindow, Store};
 
-const MAGIC: &[u8; 8] = b"QVSNAP01";
+const MAGIC: &[u8; 8] = b"QVSNAP02";
+
+fn agg_spec(w: &quiver_core::window::Window) -> String {
+    format!("{}/{}/{}", w.func.name(), w.window_ms, w.tile_ms)
+}
 
 pub fn snapshot_path(dir: &Path, partition: u32) -> PathBuf {
     dir.join(format!("p-{partition:04}.snap"))
@@ -59,6 +65,12 @@ pub fn write(
             put_str16(&mut buf, &f.name);
             put_str16(&mut buf, &f.ty.to_string());
         }
+        buf.extend_from_slice(&(view.aggregations.len() as u16).to_le_bytes());
+        for a in &view.aggregations {
+            put_str16(&mut buf, &a.name);
+            put_str16(&mut buf, &agg_spec(&a.window));
+        }
+        let agg_layout = store.agg_layout(view.id);
         let count_at = buf.len();
         buf.extend_from_slice(&0u64.to_le_bytes());
         let mut rows = 0u64;
@@ -78,6 +90,19 @@ pub fn write(
                         buf.push(2);
                         buf.extend_from_slice(&ts_ms.to_le_bytes());
                         put_value(&mut buf, &value);
+                    }
+                }
+            }
+            if let Some(al) = agg_layout {
+                let cell = row
+                    .aggs()
+                    .expect("rows of aggregating views carry their rings");
+                buf.extend_from_slice(&cell.version().to_le_bytes());
+                for a in 0..view.aggregations.len() {
+                    let ring = cell.ring_values(view, al, a);
+                    buf.extend_from_slice(&(ring.len() as u32).to_le_bytes());
+                    for x in ring {
+                        buf.extend_from_slice(&x.to_le_bytes());
                     }
                 }
             }
@@ -151,6 +176,15 @@ pub fn load(
                     (v.feature(idx).ty.to_string() == ftype).then_some(idx)
                 }));
             }
+            // For each stored aggregation: the current one with the same name and tiling.
+            // Another tiling cannot be converted; that aggregation starts empty.
+            let na = usize::from(r.u16()?);
+            let mut agg_map: Vec<Option<usize>> = Vec::with_capacity(na);
+            for _ in 0..na {
+                let aname = r.str16("aggregation")?;
+                let spec = r.str16("spec")?;
+                agg_map.push(current.and_then(|v| v.aggregations.iter().position(|a| a.name == aname && agg_spec(&a.window) == spec)));
+            }
             let rows = u64::from_le_bytes(r.array()?);
             for _ in 0..rows {
                 let key = r.str16("key")?;
@@ -170,6 +204,20 @@ pub fn load(
                         cells[usize::from(*i)] = cell;
                     }
                 }
+                // Rings: present when the view aggregated at snapshot time.
+                let mut rings: Vec<(usize, Vec<f64>)> = Vec::new();
+                let mut ring_version = 0;
+                if na > 0 {
+                    ring_version = u64::from_le_bytes(r.array()?);
+                    for target in &agg_map {
+                        let n = r.u32()? as usize;
+                        let bytes = r.take(n.checked_mul(8).ok_or(quiver_core::record::CodecError::TooLong)?)?;
+                        let values = bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+                        if let Some(a) = target {
+                            rings.push((*a, values));
+                        }
+                    }
+                }
                 if let (Some(v), Some(cells)) = (current, cells) {
                     let layout = store.layout(v.id);
                     // Types were matched by name above; check the values too, so that no
@@ -178,8 +226,19 @@ pub fn load(
                         Cell::Value { value, .. } => value.fits(layout.feature_type(i as FeatureIdx)),
                         _ => true,
                     });
-                    if fits && cells.iter().any(|c| *c != Cell::Absent) {
-                        store.insert_row(partition, v.id, key, Row::from_cells(layout, version, cells));
+                    if fits {
+                        let mut row = Row::from_cells(layout, version, cells);
+                        if let Some(al) = store.agg_layout(v.id) {
+                            let cell = AggCell::new(v, al);
+                            for (a, values) in rings {
+                                // A ring of another length belongs to another tiling: skip it.
+                                if values.len() == v.aggregations[a].window.ring_len() {
+                                    cell.restore(v, al, a, &values, ring_version);
+                                }
+                            }
+                            row = row.with_aggs(std::sync::Arc::new(cell));
+                        }
+                        store.insert_row(partition, v.id, key, row);
                     }
                 }
             }
