@@ -90,7 +90,10 @@ impl AggCell {
         late: &mut u64,
     ) -> bool {
         let seq = self.words[0].load(Ordering::Relaxed);
-        debug_assert!(seq % 2 == 0, "one writer: never entered while writing");
+        debug_assert!(
+            seq.is_multiple_of(2),
+            "one writer: never entered while writing"
+        );
         self.words[0].store(seq + 1, Ordering::Relaxed);
         fence(Ordering::Release);
         let mut changed = false;
@@ -136,7 +139,7 @@ impl AggCell {
         let mut attempt = 0;
         loop {
             let s1 = self.words[0].load(Ordering::Acquire);
-            if s1 % 2 == 0 {
+            if s1.is_multiple_of(2) {
                 let ring = Atomics(&self.words[off..off + a.window.ring_len()]);
                 let value = ring_read(&a.window, &ring, now);
                 let newest = ring_newest(&ring);
