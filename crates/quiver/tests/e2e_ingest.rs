@@ -322,3 +322,55 @@ fn log_verify_finds_damage() {
     assert!(!ok);
     assert!(stdout.contains("ERROR partition 0"), "{stdout}");
 }
+
+#[test]
+fn aggregations_are_served_on_every_read_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CONFIG.replace(
+        "  { name = \"seq\", type = \"i64\" },\n]",
+        "  { name = \"seq\", type = \"i64\" },\n]\nallowed_lateness = \"10m\"\naggregations = [\n  { name = \"amount_sum_1h\", of = \"amount\", fn = \"sum\", window = \"1h\" },\n  { name = \"amount_count_1h\", of = \"amount\", fn = \"count\", window = \"1h\", tile = \"1m\" },\n]",
+    );
+    assert!(config.contains("amount_sum_1h"));
+    let server = Server::start(dir.path(), &config);
+    let now = quiver_core::time::now_ms();
+    let events: Vec<String> = [
+        (now - 50 * 60_000, 1.0),
+        (now - 20 * 60_000, 2.0),
+        (now - 60_000, 4.0),
+        (now - 2 * 3_600_000, 100.0),
+    ]
+    .iter()
+    .map(|(ts, a)| format!(r#"{{"view":"txn","key":"card","ts":{ts},"values":{{"amount":{a}}}}}"#))
+    .collect();
+    let (status, reply) = server.post("/v1/events", &events.join("\n"));
+    assert_eq!(status, 200, "{reply}");
+    let token = reply["token"].as_str().unwrap().to_string();
+    let (status, v) = server.get_with("/v1/features/txn/card", &[("Quiver-Read-After", &token)]);
+    assert_eq!(status, 200, "{v}");
+    // The 2-hours-old event is 110 minutes behind the newest: beyond allowed_lateness (10m).
+    assert_eq!(v["features"]["amount_sum_1h"]["value"], 7.0, "{v}");
+    assert_eq!(v["features"]["amount_count_1h"]["value"], 3, "{v}");
+    assert_eq!(v["features"]["amount_sum_1h"]["status"], "PRESENT");
+    let body = json!({"features": ["txn:amount", "txn:amount_sum_1h"], "entities": {"user_id": ["card", "nobody"]}});
+    let (status, v) = server.post("/get-online-features", &body.to_string());
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["metadata"]["feature_names"],
+        json!(["user_id", "amount", "amount_sum_1h"])
+    );
+    assert_eq!(v["results"][2]["values"], json!([7.0, null]));
+    assert_eq!(v["results"][2]["statuses"], json!(["PRESENT", "NOT_FOUND"]));
+    assert!(
+        server.metric("quiver_aggregation_late_dropped_total") >= 2.0,
+        "one per aggregation for the very late event"
+    );
+    // Aggregates are read-only: events cannot write them.
+    let (status, v) = server.post(
+        "/v1/events",
+        r#"[{"view":"txn","key":"card","values":{"amount_sum_1h":1}}]"#,
+    );
+    assert_eq!(
+        (status, v["error"]["details"]["reason"].as_str()),
+        (400, Some("unknown_feature"))
+    );
+}
