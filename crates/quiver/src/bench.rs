@@ -84,6 +84,21 @@ features = [{}]
 name = "txn"
 entity = "user"
 features = [{{ name = "amount", type = "f64" }}, {{ name = "merchant", type = "string" }}, {{ name = "count", type = "i64" }}, {{ name = "foreign", type = "bool" }}]
+[[view]]
+name = "txn_agg"
+entity = "user"
+allowed_lateness = "10m"
+features = [{{ name = "amount", type = "f64" }}, {{ name = "merchant", type = "string" }}, {{ name = "count", type = "i64" }}, {{ name = "foreign", type = "bool" }}]
+aggregations = [
+  {{ name = "amount_sum_5m", of = "amount", fn = "sum", window = "5m" }},
+  {{ name = "amount_count_1h", of = "amount", fn = "count", window = "1h" }},
+  {{ name = "amount_max_24h", of = "amount", fn = "max", window = "24h", tile = "5m" }},
+]
+[[view]]
+name = "day"
+entity = "user"
+features = [{{ name = "amount", type = "f64" }}]
+aggregations = [{{ name = "amount_sum_24h", of = "amount", fn = "sum", window = "24h", tile = "5m" }}]
 "#,
         dir.display(),
         features.join(", ")
@@ -185,16 +200,19 @@ fn us(h: &Histogram<u64>, q: f64) -> f64 {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let scenarios: Vec<&str> = match args.scenario.as_str() {
-        "all" => vec!["ingest", "lookup", "memory"],
-        s @ ("ingest" | "lookup" | "memory") => vec![s],
-        other => anyhow::bail!("unknown scenario {other:?}: ingest | lookup | memory | all"),
+        "all" => vec!["ingest", "lookup", "memory", "aggregations"],
+        s @ ("ingest" | "lookup" | "memory" | "aggregations") => vec![s],
+        other => anyhow::bail!(
+            "unknown scenario {other:?}: ingest | lookup | memory | aggregations | all"
+        ),
     };
     let mut results = serde_json::Map::new();
     for s in scenarios {
         let r = match s {
-            "ingest" => bench_ingest(&args)?,
+            "ingest" => bench_ingest(&args, "txn")?,
             "lookup" => bench_lookup(&args)?,
-            _ => bench_memory(&args)?,
+            "memory" => bench_memory(&args)?,
+            _ => bench_aggregations(&args)?,
         };
         results.insert(s.to_string(), r);
     }
@@ -210,8 +228,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Durable ingest throughput and freshness.
-fn bench_ingest(args: &BenchArgs) -> Result<Value> {
+/// Durable ingest throughput and freshness, into `view` (`txn`, or `txn_agg`: the same
+/// features with 3 window aggregations).
+fn bench_ingest(args: &BenchArgs, view: &'static str) -> Result<Value> {
     let q = start_embedded()?;
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -234,7 +253,7 @@ fn bench_ingest(args: &BenchArgs) -> Result<Value> {
                     let lines: Vec<String> = (0..batch)
                         .map(|i| {
                             format!(
-                                r#"{{"view":"txn","key":"u{}","values":{{"amount":{}.25,"merchant":"m{}","count":{},"foreign":{}}}}}"#,
+                                r#"{{"view":"{view}","key":"u{}","values":{{"amount":{}.25,"merchant":"m{}","count":{},"foreign":{}}}}}"#,
                                 (b * batch + i) % 1_000_000,
                                 i,
                                 i % 97,
@@ -325,7 +344,7 @@ fn bench_ingest(args: &BenchArgs) -> Result<Value> {
     })?;
     let (rate, rejected, lat, fresh) = out;
     println!(
-        "\n## ingest (ack=durable, fsync=batch, {} connections × {} events per POST)\n",
+        "\n## ingest into `{view}` (ack=durable, fsync=batch, {} connections × {} events per POST)\n",
         args.connections, args.batch
     );
     println!("| metric | value |\n|---|---|");
@@ -669,4 +688,83 @@ fn bench_memory(args: &BenchArgs) -> Result<Value> {
     Ok(
         json!({"entities": n, "rss_bytes_per_entity": per_entity, "raw_bytes_per_entity": raw_per, "ratio": per_entity / raw_per}),
     )
+}
+
+/// Ingest with 3 window aggregations per view against the same view without them, in one
+/// run (interleaved rounds, medians), and the memory one entity's 24 h window of 5-minute tiles
+/// takes.
+fn bench_aggregations(args: &BenchArgs) -> Result<Value> {
+    // Memory first, while the process has not yet freed (and kept resident) what the ingest
+    // runs allocate: one event per entity into a view with `sum` over 24 h in 5-minute tiles.
+    let dir = tempfile::tempdir()?;
+    let config = bench_config(dir.path())?;
+    let schema = Arc::new(quiver_core::Schema::compile(&config)?);
+    let store = quiver_store::Store::new(schema.clone(), config.log.partitions);
+    let view = schema.view_id("day").expect("bench view");
+    let n = args.entities.max(1);
+    let mut dedup = quiver_store::DedupWindow::new(0);
+    let mut buf = Vec::new();
+    let before = rss_bytes();
+    for i in 0..n {
+        let event = quiver_core::event::Event {
+            view,
+            key: format!("e{i}"),
+            ts_ms: 1_800_000_000_000,
+            event_id: None,
+            values: vec![(0, quiver_core::value::Value::F64(i as f64))],
+        };
+        buf.clear();
+        quiver_core::record::encode(&schema, &event, None, &mut buf);
+        let rec = quiver_core::record::decode(&buf)?;
+        let mut late = quiver_store::LateCounts::default();
+        store.apply(
+            store.partition_of(&event.key),
+            i as u64,
+            &rec,
+            &mut dedup,
+            &mut late,
+        );
+    }
+    let per_entity = rss_bytes().saturating_sub(before) as f64 / n as f64;
+    let ring_bytes = (schema.view(view).aggregations[0].window.ring_len() * 8) as f64;
+    let mut plain = Vec::new();
+    let mut aggregated = Vec::new();
+    for _ in 0..args.repeat.max(1) {
+        plain.push(
+            bench_ingest(args, "txn")?["events_per_s"]
+                .as_f64()
+                .unwrap_or(0.0),
+        );
+        aggregated.push(
+            bench_ingest(args, "txn_agg")?["events_per_s"]
+                .as_f64()
+                .unwrap_or(0.0),
+        );
+    }
+    let ratios: Vec<f64> = plain
+        .iter()
+        .zip(&aggregated)
+        .map(|(p, a)| a / p.max(1e-9))
+        .collect();
+    let (plain, aggregated, ratio) = (median(plain), median(aggregated), median(ratios));
+
+    println!(
+        "\n## aggregations: ingest with 3 window aggregations vs none (median of {} round(s))\n",
+        args.repeat.max(1)
+    );
+    println!("| view | durable events/s |\n|---|---|");
+    println!("| `txn` (no aggregations) | {plain:.0} |");
+    println!("| `txn_agg` (sum 5m, count 1h, max 24h in 5m tiles) | {aggregated:.0} |");
+    println!("\nwith aggregations / without: **{ratio:.2}×** (median of per-round ratios)\n");
+    println!("| memory, {n} entities, one `sum` over 24 h in 5-minute tiles | bytes |\n|---|---|");
+    println!("| resident per entity | {per_entity:.0} |");
+    println!("| of which the ring (289 tiles + 2 header slots, 8 bytes each) | {ring_bytes:.0} |");
+    Ok(json!({
+        "ingest_events_per_s_plain": plain,
+        "ingest_events_per_s_3_aggregations": aggregated,
+        "ingest_ratio_3_aggregations_vs_none": ratio,
+        "memory_entities": n,
+        "memory_bytes_per_entity_24h_5m_sum": per_entity,
+        "ring_bytes": ring_bytes,
+    }))
 }
