@@ -49,8 +49,17 @@ fn bench_scenarios_report_real_work() {
     assert!(r["memory"]["raw_bytes_per_entity"].as_f64().unwrap() > 256.0);
     assert!(stdout.contains("| Redis HGETALL |"), "{stdout}");
     let a = &r["aggregations"];
-    assert!(a["ingest_events_per_s_3_aggregations"].as_f64().unwrap() > 0.0, "{a}");
-    assert!(a["ingest_ratio_3_aggregations_vs_none"].as_f64().unwrap() > 0.0, "{a}");
-    assert!(a["memory_bytes_per_entity_24h_5m_sum"].as_f64().unwrap() > 0.0, "{a}");
+    assert!(
+        a["ingest_events_per_s_3_aggregations"].as_f64().unwrap() > 0.0,
+        "{a}"
+    );
+    assert!(
+        a["ingest_ratio_3_aggregations_vs_none"].as_f64().unwrap() > 0.0,
+        "{a}"
+    );
+    assert!(
+        a["memory_bytes_per_entity_24h_5m_sum"].as_f64().unwrap() > 0.0,
+        "{a}"
+    );
     assert_eq!(a["ring_bytes"].as_f64(), Some(2328.0));
 }
