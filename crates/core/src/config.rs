@@ -55,6 +55,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub store: StoreConfig,
     pub ingest: IngestConfig,
+    pub history: HistoryConfig,
     pub models: ModelsConfig,
     #[serde(rename = "entity")]
     pub entities: Vec<EntityConfig>,
@@ -185,6 +186,32 @@ impl Default for IngestConfig {
     }
 }
 
+/// The history sink: every event, written to PostgreSQL by a consumer of the log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// `host=127.0.0.1 user=postgres dbname=test` or `postgresql://…`. Unset: no sink; the
+    /// history is the log itself, within its retention.
+    pub postgres_url: Option<String>,
+    /// Table for the history rows (`<table>_migrations` records the schema version).
+    pub table: String,
+    /// Rows per INSERT (one transaction).
+    pub batch_rows_max: usize,
+    /// Longest wait between retries while PostgreSQL is unreachable.
+    pub retry_delay_ms_max: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            postgres_url: None,
+            table: "quiver_history".into(),
+            batch_rows_max: 5_000,
+            retry_delay_ms_max: 5_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelsConfig {
@@ -242,7 +269,9 @@ pub struct AggregationConfig {
 }
 
 /// Sections whose keys `QUIVER_<SECTION>_<KEY>` may override.
-const ENV_SECTIONS: &[&str] = &["server", "log", "limits", "store", "ingest", "models"];
+const ENV_SECTIONS: &[&str] = &[
+    "server", "log", "limits", "store", "ingest", "history", "models",
+];
 
 impl Config {
     /// Parses TOML text, applies `env` overrides (pairs of `QUIVER_*` names and values), and
@@ -317,6 +346,21 @@ impl Config {
             self.store.snapshot_interval.0 >= Duration::from_millis(100),
             "store.snapshot_interval",
             "must be at least 100ms",
+        )?;
+        let t = &self.history.table;
+        check(
+            !t.is_empty()
+                && t.len() <= 48
+                && t.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                && t.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "history.table",
+            "must be a lowercase SQL identifier of at most 48 characters",
+        )?;
+        check(
+            self.history.batch_rows_max > 0,
+            "history.batch_rows_max",
+            "must be > 0",
         )?;
         // The schema is validated by compiling it.
         crate::schema::Schema::compile(self)?;

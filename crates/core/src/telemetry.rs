@@ -33,3 +33,9 @@ pub const HTTP_REQUESTS_TOTAL: &str = "quiver_http_requests_total";
 pub const INGEST_SECONDS: &str = "quiver_ingest_seconds";
 pub const READ_AFTER_WAIT_SECONDS: &str = "quiver_read_after_wait_seconds";
 pub const IDEMPOTENT_REPLAYS_TOTAL: &str = "quiver_idempotent_replays_total";
+
+/// Label `partition`: records durable in the log and not yet committed to PostgreSQL.
+pub const HISTORY_LAG_RECORDS: &str = "quiver_history_lag_records";
+pub const HISTORY_ROWS_WRITTEN_TOTAL: &str = "quiver_history_rows_written_total";
+pub const HISTORY_ERRORS_TOTAL: &str = "quiver_history_errors_total";
+pub const HISTORY_WRITE_SECONDS: &str = "quiver_history_write_seconds";

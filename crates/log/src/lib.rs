@@ -228,6 +228,9 @@ impl Shared {
 pub struct Log {
     /// Held for the life of the log: a second process on the same directory fails to open.
     _lock: std::fs::File,
+    /// Random identity created with the log (`ID` file): consumers that key what they write
+    /// on offsets (the history sink) add it, so a log created anew never collides with an old one.
+    id: String,
     dir: PathBuf,
     opts: LogOptions,
     parts: Vec<Arc<partition::PartitionShared>>,
@@ -255,6 +258,7 @@ impl Log {
             Err(std::fs::TryLockError::Error(e)) => return Err(error::io(&lock_path)(e)),
         }
         let existing = tools::partition_dirs(dir)?;
+        let id = log_id(dir, existing.is_empty())?;
         if !existing.is_empty() && existing.len() != opts.partitions as usize {
             return Err(LogError::Corrupt {
                 partition: 0,
@@ -289,6 +293,7 @@ impl Log {
         }
         Ok(Log {
             _lock: lock,
+            id,
             dir: dir.to_path_buf(),
             opts,
             parts,
@@ -299,6 +304,10 @@ impl Log {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     pub fn options(&self) -> &LogOptions {
@@ -454,6 +463,36 @@ impl Log {
             let _ = handle.join();
         }
     }
+}
+
+/// Reads the log's identity, creating it (atomically) for a new log.
+fn log_id(dir: &Path, new: bool) -> Result<String> {
+    let path = dir.join("ID");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(error::io(&path)(e)),
+    }
+    if !new {
+        // A log from before identities existed: give it one now.
+        tracing::info!(dir = %dir.display(), "assigning an identity to an existing log");
+    }
+    let seed = format!(
+        "{:?}{}{}",
+        std::time::SystemTime::now(),
+        std::process::id(),
+        dir.display()
+    );
+    let id = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(seed.as_bytes()));
+    let tmp = dir.join("ID.tmp");
+    std::fs::write(&tmp, &id).map_err(error::io(&tmp))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(error::io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(error::io(&path))?;
+    segment::sync_dir(dir)?;
+    Ok(id)
 }
 
 impl Drop for Log {

@@ -231,6 +231,16 @@ fn a_second_opener_of_the_same_directory_is_refused() {
         Log::open(dir.path(), opts(FsyncPolicy::Batch)),
         Err(LogError::Locked(_))
     ));
+    let id = log.id().to_string();
+    assert_eq!(id.len(), 32);
     drop(log);
-    Log::open(dir.path(), opts(FsyncPolicy::Batch)).unwrap();
+    let again = Log::open(dir.path(), opts(FsyncPolicy::Batch)).unwrap();
+    assert_eq!(again.id(), id, "the identity is kept across opens");
+    let other = tempfile::tempdir().unwrap();
+    assert_ne!(
+        Log::open(other.path(), opts(FsyncPolicy::Batch))
+            .unwrap()
+            .id(),
+        id
+    );
 }
