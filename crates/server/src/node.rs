@@ -22,12 +22,16 @@ pub enum NodeError {
     Log(#[from] quiver_log::LogError),
     #[error(transparent)]
     Store(#[from] quiver_store::StoreError),
+    #[error(transparent)]
+    History(#[from] quiver_connect::history::HistoryError),
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
 }
 
 pub struct Node {
     pub config: Config,
+    /// The PostgreSQL history sink, when `history.postgres_url` is set.
+    pub history: Option<quiver_connect::history::HistorySink>,
     pub schema: Arc<Schema>,
     pub log: Arc<Log>,
     pub store: Arc<Store>,
@@ -72,8 +76,16 @@ impl Node {
             event_id_bytes_max: config.limits.event_id_bytes_max,
             string_bytes_max: config.limits.string_bytes_max,
         };
+        let history = match quiver_connect::history::HistoryOptions::from_config(&config.history) {
+            Some(opts) => Some(quiver_connect::history::HistorySink::start(
+                log.clone(),
+                opts,
+            )?),
+            None => None,
+        };
         Ok(Node {
             config,
+            history,
             schema,
             log,
             store,
@@ -109,8 +121,12 @@ impl Node {
         }
     }
 
-    /// Stops materializers (final snapshots), then the log writers.
+    /// Stops the consumers (history sink, materializers with their final snapshots), then
+    /// the log writers.
     pub fn shutdown(&self) {
+        if let Some(h) = &self.history {
+            h.shutdown();
+        }
         self.materializers.shutdown();
         self.log.shutdown();
     }
