@@ -48,6 +48,12 @@ pub struct BenchArgs {
     /// machine's speed hits both); figures are medians over the rounds.
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
+    /// PostgreSQL for `history` (a table `quiver_bench_history_<pid>` is created and dropped).
+    #[arg(
+        long,
+        default_value = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+    )]
+    pub postgres: String,
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     pub redis: String,
     /// Write the results as JSON here.
@@ -118,8 +124,14 @@ struct Embedded {
 }
 
 fn start_embedded() -> Result<Embedded> {
+    start_embedded_with(|_| {})
+}
+
+/// An embedded node whose config `adjust` may change first (e.g. to add a history sink).
+fn start_embedded_with(adjust: impl FnOnce(&mut quiver_core::Config)) -> Result<Embedded> {
     let dir = tempfile::tempdir()?;
-    let config = bench_config(dir.path())?;
+    let mut config = bench_config(dir.path())?;
+    adjust(&mut config);
     let metrics = quiver_server::install_metrics();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -200,10 +212,10 @@ fn us(h: &Histogram<u64>, q: f64) -> f64 {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let scenarios: Vec<&str> = match args.scenario.as_str() {
-        "all" => vec!["ingest", "lookup", "memory", "aggregations"],
-        s @ ("ingest" | "lookup" | "memory" | "aggregations") => vec![s],
+        "all" => vec!["ingest", "lookup", "memory", "aggregations", "history"],
+        s @ ("ingest" | "lookup" | "memory" | "aggregations" | "history") => vec![s],
         other => anyhow::bail!(
-            "unknown scenario {other:?}: ingest | lookup | memory | aggregations | all"
+            "unknown scenario {other:?}: ingest | lookup | memory | aggregations | history | all"
         ),
     };
     let mut results = serde_json::Map::new();
@@ -212,7 +224,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "ingest" => bench_ingest(&args, "txn")?,
             "lookup" => bench_lookup(&args)?,
             "memory" => bench_memory(&args)?,
-            _ => bench_aggregations(&args)?,
+            "aggregations" => bench_aggregations(&args)?,
+            _ => bench_history(&args)?,
         };
         results.insert(s.to_string(), r);
     }
@@ -767,4 +780,139 @@ fn bench_aggregations(args: &BenchArgs) -> Result<Value> {
         "memory_bytes_per_entity_24h_5m_sum": per_entity,
         "ring_bytes": ring_bytes,
     }))
+}
+
+/// The history sink into PostgreSQL: how fast it drains a backlog (rows/s), and how far it
+/// lags while `--rate` events/s (default 50k) are offered.
+fn bench_history(args: &BenchArgs) -> Result<Value> {
+    let table = format!("quiver_bench_history_{}", std::process::id());
+    let pg = args.postgres.clone();
+    let q = start_embedded_with(|c| {
+        c.history.postgres_url = Some(pg.clone());
+        c.history.table = table.clone();
+    })?;
+    let node = q.node.clone();
+    let partitions = node.log.partitions();
+    let lag = move |node: &quiver_server::Node| -> u64 {
+        let h = node.history.as_ref().expect("history configured");
+        (0..partitions)
+            .map(|p| {
+                node.log
+                    .durable_offset(p)
+                    .saturating_sub(h.committed_offset(p))
+            })
+            .sum()
+    };
+    let backlog = args.entities.max(1000);
+    let rate = if args.rate > 0.0 { args.rate } else { 50_000.0 };
+    let (conns, duration) = (args.connections, args.duration);
+    let addr = q.addr;
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (drain_rows_per_s, lag_samples, offered_rate, catch_up_ms) = client_rt.block_on(async move {
+        let body = |start: usize, n: usize| {
+            let lines: Vec<String> = (start..start + n)
+                .map(|i| format!(r#"{{"view":"txn","key":"u{}","values":{{"amount":{i}.25,"merchant":"m{}","count":{i},"foreign":false}}}}"#, i % 100_000, i % 97))
+                .collect();
+            Bytes::from(lines.join("\n"))
+        };
+        // Phase 1: a backlog as fast as ingest takes it, then time until the sink has it all.
+        let started = Instant::now();
+        let mut sender = connect(addr).await?;
+        for b in (0..backlog).step_by(1000) {
+            let (status, reply) = request(&mut sender, "POST", "/v1/events?ack=written", body(b, 1000.min(backlog - b))).await?;
+            anyhow::ensure!(status == 200, "ingest failed: {}", String::from_utf8_lossy(&reply));
+        }
+        while lag(&node) > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let drain = backlog as f64 / started.elapsed().as_secs_f64();
+
+        // Phase 2: `rate` events/s offered open-loop in batches of 100; sample the lag.
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for c in 0..conns {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            let period = Duration::from_secs_f64(100.0 * conns as f64 / rate);
+            let bodies: Vec<Bytes> = (0..16).map(|i| body((c * 16 + i) * 100, 100)).collect();
+            tasks.push(tokio::spawn(async move {
+                let mut sender = connect(addr).await?;
+                let mut due = Instant::now() + period.mul_f64(c as f64 / conns as f64);
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep_until(due.into()).await;
+                    due += period;
+                    let (status, _) = request(&mut sender, "POST", "/v1/events?ack=durable", bodies[i % bodies.len()].clone()).await?;
+                    i += 1;
+                    if status == 200 {
+                        sent.fetch_add(100, Ordering::Relaxed);
+                    }
+                }
+                anyhow::Ok(())
+            }));
+        }
+        let mut samples = Vec::new();
+        let t0 = Instant::now();
+        while t0.elapsed().as_secs_f64() < duration {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            samples.push(lag(&node) as f64);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let elapsed = t0.elapsed().as_secs_f64();
+        for t in tasks {
+            t.await??;
+        }
+        let caught = Instant::now();
+        while lag(&node) > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        anyhow::Ok((drain, samples, sent.load(Ordering::Relaxed) as f64 / elapsed, caught.elapsed().as_secs_f64() * 1000.0))
+    })?;
+    q.node.shutdown();
+    let mut client = postgres_client(&args.postgres)?;
+    let rows: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])?
+        .get(0);
+    client.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {table}_migrations;"
+    ))?;
+    let mut sorted = lag_samples.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let pct = |q: f64| {
+        sorted
+            .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    println!("\n## history sink into PostgreSQL\n");
+    println!("| metric | value |\n|---|---|");
+    println!("| drain throughput ({backlog} events backlog) | {drain_rows_per_s:.0} rows/s |");
+    println!("| offered / achieved ingest during the lag phase | {rate:.0} / {offered_rate:.0} events/s |");
+    println!(
+        "| sink lag p50 / p99 / max (records, sampled every 50 ms) | {:.0} / {:.0} / {:.0} |",
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
+    );
+    println!(
+        "| sink lag p99 in time at that rate | {:.1} ms |",
+        pct(0.99) / rate.max(1.0) * 1000.0
+    );
+    println!("| catch-up after the load stops | {catch_up_ms:.0} ms |");
+    println!("| rows in PostgreSQL | {rows} |");
+    Ok(json!({
+        "drain_rows_per_s": drain_rows_per_s,
+        "offered_events_per_s": rate,
+        "achieved_events_per_s": offered_rate,
+        "lag_records_p50": pct(0.5), "lag_records_p99": pct(0.99), "lag_records_max": pct(1.0),
+        "catch_up_ms": catch_up_ms,
+        "rows": rows,
+    }))
+}
+
+fn postgres_client(url: &str) -> Result<postgres::Client> {
+    Ok(postgres::Client::connect(url, postgres::NoTls)?)
 }

@@ -1,6 +1,6 @@
 //! `quiver bench` in a tiny configuration: the report has its structure and both sides did
 //! real work. Timing thresholds live in BENCHMARKS.md, never here. `lookup` needs the Redis on
-//! 127.0.0.1:6379.
+//! 127.0.0.1:6379, `history` the PostgreSQL on 127.0.0.1:5432.
 
 mod common;
 
@@ -62,4 +62,10 @@ fn bench_scenarios_report_real_work() {
         "{a}"
     );
     assert_eq!(a["ring_bytes"].as_f64(), Some(2328.0));
+    let h = &r["history"];
+    assert!(h["drain_rows_per_s"].as_f64().unwrap() > 0.0, "{h}");
+    assert!(
+        h["rows"].as_i64().unwrap() >= 2000,
+        "the backlog reached PostgreSQL: {h}"
+    );
 }
