@@ -22,6 +22,9 @@ use quiver_core::window::{ring_fold, ring_init, ring_newest, ring_read, AggFn, S
 /// writer updated this very entity during the read; on two cores the writer can be
 /// descheduled mid-write, and then spinning only delays it.
 const READ_SPINS_MAX: usize = 64;
+/// Attempts after which a reader gives up (and reports no value) instead of waiting forever:
+/// only reachable if the writer died in the middle of a write.
+const READ_ATTEMPTS_MAX: usize = 100_000;
 
 /// Where each aggregation's ring starts in an [`AggCell`].
 #[derive(Debug, Clone)]
@@ -150,6 +153,10 @@ impl AggCell {
                 }
             }
             attempt += 1;
+            if attempt == READ_ATTEMPTS_MAX {
+                tracing::error!("aggregation state stuck mid-write (did its materializer die?); reporting no value");
+                return (Value::Null, None, 0);
+            }
             if attempt < READ_SPINS_MAX {
                 std::hint::spin_loop();
             } else {

@@ -133,10 +133,19 @@ impl Materializers {
         let mut handles = Vec::new();
         for w in workers {
             let name = format!("materializer-{}", w.partition);
+            let (p, errors) = (w.partition, w.errors.clone());
+            // A bug that panics must not leave a dead partition behind a ready server.
+            let run = move || {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run())).is_err() {
+                    errors
+                        .lock()
+                        .push(format!("partition {p}: materializer panicked"));
+                }
+            };
             handles.push(
                 std::thread::Builder::new()
                     .name(name)
-                    .spawn(move || w.run())
+                    .spawn(run)
                     .expect("spawn a thread"),
             );
         }
