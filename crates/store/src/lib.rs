@@ -15,6 +15,7 @@ mod aggs;
 mod dedup;
 mod error;
 pub mod materializer;
+pub mod pit;
 pub mod row;
 pub mod snapshot;
 
