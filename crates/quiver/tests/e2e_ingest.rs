@@ -438,3 +438,71 @@ fn history_sink_writes_every_event_to_postgres() {
         "350 log records, 300 distinct events"
     );
 }
+
+#[test]
+fn historical_reads_return_what_was_served_at_each_instant() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), CONFIG);
+    let (status, _) = server.post(
+        "/v1/events",
+        &format!("[{},{}]", event("a", 1, None), event("b", 10, None)),
+    );
+    assert_eq!(status, 200);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let t1 = quiver_core::time::now_ms();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let (status, reply) = server.post("/v1/events", &format!("[{}]", event("a", 2, None)));
+    assert_eq!(status, 200);
+    let token = reply["token"].as_str().unwrap().to_string();
+    let online = server
+        .get_with("/v1/features/txn/a", &[("Quiver-Read-After", &token)])
+        .1;
+    assert_eq!(online["features"]["seq"]["value"], 2);
+    let t2 = quiver_core::time::now_ms();
+
+    let body = json!({
+        "features": ["txn:seq", "txn:amount"],
+        "entities": {"user_id": ["a", "a", "b", "nobody"]},
+        "timestamps": [t1, t2, quiver_core::time::format_rfc3339_ms(t1), t2],
+    });
+    let (status, v) = server.post("/v1/features/historical", &body.to_string());
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["metadata"]["feature_names"],
+        json!(["user_id", "seq", "amount"])
+    );
+    assert_eq!(v["results"][1]["values"], json!([1, 2, 10, null]));
+    assert_eq!(
+        v["results"][1]["statuses"],
+        json!(["PRESENT", "PRESENT", "PRESENT", "NOT_FOUND"])
+    );
+    assert_eq!(v["results"][2]["values"], json!([1.5, 2.5, 10.5, null]));
+
+    // Before anything was ingested: nothing.
+    let body = json!({"features": ["txn:seq"], "entities": {"user_id": ["a"]}, "timestamps": [t1 - 60_000]});
+    let (_, v) = server.post("/v1/features/historical", &body.to_string());
+    assert_eq!(v["results"][1]["statuses"], json!(["NOT_FOUND"]));
+    // Bad requests.
+    let body =
+        json!({"features": ["txn:seq"], "entities": {"user_id": ["a", "b"]}, "timestamps": [t1]});
+    assert_eq!(
+        server.post("/v1/features/historical", &body.to_string()).0,
+        400
+    );
+    let body = json!({"features": ["txn:seq"], "entities": {"user_id": ["a"]}, "timestamps": ["yesterday"]});
+    let (status, v) = server.post("/v1/features/historical", &body.to_string());
+    assert_eq!(
+        (
+            status,
+            v["error"]["code"].as_str(),
+            v["error"]["details"]["index"].as_u64()
+        ),
+        (400, Some("BAD_TIMESTAMP"), Some(0))
+    );
+    let body = json!({"features": ["txn:seq"], "entities": {"user_id": ["a"]}, "timestamps": [t1]});
+    assert_eq!(
+        server.post("/v1/features", &body.to_string()).0,
+        400,
+        "online reads take no timestamps"
+    );
+}

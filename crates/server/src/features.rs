@@ -131,6 +131,15 @@ struct OnlineRequest {
     entities: Map<String, Json_>,
     #[serde(default)]
     full_feature_names: bool,
+    /// Only for `/v1/features/historical`: one instant per entity row (epoch ms or RFC 3339).
+    #[serde(default)]
+    timestamps: Option<Vec<Json_>>,
+}
+
+/// How a batch read reads: the online store now, or point-in-time per row.
+enum Mode {
+    Online,
+    Historical,
 }
 
 pub async fn post_features(
@@ -139,10 +148,23 @@ pub async fn post_features(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let result = post_features_inner(&state, &headers, body).await;
+    let result = post_features_inner(&state, &headers, body, Mode::Online).await;
     metrics::histogram!(t::LOOKUP_SECONDS, "path" => "batch")
         .record(started.elapsed().as_secs_f64());
     match result {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/features/historical`: the Feast request plus `timestamps`, one per entity row;
+/// each value as the online store served it at that instant (see `quiver_store::pit`).
+pub async fn post_historical(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match post_features_inner(&state, &headers, body, Mode::Historical).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -152,6 +174,7 @@ async fn post_features_inner(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
+    mode: Mode,
 ) -> Result<Response, ApiError> {
     let bytes =
         crate::body::read_limited(body, state.node.config.limits.request_body_bytes_max).await?;
@@ -226,6 +249,46 @@ async fn post_features_inner(
             ),
         ));
     }
+    let instants: Option<Vec<i64>> = match (&mode, &req.timestamps) {
+        (Mode::Online, None) => None,
+        (Mode::Online, Some(_)) => {
+            return Err(ApiError::bad_request(
+                "BAD_REQUEST",
+                "timestamps belong to POST /v1/features/historical",
+            ))
+        }
+        (Mode::Historical, None) => {
+            return Err(ApiError::bad_request(
+                "BAD_REQUEST",
+                "timestamps (one per entity row) are required",
+            ))
+        }
+        (Mode::Historical, Some(ts)) => {
+            if ts.len() != rows {
+                return Err(ApiError::bad_request(
+                    "BAD_REQUEST",
+                    format!("{} timestamps for {rows} entity rows", ts.len()),
+                ));
+            }
+            let mut out = Vec::with_capacity(rows);
+            for (i, t) in ts.iter().enumerate() {
+                let ms = match t {
+                    Json_::Number(n) => n.as_i64(),
+                    Json_::String(s) => quiver_core::time::parse_rfc3339_ms(s),
+                    _ => None,
+                };
+                let Some(ms) = ms.filter(|m| quiver_core::time::is_valid_event_time(*m)) else {
+                    return Err(ApiError::bad_request(
+                        "BAD_TIMESTAMP",
+                        "timestamps are epoch ms or RFC 3339",
+                    )
+                    .with_details(json!({"index": i})));
+                };
+                out.push(ms);
+            }
+            Some(out)
+        }
+    };
     // Which entity column keys each requested view.
     let mut key_col_of_view: Vec<Option<usize>> = vec![None; schema.views.len()];
     for (view, _, _) in &refs {
@@ -267,16 +330,23 @@ async fn post_features_inner(
         }
         let features: Vec<FeatureIdx> = wanted.iter().map(|(_, f)| *f).collect();
         let keys = &columns[key_col_of_view[view].expect("resolved above")].1;
-        for key in keys {
+        let historical = match &instants {
+            Some(ts) => Some(tokio::task::block_in_place(|| {
+                read_historical(state, view as ViewId, &features, keys, ts)
+            })?),
+            None => None,
+        };
+        for (row, key) in keys.iter().enumerate() {
             scratch.clear();
-            match key {
-                Some(k) => {
+            match (key, &historical) {
+                (Some(_), Some(h)) => scratch.extend(h[row].iter().cloned()),
+                (Some(k), None) => {
                     state
                         .node
                         .store
                         .read(view as ViewId, k, &features, now, &mut scratch);
                 }
-                None => scratch.extend(features.iter().map(|_| FeatureRead {
+                (None, _) => scratch.extend(features.iter().map(|_| FeatureRead {
                     status: Status::NotFound,
                     value: quiver_core::value::Value::Null,
                     ts_ms: None,
@@ -301,4 +371,39 @@ async fn post_features_inner(
         results.push(json!({"values": values, "statuses": statuses, "event_timestamps": stamps}));
     }
     Ok(Json(json!({"metadata": {"feature_names": names}, "results": results})).into_response())
+}
+
+/// Point-in-time reads for every row of one view, from the log (the embedded history).
+fn read_historical(
+    state: &AppState,
+    view: ViewId,
+    features: &[FeatureIdx],
+    keys: &[Option<String>],
+    instants: &[i64],
+) -> Result<Vec<Vec<FeatureRead>>, ApiError> {
+    let node = &state.node;
+    let wanted: std::collections::HashSet<String> = keys.iter().flatten().cloned().collect();
+    let view_name = &node.schema.view(view).name;
+    let history = quiver_store::pit::collect_from_log(&node.log, view_name, &wanted)
+        .map_err(|e| ApiError::unavailable("HISTORY_UNAVAILABLE", e.to_string()))?;
+    let mut out: Vec<Vec<FeatureRead>> = vec![Vec::new(); keys.len()];
+    let mut rows_of: std::collections::HashMap<&str, Vec<(usize, i64)>> =
+        std::collections::HashMap::new();
+    for (row, key) in keys.iter().enumerate() {
+        if let Some(k) = key {
+            rows_of
+                .entry(k.as_str())
+                .or_default()
+                .push((row, instants[row]));
+        }
+    }
+    for (key, rows) in rows_of {
+        let records = history.get(key).map(Vec::as_slice).unwrap_or(&[]);
+        for (row, reads) in
+            quiver_store::pit::replay_at(&node.schema, view, key, records, &rows, features)
+        {
+            out[row] = reads;
+        }
+    }
+    Ok(out)
 }

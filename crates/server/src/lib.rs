@@ -29,6 +29,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/events", post(ingest::post_events))
         .route("/v1/features/{view}/{key}", get(features::get_entity))
         .route("/v1/features", post(features::post_features))
+        .route("/v1/features/historical", post(features::post_historical))
         .route("/get-online-features", post(features::post_features))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
