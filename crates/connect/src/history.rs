@@ -25,7 +25,8 @@
 //! unique (view, entity_key, event_id) where event_id is not null; index (view, entity_key, ts_ms)
 //! ```
 //! `ts_ms` is event time, `append_ms` the time the log appended the record (what a
-//! point-in-time query needs to know what the online store could have seen).
+//! point-in-time query needs to know what the online store could have seen). Migration 2 adds
+//! `dedup_id` (hex), the record's dedup identity.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,6 +37,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use quiver_core::telemetry as t;
 use quiver_log::{Log, OffsetStore, PartitionReader, ReadBatch};
+use quiver_store::pit as quiver_store_pit;
 
 /// The sink's name among the log's consumers.
 pub const CONSUMER: &str = "history";
@@ -66,9 +68,10 @@ impl HistoryOptions {
 }
 
 /// The numbered migrations; `{table}` is replaced by the configured table name.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r#"CREATE TABLE IF NOT EXISTS {table} (
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"CREATE TABLE IF NOT EXISTS {table} (
         log_id text NOT NULL,
         partition integer NOT NULL,
         log_offset bigint NOT NULL,
@@ -82,7 +85,14 @@ const MIGRATIONS: &[(i32, &str)] = &[(
     );
     CREATE UNIQUE INDEX IF NOT EXISTS {table}_event_id ON {table} (view, entity_key, event_id) WHERE event_id IS NOT NULL;
     CREATE INDEX IF NOT EXISTS {table}_entity_time ON {table} (view, entity_key, ts_ms);"#,
-)];
+    ),
+    (
+        2,
+        // The record's dedup identity (from event_id, or from Idempotency-Key + position), so that
+        // point-in-time replay skips exactly the duplicates the online store skipped.
+        r#"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS dedup_id text;"#,
+    ),
+];
 
 pub struct HistorySink {
     stop: Arc<AtomicBool>,
@@ -190,6 +200,7 @@ struct Rows {
     ts: Vec<i64>,
     appended: Vec<i64>,
     event_ids: Vec<Option<String>>,
+    dedup_ids: Vec<Option<String>>,
     values: Vec<String>,
 }
 
@@ -216,9 +227,9 @@ impl Worker {
         let mut client: Option<postgres::Client> = None;
         let mut delay_ms = 0u64;
         let insert_sql = format!(
-            "INSERT INTO {t} (log_id, partition, log_offset, view, entity_key, ts_ms, append_ms, event_id, \"values\") \
-             SELECT $1, $2, o, v, k, ts, a, e, j::jsonb \
-             FROM unnest($3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::text[], $9::text[]) AS u(o, v, k, ts, a, e, j) \
+            "INSERT INTO {t} (log_id, partition, log_offset, view, entity_key, ts_ms, append_ms, event_id, dedup_id, \"values\") \
+             SELECT $1, $2, o, v, k, ts, a, e, d, j::jsonb \
+             FROM unnest($3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::text[]) AS u(o, v, k, ts, a, e, d, j) \
              ON CONFLICT DO NOTHING",
             t = self.opts.table
         );
@@ -252,6 +263,7 @@ impl Worker {
                             rows.ts.push(r.ts_ms);
                             rows.appended.push(rec.append_ms);
                             rows.event_ids.push(r.event_id.map(str::to_string));
+                            rows.dedup_ids.push(r.dedup.map(|d| format!("{d:032x}")));
                             rows.values
                                 .push(serde_json::Value::Object(values).to_string());
                         }
@@ -294,6 +306,7 @@ impl Worker {
                         &rows.ts,
                         &rows.appended,
                         &rows.event_ids,
+                        &rows.dedup_ids,
                         &rows.values,
                     ],
                 )?;
@@ -364,4 +377,84 @@ fn migrate(client: &mut postgres::Client, table: &str) -> Result<(), postgres::E
         }
     }
     tx.commit()
+}
+
+/// Point-in-time source: the rows of `keys` in `view` that this log (`log_id`) wrote, per key,
+/// in log order, re-encoded as log payloads for `quiver_store::pit::replay_at`. Features the
+/// current schema no longer has (or types it changed) are left out, as replay of the log would.
+pub fn collect_from_postgres(
+    url: &str,
+    table: &str,
+    log_id: &str,
+    schema: &quiver_core::Schema,
+    view: &str,
+    keys: &[String],
+) -> Result<
+    std::collections::HashMap<String, Vec<(u32, quiver_store_pit::HistoryRecord)>>,
+    postgres::Error,
+> {
+    use quiver_core::value::{FeatureType, Value};
+    let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+    let Some(v) = schema.view_by_name(view) else {
+        return Ok(Default::default());
+    };
+    let sql = format!(
+        "SELECT entity_key, partition, log_offset, ts_ms, append_ms, event_id, dedup_id, \"values\"::text FROM {table} \
+         WHERE log_id = $1 AND view = $2 AND entity_key = ANY($3) ORDER BY partition, log_offset"
+    );
+    let mut out: std::collections::HashMap<String, Vec<(u32, quiver_store_pit::HistoryRecord)>> =
+        Default::default();
+    for row in client.query(&sql, &[&log_id, &view, &keys])? {
+        let key: String = row.get(0);
+        let partition: i32 = row.get(1);
+        let offset: i64 = row.get(2);
+        let values: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(row.get::<_, &str>(7)).unwrap_or_default();
+        let mut typed: Vec<(u16, Value)> = values
+            .iter()
+            .filter_map(|(name, j)| {
+                let f = v.feature_index(name)?;
+                let value = match (v.feature(f).ty, j) {
+                    (_, serde_json::Value::Null) => Value::Null,
+                    (FeatureType::F64, j) => Value::F64(j.as_f64()?),
+                    (FeatureType::I64, j) => Value::I64(j.as_i64()?),
+                    (FeatureType::Bool, j) => Value::Bool(j.as_bool()?),
+                    (FeatureType::String, j) => Value::Str(j.as_str()?.into()),
+                    (FeatureType::F32s(_), serde_json::Value::Array(xs)) => Value::F32s(
+                        xs.iter()
+                            .map(|x| x.as_f64().map(|x| x as f32))
+                            .collect::<Option<Vec<f32>>>()?
+                            .into(),
+                    ),
+                    _ => return None,
+                };
+                value.fits(v.feature(f).ty).then_some((f, value))
+            })
+            .collect();
+        if typed.is_empty() {
+            continue;
+        }
+        typed.sort_by_key(|(f, _)| *f);
+        let event = quiver_core::event::Event {
+            view: v.id,
+            key: key.clone(),
+            ts_ms: row.get(3),
+            event_id: row.get(5),
+            values: typed,
+        };
+        let dedup = row
+            .get::<_, Option<&str>>(6)
+            .and_then(|h| u128::from_str_radix(h, 16).ok());
+        let mut payload = Vec::new();
+        quiver_core::record::encode(schema, &event, dedup, &mut payload);
+        out.entry(key).or_default().push((
+            partition as u32,
+            quiver_store_pit::HistoryRecord {
+                offset: offset as u64,
+                append_ms: row.get(4),
+                payload,
+            },
+        ));
+    }
+    Ok(out)
 }

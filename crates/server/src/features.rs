@@ -384,8 +384,41 @@ fn read_historical(
     let node = &state.node;
     let wanted: std::collections::HashSet<String> = keys.iter().flatten().cloned().collect();
     let view_name = &node.schema.view(view).name;
-    let history = quiver_store::pit::collect_from_log(&node.log, view_name, &wanted)
-        .map_err(|e| ApiError::unavailable("HISTORY_UNAVAILABLE", e.to_string()))?;
+    let unavailable = |e: String| ApiError::unavailable("HISTORY_UNAVAILABLE", e);
+    let history = match (&node.history, &node.config.history.postgres_url) {
+        (Some(sink), Some(url)) => {
+            // PostgreSQL holds every record below the sink's committed offsets (read first);
+            // the log supplies the rest. Records present in both are merged by offset.
+            let committed: Vec<u64> = (0..node.log.partitions())
+                .map(|p| sink.committed_offset(p))
+                .collect();
+            let keys_vec: Vec<String> = wanted.iter().cloned().collect();
+            let table = &node.config.history.table;
+            let pg = quiver_connect::history::collect_from_postgres(
+                url,
+                table,
+                node.log.id(),
+                &node.schema,
+                view_name,
+                &keys_vec,
+            )
+            .map_err(|e| unavailable(format!("PostgreSQL history: {e}")))?;
+            let mut merged =
+                quiver_store::pit::collect_from_log(&node.log, view_name, &wanted, &|p| {
+                    committed[p as usize]
+                })
+                .map_err(|e| unavailable(e.to_string()))?;
+            for (key, rows) in pg {
+                let records = merged.entry(key).or_default();
+                records.extend(rows.into_iter().map(|(_, r)| r));
+                records.sort_by_key(|r| r.offset);
+                records.dedup_by_key(|r| r.offset);
+            }
+            merged
+        }
+        _ => quiver_store::pit::collect_from_log(&node.log, view_name, &wanted, &|_| 0)
+            .map_err(|e| unavailable(e.to_string()))?,
+    };
     let mut out: Vec<Vec<FeatureRead>> = vec![Vec::new(); keys.len()];
     let mut rows_of: std::collections::HashMap<&str, Vec<(usize, i64)>> =
         std::collections::HashMap::new();

@@ -122,7 +122,7 @@ proptest! {
             }
         }
         let wanted: HashSet<String> = keys.iter().cloned().collect();
-        let history = pit::collect_from_log(&node.log, "txn", &wanted).unwrap();
+        let history = pit::collect_from_log(&node.log, "txn", &wanted, &|_| 0).unwrap();
         for k in &keys {
             let instants: Vec<(usize, i64)> = served.iter().enumerate().filter(|(_, s)| &s.1 == k).map(|(i, s)| (i, s.0)).collect();
             let records = history.get(k).map(Vec::as_slice).unwrap_or(&[]);

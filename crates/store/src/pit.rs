@@ -64,18 +64,21 @@ pub fn replay_at(
     out
 }
 
-/// Every record of the given (view, key)s in the embedded log, grouped per key, in log order.
-/// Reads the whole log once (what the embedded default keeps is bounded by its retention).
+/// Every record of the given (view, key)s in the embedded log from offset `from(partition)`
+/// on (at least the oldest kept), grouped per key, in log order. Reads that part of the log
+/// once (what the embedded default keeps is bounded by its retention).
 pub fn collect_from_log(
     log: &Log,
     view: &str,
     keys: &HashSet<String>,
+    from: &dyn Fn(u32) -> u64,
 ) -> Result<HashMap<String, Vec<HistoryRecord>>> {
     let mut out: HashMap<String, Vec<HistoryRecord>> = HashMap::new();
     let mut batch = ReadBatch::default();
     for p in 0..log.partitions() {
         let end = log.durable_offset(p);
-        let mut reader = log.reader(p, log.first_offset(p))?;
+        let start = from(p).clamp(log.first_offset(p), end);
+        let mut reader = log.reader(p, start)?;
         while reader.position() < end {
             reader.poll(4096, Duration::from_millis(10), &mut batch)?;
             for r in batch.iter() {
