@@ -1,6 +1,7 @@
 //! The `quiver` binary: the CLI over the crates. `anyhow` lives here and nowhere else.
 
 mod bench;
+mod history;
 mod logcmd;
 mod push;
 
@@ -34,6 +35,8 @@ enum Command {
         #[command(subcommand)]
         command: logcmd::LogCommand,
     },
+    /// Training data: each feature as of each entity row's timestamp (CSV or Parquet).
+    History(history::HistoryArgs),
     /// Measure Quiver (and its peers) on this machine.
     Bench(bench::BenchArgs),
 }
@@ -86,6 +89,7 @@ fn main() -> Result<()> {
         Command::Serve(args) => serve(args),
         Command::Push(args) => push::run(args),
         Command::Log { command } => logcmd::run(command),
+        Command::History(args) => history::run(args),
         Command::Bench(args) => bench::run(args),
     }
 }

@@ -506,3 +506,113 @@ fn historical_reads_return_what_was_served_at_each_instant() {
         "online reads take no timestamps"
     );
 }
+
+#[test]
+fn history_cli_writes_training_data_as_csv_and_parquet() {
+    use arrow_array::{Array, Float64Array, Int64Array, StringArray};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), CONFIG);
+    assert_eq!(
+        server
+            .post(
+                "/v1/events",
+                &format!("[{},{}]", event("a", 1, None), event("b", 7, None))
+            )
+            .0,
+        200
+    );
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let t1 = quiver_core::time::now_ms();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    assert_eq!(
+        server
+            .post("/v1/events", &format!("[{}]", event("a", 2, None)))
+            .0,
+        200
+    );
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let t2 = quiver_core::time::now_ms();
+    let rows = dir.path().join("rows.csv");
+    std::fs::write(
+        &rows,
+        format!(
+            "user_id,ts\na,{t1}\na,{t2}\nb,{}\nnobody,{t2}\n",
+            quiver_core::time::format_rfc3339_ms(t2)
+        ),
+    )
+    .unwrap();
+
+    let csv_out = dir.path().join("train.csv");
+    let (ok, stdout, stderr) = quiver(&[
+        "history",
+        "--entities",
+        rows.to_str().unwrap(),
+        "--features",
+        "txn:seq,txn:amount,txn:merchant",
+        "--out",
+        csv_out.to_str().unwrap(),
+        "--url",
+        &server.url,
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    let text = std::fs::read_to_string(&csv_out).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "user_id,ts,seq,amount,merchant");
+    assert_eq!(lines[1], format!("a,{t1},1,1.5,"));
+    assert_eq!(lines[2], format!("a,{t2},2,2.5,"));
+    assert!(
+        lines[3].starts_with("b,") && lines[3].ends_with(",7,7.5,"),
+        "{}",
+        lines[3]
+    );
+    assert_eq!(lines[4], format!("nobody,{t2},,,"));
+
+    let pq = dir.path().join("train.parquet");
+    let (ok, stdout, stderr) = quiver(&[
+        "history",
+        "--entities",
+        rows.to_str().unwrap(),
+        "--features",
+        "txn:seq,txn:amount",
+        "--out",
+        pq.to_str().unwrap(),
+        "--url",
+        &server.url,
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    let file = std::fs::File::open(&pq).unwrap();
+    let mut reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let batch = reader.next().unwrap().unwrap();
+    assert_eq!(batch.num_rows(), 4);
+    let names: Vec<String> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    assert_eq!(names, ["user_id", "ts", "seq", "amount"]);
+    let keys = batch
+        .column(0)
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .unwrap();
+    assert_eq!(keys.value(3), "nobody");
+    let seq = batch
+        .column(2)
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .unwrap();
+    assert_eq!(
+        (seq.value(0), seq.value(1), seq.value(2), seq.is_null(3)),
+        (1, 2, 7, true)
+    );
+    let amount = batch
+        .column(3)
+        .as_any()
+        .downcast_ref::<Float64Array>()
+        .unwrap();
+    assert_eq!(amount.value(1), 2.5);
+}
