@@ -811,7 +811,7 @@ fn bench_history(args: &BenchArgs) -> Result<Value> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (drain_rows_per_s, lag_samples, offered_rate, catch_up_ms) = client_rt.block_on(async move {
+    let (drain_rows_per_s, lag_samples, offered_rate, catch_up_ms, pit_rows_per_s) = client_rt.block_on(async move {
         let body = |start: usize, n: usize| {
             let lines: Vec<String> = (start..start + n)
                 .map(|i| format!(r#"{{"view":"txn","key":"u{}","values":{{"amount":{i}.25,"merchant":"m{}","count":{i},"foreign":false}}}}"#, i % 100_000, i % 97))
@@ -869,7 +869,22 @@ fn bench_history(args: &BenchArgs) -> Result<Value> {
         while lag(&node) > 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        anyhow::Ok((drain, samples, sent.load(Ordering::Relaxed) as f64 / elapsed, caught.elapsed().as_secs_f64() * 1000.0))
+        let catch_up = caught.elapsed().as_secs_f64() * 1000.0;
+
+        // Phase 3: point-in-time retrieval, 10,000 rows (2,000 entities × 5 instants) per
+        // request, from PostgreSQL plus the log tail.
+        let now = quiver_core::time::now_ms();
+        let keys: Vec<String> = (0..10_000).map(|i| format!("u{}", (i / 5) * 37 % 100_000)).collect();
+        let ts: Vec<i64> = (0..10_000).map(|i| now - (i % 5) * 2_000).collect();
+        let body = Bytes::from(json!({"features": ["txn:amount", "txn:merchant", "txn:count"], "entities": {"user_id": keys}, "timestamps": ts}).to_string());
+        let mut pit = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            let (status, reply) = request(&mut sender, "POST", "/v1/features/historical", body.clone()).await?;
+            anyhow::ensure!(status == 200, "historical read failed: {}", String::from_utf8_lossy(&reply));
+            pit.push(10_000.0 / t.elapsed().as_secs_f64());
+        }
+        anyhow::Ok((drain, samples, sent.load(Ordering::Relaxed) as f64 / elapsed, catch_up, median(pit)))
     })?;
     q.node.shutdown();
     let mut client = postgres_client(&args.postgres)?;
@@ -903,6 +918,7 @@ fn bench_history(args: &BenchArgs) -> Result<Value> {
     );
     println!("| catch-up after the load stops | {catch_up_ms:.0} ms |");
     println!("| rows in PostgreSQL | {rows} |");
+    println!("| point-in-time retrieval (10,000 rows per request, median of 3) | {pit_rows_per_s:.0} rows/s |");
     Ok(json!({
         "drain_rows_per_s": drain_rows_per_s,
         "offered_events_per_s": rate,
@@ -910,6 +926,7 @@ fn bench_history(args: &BenchArgs) -> Result<Value> {
         "lag_records_p50": pct(0.5), "lag_records_p99": pct(0.99), "lag_records_max": pct(1.0),
         "catch_up_ms": catch_up_ms,
         "rows": rows,
+        "point_in_time_rows_per_s": pit_rows_per_s,
     }))
 }
 
