@@ -257,3 +257,83 @@ fn push_retries_through_backpressure_and_lands_everything_once() {
         "{stderr}"
     );
 }
+
+#[test]
+fn history_sink_survives_kill9_mid_stream_without_loss_or_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = format!("qh_kill_{}", std::process::id());
+    let pg = "host=127.0.0.1 port=5432 user=postgres dbname=test";
+    let config = CONFIG.replace("[log]", &format!("[history]\npostgres_url = \"{pg}\"\ntable = \"{table}\"\nbatch_rows_max = 200\n\n[log]"));
+    let server = Server::start(dir.path(), &config);
+    let url = server.url.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let (stop, url) = (stop.clone(), url.clone());
+            std::thread::spawn(move || {
+                let client = reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .unwrap();
+                let mut b = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let body: Vec<String> = (0..50)
+                        .map(|i| event(&format!("w{w}-{b}-{i}"), i, Some(&format!("w{w}-{b}-{i}"))))
+                        .collect();
+                    if client
+                        .post(format!("{url}/v1/events"))
+                        .body(format!("[{}]", body.join(",")))
+                        .send()
+                        .is_err()
+                    {
+                        return;
+                    }
+                    b += 1;
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(600));
+    let dir = server.kill9();
+    stop.store(true, Ordering::Relaxed);
+    writers.into_iter().for_each(|w| w.join().unwrap());
+
+    let server = Server::restart(&dir);
+    let records = || -> f64 { server.metric("quiver_log_next_offset") };
+    let total = records();
+    assert!(
+        total >= 300.0,
+        "the stream ran before the kill ({total} records)"
+    );
+    let mut client = postgres::Client::connect(pg, postgres::NoTls).unwrap();
+    let count = |c: &mut postgres::Client| -> (i64, i64) {
+        let row = c
+            .query_one(
+                &format!("SELECT count(*), count(DISTINCT (partition, log_offset)) FROM {table}"),
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while count(&mut client).0 < total as i64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "history stuck at {:?} of {total}",
+            count(&mut client)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (rows, distinct) = count(&mut client);
+    client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {table}_migrations;"
+        ))
+        .unwrap();
+    assert_eq!(
+        (rows, distinct),
+        (total as i64, total as i64),
+        "every log record once in PostgreSQL"
+    );
+}
