@@ -28,9 +28,14 @@ echo; echo "== push the example events (JSONL, then CSV)"
 echo; echo "== one entity: GET /v1/features/txn/u1"
 curl -s "$URL/v1/features/txn/u1"; echo
 
-echo; echo "== Feast shape: POST /get-online-features"
+echo; echo "== Feast shape, with a window aggregate: POST /get-online-features"
 curl -s -X POST "$URL/get-online-features" \
-  -d '{"features":["txn:amount","txn:merchant","profile:age_days"],"entities":{"user_id":["u1","u2","nobody"]}}'; echo
+  -d '{"features":["txn:amount","txn:amount_sum_1h","profile:age_days"],"entities":{"user_id":["u1","u2","nobody"]}}'; echo
+
+echo; echo "== point in time: u1 as served one minute ago (nothing yet) and now"
+NOW_MS=$(( $(date +%s) * 1000 ))
+curl -s -X POST "$URL/v1/features/historical" \
+  -d "{\"features\":[\"txn:amount\",\"txn:amount_sum_1h\"],\"entities\":{\"user_id\":[\"u1\",\"u1\"]},\"timestamps\":[$((NOW_MS - 60000)),$((NOW_MS + 1000))]}"; echo
 
 echo; echo "== read your own write: ingest with ack=none, read with its token"
 TOKEN=$(curl -s -X POST "$URL/v1/events?ack=none" \
