@@ -2,6 +2,7 @@
 //! tree-ensemble evaluator for XGBoost JSON and LightGBM text models (the model repository,
 //! ONNX via tract, batching and version routing come with the rest of the model work).
 
+pub mod repository;
 pub mod trees;
 
 #[derive(Debug, thiserror::Error)]

@@ -9,6 +9,7 @@ mod ingest;
 mod json_out;
 pub mod node;
 mod ops;
+mod predict;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/features", post(features::post_features))
         .route("/v1/features/historical", post(features::post_historical))
         .route("/get-online-features", post(features::post_features))
+        .route("/v1/models", get(predict::list_models))
+        .route("/v1/models/{model}/predict", post(predict::predict))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -30,6 +30,10 @@ pub enum NodeError {
 
 pub struct Node {
     pub config: Config,
+    /// Models from `models.repository`, loaded at start.
+    pub models: std::collections::BTreeMap<String, quiver_model::repository::LoadedModel>,
+    /// Models the repository holds but that did not load (bad config, file or inputs).
+    pub model_errors: Vec<quiver_model::repository::RepositoryError>,
     /// The PostgreSQL history sink, when `history.postgres_url` is set.
     pub history: Option<quiver_connect::history::HistorySink>,
     pub schema: Arc<Schema>,
@@ -83,8 +87,15 @@ impl Node {
             )?),
             None => None,
         };
+        let (models, model_errors) =
+            quiver_model::repository::load(&config.models.repository, &schema);
+        for e in &model_errors {
+            tracing::error!(error = %e, "model not loaded");
+        }
         Ok(Node {
             config,
+            models,
+            model_errors,
             history,
             schema,
             log,
