@@ -67,6 +67,9 @@ pub struct LoadedModel {
     pub name: String,
     pub runtime: String,
     pub inputs: Vec<Input>,
+    /// The feature inputs grouped by view, so a predict reads each entity row once:
+    /// (view, columns to read, position of each in the input vector).
+    pub reads: Vec<(ViewId, Vec<FeatureIdx>, Vec<usize>)>,
     pub output: String,
     /// Ascending; the default version is the last.
     pub versions: Vec<LoadedVersion>,
@@ -177,10 +180,23 @@ fn load_model(dir: &Path, name: &str, schema: &Schema) -> Result<LoadedModel, St
         .map(|o| o.name.clone())
         .unwrap_or_else(|| "score".into());
     tracing::info!(model = name, versions = versions.len(), "model loaded");
+    let mut reads: Vec<(ViewId, Vec<FeatureIdx>, Vec<usize>)> = Vec::new();
+    for (pos, input) in inputs.iter().enumerate() {
+        if let Input::Feature { view, column, .. } = input {
+            match reads.iter_mut().find(|r| r.0 == *view) {
+                Some(r) => {
+                    r.1.push(*column);
+                    r.2.push(pos);
+                }
+                None => reads.push((*view, vec![*column], vec![pos])),
+            }
+        }
+    }
     Ok(LoadedModel {
         name: name.to_string(),
         runtime: config.runtime,
         inputs,
+        reads,
         output,
         versions,
     })

@@ -191,7 +191,7 @@ async fn read_after_state(state: &AppState, headers: &HeaderMap) -> Result<(), A
 }
 
 /// Appends one instance's input vector to `rows`; returns the features that were missing or
-/// stale (their defaults were used).
+/// stale (their defaults were used). One store read per view the model uses.
 fn gather(
     state: &AppState,
     model: &LoadedModel,
@@ -201,76 +201,80 @@ fn gather(
 ) -> Result<Vec<Json_>, ApiError> {
     let schema = &state.node.schema;
     let mut missing = Vec::new();
-    let mut read = Vec::with_capacity(1);
-    for input in &model.inputs {
-        match input {
-            Input::Feature {
-                view,
-                column,
-                name,
-                default,
-            } => {
-                let v = schema.view(*view);
-                let key_col = &schema.entity_of(v).key;
-                let key = match inst.entities.get(key_col) {
-                    Some(Json_::String(s)) => s.clone(),
-                    Some(Json_::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
-                    _ => {
-                        return Err(ApiError::bad_request(
-                            "MISSING_ENTITY",
-                            format!("entities must give {key_col:?} (for {name})"),
-                        )
-                        .with_details(json!({"entity_key": key_col})))
-                    }
-                };
-                read.clear();
-                state
-                    .node
-                    .store
-                    .read(*view, &key, &[*column], now, &mut read);
-                let r = &read[0];
-                let x = match (&r.status, &r.value) {
-                    (Status::Present, Value::F64(x)) => Some(*x),
-                    (Status::Present, Value::I64(x)) => Some(*x as f64),
-                    (Status::Present, Value::Bool(b)) => Some(f64::from(u8::from(*b))),
-                    _ => None,
-                };
-                match x {
-                    Some(x) => rows.push(x),
-                    None => {
-                        missing.push(json!({"feature": name, "status": r.status.as_str()}));
-                        rows.push(*default);
-                    }
-                }
+    let start = rows.len();
+    rows.resize(start + model.inputs.len(), f64::NAN);
+    let mut read = Vec::new();
+    for (view, columns, positions) in &model.reads {
+        let v = schema.view(*view);
+        let key_col = &schema.entity_of(v).key;
+        let key = match inst.entities.get(key_col) {
+            Some(Json_::String(s)) => s.clone(),
+            Some(Json_::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "MISSING_ENTITY",
+                    format!("entities must give {key_col:?} (for view {:?})", v.name),
+                )
+                .with_details(json!({"entity_key": key_col})))
             }
-            Input::Request { name, default } => {
-                let x = match inst.features.get(name) {
-                    Some(Json_::Number(n)) => n.as_f64(),
-                    Some(Json_::Bool(b)) => Some(f64::from(u8::from(*b))),
-                    None | Some(Json_::Null) => None,
-                    Some(_) => {
-                        return Err(ApiError::bad_request(
-                            "BAD_FEATURE",
-                            format!("features.{name} must be a number or boolean"),
-                        )
-                        .with_details(json!({"feature": name})))
-                    }
-                };
-                match (x, default) {
-                    (Some(x), _) => rows.push(x),
-                    // An omitted request value with a declared default is the config working as
-                    // intended; `missing` reports store features that were absent or stale.
-                    (None, Some(d)) => rows.push(*d),
-                    (None, None) => {
-                        return Err(ApiError::bad_request(
-                            "MISSING_FEATURE",
-                            format!("features.{name} is required (request-time value)"),
-                        )
-                        .with_details(json!({"feature": name})))
-                    }
+        };
+        read.clear();
+        state.node.store.read(*view, &key, columns, now, &mut read);
+        for (r, &pos) in read.iter().zip(positions) {
+            let x = match (&r.status, &r.value) {
+                (Status::Present, Value::F64(x)) => Some(*x),
+                (Status::Present, Value::I64(x)) => Some(*x as f64),
+                (Status::Present, Value::Bool(b)) => Some(f64::from(u8::from(*b))),
+                _ => None,
+            };
+            let Input::Feature { name, default, .. } = &model.inputs[pos] else {
+                unreachable!("reads hold feature inputs")
+            };
+            rows[start + pos] = match x {
+                Some(x) => x,
+                None => {
+                    missing.push(json!({"feature": name, "status": r.status.as_str()}));
+                    *default
                 }
-            }
+            };
         }
     }
+    for (pos, input) in model.inputs.iter().enumerate() {
+        let Input::Request { name, default } = input else {
+            continue;
+        };
+        let x = match inst.features.get(name) {
+            Some(Json_::Number(n)) => n.as_f64(),
+            Some(Json_::Bool(b)) => Some(f64::from(u8::from(*b))),
+            None | Some(Json_::Null) => None,
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "BAD_FEATURE",
+                    format!("features.{name} must be a number or boolean"),
+                )
+                .with_details(json!({"feature": name})))
+            }
+        };
+        // An omitted request value with a declared default is the config working as
+        // intended; `missing` reports store features that were absent or stale.
+        rows[start + pos] = match (x, default) {
+            (Some(x), _) => x,
+            (None, Some(d)) => *d,
+            (None, None) => {
+                return Err(ApiError::bad_request(
+                    "MISSING_FEATURE",
+                    format!("features.{name} is required (request-time value)"),
+                )
+                .with_details(json!({"feature": name})))
+            }
+        };
+    }
+    // Features in input order, as before the grouping.
+    missing.sort_by_key(|m| {
+        model
+            .inputs
+            .iter()
+            .position(|i| matches!(i, Input::Feature { name, .. } if m["feature"] == *name))
+    });
     Ok(missing)
 }
