@@ -5,6 +5,7 @@ Outputs (small, committed, so tests need no Python):
   crates/model/tests/fixtures/xgb_binary.json      XGBoost JSON (binary:logistic)
   crates/model/tests/fixtures/lgbm_binary.txt      LightGBM text (binary)
   crates/model/tests/fixtures/reference.json       inputs (with NaNs) and each library's P(class 1)
+  benchmarks/models/gbdt32/1/model.txt             the benchmark GBDT (100 trees, depth 6, 32 features)
 
 Usage: pip install numpy scikit-learn xgboost lightgbm; python3 scripts/make_models.py
 """
@@ -53,6 +54,14 @@ def main():
         json.dump({"inputs": rows, "xgboost": [float(p) for p in xgb_p], "lightgbm": [float(p) for p in lgb_p],
                    "versions": {"xgboost": xgb.__version__, "lightgbm": lgb.__version__}}, f)
     print("wrote", OUT)
+
+    # The benchmark model: 100 trees of depth 6 on 32 features (BENCHMARKS.md, `quiver bench predict`).
+    bench = os.path.join(HERE, "..", "benchmarks", "models", "gbdt32", "1")
+    os.makedirs(bench, exist_ok=True)
+    bm = lgb.LGBMClassifier(n_estimators=100, num_leaves=64, max_depth=6, learning_rate=0.1, random_state=7, verbose=-1)
+    bm.fit(x, y)
+    bm.booster_.save_model(os.path.join(bench, "model.txt"))
+    print("wrote", bench)
 
 
 if __name__ == "__main__":

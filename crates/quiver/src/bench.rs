@@ -79,6 +79,8 @@ fsync = "batch"
 ingest_queue_events_max = 262144
 [store]
 snapshot_interval = "1h"
+[models]
+repository = "{models}"
 [[entity]]
 name = "user"
 key = "user_id"
@@ -107,7 +109,8 @@ features = [{{ name = "amount", type = "f64" }}]
 aggregations = [{{ name = "amount_sum_24h", of = "amount", fn = "sum", window = "24h", tile = "5m" }}]
 "#,
         dir.display(),
-        features.join(", ")
+        features.join(", "),
+        models = concat!(env!("CARGO_MANIFEST_DIR"), "/../../benchmarks/models"),
     );
     Ok(quiver_core::Config::from_toml_with_env(
         &text,
@@ -212,10 +215,10 @@ fn us(h: &Histogram<u64>, q: f64) -> f64 {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let scenarios: Vec<&str> = match args.scenario.as_str() {
-        "all" => vec!["ingest", "lookup", "memory", "aggregations", "history"],
-        s @ ("ingest" | "lookup" | "memory" | "aggregations" | "history") => vec![s],
+        "all" => vec!["ingest", "lookup", "memory", "aggregations", "history", "predict"],
+        s @ ("ingest" | "lookup" | "memory" | "aggregations" | "history" | "predict") => vec![s],
         other => anyhow::bail!(
-            "unknown scenario {other:?}: ingest | lookup | memory | aggregations | history | all"
+            "unknown scenario {other:?}: ingest | lookup | memory | aggregations | history | predict | all"
         ),
     };
     let mut results = serde_json::Map::new();
@@ -225,7 +228,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "lookup" => bench_lookup(&args)?,
             "memory" => bench_memory(&args)?,
             "aggregations" => bench_aggregations(&args)?,
-            _ => bench_history(&args)?,
+            "history" => bench_history(&args)?,
+            _ => bench_predict(&args)?,
         };
         results.insert(s.to_string(), r);
     }
@@ -416,6 +420,8 @@ type Phase = (usize, &'static str, Peer, f64, Histogram<u64>, u64);
 enum Peer {
     Quiver = 0,
     Redis = 1,
+    /// Quiver predict: the same lookup plus the 100-tree GBDT.
+    Predict = 2,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -592,13 +598,13 @@ async fn closed_loop(
             let mut rng = rand::rngs::StdRng::seed_from_u64(c as u64);
             let mut h = histogram();
             let mut http = match peer {
-                Peer::Quiver => Some(connect(addr).await?),
+                Peer::Quiver | Peer::Predict => Some(connect(addr).await?),
                 Peer::Redis => None,
             };
             // One connection per worker, as HTTP keep-alive: not a shared multiplexed one.
             let mut con = match peer {
                 Peer::Redis => Some(redis.get_multiplexed_async_connection().await?),
-                Peer::Quiver => None,
+                Peer::Quiver | Peer::Predict => None,
             };
             while !stop.load(Ordering::Relaxed) {
                 let i = if uniform {
@@ -608,6 +614,17 @@ async fn closed_loop(
                 };
                 let t = Instant::now();
                 let ok = match peer {
+                    Peer::Predict => {
+                        let body = Bytes::from(format!(r#"{{"entities":{{"user_id":"e{i}"}}}}"#));
+                        let (status, _) = request(
+                            http.as_mut().expect("http"),
+                            "POST",
+                            "/v1/models/gbdt32/predict",
+                            body,
+                        )
+                        .await?;
+                        status == 200
+                    }
                     Peer::Quiver => {
                         let uri = format!("/v1/features/row/e{i}");
                         let (status, _) =
@@ -932,4 +949,146 @@ fn bench_history(args: &BenchArgs) -> Result<Value> {
 
 fn postgres_client(url: &str) -> Result<postgres::Client> {
     Ok(postgres::Client::connect(url, postgres::NoTls)?)
+}
+
+/// Predict (lookup + a 100-tree depth-6 GBDT on the entity's 32 features) against the same
+/// lookup alone, same keys and connections, interleaved rounds; plus the model's own per-row
+/// time at batch 1 and 256, in process.
+fn bench_predict(args: &BenchArgs) -> Result<Value> {
+    let q = start_embedded()?;
+    anyhow::ensure!(
+        q.node.models.contains_key("gbdt32"),
+        "benchmarks/models/gbdt32 did not load: {:?}",
+        q.node
+            .model_errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+    );
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (n, conns, warmup, duration, repeat) = (
+        args.entities,
+        args.connections,
+        args.warmup,
+        args.duration,
+        args.repeat.max(1),
+    );
+    let addr = q.addr;
+    let node = q.node.clone();
+    let redis = redis::Client::open(args.redis.as_str())?;
+    let rows = client_rt.block_on(async move {
+        let mut sender = connect(addr).await?;
+        for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+            let lines: Vec<String> = chunk
+                .iter()
+                .map(|&i| {
+                    let values: Vec<String> = (0..FEATURES)
+                        .map(|f| format!("\"f{f}\":{}", ((i * 31 + f) % 97) as f64 / 48.0 - 1.0))
+                        .collect();
+                    format!(
+                        r#"{{"view":"row","key":"e{i}","values":{{{}}}}}"#,
+                        values.join(",")
+                    )
+                })
+                .collect();
+            let (status, body) = request(
+                &mut sender,
+                "POST",
+                "/v1/events",
+                Bytes::from(lines.join("\n")),
+            )
+            .await?;
+            anyhow::ensure!(
+                status == 200,
+                "loading failed: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        while (0..node.log.partitions())
+            .any(|p| node.store.applied_offset(p) < node.log.durable_offset(p))
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut rows = Vec::new();
+        for round in 0..repeat {
+            for peer in [Peer::Quiver, Peer::Predict] {
+                let (ops, h, errors) = closed_loop(
+                    peer, "uniform", addr, &redis, "", n, conns, warmup, duration,
+                )
+                .await?;
+                rows.push((round, peer as usize, ops, h, errors));
+            }
+        }
+        anyhow::Ok(rows)
+    })?;
+    // The model alone, in process.
+    let model = q.node.models["gbdt32"]
+        .versions
+        .last()
+        .expect("a version")
+        .model
+        .clone();
+    let input: Vec<f64> = (0..256 * FEATURES)
+        .map(|i| ((i * 7) % 97) as f64 / 48.0 - 1.0)
+        .collect();
+    let per_row_us = |batch: usize| {
+        let mut out = vec![0.0; batch];
+        let iters = (200_000 / batch).max(10);
+        let t = Instant::now();
+        for k in 0..iters {
+            let start = (k % (256 - batch + 1)) * FEATURES;
+            model
+                .predict(&input[start..start + batch * FEATURES], &mut out)
+                .expect("shapes match");
+            std::hint::black_box(&out);
+        }
+        t.elapsed().as_secs_f64() * 1e6 / (iters * batch) as f64
+    };
+    let (b1, b256) = (per_row_us(1), per_row_us(256));
+    let pick = |peer: usize, f: &dyn Fn(&(usize, usize, f64, Histogram<u64>, u64)) -> f64| {
+        median(rows.iter().filter(|r| r.1 == peer).map(f).collect())
+    };
+    let ratios: Vec<f64> = (0..repeat)
+        .map(|round| {
+            let get = |peer| {
+                rows.iter()
+                    .find(|r| r.0 == round && r.1 == peer)
+                    .map(|r| r.2)
+                    .unwrap_or(0.0)
+            };
+            get(2) / get(0).max(1e-9)
+        })
+        .collect();
+    let ratio = median(ratios);
+    println!("\n## predict vs lookup: {n} entities × {FEATURES} features, {conns} connections, median of {repeat} round(s)\n");
+    println!("| path | ops/s | p50 µs | p99 µs | errors |\n|---|---|---|---|---|");
+    for (peer, name) in [
+        (0, "lookup GET /v1/features/row/{key}"),
+        (2, "predict POST /v1/models/gbdt32/predict"),
+    ] {
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.0} | {} |",
+            pick(peer, &|r| r.2),
+            pick(peer, &|r| us(&r.3, 0.5)),
+            pick(peer, &|r| us(&r.3, 0.99)),
+            rows.iter()
+                .filter(|r| r.1 == peer)
+                .map(|r| r.4)
+                .sum::<u64>()
+        );
+    }
+    println!("\npredict / lookup throughput: **{ratio:.2}×**\n");
+    println!("| model alone (100 trees, depth 6, 32 features) | µs per row |\n|---|---|\n| batch 1 | {b1:.2} |\n| batch 256 | {b256:.2} |");
+    q.node.shutdown();
+    Ok(json!({
+        "lookup_ops_per_s": pick(0, &|r| r.2),
+        "predict_ops_per_s": pick(2, &|r| r.2),
+        "predict_p99_us": pick(2, &|r| us(&r.3, 0.99)),
+        "predict_throughput_vs_lookup": ratio,
+        "model_us_per_row_batch1": b1,
+        "model_us_per_row_batch256": b256,
+    }))
 }

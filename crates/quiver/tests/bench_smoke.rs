@@ -62,6 +62,9 @@ fn bench_scenarios_report_real_work() {
         "{a}"
     );
     assert_eq!(a["ring_bytes"].as_f64(), Some(2328.0));
+    let p = &r["predict"];
+    assert!(p["predict_ops_per_s"].as_f64().unwrap() > 0.0, "{p}");
+    assert!(p["model_us_per_row_batch1"].as_f64().unwrap() > 0.0, "{p}");
     let h = &r["history"];
     assert!(h["drain_rows_per_s"].as_f64().unwrap() > 0.0, "{h}");
     assert!(
