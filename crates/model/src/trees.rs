@@ -341,24 +341,8 @@ impl Forest {
             inputs,
         };
         for (ti, s) in sections.iter().enumerate() {
-            let floats = |k: &str| -> Result<Vec<f64>> {
-                get(s, k)?
-                    .split_whitespace()
-                    .map(|v| {
-                        v.parse::<f64>()
-                            .map_err(|e| ModelError::Parse(format!("tree {ti} {k}: {e}")))
-                    })
-                    .collect()
-            };
-            let ints = |k: &str| -> Result<Vec<i64>> {
-                get(s, k)?
-                    .split_whitespace()
-                    .map(|v| {
-                        v.parse::<i64>()
-                            .map_err(|e| ModelError::Parse(format!("tree {ti} {k}: {e}")))
-                    })
-                    .collect()
-            };
+            let floats = |k: &str| list::<f64>(&get(s, k)?, ti, k);
+            let ints = |k: &str| list::<i64>(&get(s, k)?, ti, k);
             let leaves = floats("leaf_value")?;
             let base = forest.nodes.len() as u32;
             forest.roots.push(base);
@@ -476,6 +460,19 @@ impl Forest {
         }
         Ok(())
     }
+}
+
+/// A LightGBM list field (`1 2 3`), each element parsed as `T`.
+fn list<T: std::str::FromStr>(text: &str, tree: usize, key: &str) -> Result<Vec<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    text.split_whitespace()
+        .map(|v| {
+            v.parse::<T>()
+                .map_err(|e| ModelError::Parse(format!("tree {tree} {key}: {e}")))
+        })
+        .collect()
 }
 
 impl Model for Forest {

@@ -205,6 +205,27 @@ async fn measure_window(
     elapsed
 }
 
+/// POSTs NDJSON lines to `/v1/events`, failing on anything but 200.
+async fn post_events(sender: &mut Sender, lines: &[String]) -> Result<()> {
+    let (status, body) =
+        request(sender, "POST", "/v1/events", Bytes::from(lines.join("\n"))).await?;
+    anyhow::ensure!(
+        status == 200,
+        "ingest failed: {}",
+        String::from_utf8_lossy(&body)
+    );
+    Ok(())
+}
+
+/// Waits until the store has applied everything durable in the log.
+async fn wait_all_applied(node: &quiver_server::Node) {
+    while (0..node.log.partitions())
+        .any(|p| node.store.applied_offset(p) < node.log.durable_offset(p))
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
 }
@@ -472,25 +493,10 @@ fn bench_lookup(args: &BenchArgs) -> Result<Value> {
                 }
                 pipe.add_command(cmd).ignore();
             }
-            let (status, body) = request(
-                &mut sender,
-                "POST",
-                "/v1/events",
-                Bytes::from(lines.join("\n")),
-            )
-            .await?;
-            anyhow::ensure!(
-                status == 200,
-                "loading Quiver failed: {}",
-                String::from_utf8_lossy(&body)
-            );
+            post_events(&mut sender, &lines).await?;
             pipe.query_async::<()>(&mut con).await?;
         }
-        while (0..node.log.partitions())
-            .any(|p| node.store.applied_offset(p) < node.log.durable_offset(p))
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_all_applied(&node).await;
         let mut rows = Vec::new();
         for round in 0..repeat.max(1) {
             for dist in ["uniform", "zipf"] {
@@ -994,24 +1000,9 @@ fn bench_predict(args: &BenchArgs) -> Result<Value> {
                     )
                 })
                 .collect();
-            let (status, body) = request(
-                &mut sender,
-                "POST",
-                "/v1/events",
-                Bytes::from(lines.join("\n")),
-            )
-            .await?;
-            anyhow::ensure!(
-                status == 200,
-                "loading failed: {}",
-                String::from_utf8_lossy(&body)
-            );
+            post_events(&mut sender, &lines).await?;
         }
-        while (0..node.log.partitions())
-            .any(|p| node.store.applied_offset(p) < node.log.durable_offset(p))
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_all_applied(&node).await;
         let mut rows = Vec::new();
         for round in 0..repeat {
             for peer in [Peer::Quiver, Peer::Predict] {
