@@ -957,6 +957,9 @@ fn postgres_client(url: &str) -> Result<postgres::Client> {
     Ok(postgres::Client::connect(url, postgres::NoTls)?)
 }
 
+/// One measured phase of `predict`: (round, path, ops/s, latencies, errors).
+type PredictPhase = (usize, usize, f64, Histogram<u64>, u64);
+
 /// Predict (lookup + a 100-tree depth-6 GBDT on the entity's 32 features) against the same
 /// lookup alone, same keys and connections, interleaved rounds; plus the model's own per-row
 /// time at batch 1 and 256, in process.
@@ -1039,7 +1042,7 @@ fn bench_predict(args: &BenchArgs) -> Result<Value> {
         t.elapsed().as_secs_f64() * 1e6 / (iters * batch) as f64
     };
     let (b1, b256) = (per_row_us(1), per_row_us(256));
-    let pick = |peer: usize, f: &dyn Fn(&(usize, usize, f64, Histogram<u64>, u64)) -> f64| {
+    let pick = |peer: usize, f: &dyn Fn(&PredictPhase) -> f64| {
         median(rows.iter().filter(|r| r.1 == peer).map(f).collect())
     };
     let ratios: Vec<f64> = (0..repeat)
