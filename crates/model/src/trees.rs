@@ -42,6 +42,20 @@ struct Node {
 }
 
 const LEAF: u32 = u32::MAX;
+
+impl Node {
+    fn leaf(value: f64) -> Node {
+        // `rule` and `default_left` are never read on a leaf.
+        Node {
+            feature: LEAF,
+            value,
+            left: 0,
+            right: 0,
+            default_left: false,
+            rule: Rule::XgbLess,
+        }
+    }
+}
 /// LightGBM's `kZeroThreshold`.
 const ZERO_THRESHOLD: f64 = 1e-35;
 
@@ -353,14 +367,7 @@ impl Forest {
                 let value = *leaves
                     .first()
                     .ok_or_else(|| ModelError::Parse(format!("tree {ti}: no leaf")))?;
-                forest.nodes.push(Node {
-                    feature: LEAF,
-                    value,
-                    left: 0,
-                    right: 0,
-                    default_left: false,
-                    rule: Rule::XgbLess,
-                });
+                forest.nodes.push(Node::leaf(value));
                 continue;
             }
             let (feat, thr, dec, lc, rc) = (
@@ -420,14 +427,7 @@ impl Forest {
                 });
             }
             for &value in &leaves {
-                forest.nodes.push(Node {
-                    feature: LEAF,
-                    value,
-                    left: 0,
-                    right: 0,
-                    default_left: false,
-                    rule: Rule::XgbLess,
-                });
+                forest.nodes.push(Node::leaf(value));
             }
         }
         forest.check()?;

@@ -122,12 +122,7 @@ fn kill9_during_durable_ingest_loses_no_acked_event_and_applies_none_twice() {
 #[test]
 fn a_full_queue_answers_503_with_retry_after_and_memory_stays_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let config = CONFIG
-        .replace("fsync = \"batch\"", "fsync = \"always\"")
-        .replace(
-            "[log]",
-            "[limits]\ningest_queue_events_max = 200\nbatch_events_max = 100\n\n[log]",
-        );
+    let config = tiny_queue_config();
     let server = Server::start(dir.path(), &config);
     let url = server.url.clone();
     let rss_before = server.rss_bytes();
@@ -192,12 +187,7 @@ fn a_full_queue_answers_503_with_retry_after_and_memory_stays_bounded() {
 #[test]
 fn push_retries_through_backpressure_and_lands_everything_once() {
     let dir = tempfile::tempdir().unwrap();
-    let config = CONFIG
-        .replace("fsync = \"batch\"", "fsync = \"always\"")
-        .replace(
-            "[log]",
-            "[limits]\ningest_queue_events_max = 200\nbatch_events_max = 100\n\n[log]",
-        );
+    let config = tiny_queue_config();
     let server = Server::start(dir.path(), &config);
     let lines: Vec<String> = (0..4000)
         .map(|i| event(&format!("p{i}"), i, Some(&format!("e{i}"))))
@@ -262,8 +252,7 @@ fn push_retries_through_backpressure_and_lands_everything_once() {
 fn history_sink_survives_kill9_mid_stream_without_loss_or_duplicates() {
     let dir = tempfile::tempdir().unwrap();
     let table = format!("qh_kill_{}", std::process::id());
-    let pg = "host=127.0.0.1 port=5432 user=postgres dbname=test";
-    let config = CONFIG.replace("[log]", &format!("[history]\npostgres_url = \"{pg}\"\ntable = \"{table}\"\nbatch_rows_max = 200\n\n[log]"));
+    let config = history_config(&table, "batch_rows_max = 200");
     let server = Server::start(dir.path(), &config);
     let url = server.url.clone();
     let stop = Arc::new(AtomicBool::new(false));
@@ -305,34 +294,21 @@ fn history_sink_survives_kill9_mid_stream_without_loss_or_duplicates() {
         total >= 300.0,
         "the stream ran before the kill ({total} records)"
     );
-    let mut client = postgres::Client::connect(pg, postgres::NoTls).unwrap();
-    let count = |c: &mut postgres::Client| -> (i64, i64) {
-        let row = c
-            .query_one(
-                &format!("SELECT count(*), count(DISTINCT (partition, log_offset)) FROM {table}"),
-                &[],
-            )
-            .unwrap();
-        (row.get(0), row.get(1))
-    };
+    let mut client = postgres::Client::connect(PG, postgres::NoTls).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while count(&mut client).0 < total as i64 {
+    while history_counts(&mut client, &table).0 < total as i64 {
         assert!(
             std::time::Instant::now() < deadline,
             "history stuck at {:?} of {total}",
-            count(&mut client)
+            history_counts(&mut client, &table)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let (rows, distinct) = count(&mut client);
-    client
-        .batch_execute(&format!(
-            "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {table}_migrations;"
-        ))
-        .unwrap();
+    let counts = history_counts(&mut client, &table);
+    drop_history(&mut client, &table);
     assert_eq!(
-        (rows, distinct),
+        counts,
         (total as i64, total as i64),
         "every log record once in PostgreSQL"
     );

@@ -379,12 +379,7 @@ fn aggregations_are_served_on_every_read_path() {
 fn history_sink_writes_every_event_to_postgres() {
     let dir = tempfile::tempdir().unwrap();
     let table = format!("qh_e2e_{}", std::process::id());
-    let pg = "host=127.0.0.1 port=5432 user=postgres dbname=test";
-    let config = CONFIG.replace(
-        "[log]",
-        &format!("[history]\npostgres_url = \"{pg}\"\ntable = \"{table}\"\n\n[log]"),
-    );
-    let server = Server::start(dir.path(), &config);
+    let server = Server::start(dir.path(), &history_config(&table, ""));
     let events: Vec<String> = (0..300)
         .map(|i| event(&format!("h{i}"), i, Some(&format!("id{i}"))))
         .collect();
@@ -401,37 +396,15 @@ fn history_sink_writes_every_event_to_postgres() {
             .0,
         200
     );
-    let mut client = postgres::Client::connect(pg, postgres::NoTls).unwrap();
+    let mut client = postgres::Client::connect(PG, postgres::NoTls).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let count = loop {
-        let exists: bool = client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
-            .unwrap()
-            .get(0);
-        let n: i64 = if exists {
-            client
-                .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-                .unwrap()
-                .get(0)
-        } else {
-            0
-        };
-        if n >= 300 || std::time::Instant::now() > deadline {
-            break n;
-        }
+    while history_counts(&mut client, &table).0 < 300 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    }
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let after: i64 = client
-        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-        .unwrap()
-        .get(0);
-    client
-        .batch_execute(&format!(
-            "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {table}_migrations;"
-        ))
-        .unwrap();
-    assert_eq!((count, after), (300, 300));
+    let rows = history_counts(&mut client, &table).0;
+    drop_history(&mut client, &table);
+    assert_eq!(rows, 300, "300 distinct events, the 50 re-sent ones once");
     assert_eq!(
         server.metric("quiver_history_rows_written_total"),
         350.0,

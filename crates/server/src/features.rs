@@ -330,6 +330,8 @@ async fn post_features_inner(
         }
         let features: Vec<FeatureIdx> = wanted.iter().map(|(_, f)| *f).collect();
         let keys = &columns[key_col_of_view[view].expect("resolved above")].1;
+        // Point-in-time reads the log (and maybe PostgreSQL) synchronously: `block_in_place`
+        // moves this worker's other tasks away meanwhile (the server runs a multi-thread runtime).
         let historical = match &instants {
             Some(ts) => Some(tokio::task::block_in_place(|| {
                 read_historical(state, view as ViewId, &features, keys, ts)

@@ -34,6 +34,53 @@ features = [
 ]
 "#;
 
+/// `CONFIG` with a 200-event ingest queue, 100-event batches and an fsync per request, so a
+/// few concurrent writers overflow the queue.
+pub fn tiny_queue_config() -> String {
+    CONFIG
+        .replace("fsync = \"batch\"", "fsync = \"always\"")
+        .replace(
+            "[log]",
+            "[limits]\ningest_queue_events_max = 200\nbatch_events_max = 100\n\n[log]",
+        )
+}
+
+pub const PG: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
+
+/// `CONFIG` with the history sink writing to `table` in the test PostgreSQL.
+pub fn history_config(table: &str, extra: &str) -> String {
+    CONFIG.replace(
+        "[log]",
+        &format!("[history]\npostgres_url = \"{PG}\"\ntable = \"{table}\"\n{extra}\n[log]"),
+    )
+}
+
+/// Rows and distinct log positions in a history table (0, 0 before it exists).
+pub fn history_counts(client: &mut postgres::Client, table: &str) -> (i64, i64) {
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .unwrap()
+        .get(0);
+    if !exists {
+        return (0, 0);
+    }
+    let row = client
+        .query_one(
+            &format!("SELECT count(*), count(DISTINCT (partition, log_offset)) FROM {table}"),
+            &[],
+        )
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+pub fn drop_history(client: &mut postgres::Client, table: &str) {
+    client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {table}_migrations;"
+        ))
+        .unwrap();
+}
+
 pub struct Server {
     pub child: Child,
     pub url: String,
