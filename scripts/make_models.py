@@ -5,16 +5,29 @@ Outputs (small, committed, so tests need no Python):
   crates/model/tests/fixtures/xgb_binary.json      XGBoost JSON (binary:logistic)
   crates/model/tests/fixtures/lgbm_binary.txt      LightGBM text (binary)
   crates/model/tests/fixtures/reference.json       inputs (with NaNs) and each library's P(class 1)
+  crates/model/tests/fixtures/onnx_*.onnx          ONNX models (skl2onnx, onnxmltools), zipmap=False
+  crates/model/tests/fixtures/onnx_reference.json  their inputs and onnxruntime's outputs
   benchmarks/models/gbdt32/1/model.txt             the benchmark GBDT (100 trees, depth 6, 32 features)
+  benchmarks/models/gbdt32_onnx/1/model.onnx       the same GBDT converted by onnxmltools
+  benchmarks/models/gbdt32/rows.json               rows the per-row runtime benchmark evaluates
 
-Usage: pip install numpy scikit-learn xgboost lightgbm; python3 scripts/make_models.py
+Usage: pip install numpy scikit-learn xgboost lightgbm skl2onnx onnxmltools onnxruntime
+       python3 scripts/make_models.py
 """
 import json
 import os
 
 import lightgbm as lgb
 import numpy as np
+import onnxmltools
+import onnxruntime as ort
+import sklearn
+import skl2onnx
 import xgboost as xgb
+from onnxmltools.convert.common.data_types import FloatTensorType
+from sklearn.ensemble import GradientBoostingClassifier, RandomForestRegressor
+from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.neural_network import MLPClassifier
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "..", "crates", "model", "tests", "fixtures")
@@ -61,7 +74,91 @@ def main():
     bm = lgb.LGBMClassifier(n_estimators=100, num_leaves=64, max_depth=6, learning_rate=0.1, random_state=7, verbose=-1)
     bm.fit(x, y)
     bm.booster_.save_model(os.path.join(bench, "model.txt"))
-    print("wrote", bench)
+    bench_onnx = os.path.join(HERE, "..", "benchmarks", "models", "gbdt32_onnx", "1")
+    os.makedirs(bench_onnx, exist_ok=True)
+    save_onnx(onnxmltools.convert_lightgbm(bm.booster_, initial_types=[("input", FloatTensorType([None, FEATURES]))],
+                                           zipmap=False, target_opset=15),
+              os.path.join(bench_onnx, "model.onnx"))
+    xb, _ = data(256, np.random.default_rng(11))
+    with open(os.path.join(bench, "..", "rows.json"), "w") as f:
+        json.dump([[None if np.isnan(v) else round(float(v), 6) for v in row] for row in xb], f)
+    print("wrote", bench, bench_onnx)
+
+    onnx_models(rng)
+    quickstart_model()
+
+
+def quickstart_model():
+    """The quickstart's fraud model: logistic regression (ONNX) on
+    [txn:amount, txn:amount_sum_1h, txn:txn_count_5m, profile:age_days, request:amount]."""
+    rng = np.random.default_rng(3)
+    n = 5000
+    amount = rng.gamma(2.0, 30.0, n)
+    sum_1h = amount * rng.uniform(1, 6, n)
+    count_5m = rng.poisson(2, n).astype(float)
+    age = rng.uniform(0, 2000, n)
+    req = rng.gamma(2.0, 30.0, n)
+    logit = 0.02 * req + 0.004 * sum_1h + 0.5 * count_5m - 0.002 * age - 3
+    y = (logit + rng.normal(size=n) > 0).astype(int)
+    x = np.stack([amount, sum_1h, count_5m, age, req], axis=1).astype(np.float32)
+    lr = LogisticRegression(max_iter=1000).fit(x, y)
+    out = os.path.join(HERE, "..", "examples", "quickstart", "models", "fraud", "1")
+    os.makedirs(out, exist_ok=True)
+    save_onnx(skl2onnx.to_onnx(lr, x[:1], options={id(lr): {"zipmap": False}},
+                               target_opset={"": 15, "ai.onnx.ml": 3}),
+              os.path.join(out, "model.onnx"))
+    print("wrote", out)
+
+
+def save_onnx(model, path):
+    # Fixed producer fields so that regenerating gives the same bytes.
+    model.producer_version = ""
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+
+
+def onnx_models(rng):
+    """ONNX models of each kind Quiver runs, with onnxruntime's outputs as the reference."""
+    width = 8
+    x = rng.normal(size=(2000, width)).astype(np.float32)
+    logit = x[:, 0] * 1.5 - x[:, 1] + 0.5 * x[:, 2] * x[:, 3]
+    y = (logit + rng.normal(scale=0.5, size=len(x)) > 0).astype(int)
+    dense = rng.normal(size=(200, width)).astype(np.float32)
+    missing = dense.copy()
+    missing[rng.random(size=missing.shape) < 0.1] = np.nan  # trees route NaN by their rules
+    opset = {"": 15, "ai.onnx.ml": 3}
+    no_zipmap = lambda m: {id(m): {"zipmap": False}}
+    models = {}
+    lr = LogisticRegression().fit(x, y)
+    models["onnx_logreg"] = (skl2onnx.to_onnx(lr, x[:1], options=no_zipmap(lr), target_opset=opset), dense)
+    lin = LinearRegression().fit(x, logit)
+    models["onnx_linreg"] = (skl2onnx.to_onnx(lin, x[:1], target_opset=opset), dense)
+    mlp = MLPClassifier(hidden_layer_sizes=(16, 8), max_iter=500, random_state=7).fit(x, y)
+    models["onnx_mlp"] = (skl2onnx.to_onnx(mlp, x[:1], options=no_zipmap(mlp), target_opset=opset), dense)
+    gb = GradientBoostingClassifier(n_estimators=20, max_depth=3, random_state=7).fit(x, y)
+    models["onnx_skgb"] = (skl2onnx.to_onnx(gb, x[:1], options=no_zipmap(gb), target_opset=opset), missing)
+    rf = RandomForestRegressor(n_estimators=10, max_depth=4, random_state=7).fit(x, logit)
+    models["onnx_rf"] = (skl2onnx.to_onnx(rf, x[:1], target_opset=opset), missing)
+    xm = x.copy()
+    xm[rng.random(size=xm.shape) < 0.1] = np.nan
+    lm = lgb.LGBMClassifier(n_estimators=20, num_leaves=15, random_state=7, verbose=-1).fit(xm, y)
+    models["onnx_lgbm"] = (onnxmltools.convert_lightgbm(lm.booster_, initial_types=[("input", FloatTensorType([None, width]))],
+                                                       zipmap=False, target_opset=15), missing)
+    reference = {"versions": {"onnxruntime": ort.__version__, "skl2onnx": skl2onnx.__version__,
+                              "onnxmltools": onnxmltools.__version__, "scikit-learn": sklearn.__version__}}
+    for name, (model, rows) in models.items():
+        path = os.path.join(OUT, name + ".onnx")
+        save_onnx(model, path)
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        floats = [o for o in sess.get_outputs() if o.type in ("tensor(float)", "tensor(double)")]
+        out = sess.run([floats[0].name], {sess.get_inputs()[0].name: rows})[0]
+        out = np.asarray(out, dtype=np.float64).reshape(len(rows), -1)
+        reference[name] = {"output": floats[0].name,
+                           "inputs": [[None if np.isnan(v) else float(v) for v in row] for row in rows],
+                           "outputs": out.tolist()}
+    with open(os.path.join(OUT, "onnx_reference.json"), "w") as f:
+        json.dump(reference, f)
+    print("wrote", len(models), "ONNX models")
 
 
 if __name__ == "__main__":

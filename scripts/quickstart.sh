@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quiver's main job on the embedded default, start to finish: build, serve the quickstart
 # config on a fresh data directory, push the example events, read features back the three
-# ways, then keep serving until Ctrl-C.
+# ways, predict with the bundled model, then keep serving until Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +41,15 @@ echo; echo "== read your own write: ingest with ack=none, read with its token"
 TOKEN=$(curl -s -X POST "$URL/v1/events?ack=none" \
   -d '{"view":"txn","key":"u1","values":{"amount":42.0,"merchant":"quickstart"}}' | sed -E 's/.*"token":"([^"]*)".*/\1/')
 curl -s -H "Quiver-Read-After: $TOKEN" "$URL/v1/features/txn/u1"; echo
+
+echo; echo "== predict: u1's features from memory + the request's amount, through an ONNX model"
+curl -s -X POST "$URL/v1/models/fraud/predict" -d '{"entities":{"user_id":"u1"},"features":{"amount":250.0}}'; echo
+curl -s -X POST "$URL/v1/models/fraud/predict" -d '{"entities":{"user_id":"u1"},"features":{"amount":250.0}}'; echo "   <- the same request again: a cache hit"
+"$BIN" predict fraud --entity user_id=u2 --feature request:amount=12.5 --url "$URL"
+
+echo; echo "== the same through the Open Inference Protocol (KServe V2), entity keys as BYTES"
+curl -s -X POST "$URL/v2/models/fraud/infer" \
+  -d '{"inputs":[{"name":"user_id","datatype":"BYTES","shape":[2],"data":["u1","u2"]},{"name":"amount","datatype":"FP32","shape":[2],"data":[250.0,12.5]}]}'; echo
 
 echo; echo "== a bad event is refused whole, with the index and field"
 curl -s -X POST "$URL/v1/events" -d '[{"view":"txn","key":"u1","values":{"amount":"lots"}}]'; echo

@@ -216,12 +216,23 @@ impl Default for HistoryConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ModelsConfig {
     pub repository: PathBuf,
+    /// How often the repository is scanned for new, changed or removed versions (Triton's
+    /// poll mode: a scan is cheap, and it needs no inotify, which network mounts lack).
+    pub poll_interval: HumanDuration,
+    /// Synthetic rows each newly loaded version evaluates before it is marked ready.
+    pub warmup_rows: usize,
+    /// Bound on predictions waiting to be copied to shadow versions; beyond it copies are
+    /// dropped (and counted), never the primary's response.
+    pub shadow_queue_max: usize,
 }
 
 impl Default for ModelsConfig {
     fn default() -> Self {
         ModelsConfig {
             repository: PathBuf::from("./models"),
+            poll_interval: HumanDuration(Duration::from_secs(2)),
+            warmup_rows: 16,
+            shadow_queue_max: 1024,
         }
     }
 }
@@ -346,6 +357,16 @@ impl Config {
             self.store.snapshot_interval.0 >= Duration::from_millis(100),
             "store.snapshot_interval",
             "must be at least 100ms",
+        )?;
+        check(
+            self.models.poll_interval.0 >= Duration::from_millis(50),
+            "models.poll_interval",
+            "must be at least 50ms",
+        )?;
+        check(
+            self.models.shadow_queue_max > 0,
+            "models.shadow_queue_max",
+            "must be > 0",
         )?;
         let t = &self.history.table;
         check(

@@ -39,3 +39,25 @@ pub const HISTORY_LAG_RECORDS: &str = "quiver_history_lag_records";
 pub const HISTORY_ROWS_WRITTEN_TOTAL: &str = "quiver_history_rows_written_total";
 pub const HISTORY_ERRORS_TOTAL: &str = "quiver_history_errors_total";
 pub const HISTORY_WRITE_SECONDS: &str = "quiver_history_write_seconds";
+
+// Models. Labels `model` and (where it applies) `version`. The split of a predict's time
+// follows Triton's: queue (waiting for a batch), gather (features from the store), compute.
+pub const MODEL_QUEUE_SECONDS: &str = "quiver_model_queue_seconds";
+pub const MODEL_GATHER_SECONDS: &str = "quiver_model_gather_seconds";
+pub const MODEL_COMPUTE_SECONDS: &str = "quiver_model_compute_seconds";
+/// Rows per model execution (1 without batching).
+pub const MODEL_BATCH_SIZE: &str = "quiver_model_batch_size";
+/// Rows evaluated (Triton's inference count) and model executions (its exec count).
+pub const MODEL_INFERENCES_TOTAL: &str = "quiver_model_inferences_total";
+pub const MODEL_EXECUTIONS_TOTAL: &str = "quiver_model_executions_total";
+/// Predicts refused because a model's batch queue was full.
+pub const MODEL_QUEUE_REJECTED_TOTAL: &str = "quiver_model_queue_rejected_total";
+/// Versions that failed to load or warm up (label `model`).
+pub const MODEL_LOAD_ERRORS_TOTAL: &str = "quiver_model_load_errors_total";
+pub const MODEL_VERSIONS_READY: &str = "quiver_model_versions_ready";
+/// Label `result`: `hit` or `miss`.
+pub const PREDICTION_CACHE_TOTAL: &str = "quiver_prediction_cache_total";
+/// Label `result`: `ok`, `error`, `dropped` (queue full).
+pub const SHADOW_PREDICTIONS_TOTAL: &str = "quiver_shadow_predictions_total";
+/// Largest absolute difference between shadow and primary outputs, per row.
+pub const SHADOW_DIVERGENCE: &str = "quiver_shadow_divergence";

@@ -70,3 +70,77 @@ fn wrong_shapes_are_errors() {
     let mut out = vec![0.0; 2];
     assert!(f.predict(&[0.0; 63], &mut out).is_err());
 }
+
+/// Every ONNX fixture against onnxruntime's outputs (`onnx_reference.json`), through the
+/// runtime Quiver picks for it: tree ensembles natively, the rest in tract.
+#[test]
+fn onnx_models_match_onnxruntime() {
+    let reference: serde_json::Value =
+        serde_json::from_str(&fixture("onnx_reference.json")).unwrap();
+    let expect_engine = [
+        ("onnx_logreg", "tract"),
+        ("onnx_linreg", "tract"),
+        ("onnx_mlp", "tract"),
+        ("onnx_skgb", "native-trees"),
+        ("onnx_rf", "native-trees"),
+        ("onnx_lgbm", "native-trees"),
+    ];
+    for (name, engine) in expect_engine {
+        let r = &reference[name];
+        let bytes = std::fs::read(format!(
+            "{}/tests/fixtures/{name}.onnx",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        let model =
+            quiver_model::onnx::load(&bytes, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(model.engine(), engine, "{name}");
+        let rows: Vec<f64> = r["inputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row.as_array().unwrap().iter())
+            .map(|x| x.as_f64().unwrap_or(f64::NAN))
+            .collect();
+        let expected: Vec<f64> = r["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row.as_array().unwrap().iter())
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let n = r["inputs"].as_array().unwrap().len();
+        assert_eq!(expected.len(), n * model.outputs(), "{name}: output width");
+        let mut out = vec![0.0; expected.len()];
+        // Batch and one row at a time must agree (tract plans for a symbolic batch).
+        model.predict(&rows, &mut out).unwrap();
+        let width = model.inputs();
+        let k = model.outputs();
+        for i in 0..n {
+            let mut one = vec![0.0; k];
+            model
+                .predict(&rows[i * width..(i + 1) * width], &mut one)
+                .unwrap();
+            for (a, b) in one.iter().zip(&out[i * k..(i + 1) * k]) {
+                // Kernels may differ by batch size in the last float bit.
+                assert!(
+                    (a - b).abs() <= 1e-6,
+                    "{name} row {i}: batch {b} vs single {a}"
+                );
+            }
+        }
+        let worst = out
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst <= 1e-5, "{name}: worst error {worst:e}");
+        eprintln!("{name} ({engine}): {n} rows, worst error {worst:e}");
+    }
+}
+
+#[test]
+fn onnx_garbage_is_an_error() {
+    assert!(quiver_model::onnx::load(b"not a model", None).is_err());
+    assert!(quiver_model::onnx::load(&[], None).is_err());
+}

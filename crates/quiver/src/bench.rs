@@ -56,6 +56,9 @@ pub struct BenchArgs {
     pub postgres: String,
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     pub redis: String,
+    /// The view `memory-probe` fills (internal: the memory scenarios run it as a child).
+    #[arg(long, default_value = "row", hide = true)]
+    pub probe_view: String,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -236,10 +239,11 @@ fn us(h: &Histogram<u64>, q: f64) -> f64 {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let scenarios: Vec<&str> = match args.scenario.as_str() {
-        "all" => vec!["ingest", "lookup", "memory", "aggregations", "history", "predict"],
-        s @ ("ingest" | "lookup" | "memory" | "aggregations" | "history" | "predict") => vec![s],
+        "memory-probe" => return memory_probe(&args),
+        "all" => vec!["ingest", "lookup", "memory", "aggregations", "history", "predict", "runtimes"],
+        s @ ("ingest" | "lookup" | "memory" | "aggregations" | "history" | "predict" | "runtimes") => vec![s],
         other => anyhow::bail!(
-            "unknown scenario {other:?}: ingest | lookup | memory | aggregations | history | predict | all"
+            "unknown scenario {other:?}: ingest | lookup | memory | aggregations | history | predict | runtimes | all"
         ),
     };
     let mut results = serde_json::Map::new();
@@ -250,6 +254,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "memory" => bench_memory(&args)?,
             "aggregations" => bench_aggregations(&args)?,
             "history" => bench_history(&args)?,
+            "runtimes" => crate::bench_runtimes::run(args.duration)?,
             _ => bench_predict(&args)?,
         };
         results.insert(s.to_string(), r);
@@ -437,15 +442,17 @@ impl Zipf {
 /// One measured phase of `lookup`: (round, key distribution, system, ops/s, latencies, errors).
 type Phase = (usize, &'static str, Peer, f64, Histogram<u64>, u64);
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Peer {
     Quiver = 0,
     Redis = 1,
     /// Quiver predict: the same lookup plus the 100-tree GBDT.
     Predict = 2,
+    /// The same predict through the model's micro-batcher (`gbdt32_batched`).
+    PredictBatched = 3,
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     if xs.is_empty() {
         return 0.0;
     }
@@ -604,13 +611,13 @@ async fn closed_loop(
             let mut rng = rand::rngs::StdRng::seed_from_u64(c as u64);
             let mut h = histogram();
             let mut http = match peer {
-                Peer::Quiver | Peer::Predict => Some(connect(addr).await?),
+                Peer::Quiver | Peer::Predict | Peer::PredictBatched => Some(connect(addr).await?),
                 Peer::Redis => None,
             };
             // One connection per worker, as HTTP keep-alive: not a shared multiplexed one.
             let mut con = match peer {
                 Peer::Redis => Some(redis.get_multiplexed_async_connection().await?),
-                Peer::Quiver | Peer::Predict => None,
+                Peer::Quiver | Peer::Predict | Peer::PredictBatched => None,
             };
             while !stop.load(Ordering::Relaxed) {
                 let i = if uniform {
@@ -620,15 +627,15 @@ async fn closed_loop(
                 };
                 let t = Instant::now();
                 let ok = match peer {
-                    Peer::Predict => {
+                    Peer::Predict | Peer::PredictBatched => {
                         let body = Bytes::from(format!(r#"{{"entities":{{"user_id":"e{i}"}}}}"#));
-                        let (status, _) = request(
-                            http.as_mut().expect("http"),
-                            "POST",
-                            "/v1/models/gbdt32/predict",
-                            body,
-                        )
-                        .await?;
+                        let path = if peer == Peer::Predict {
+                            "/v1/models/gbdt32/predict"
+                        } else {
+                            "/v1/models/gbdt32_batched/predict"
+                        };
+                        let (status, _) =
+                            request(http.as_mut().expect("http"), "POST", path, body).await?;
                         status == 200
                     }
                     Peer::Quiver => {
@@ -681,73 +688,42 @@ fn rss_bytes() -> u64 {
     pages * 4096
 }
 
-/// Memory per entity: rows applied straight to a store (no HTTP, no log), RSS before/after.
-fn bench_memory(args: &BenchArgs) -> Result<Value> {
+/// The view a memory probe fills: `row` (32 f64 features) or `day` (one f64 feeding a 24 h
+/// `sum` in 5-minute tiles).
+const PROBE_VIEWS: [&str; 2] = ["row", "day"];
+
+/// `quiver bench memory-probe --probe-view V --entities N` (hidden): fills a store with one
+/// event per entity into `V` and prints `<resident bytes per entity> <raw bytes per entity>`.
+/// It runs as its own process because in a process that already ran other scenarios the
+/// allocator reuses what those freed without growing RSS, and the delta can read 0.
+fn memory_probe(args: &BenchArgs) -> Result<()> {
+    let view_name = args.probe_view.as_str();
+    anyhow::ensure!(
+        PROBE_VIEWS.contains(&view_name),
+        "--probe-view must be one of {PROBE_VIEWS:?}"
+    );
     let dir = tempfile::tempdir()?;
     let config = bench_config(dir.path())?;
     let schema = Arc::new(quiver_core::Schema::compile(&config)?);
-    let n = args.entities;
     let store = quiver_store::Store::new(schema.clone(), config.log.partitions);
-    let view = schema.view_id("row").expect("bench view");
+    let view = schema.view_id(view_name).expect("bench view");
+    let width = schema.view(view).features.len();
+    let n = args.entities.max(1);
     let mut dedup = quiver_store::DedupWindow::new(0);
     let mut buf = Vec::new();
     let mut raw = 0u64;
     let before = rss_bytes();
     for i in 0..n {
         let key = format!("e{i}");
-        raw += (key.len() + FEATURES * 8) as u64;
+        raw += (key.len() + width * 8) as u64;
         let event = quiver_core::event::Event {
             view,
-            key: key.clone(),
+            key,
             ts_ms: 1_800_000_000_000,
             event_id: None,
-            values: (0..FEATURES as u16)
+            values: (0..width as u16)
                 .map(|f| (f, quiver_core::value::Value::F64(i as f64 + f64::from(f))))
                 .collect(),
-        };
-        buf.clear();
-        quiver_core::record::encode(&schema, &event, None, &mut buf);
-        let rec = quiver_core::record::decode(&buf)?;
-        let p = store.partition_of(&key);
-        let mut late = quiver_store::LateCounts::default();
-        store.apply(p, i as u64, &rec, &mut dedup, &mut late);
-    }
-    let after = rss_bytes();
-    let per_entity = (after.saturating_sub(before)) as f64 / n as f64;
-    let raw_per = raw as f64 / n as f64;
-    println!("\n## memory: {n} entities × {FEATURES} f64 features\n");
-    println!("| metric | value |\n|---|---|");
-    println!("| resident bytes per entity | {per_entity:.0} |");
-    println!("| raw bytes per entity (key + 8 per value) | {raw_per:.0} |");
-    println!("| ratio | {:.2}× |", per_entity / raw_per);
-    assert_eq!(store.rows(), n);
-    Ok(
-        json!({"entities": n, "rss_bytes_per_entity": per_entity, "raw_bytes_per_entity": raw_per, "ratio": per_entity / raw_per}),
-    )
-}
-
-/// Ingest with 3 window aggregations per view against the same view without them, in one
-/// run (interleaved rounds, medians), and the memory one entity's 24 h window of 5-minute tiles
-/// takes.
-fn bench_aggregations(args: &BenchArgs) -> Result<Value> {
-    // Memory first, while the process has not yet freed (and kept resident) what the ingest
-    // runs allocate: one event per entity into a view with `sum` over 24 h in 5-minute tiles.
-    let dir = tempfile::tempdir()?;
-    let config = bench_config(dir.path())?;
-    let schema = Arc::new(quiver_core::Schema::compile(&config)?);
-    let store = quiver_store::Store::new(schema.clone(), config.log.partitions);
-    let view = schema.view_id("day").expect("bench view");
-    let n = args.entities.max(1);
-    let mut dedup = quiver_store::DedupWindow::new(0);
-    let mut buf = Vec::new();
-    let before = rss_bytes();
-    for i in 0..n {
-        let event = quiver_core::event::Event {
-            view,
-            key: format!("e{i}"),
-            ts_ms: 1_800_000_000_000,
-            event_id: None,
-            values: vec![(0, quiver_core::value::Value::F64(i as f64))],
         };
         buf.clear();
         quiver_core::record::encode(&schema, &event, None, &mut buf);
@@ -762,6 +738,54 @@ fn bench_aggregations(args: &BenchArgs) -> Result<Value> {
         );
     }
     let per_entity = rss_bytes().saturating_sub(before) as f64 / n as f64;
+    assert_eq!(store.rows(), n);
+    println!("{per_entity} {}", raw as f64 / n as f64);
+    Ok(())
+}
+
+/// Runs [`memory_probe`] in a child process: (resident, raw) bytes per entity.
+fn probe_memory(view: &str, entities: usize) -> Result<(f64, f64)> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(["bench", "memory-probe", "--probe-view", view])
+        .args(["--entities", &entities.to_string()])
+        .output()
+        .context("starting the memory probe")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "memory probe failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut figures = stdout.split_whitespace().map(str::parse::<f64>);
+    match (figures.next(), figures.next()) {
+        (Some(Ok(resident)), Some(Ok(raw))) => Ok((resident, raw)),
+        _ => anyhow::bail!("memory probe printed {stdout:?}"),
+    }
+}
+
+/// Memory per entity: rows applied straight to a store (no HTTP, no log), RSS before/after.
+fn bench_memory(args: &BenchArgs) -> Result<Value> {
+    let n = args.entities.max(1);
+    let (per_entity, raw_per) = probe_memory("row", n)?;
+    println!("\n## memory: {n} entities × {FEATURES} f64 features\n");
+    println!("| metric | value |\n|---|---|");
+    println!("| resident bytes per entity | {per_entity:.0} |");
+    println!("| raw bytes per entity (key + 8 per value) | {raw_per:.0} |");
+    println!("| ratio | {:.2}× |", per_entity / raw_per);
+    Ok(
+        json!({"entities": n, "rss_bytes_per_entity": per_entity, "raw_bytes_per_entity": raw_per, "ratio": per_entity / raw_per}),
+    )
+}
+
+/// Ingest with 3 window aggregations per view against the same view without them, in one
+/// run (interleaved rounds, medians), and the memory one entity's 24 h window of 5-minute tiles
+/// takes.
+fn bench_aggregations(args: &BenchArgs) -> Result<Value> {
+    let n = args.entities.max(1);
+    let (per_entity, _) = probe_memory("day", n)?;
+    let dir = tempfile::tempdir()?;
+    let schema = quiver_core::Schema::compile(&bench_config(dir.path())?)?;
+    let view = schema.view_id("day").expect("bench view");
     let ring_bytes = (schema.view(view).aggregations[0].window.ring_len() * 8) as f64;
     let mut plain = Vec::new();
     let mut aggregated = Vec::new();
@@ -965,15 +989,18 @@ type PredictPhase = (usize, usize, f64, Histogram<u64>, u64);
 /// time at batch 1 and 256, in process.
 fn bench_predict(args: &BenchArgs) -> Result<Value> {
     let q = start_embedded()?;
-    anyhow::ensure!(
-        q.node.models.contains_key("gbdt32"),
-        "benchmarks/models/gbdt32 did not load: {:?}",
-        q.node
-            .model_errors
-            .iter()
-            .map(|e| e.to_string())
-            .collect::<Vec<_>>()
-    );
+    let served = q.node.models.get("gbdt32");
+    let model = served
+        .as_ref()
+        .and_then(|m| m.default_version().and_then(|v| m.versions.get(&v)))
+        .and_then(|v| v.loaded.as_ref())
+        .map(|l| l.model.clone())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "benchmarks/models/gbdt32 did not load: {:?}",
+                served.and_then(|m| m.error.clone())
+            )
+        })?;
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -1008,7 +1035,7 @@ fn bench_predict(args: &BenchArgs) -> Result<Value> {
         wait_all_applied(&node).await;
         let mut rows = Vec::new();
         for round in 0..repeat {
-            for peer in [Peer::Quiver, Peer::Predict] {
+            for peer in [Peer::Quiver, Peer::Predict, Peer::PredictBatched] {
                 let (ops, h, errors) = closed_loop(
                     peer, "uniform", addr, &redis, "", n, conns, warmup, duration,
                 )
@@ -1019,12 +1046,6 @@ fn bench_predict(args: &BenchArgs) -> Result<Value> {
         anyhow::Ok(rows)
     })?;
     // The model alone, in process.
-    let model = q.node.models["gbdt32"]
-        .versions
-        .last()
-        .expect("a version")
-        .model
-        .clone();
     let input: Vec<f64> = (0..256 * FEATURES)
         .map(|i| ((i * 7) % 97) as f64 / 48.0 - 1.0)
         .collect();
@@ -1062,6 +1083,7 @@ fn bench_predict(args: &BenchArgs) -> Result<Value> {
     for (peer, name) in [
         (0, "lookup GET /v1/features/row/{key}"),
         (2, "predict POST /v1/models/gbdt32/predict"),
+        (3, "predict, micro-batched (32 rows / 200 µs)"),
     ] {
         println!(
             "| {name} | {:.0} | {:.0} | {:.0} | {} |",
@@ -1081,6 +1103,8 @@ fn bench_predict(args: &BenchArgs) -> Result<Value> {
         "lookup_ops_per_s": pick(0, &|r| r.2),
         "predict_ops_per_s": pick(2, &|r| r.2),
         "predict_p99_us": pick(2, &|r| us(&r.3, 0.99)),
+        "batched_predict_ops_per_s": pick(3, &|r| r.2),
+        "batched_predict_p99_us": pick(3, &|r| us(&r.3, 0.99)),
         "predict_throughput_vs_lookup": ratio,
         "model_us_per_row_batch1": b1,
         "model_us_per_row_batch256": b256,

@@ -1,8 +1,10 @@
 //! The `quiver` binary: the CLI over the crates. `anyhow` lives here and nowhere else.
 
 mod bench;
+mod bench_runtimes;
 mod history;
 mod logcmd;
+mod predict;
 mod push;
 
 use std::net::SocketAddr;
@@ -30,6 +32,8 @@ enum Command {
     Serve(ServeArgs),
     /// Send events from a JSONL or CSV file to a running server.
     Push(push::PushArgs),
+    /// Ask a running server for one prediction.
+    Predict(predict::PredictArgs),
     /// Inspect or verify a log directory offline.
     Log {
         #[command(subcommand)]
@@ -88,6 +92,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Push(args) => push::run(args),
+        Command::Predict(args) => predict::run(args),
         Command::Log { command } => logcmd::run(command),
         Command::History(args) => history::run(args),
         Command::Bench(args) => bench::run(args),

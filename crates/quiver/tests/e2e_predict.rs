@@ -160,14 +160,25 @@ fn predict_joins_features_and_runs_the_model() {
         (400, Some("MISSING_ENTITY"))
     );
     let (_, v) = server.get("/v1/models");
-    assert_eq!(v["models"][0]["name"], "fraud");
-    assert_eq!(v["models"][0]["versions"].as_array().unwrap().len(), 2);
-    assert_eq!(v["errors"][0]["model"], "broken");
+    let model = |name: &str| {
+        v["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(model("fraud")["versions"].as_array().unwrap().len(), 2);
+    assert_eq!(model("fraud")["versions"][1]["status"], "READY");
+    assert_eq!(model("fraud")["default_version"], 2);
     assert!(
-        v["errors"][0]["error"]
+        model("broken")["error"]
             .as_str()
             .unwrap()
             .contains("numeric"),
         "{v}"
     );
+    // A model that does not load is reported, and does not hold readiness hostage.
+    assert_eq!(server.get("/readyz").0, 200);
 }

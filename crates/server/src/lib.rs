@@ -2,6 +2,7 @@
 //! and JSON status codes; it sees the log and store through their public APIs.
 
 mod body;
+pub mod cache;
 pub mod error;
 mod features;
 pub mod idempotency;
@@ -10,11 +11,12 @@ mod json_out;
 pub mod node;
 mod ops;
 mod predict;
+mod v2;
 
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -34,6 +36,26 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/get-online-features", post(features::post_features))
         .route("/v1/models", get(predict::list_models))
         .route("/v1/models/{model}/predict", post(predict::predict))
+        .route("/v1/models/{model}/traffic", put(predict::put_traffic))
+        .route("/v1/models/{model}/rollback", post(predict::rollback))
+        .route("/v2", get(v2::server_metadata))
+        .route("/v2/health/live", get(v2::live))
+        .route("/v2/health/ready", get(v2::ready))
+        .route("/v2/models/{model}", get(v2::model_metadata))
+        .route("/v2/models/{model}/ready", get(v2::model_ready))
+        .route("/v2/models/{model}/infer", post(v2::infer))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(v2::version_metadata),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(v2::version_ready),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(v2::version_infer),
+        )
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -53,8 +75,22 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
         0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01,
         0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     ];
+    const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
+    const DIVERGENCE_BUCKETS: &[f64] =
+        &[0.0, 1e-9, 1e-6, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0];
+    use metrics_exporter_prometheus::Matcher;
     let recorder = PrometheusBuilder::new()
         .set_buckets(LATENCY_BUCKETS)
+        .ok()?
+        .set_buckets_for_metric(
+            Matcher::Full(quiver_core::telemetry::MODEL_BATCH_SIZE.into()),
+            BATCH_BUCKETS,
+        )
+        .ok()?
+        .set_buckets_for_metric(
+            Matcher::Full(quiver_core::telemetry::SHADOW_DIVERGENCE.into()),
+            DIVERGENCE_BUCKETS,
+        )
         .ok()?
         .build_recorder();
     let handle = recorder.handle();

@@ -3,6 +3,8 @@
 //! and tests may drive it directly.
 
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use quiver_core::config::FsyncPolicy;
@@ -30,10 +32,14 @@ pub enum NodeError {
 
 pub struct Node {
     pub config: Config,
-    /// Models from `models.repository`, loaded at start.
-    pub models: std::collections::BTreeMap<String, quiver_model::repository::LoadedModel>,
-    /// Models the repository holds but that did not load (bad config, file or inputs).
-    pub model_errors: Vec<quiver_model::repository::RepositoryError>,
+    /// The served models of `models.repository`, kept current by a poller thread.
+    pub models: Arc<quiver_model::registry::Registry>,
+    /// Copies of predictions for shadow versions (bounded; never delays a response).
+    pub shadow: quiver_model::shadow::ShadowQueue,
+    /// Prediction caches, per model (created on first use when the model's config asks).
+    pub caches:
+        parking_lot::RwLock<std::collections::HashMap<String, Arc<crate::cache::ModelCache>>>,
+    model_poller: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
     /// The PostgreSQL history sink, when `history.postgres_url` is set.
     pub history: Option<quiver_connect::history::HistorySink>,
     pub schema: Arc<Schema>,
@@ -87,15 +93,34 @@ impl Node {
             )?),
             None => None,
         };
-        let (models, model_errors) =
-            quiver_model::repository::load(&config.models.repository, &schema);
-        for e in &model_errors {
-            tracing::error!(error = %e, "model not loaded");
-        }
+        let models = Arc::new(quiver_model::registry::Registry::open(
+            &config.models.repository,
+            schema.clone(),
+            config.models.warmup_rows,
+            Some(data.join("model_traffic.json")),
+        ));
+        let model_poller = {
+            let (stop, stopped) = std::sync::mpsc::channel::<()>();
+            let registry = models.clone();
+            let every = config.models.poll_interval.0;
+            let handle = std::thread::Builder::new()
+                .name("quiver-models".into())
+                .spawn(move || {
+                    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                        stopped.recv_timeout(every)
+                    {
+                        registry.poll();
+                    }
+                })
+                .map_err(|e| NodeError::Io("model poller".into(), e))?;
+            Mutex::new(Some((stop, handle)))
+        };
         Ok(Node {
+            shadow: quiver_model::shadow::ShadowQueue::start(config.models.shadow_queue_max),
+            caches: Default::default(),
+            model_poller,
             config,
             models,
-            model_errors,
             history,
             schema,
             log,
@@ -118,7 +143,7 @@ impl Node {
         if !self.store.is_recovered() {
             return Some("recovering: replaying the log into the store".into());
         }
-        None
+        self.models.not_ready_reason()
     }
 
     /// Deletes log segments past retention that the store no longer needs. Run periodically.
@@ -135,6 +160,10 @@ impl Node {
     /// Stops the consumers (history sink, materializers with their final snapshots), then
     /// the log writers.
     pub fn shutdown(&self) {
+        if let Some((stop, handle)) = self.model_poller.lock().take() {
+            drop(stop);
+            let _ = handle.join();
+        }
         if let Some(h) = &self.history {
             h.shutdown();
         }

@@ -181,6 +181,15 @@ impl Server {
         )
     }
 
+    pub fn put(&self, path: &str, body: &str) -> (u16, Value) {
+        send(
+            client()
+                .put(format!("{}{path}", self.url))
+                .body(body.to_string()),
+            &[],
+        )
+    }
+
     pub fn get(&self, path: &str) -> (u16, Value) {
         self.get_with(path, &[])
     }

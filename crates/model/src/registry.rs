@@ -1,0 +1,611 @@
+//! The served set of models, kept current as the repository changes, and the traffic state
+//! that routes each predict to a version.
+//!
+//! Readers take an `Arc` of the current [`Snapshot`] (one short read lock) and never wait for
+//! a load: [`Registry::poll`] loads and warms new versions off to the side, then swaps in a
+//! new snapshot. A version whose file turns out broken never replaces what was serving: the
+//! previous load of that version (or the previous versions) keeps serving, and the error is
+//! reported in the version's status, the log and `quiver_model_load_errors_total`.
+//!
+//! Traffic per model: a default version (`None` follows the newest ready version), an
+//! optional weighted split that is sticky per entity key, an optional shadow version, and the
+//! list of previous defaults that rollback returns to. It is persisted (atomically) so a
+//! restart serves the same way.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use quiver_core::telemetry;
+use quiver_core::Schema;
+use serde::{Deserialize, Serialize};
+
+use crate::batcher::Batcher;
+use crate::repository::{self, LoadedVersion, ModelSpec};
+
+/// How many previous defaults rollback can walk back through.
+const HISTORY_MAX: usize = 16;
+/// Split weights are whole numbers summing to at most this (a percentage or per-mille split
+/// fits; sticky buckets are `hash(key) % total`).
+const WEIGHT_TOTAL_MAX: u32 = 1_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Status {
+    Ready,
+    Failed,
+}
+
+/// Metric handles of one version, registered once at load so a predict records without
+/// looking labels up.
+#[derive(Clone)]
+pub struct VersionMetrics {
+    pub gather: metrics::Histogram,
+    pub compute: metrics::Histogram,
+    pub batch_size: metrics::Histogram,
+    pub executions: metrics::Counter,
+    pub inferences: metrics::Counter,
+}
+
+impl VersionMetrics {
+    fn new(model: &str, version: u64) -> VersionMetrics {
+        let labels = [
+            ("model", model.to_string()),
+            ("version", version.to_string()),
+        ];
+        VersionMetrics {
+            gather: metrics::histogram!(telemetry::MODEL_GATHER_SECONDS, &labels),
+            compute: metrics::histogram!(telemetry::MODEL_COMPUTE_SECONDS, &labels),
+            batch_size: metrics::histogram!(telemetry::MODEL_BATCH_SIZE, &labels),
+            executions: metrics::counter!(telemetry::MODEL_EXECUTIONS_TOTAL, &labels),
+            inferences: metrics::counter!(telemetry::MODEL_INFERENCES_TOTAL, &labels),
+        }
+    }
+}
+
+/// One version as served: its model if it loaded, and the last error seen for it.
+pub struct Version {
+    pub version: u64,
+    pub loaded: Option<Arc<LoadedVersion>>,
+    pub batcher: Option<Arc<Batcher>>,
+    pub metrics: VersionMetrics,
+    /// The last load error of this version (a later good load clears it).
+    pub error: Option<String>,
+    fingerprint: u64,
+}
+
+impl Version {
+    pub fn status(&self) -> Status {
+        if self.loaded.is_some() {
+            Status::Ready
+        } else {
+            Status::Failed
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    /// `None`: the newest ready version.
+    #[serde(default)]
+    pub default: Option<u64>,
+    /// (version, weight), sticky per entity key. Empty: everything to the default.
+    #[serde(default)]
+    pub split: Vec<(u64, u32)>,
+    #[serde(default)]
+    pub shadow: Option<u64>,
+    /// Previous defaults, most recent last.
+    #[serde(default)]
+    pub history: Vec<u64>,
+}
+
+/// One model as served.
+pub struct Served {
+    pub name: String,
+    /// `None` if the config never loaded.
+    pub spec: Option<Arc<ModelSpec>>,
+    pub versions: BTreeMap<u64, Version>,
+    pub traffic: Traffic,
+    /// A config error (the previous spec, if any, keeps serving).
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("no model {0:?}")]
+    UnknownModel(String),
+    #[error("model {0:?} has no version {1}")]
+    UnknownVersion(String, u64),
+    #[error("model {0:?} version {1} is not ready: {2}")]
+    VersionNotReady(String, u64, String),
+    #[error("model {0:?} has no ready version")]
+    NotReady(String),
+}
+
+impl Served {
+    fn ready(&self, v: u64) -> Option<&Version> {
+        self.versions.get(&v).filter(|x| x.loaded.is_some())
+    }
+
+    /// The version that answers when nothing else decides: the configured default if it is
+    /// ready, else the newest ready version.
+    pub fn default_version(&self) -> Option<u64> {
+        self.traffic
+            .default
+            .filter(|v| self.ready(*v).is_some())
+            .or_else(|| {
+                self.versions
+                    .values()
+                    .rev()
+                    .find(|v| v.loaded.is_some())
+                    .map(|v| v.version)
+            })
+    }
+
+    /// The version that answers a request: `pin` if given; else the split's pick for
+    /// `sticky_key` (the same key always lands on the same version while the split stands);
+    /// else the default.
+    pub fn route(&self, pin: Option<u64>, sticky_key: &str) -> Result<&Version, RouteError> {
+        if let Some(v) = pin {
+            return match self.versions.get(&v) {
+                None => Err(RouteError::UnknownVersion(self.name.clone(), v)),
+                Some(x) if x.loaded.is_none() => Err(RouteError::VersionNotReady(
+                    self.name.clone(),
+                    v,
+                    x.error.clone().unwrap_or_default(),
+                )),
+                Some(x) => Ok(x),
+            };
+        }
+        if let Some(v) = split_pick(&self.traffic.split, sticky_key) {
+            if let Some(x) = self.ready(v) {
+                return Ok(x);
+            }
+        }
+        self.default_version()
+            .and_then(|v| self.ready(v))
+            .ok_or_else(|| RouteError::NotReady(self.name.clone()))
+    }
+
+    /// The shadow version, if one is set, ready, and not the version that answered.
+    pub fn shadow(&self, primary: u64) -> Option<&Version> {
+        self.traffic
+            .shadow
+            .filter(|&s| s != primary)
+            .and_then(|s| self.ready(s))
+    }
+}
+
+/// The split's version for `key`: `hash(key) mod total weight` walks the cumulative weights,
+/// so a key's bucket never changes and each version gets its weight's share of keys.
+pub fn split_pick(split: &[(u64, u32)], key: &str) -> Option<u64> {
+    let total: u64 = split.iter().map(|s| u64::from(s.1)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut bucket = xxhash_rust::xxh3::xxh3_64_with_seed(key.as_bytes(), 0x5155_4956) % total;
+    for &(v, w) in split {
+        if bucket < u64::from(w) {
+            return Some(v);
+        }
+        bucket -= u64::from(w);
+    }
+    unreachable!("bucket < total weight")
+}
+
+pub type Snapshot = BTreeMap<String, Arc<Served>>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrafficError {
+    #[error("no model {0:?}")]
+    UnknownModel(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("nothing to roll back to: {0}")]
+    NoRollback(String),
+    #[error("cannot persist the traffic state: {0}")]
+    Persist(String),
+}
+
+/// A change to one model's traffic (`PUT /v1/models/{m}/traffic`); absent fields keep their
+/// value, `clear_shadow` removes the shadow.
+#[derive(Debug, Clone, Default)]
+pub struct TrafficUpdate {
+    pub default: Option<u64>,
+    pub split: Option<Vec<(u64, u32)>>,
+    pub shadow: Option<u64>,
+    pub clear_shadow: bool,
+}
+
+pub struct Registry {
+    dir: PathBuf,
+    schema: Arc<Schema>,
+    warmup_rows: usize,
+    /// Where traffic state persists (`None`: in memory only).
+    traffic_path: Option<PathBuf>,
+    current: RwLock<Arc<Snapshot>>,
+    /// Serializes writers (the poller and the admin endpoints); readers never take it.
+    write: Mutex<()>,
+}
+
+impl Registry {
+    /// Loads the repository (first poll) and the persisted traffic state.
+    pub fn open(
+        dir: &Path,
+        schema: Arc<Schema>,
+        warmup_rows: usize,
+        traffic_path: Option<PathBuf>,
+    ) -> Registry {
+        let persisted: HashMap<String, Traffic> = traffic_path
+            .as_deref()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| match serde_json::from_slice(&b) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::error!(error = %e, "traffic state unreadable; starting from defaults");
+                    None
+                }
+            })
+            .unwrap_or_default();
+        let initial: Snapshot = persisted
+            .into_iter()
+            .map(|(name, traffic)| {
+                let served = Served {
+                    name: name.clone(),
+                    spec: None,
+                    versions: BTreeMap::new(),
+                    traffic,
+                    error: None,
+                };
+                (name, Arc::new(served))
+            })
+            .collect();
+        let registry = Registry {
+            dir: dir.to_path_buf(),
+            schema,
+            warmup_rows,
+            traffic_path,
+            current: RwLock::new(Arc::new(initial)),
+            write: Mutex::new(()),
+        };
+        registry.poll();
+        registry
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.read().clone()
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Served>> {
+        self.current.read().get(name).cloned()
+    }
+
+    /// Why the registry cannot serve yet: a model whose config loaded has no ready default.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        let snap = self.snapshot();
+        snap.values()
+            .find(|m| m.spec.is_some() && m.default_version().is_none())
+            .map(|m| format!("model {:?} has no ready version", m.name))
+    }
+
+    /// Scans the repository once: loads new and changed versions (warm-up included), drops
+    /// versions the policy no longer selects, and swaps in the result.
+    pub fn poll(&self) {
+        let _w = self.write.lock();
+        let old = self.snapshot();
+        let mut next: Snapshot = BTreeMap::new();
+        for (name, dir) in repository::model_dirs(&self.dir) {
+            let prev = old.get(&name);
+            let served = self.poll_model(&name, &dir, prev.map(|p| p.as_ref()));
+            next.insert(name, Arc::new(served));
+        }
+        // Traffic of models that vanished is kept (they may come back, e.g. mid-deploy).
+        for (name, m) in old.iter() {
+            if !next.contains_key(name) && m.traffic != Traffic::default() {
+                next.insert(
+                    name.clone(),
+                    Arc::new(Served {
+                        name: name.clone(),
+                        spec: None,
+                        versions: BTreeMap::new(),
+                        traffic: m.traffic.clone(),
+                        error: None,
+                    }),
+                );
+            }
+        }
+        for m in next.values() {
+            let ready = m.versions.values().filter(|v| v.loaded.is_some()).count();
+            metrics::gauge!(telemetry::MODEL_VERSIONS_READY, "model" => m.name.clone())
+                .set(ready as f64);
+        }
+        let changed_traffic = next
+            .iter()
+            .any(|(n, m)| old.get(n).is_none_or(|o| o.traffic != m.traffic));
+        *self.current.write() = Arc::new(next);
+        if changed_traffic {
+            if let Err(e) = self.persist() {
+                tracing::error!(error = %e, "traffic state not persisted");
+            }
+        }
+    }
+
+    fn poll_model(&self, name: &str, dir: &Path, prev: Option<&Served>) -> Served {
+        let traffic = prev.map(|p| p.traffic.clone()).unwrap_or_default();
+        let spec = match repository::load_spec(dir, name, &self.schema) {
+            Ok(spec) => match prev.and_then(|p| p.spec.as_ref()) {
+                Some(old) if old.fingerprint == spec.fingerprint => old.clone(),
+                _ => Arc::new(spec),
+            },
+            Err(message) => {
+                load_error(name, None, &message);
+                // The previous spec and versions keep serving.
+                return match prev {
+                    Some(p) if p.spec.is_some() => Served {
+                        name: name.to_string(),
+                        spec: p.spec.clone(),
+                        versions: p.versions.iter().map(|(v, x)| (*v, x.share())).collect(),
+                        traffic,
+                        error: Some(message),
+                    },
+                    _ => Served {
+                        name: name.to_string(),
+                        spec: None,
+                        versions: BTreeMap::new(),
+                        traffic,
+                        error: Some(message),
+                    },
+                };
+            }
+        };
+        let same_spec = prev
+            .and_then(|p| p.spec.as_ref())
+            .is_some_and(|s| Arc::ptr_eq(s, &spec));
+        let on_disk = repository::version_dirs(dir, spec.runtime);
+        let available: Vec<u64> = on_disk.iter().map(|v| v.0).collect();
+        let selected = spec.policy.select(&available);
+        let mut versions = BTreeMap::new();
+        for (v, file, fingerprint) in on_disk.iter().filter(|v| selected.contains(&v.0)) {
+            let before = prev.and_then(|p| p.versions.get(v));
+            if let Some(b) = before {
+                if same_spec && b.fingerprint == *fingerprint {
+                    versions.insert(*v, b.share());
+                    continue;
+                }
+            }
+            let version = match repository::load_version(&spec, *v, file, self.warmup_rows) {
+                Ok(loaded) => {
+                    let batcher = spec
+                        .batching
+                        .as_ref()
+                        .map(|b| Arc::new(Batcher::start(name, *v, loaded.model.clone(), b)));
+                    Version {
+                        version: *v,
+                        loaded: Some(Arc::new(loaded)),
+                        batcher,
+                        metrics: VersionMetrics::new(name, *v),
+                        error: None,
+                        fingerprint: *fingerprint,
+                    }
+                }
+                Err(message) => {
+                    load_error(name, Some(*v), &message);
+                    // A broken rewrite of a serving version leaves the old load serving (only
+                    // when the inputs have not changed under it).
+                    let keep = before.filter(|_| same_spec).and_then(|b| b.loaded.clone());
+                    Version {
+                        version: *v,
+                        batcher: before
+                            .filter(|_| keep.is_some())
+                            .and_then(|b| b.batcher.clone()),
+                        metrics: VersionMetrics::new(name, *v),
+                        loaded: keep,
+                        error: Some(message),
+                        fingerprint: *fingerprint,
+                    }
+                }
+            };
+            versions.insert(*v, version);
+        }
+        let mut served = Served {
+            name: name.to_string(),
+            spec: Some(spec),
+            versions,
+            traffic,
+            error: None,
+        };
+        // A default that moved on its own (a new version under "newest ready") is recorded,
+        // so rollback can return to the version that served before it.
+        let before = prev.and_then(|p| p.default_version());
+        let after = served.default_version();
+        if let (Some(b), Some(a)) = (before, after) {
+            if a != b && served.traffic.history.last() != Some(&b) {
+                push_history(&mut served.traffic.history, b);
+            }
+        }
+        served
+    }
+
+    /// Applies a traffic change after checking every version it names is ready.
+    pub fn set_traffic(&self, name: &str, update: TrafficUpdate) -> Result<Traffic, TrafficError> {
+        self.change_traffic(name, |m| {
+            let ready = |v: u64, what: &str| {
+                if m.ready(v).is_some() {
+                    Ok(())
+                } else {
+                    Err(TrafficError::Invalid(format!(
+                        "{what}: version {v} of {name:?} is not ready"
+                    )))
+                }
+            };
+            let mut t = m.traffic.clone();
+            if let Some(d) = update.default {
+                ready(d, "default")?;
+                if let Some(current) = m.default_version() {
+                    if current != d {
+                        push_history(&mut t.history, current);
+                    }
+                }
+                t.default = Some(d);
+            }
+            if let Some(split) = update.split {
+                let total: u64 = split.iter().map(|s| u64::from(s.1)).sum();
+                if !split.is_empty() && (total == 0 || total > u64::from(WEIGHT_TOTAL_MAX)) {
+                    return Err(TrafficError::Invalid(format!(
+                        "split weights must sum to 1..={WEIGHT_TOTAL_MAX}"
+                    )));
+                }
+                for &(v, w) in &split {
+                    if w > 0 {
+                        ready(v, "split")?;
+                    }
+                }
+                t.split = split.into_iter().filter(|s| s.1 > 0).collect();
+            }
+            if update.clear_shadow {
+                t.shadow = None;
+            }
+            if let Some(s) = update.shadow {
+                ready(s, "shadow")?;
+                t.shadow = Some(s);
+            }
+            Ok(t)
+        })
+    }
+
+    /// One-call rollback: an active split is dropped (everything back on the default);
+    /// without one, the default returns to the previous default.
+    pub fn rollback(&self, name: &str) -> Result<Traffic, TrafficError> {
+        self.change_traffic(name, |m| {
+            let mut t = m.traffic.clone();
+            if !t.split.is_empty() {
+                t.split.clear();
+            } else {
+                let current = m.default_version();
+                let previous = loop {
+                    match t.history.pop() {
+                        Some(v) if Some(v) != current && m.ready(v).is_some() => break v,
+                        Some(_) => continue,
+                        None => {
+                            return Err(TrafficError::NoRollback(format!(
+                                "{name:?} has no earlier ready default"
+                            )))
+                        }
+                    }
+                };
+                t.default = Some(previous);
+            }
+            Ok(t)
+        })
+    }
+
+    /// Under the writer lock: computes a model's new traffic from its current state, swaps
+    /// in a snapshot carrying it, and persists.
+    fn change_traffic(
+        &self,
+        name: &str,
+        change: impl FnOnce(&Served) -> Result<Traffic, TrafficError>,
+    ) -> Result<Traffic, TrafficError> {
+        let _w = self.write.lock();
+        let snap = self.snapshot();
+        let m = snap
+            .get(name)
+            .filter(|m| m.spec.is_some())
+            .ok_or_else(|| TrafficError::UnknownModel(name.to_string()))?;
+        let traffic = change(m)?;
+        let updated = Served {
+            name: m.name.clone(),
+            spec: m.spec.clone(),
+            versions: m.versions.iter().map(|(v, x)| (*v, x.share())).collect(),
+            traffic: traffic.clone(),
+            error: m.error.clone(),
+        };
+        let mut next = (*snap).clone();
+        next.insert(name.to_string(), Arc::new(updated));
+        *self.current.write() = Arc::new(next);
+        self.persist()?;
+        Ok(traffic)
+    }
+
+    /// Writes every model's traffic to `traffic_path` (temp file, fsync, rename, fsync dir).
+    fn persist(&self) -> Result<(), TrafficError> {
+        let Some(path) = &self.traffic_path else {
+            return Ok(());
+        };
+        let all: BTreeMap<String, Traffic> = self
+            .snapshot()
+            .iter()
+            .filter(|(_, m)| m.traffic != Traffic::default())
+            .map(|(n, m)| (n.clone(), m.traffic.clone()))
+            .collect();
+        let fail = |e: std::io::Error| TrafficError::Persist(e.to_string());
+        let bytes = serde_json::to_vec_pretty(&all).expect("traffic serializes");
+        let tmp = path.with_extension("tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(fail)?;
+            f.write_all(&bytes).map_err(fail)?;
+            f.sync_all().map_err(fail)?;
+        }
+        std::fs::rename(&tmp, path).map_err(fail)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(fail)?;
+        }
+        Ok(())
+    }
+}
+
+impl Version {
+    /// The same version in a new snapshot (models and batchers are shared, not reloaded).
+    fn share(&self) -> Version {
+        Version {
+            version: self.version,
+            loaded: self.loaded.clone(),
+            batcher: self.batcher.clone(),
+            metrics: self.metrics.clone(),
+            error: self.error.clone(),
+            fingerprint: self.fingerprint,
+        }
+    }
+}
+
+fn push_history(history: &mut Vec<u64>, v: u64) {
+    history.push(v);
+    if history.len() > HISTORY_MAX {
+        history.remove(0);
+    }
+}
+
+fn load_error(model: &str, version: Option<u64>, message: &str) {
+    tracing::error!(model, version, error = message, "model not loaded");
+    metrics::counter!(telemetry::MODEL_LOAD_ERRORS_TOTAL, "model" => model.to_string())
+        .increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_is_sticky_and_proportional() {
+        let split = [(1, 90), (2, 10)];
+        let mut twos = 0;
+        for i in 0..20_000 {
+            let key = format!("user-{i}");
+            let v = split_pick(&split, &key).unwrap();
+            assert_eq!(split_pick(&split, &key), Some(v), "same key, same version");
+            twos += usize::from(v == 2);
+        }
+        // 10% of 20k = 2000; binomial sd ≈ 42.
+        assert!(
+            (1800..2200).contains(&twos),
+            "{twos} of 20000 on the 10% version"
+        );
+        assert_eq!(split_pick(&[], "k"), None);
+        assert_eq!(split_pick(&[(3, 0)], "k"), None);
+        assert_eq!(split_pick(&[(3, 0), (4, 1)], "k"), Some(4));
+    }
+}

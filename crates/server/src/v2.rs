@@ -1,0 +1,506 @@
+//! The Open Inference Protocol (KServe V2) over REST, so Triton and KServe clients work
+//! unchanged: server and model metadata, health, readiness and `infer`, with the protocol's
+//! own error shape `{"error": "…"}`.
+//!
+//! An `infer` call takes either of two input sets (model metadata lists both):
+//! - **Feature join** (Quiver's extension): a BYTES input named after an entity key
+//!   (`user_id`, shape `[n]`) plus one input per request-time value (`amount`, shape `[n]` or
+//!   `[n, 1]`). Quiver gathers the features of those entities from memory, exactly as
+//!   `/v1/models/{m}/predict` does: one V2 call is a full feature + predict request.
+//! - **Raw tensor**: one numeric input named `input` of shape `[n, model inputs]`, evaluated
+//!   as given (no feature gathering, no cache).
+//!
+//! Status codes: 400 for a malformed request, a datatype or shape mismatch or an unknown
+//! input/output; 404 for an unknown model or version; 503 (with `Retry-After`) when a model
+//! is not ready or its batch queue is full; 500 for a model that fails to evaluate.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use quiver_model::registry::Served;
+use quiver_model::repository::{Input, ModelSpec};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::error::ApiError;
+use crate::predict::{self, Instance};
+use crate::AppState;
+
+/// The V2 error: `{"error": "…"}` with the status (and `Retry-After`) of the `/v1` error.
+struct V2Error(ApiError);
+
+impl From<ApiError> for V2Error {
+    fn from(e: ApiError) -> V2Error {
+        V2Error(e)
+    }
+}
+
+impl IntoResponse for V2Error {
+    fn into_response(self) -> Response {
+        let mut resp = (self.0.status, Json(json!({"error": self.0.message}))).into_response();
+        if let Some(s) = self.0.retry_after_s {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+}
+
+fn bad(message: impl Into<String>) -> V2Error {
+    V2Error(ApiError::bad_request("BAD_REQUEST", message))
+}
+
+fn not_found(message: impl Into<String>) -> V2Error {
+    V2Error(ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", message))
+}
+
+pub async fn server_metadata() -> Response {
+    Json(json!({
+        "name": "quiver",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["quiver_feature_join"],
+    }))
+    .into_response()
+}
+
+pub async fn live() -> Response {
+    StatusCode::OK.into_response()
+}
+
+/// 200 when ready; the protocol's "false" is a 4xx.
+pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    match state.node.not_ready_reason() {
+        None => StatusCode::OK.into_response(),
+        Some(reason) => (StatusCode::BAD_REQUEST, Json(json!({"error": reason}))).into_response(),
+    }
+}
+
+fn parse_version(v: &str) -> Result<u64, V2Error> {
+    v.parse()
+        .map_err(|_| not_found(format!("no version {v:?}")))
+}
+
+/// A model, its spec, and the version a versioned path names.
+type Found = (Arc<Served>, Arc<ModelSpec>, Option<u64>);
+
+/// The model and, for a versioned path, the version (which must exist).
+fn lookup(state: &AppState, name: &str, version: Option<&str>) -> Result<Found, V2Error> {
+    let (m, spec) = predict::served(state, name).map_err(|e| not_found(e.message))?;
+    let v = version.map(parse_version).transpose()?;
+    if let Some(v) = v {
+        if !m.versions.contains_key(&v) {
+            return Err(not_found(format!("model {name:?} has no version {v}")));
+        }
+    }
+    Ok((m, spec, v))
+}
+
+pub async fn model_metadata(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Response {
+    metadata(&state, &name, None).unwrap_or_else(|e| e.into_response())
+}
+
+pub async fn version_metadata(
+    State(state): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+) -> Response {
+    metadata(&state, &name, Some(&version)).unwrap_or_else(|e| e.into_response())
+}
+
+fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Response, V2Error> {
+    let (m, spec, v) = lookup(state, name, version)?;
+    let schema = &state.node.schema;
+    let mut inputs = Vec::new();
+    for (view, _, _) in &spec.reads {
+        let key = &schema.entity_of(schema.view(*view)).key;
+        if !inputs.iter().any(|i: &Value| i["name"] == *key) {
+            inputs.push(json!({"name": key, "datatype": "BYTES", "shape": [-1]}));
+        }
+    }
+    for input in &spec.inputs {
+        if let Input::Request { name, .. } = input {
+            inputs.push(json!({"name": name, "datatype": "FP64", "shape": [-1]}));
+        }
+    }
+    inputs.push(json!({"name": "input", "datatype": "FP64", "shape": [-1, spec.inputs.len()]}));
+    let width = v
+        .or_else(|| m.default_version())
+        .and_then(|v| m.versions.get(&v))
+        .and_then(|x| x.loaded.as_ref())
+        .map(|l| {
+            if l.column.is_some() {
+                1
+            } else {
+                l.model.outputs()
+            }
+        })
+        .unwrap_or(1);
+    let shape = if width == 1 {
+        json!([-1])
+    } else {
+        json!([-1, width])
+    };
+    let versions: Vec<String> = match v {
+        Some(v) => vec![v.to_string()],
+        None => m.versions.keys().map(|v| v.to_string()).collect(),
+    };
+    Ok(Json(json!({
+        "name": name,
+        "versions": versions,
+        "platform": spec.runtime.name(),
+        "inputs": inputs,
+        "outputs": [{"name": spec.output_name(), "datatype": "FP64", "shape": shape}],
+    }))
+    .into_response())
+}
+
+pub async fn model_ready(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    readiness(&state, &name, None).unwrap_or_else(|e| e.into_response())
+}
+
+pub async fn version_ready(
+    State(state): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+) -> Response {
+    readiness(&state, &name, Some(&version)).unwrap_or_else(|e| e.into_response())
+}
+
+fn readiness(state: &AppState, name: &str, version: Option<&str>) -> Result<Response, V2Error> {
+    let (m, _, v) = lookup(state, name, version)?;
+    let ready = match v {
+        Some(v) => m.versions[&v].loaded.is_some(),
+        None => m.default_version().is_some(),
+    };
+    Ok(if ready {
+        StatusCode::OK.into_response()
+    } else {
+        (StatusCode::BAD_REQUEST, Json(json!({"error": "not ready"}))).into_response()
+    })
+}
+
+#[derive(Deserialize)]
+struct InferRequest {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    parameters: Option<Value>,
+    inputs: Vec<TensorIn>,
+    #[serde(default)]
+    outputs: Option<Vec<OutputRequest>>,
+}
+
+#[derive(Deserialize)]
+struct TensorIn {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    parameters: Option<Value>,
+    data: Value,
+}
+
+#[derive(Deserialize)]
+struct OutputRequest {
+    name: String,
+}
+
+pub async fn infer(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    body: Body,
+) -> Response {
+    infer_inner(&state, &name, None, body)
+        .await
+        .unwrap_or_else(|e| e.into_response())
+}
+
+pub async fn version_infer(
+    State(state): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+    body: Body,
+) -> Response {
+    infer_inner(&state, &name, Some(&version), body)
+        .await
+        .unwrap_or_else(|e| e.into_response())
+}
+
+/// A tensor's elements, flattened (data may be flat or nested), checked against its
+/// datatype and shape.
+enum Elements {
+    Numbers(Vec<f64>),
+    Strings(Vec<String>),
+}
+
+fn elements(t: &TensorIn) -> Result<Elements, V2Error> {
+    if t.shape.iter().any(|&d| d < 0) {
+        return Err(bad(format!(
+            "input {:?}: negative dimension in shape",
+            t.name
+        )));
+    }
+    let count: i64 = t.shape.iter().product();
+    let mut flat = Vec::new();
+    flatten(&t.data, &mut flat);
+    if flat.len() as i64 != count {
+        return Err(bad(format!(
+            "input {:?}: shape {:?} holds {count} elements, data has {}",
+            t.name,
+            t.shape,
+            flat.len()
+        )));
+    }
+    let mismatch = |i: usize| {
+        bad(format!(
+            "input {:?}: element {i} does not match datatype {}",
+            t.name, t.datatype
+        ))
+    };
+    match t.datatype.as_str() {
+        "BYTES" => flat
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v.as_str().map(str::to_string).ok_or_else(|| mismatch(i)))
+            .collect::<Result<_, _>>()
+            .map(Elements::Strings),
+        "BOOL" => flat
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.as_bool()
+                    .map(|b| f64::from(u8::from(b)))
+                    .ok_or_else(|| mismatch(i))
+            })
+            .collect::<Result<_, _>>()
+            .map(Elements::Numbers),
+        "INT8" | "INT16" | "INT32" | "INT64" | "UINT8" | "UINT16" | "UINT32" | "UINT64" => {
+            let (lo, hi): (i128, i128) = match t.datatype.as_str() {
+                "INT8" => (i8::MIN.into(), i8::MAX.into()),
+                "INT16" => (i16::MIN.into(), i16::MAX.into()),
+                "INT32" => (i32::MIN.into(), i32::MAX.into()),
+                "INT64" => (i64::MIN.into(), i64::MAX.into()),
+                "UINT8" => (0, u8::MAX.into()),
+                "UINT16" => (0, u16::MAX.into()),
+                "UINT32" => (0, u32::MAX.into()),
+                _ => (0, u64::MAX.into()),
+            };
+            flat.iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let n = v
+                        .as_i64()
+                        .map(i128::from)
+                        .or_else(|| v.as_u64().map(i128::from))
+                        .filter(|n| (lo..=hi).contains(n))
+                        .ok_or_else(|| mismatch(i))?;
+                    Ok(n as f64)
+                })
+                .collect::<Result<_, _>>()
+                .map(Elements::Numbers)
+        }
+        "FP16" | "FP32" | "FP64" => flat
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v.as_f64().ok_or_else(|| mismatch(i)))
+            .collect::<Result<_, _>>()
+            .map(Elements::Numbers),
+        other => Err(bad(format!(
+            "input {:?}: unknown datatype {other:?}",
+            t.name
+        ))),
+    }
+}
+
+fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|x| flatten(x, out)),
+        other => out.push(other),
+    }
+}
+
+async fn infer_inner(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+    body: Body,
+) -> Result<Response, V2Error> {
+    let bytes =
+        crate::body::read_limited(body, state.node.config.limits.request_body_bytes_max).await?;
+    let req: InferRequest =
+        serde_json::from_slice(&bytes).map_err(|e| bad(format!("invalid request: {e}")))?;
+    let (m, spec, pin) = lookup(state, name, version)?;
+    if let Some(outputs) = &req.outputs {
+        if let Some(o) = outputs.iter().find(|o| o.name != spec.output_name()) {
+            return Err(bad(format!(
+                "unknown output {:?} (the model's output is {:?})",
+                o.name,
+                spec.output_name()
+            )));
+        }
+    }
+    if req.inputs.is_empty() {
+        return Err(bad("no inputs"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = req.inputs.iter().find(|t| !seen.insert(t.name.as_str())) {
+        return Err(bad(format!("input {:?} given twice", dup.name)));
+    }
+    let max = state.node.config.server.read_entities_max;
+    let width = spec.inputs.len();
+    if let [raw] = req.inputs.as_slice() {
+        if raw.name == "input" {
+            if raw.shape.len() != 2 || raw.shape[1] != width as i64 {
+                return Err(bad(format!(
+                    "input \"input\": shape must be [n, {width}], got {:?}",
+                    raw.shape
+                )));
+            }
+            let Elements::Numbers(values) = elements(raw)? else {
+                return Err(bad("input \"input\" must be numeric"));
+            };
+            let n = raw.shape[0] as usize;
+            if n == 0 || n > max {
+                return Err(bad(format!("1..={max} rows per request")));
+            }
+            let version = m.route(pin, "").map_err(predict::route_error)?;
+            let loaded = version.loaded.as_ref().expect("routed versions are loaded");
+            let k = loaded.model.outputs();
+            let mut out = vec![0.0; n * k];
+            loaded.model.predict(&values, &mut out).map_err(|e| {
+                V2Error(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "MODEL_ERROR",
+                    e.to_string(),
+                ))
+            })?;
+            let rows: Vec<Vec<f64>> = out
+                .chunks_exact(k)
+                .map(|r| match loaded.column {
+                    Some(c) => vec![r[c]],
+                    None => r.to_vec(),
+                })
+                .collect();
+            return Ok(respond(&req, name, version.version, &spec, rows, None));
+        }
+    }
+    // Feature join: entity keys and request values, one element per instance.
+    let schema = &state.node.schema;
+    let mut n: Option<usize> = None;
+    let mut instances: Vec<Instance> = Vec::new();
+    let key_names: Vec<&str> = spec
+        .reads
+        .iter()
+        .map(|(view, _, _)| schema.entity_of(schema.view(*view)).key.as_str())
+        .collect();
+    for t in &req.inputs {
+        let is_key = key_names.contains(&t.name.as_str());
+        let is_request = spec
+            .inputs
+            .iter()
+            .any(|i| matches!(i, Input::Request { name, .. } if *name == t.name));
+        if !is_key && !is_request {
+            return Err(bad(format!(
+                "unknown input {:?} (expected entity keys {key_names:?}, request values or \"input\")",
+                t.name
+            )));
+        }
+        let rows = match t.shape.as_slice() {
+            [n] => *n,
+            [n, 1] => *n,
+            _ => {
+                return Err(bad(format!(
+                    "input {:?}: shape must be [n] or [n, 1], got {:?}",
+                    t.name, t.shape
+                )))
+            }
+        } as usize;
+        if rows == 0 || rows > max {
+            return Err(bad(format!("1..={max} rows per request")));
+        }
+        match n {
+            None => {
+                n = Some(rows);
+                instances = (0..rows).map(|_| Instance::default()).collect();
+            }
+            Some(k) if k != rows => {
+                return Err(bad(format!(
+                    "input {:?} has {rows} rows, others {k}",
+                    t.name
+                )))
+            }
+            Some(_) => {}
+        }
+        match (elements(t)?, is_key) {
+            (Elements::Strings(keys), true) => {
+                for (inst, key) in instances.iter_mut().zip(keys) {
+                    inst.entities.insert(t.name.clone(), Value::String(key));
+                }
+            }
+            (Elements::Numbers(values), false) => {
+                for (inst, x) in instances.iter_mut().zip(values) {
+                    inst.features.insert(t.name.clone(), json!(x));
+                }
+            }
+            (_, true) => return Err(bad(format!("input {:?}: entity keys are BYTES", t.name))),
+            (_, false) => {
+                return Err(bad(format!(
+                    "input {:?}: request values are numeric",
+                    t.name
+                )))
+            }
+        }
+    }
+    let answers = predict::run(state, &m, &spec, pin, &instances).await?;
+    let version = answers[0].version;
+    let rows: Vec<Vec<f64>> = answers
+        .iter()
+        .map(|a| match a.column {
+            Some(c) => vec![a.outputs[c]],
+            None => a.outputs.to_vec(),
+        })
+        .collect();
+    let hits = answers.iter().filter(|a| a.cache_hit).count();
+    Ok(respond(&req, name, version, &spec, rows, Some(hits)))
+}
+
+fn respond(
+    req: &InferRequest,
+    name: &str,
+    version: u64,
+    spec: &ModelSpec,
+    rows: Vec<Vec<f64>>,
+    cache_hits: Option<usize>,
+) -> Response {
+    let k = rows.first().map_or(1, Vec::len);
+    let shape = if k == 1 {
+        json!([rows.len()])
+    } else {
+        json!([rows.len(), k])
+    };
+    let data: Vec<Value> = rows
+        .iter()
+        .flatten()
+        .map(|&x| serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number))
+        .collect();
+    let mut body = Map::new();
+    body.insert("model_name".into(), json!(name));
+    body.insert("model_version".into(), json!(version.to_string()));
+    if let Some(id) = &req.id {
+        body.insert("id".into(), json!(id));
+    }
+    if let Some(h) = cache_hits {
+        body.insert("parameters".into(), json!({"cache_hits": h}));
+    }
+    body.insert(
+        "outputs".into(),
+        json!([{"name": spec.output_name(), "datatype": "FP64", "shape": shape, "data": data}]),
+    );
+    Json(Value::Object(body)).into_response()
+}
