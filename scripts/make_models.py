@@ -86,6 +86,39 @@ def main():
 
     onnx_models(rng)
     quickstart_model()
+    fraud_example_model()
+
+
+def fraud_example_model():
+    """`quiver demo`'s model (examples/fraud): a LightGBM GBDT, 100 trees of depth 6, on the
+    features three upstream services produce, in examples/fraud/models/fraud_gbdt/config.toml's
+    order. The label is synthetic: large and unusual payments, failed logins and risky devices."""
+    rng = np.random.default_rng(5)
+    n = 20000
+    amount = rng.gamma(2.0, 40.0, n)
+    merchant_risk = rng.beta(2, 8, n)
+    foreign = (rng.random(n) < 0.1).astype(float)
+    sum_5m = amount * rng.uniform(1, 4, n)
+    count_1h = rng.poisson(3, n).astype(float)
+    max_24h = amount * rng.uniform(1, 3, n)
+    session_s = rng.gamma(2.0, 120.0, n)
+    pages = rng.poisson(8, n).astype(float)
+    failures_1h = rng.poisson(0.3, n).astype(float)
+    device_score = rng.beta(2, 6, n)
+    emulator = (rng.random(n) < 0.03).astype(float)
+    new_device = (rng.random(n) < 0.15).astype(float)
+    req_amount = rng.gamma(2.0, 40.0, n)
+    logit = (0.012 * req_amount + 3 * merchant_risk + 1.2 * foreign + 0.004 * sum_5m + 0.15 * count_1h
+             - 0.002 * session_s + 0.9 * failures_1h + 3 * device_score + 2 * emulator + 0.8 * new_device - 6.5)
+    y = (logit + rng.logistic(size=n) > 0).astype(int)
+    x = np.stack([amount, merchant_risk, foreign, sum_5m, count_1h, max_24h, session_s, pages, failures_1h,
+                  device_score, emulator, new_device, req_amount], axis=1)
+    m = lgb.LGBMClassifier(n_estimators=100, num_leaves=48, max_depth=6, learning_rate=0.1, random_state=7, verbose=-1)
+    m.fit(x, y)
+    out = os.path.join(HERE, "..", "examples", "fraud", "models", "fraud_gbdt", "1")
+    os.makedirs(out, exist_ok=True)
+    m.booster_.save_model(os.path.join(out, "model.txt"))
+    print("wrote", out, "fraud rate", y.mean())
 
 
 def quickstart_model():

@@ -34,6 +34,18 @@ pub struct EventLimits {
     pub string_bytes_max: usize,
 }
 
+impl EventLimits {
+    /// The `[limits]` a node decodes events with.
+    pub fn from_config(config: &crate::Config) -> EventLimits {
+        EventLimits {
+            batch_events_max: config.limits.batch_events_max,
+            key_bytes_max: config.limits.key_bytes_max,
+            event_id_bytes_max: config.limits.event_id_bytes_max,
+            string_bytes_max: config.limits.string_bytes_max,
+        }
+    }
+}
+
 /// Why an event was refused; `code()` is the stable metric label and error code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {

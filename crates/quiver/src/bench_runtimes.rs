@@ -71,6 +71,30 @@ fn onnxruntime(model: &Path, rows: &Path, seconds: f64) -> Option<Value> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
+/// The benchmark GBDT (`benchmarks/models/gbdt32`) as `model` evaluates it: µs per row at
+/// batch 1 and 256 on the committed rows, and onnxruntime's figures for its ONNX export on the
+/// same rows (`None` without the Python harness).
+pub fn gbdt_per_row(model: &dyn Model, duration: f64) -> Result<(f64, f64, Option<Value>)> {
+    let root = repo();
+    let rows_path = root.join("benchmarks/models/gbdt32/rows.json");
+    let raw: Vec<Vec<Option<f64>>> = serde_json::from_slice(
+        &std::fs::read(&rows_path).with_context(|| rows_path.display().to_string())?,
+    )?;
+    let rows: Vec<f64> = raw
+        .iter()
+        .flat_map(|r| r.iter().map(|x| x.unwrap_or(f64::NAN)))
+        .collect();
+    let seconds = (duration / 4.0).clamp(0.2, 5.0);
+    let b1 = per_row_us(model, &rows, 1, seconds);
+    let b256 = per_row_us(model, &rows, 256, seconds);
+    let ort = onnxruntime(
+        &root.join("benchmarks/models/gbdt32_onnx/1/model.onnx"),
+        &rows_path,
+        seconds,
+    );
+    Ok((b1, b256, ort))
+}
+
 pub fn run(duration: f64) -> Result<Value> {
     let root = repo();
     let rows_path = root.join("benchmarks/models/gbdt32/rows.json");
@@ -106,9 +130,9 @@ pub fn run(duration: f64) -> Result<Value> {
             Some(fixtures.join("onnx_mlp.onnx")),
         ),
     ];
-    println!("\n## model runtimes: µs per row (median of timed blocks), same rows, same run\n");
-    println!("| model | Quiver engine | batch 1 | batch 256 | onnxruntime batch 1 | onnxruntime batch 256 | Quiver ÷ ORT (b1 / b256) |");
-    println!("|---|---|---|---|---|---|---|");
+    say!("\n## model runtimes: µs per row (median of timed blocks), same rows, same run\n");
+    say!("| model | Quiver engine | batch 1 | batch 256 | onnxruntime batch 1 | onnxruntime batch 256 | Quiver ÷ ORT (b1 / b256) |");
+    say!("|---|---|---|---|---|---|---|");
     let mut results = Vec::new();
     for (name, model, ort_model) in cases {
         let width = model.inputs();
@@ -125,7 +149,7 @@ pub fn run(duration: f64) -> Result<Value> {
             .and_then(|o| o["batch_256_us_per_row"].as_f64());
         let fmt = |x: Option<f64>| x.map_or("—".to_string(), |x| format!("{x:.2}"));
         let ratio = |q: f64, o: Option<f64>| o.map(|o| q / o);
-        println!(
+        say!(
             "| {name} | {} | {b1:.2} | {b256:.2} | {} | {} | {} / {} |",
             model.engine(),
             fmt(o1),

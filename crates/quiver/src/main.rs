@@ -1,7 +1,9 @@
 //! The `quiver` binary: the CLI over the crates. `anyhow` lives here and nowhere else.
 
+#[macro_use]
 mod bench;
 mod bench_runtimes;
+mod demo;
 mod history;
 mod logcmd;
 mod predict;
@@ -43,6 +45,8 @@ enum Command {
     History(history::HistoryArgs),
     /// Measure Quiver (and its peers) on this machine.
     Bench(bench::BenchArgs),
+    /// Run the fraud example live: three upstream services, predictions, a terminal view.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(clap::Args)]
@@ -82,13 +86,19 @@ pub fn load_config(
 }
 
 fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // The demo's terminal view is the output: only warnings in the way of it.
+    let default_level = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Push(args) => push::run(args),
@@ -96,6 +106,7 @@ fn main() -> Result<()> {
         Command::Log { command } => logcmd::run(command),
         Command::History(args) => history::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Demo(args) => demo::run(args),
     }
 }
 

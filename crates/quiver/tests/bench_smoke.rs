@@ -1,6 +1,6 @@
 //! `quiver bench` in a tiny configuration: the report has its structure and both sides did
 //! real work. Timing thresholds live in BENCHMARKS.md, never here. `lookup` needs the Redis on
-//! 127.0.0.1:6379, `history` the PostgreSQL on 127.0.0.1:5432.
+//! 127.0.0.1:6379, `history` and `decoupling` the PostgreSQL on 127.0.0.1:5432.
 
 mod common;
 
@@ -10,6 +10,8 @@ use common::quiver;
 fn bench_scenarios_report_real_work() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bench.json");
+    let md = dir.path().join("bench.md");
+    let charts = dir.path().join("charts");
     let (ok, stdout, stderr) = quiver(&[
         "bench",
         "all",
@@ -23,8 +25,20 @@ fn bench_scenarios_report_real_work() {
         "2000",
         "--batch",
         "50",
+        "--rate",
+        "3000",
+        "--predict-rate",
+        "200",
+        "--writers",
+        "1",
+        "--levels",
+        "1,2",
         "--json",
         out.to_str().unwrap(),
+        "--markdown",
+        md.to_str().unwrap(),
+        "--plot",
+        charts.to_str().unwrap(),
     ]);
     assert!(ok, "{stdout}\n{stderr}");
     let report: serde_json::Value =
@@ -65,6 +79,62 @@ fn bench_scenarios_report_real_work() {
     let p = &r["predict"];
     assert!(p["predict_ops_per_s"].as_f64().unwrap() > 0.0, "{p}");
     assert!(p["model_us_per_row_batch1"].as_f64().unwrap() > 0.0, "{p}");
+    assert!(p["redis_ops_per_s"].as_f64().unwrap() > 0.0, "{p}");
+
+    // decoupling: both designs took writes and answered predictions, without errors.
+    let d = &r["decoupling"];
+    for design in ["quiver", "postgres"] {
+        let side = &d[design];
+        assert!(
+            side["events_per_s"].as_f64().unwrap() > 0.0,
+            "{design}: {side}"
+        );
+        assert!(
+            side["freshness_samples"].as_u64().unwrap() > 0,
+            "{design}: {side}"
+        );
+        assert!(
+            side["predicts_per_s"].as_f64().unwrap() > 0.0,
+            "{design}: {side}"
+        );
+        assert_eq!(side["event_errors"].as_u64(), Some(0), "{design}: {side}");
+        assert_eq!(side["predict_errors"].as_u64(), Some(0), "{design}: {side}");
+        assert!(side["p99_us"].as_f64().unwrap() > 0.0, "{design}: {side}");
+    }
+    let levels = d["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2, "{d}");
+    assert!(
+        stdout.contains("| PostgreSQL as the queue (UPSERT + SELECT) |"),
+        "{stdout}"
+    );
+
+    // The verdict a script reads, Quiver ÷ peer.
+    for name in [
+        "lookup_throughput_vs_redis",
+        "lookup_p99_vs_redis",
+        "predict_throughput_vs_redis_lookup",
+        "decoupling_event_rate_vs_postgres",
+        "decoupling_freshness_p99_vs_postgres",
+        "decoupling_predict_throughput_vs_postgres",
+        "decoupling_p99_vs_postgres",
+    ] {
+        let v = report["ratios"][name].as_f64();
+        assert!(
+            v.is_some_and(|v| v.is_finite() && v > 0.0),
+            "{name}: {}",
+            report["ratios"]
+        );
+    }
+    let tables = std::fs::read_to_string(&md).unwrap();
+    assert!(
+        tables.contains("## decoupling") && tables.contains("## verdict"),
+        "{tables}"
+    );
+    for chart in ["decoupling_latency.png", "decoupling_freshness.png"] {
+        let png = std::fs::read(charts.join(chart)).unwrap();
+        assert_eq!(&png[1..4], b"PNG", "{chart}");
+    }
+
     let h = &r["history"];
     assert!(h["drain_rows_per_s"].as_f64().unwrap() > 0.0, "{h}");
     assert!(

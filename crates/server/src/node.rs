@@ -80,12 +80,7 @@ impl Node {
             quiver_core::time::now_ms(),
         )
         .map_err(|e| NodeError::Io(journal.display().to_string(), e))?;
-        let limits = EventLimits {
-            batch_events_max: config.limits.batch_events_max,
-            key_bytes_max: config.limits.key_bytes_max,
-            event_id_bytes_max: config.limits.event_id_bytes_max,
-            string_bytes_max: config.limits.string_bytes_max,
-        };
+        let limits = EventLimits::from_config(&config);
         let history = match quiver_connect::history::HistoryOptions::from_config(&config.history) {
             Some(opts) => Some(quiver_connect::history::HistorySink::start(
                 log.clone(),

@@ -6,8 +6,29 @@
 //! - `lookup`: single-entity lookups of a 32-feature row over HTTP vs Redis `HGETALL` of the
 //!   same row, same keys (uniform and Zipf), same number of connections, closed loop.
 //! - `memory`: resident bytes per entity for N entities × 32 f64 features vs the raw bytes.
+//! - `predict`: predict (lookup + a 100-tree GBDT) against lookup alone and Redis `HGETALL`.
+//! - `decoupling`: Quiver against the database-as-queue design (`decoupling.rs`).
 //!
 //! Quiver runs in this process on its own 2-thread runtime; the load generator on another.
+//! Every table printed also goes to `--markdown FILE`; `--json FILE` gets the figures with a
+//! top-level `"ratios"` object (Quiver ÷ peer) a script can read the verdict from.
+
+/// Prints a line of the report and keeps it for `--markdown`.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        let line = format!($($t)*);
+        println!("{line}");
+        $crate::bench::REPORT.lock().push_str(&line);
+        $crate::bench::REPORT.lock().push('\n');
+    }};
+}
+
+mod decoupling;
+pub(crate) mod load;
+mod plot;
+
+/// Everything `say!` printed in this run.
+pub(crate) static REPORT: parking_lot::Mutex<String> = parking_lot::Mutex::new(String::new());
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,7 +44,7 @@ use serde_json::{json, Value};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// ingest | lookup | memory | all
+    /// ingest | lookup | memory | aggregations | history | predict | runtimes | decoupling | all
     pub scenario: String,
     /// Seconds each measured phase runs (after warm-up).
     #[arg(long, default_value_t = 10.0)]
@@ -59,17 +80,39 @@ pub struct BenchArgs {
     /// The view `memory-probe` fills (internal: the memory scenarios run it as a child).
     #[arg(long, default_value = "row", hide = true)]
     pub probe_view: String,
+    /// `decoupling`: offered predictions/s (open loop; events/s is `--rate`, default 50,000).
+    #[arg(long, default_value_t = 10_000.0)]
+    pub predict_rate: f64,
+    /// `decoupling`: events per POST to Quiver, rows per UPSERT into PostgreSQL.
+    #[arg(long, default_value_t = 100)]
+    pub write_batch: usize,
+    /// `decoupling`: connections per upstream service (3 services), for both designs.
+    #[arg(long, default_value_t = 4)]
+    pub writers: usize,
+    /// `decoupling`: offered loads swept, as multiples of `--rate` and `--predict-rate`
+    /// (1 is always run); each design stops climbing after the first load it fails.
+    #[arg(long, default_value = "0.25,0.5,1,1.5,2,3")]
+    pub levels: String,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// Write the report's Markdown tables here.
+    #[arg(long)]
+    pub markdown: Option<std::path::PathBuf>,
+    /// Write PNG charts into this directory (`decoupling`: latency and freshness vs load).
+    #[arg(long)]
+    pub plot: Option<std::path::PathBuf>,
 }
 
 const FEATURES: usize = 32;
 
 fn bench_config(dir: &std::path::Path) -> Result<quiver_core::Config> {
-    let features: Vec<String> = (0..FEATURES)
-        .map(|i| format!("{{ name = \"f{i}\", type = \"f64\" }}"))
-        .collect();
+    let features = |range: std::ops::Range<usize>| -> String {
+        range
+            .map(|i| format!("{{ name = \"f{i}\", type = \"f64\" }}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let text = format!(
         r#"
 [server]
@@ -90,7 +133,20 @@ key = "user_id"
 [[view]]
 name = "row"
 entity = "user"
-features = [{}]
+features = [{row}]
+# `decoupling`: the same 32 features, owned by three upstream services.
+[[view]]
+name = "pay"
+entity = "user"
+features = [{pay}]
+[[view]]
+name = "sess"
+entity = "user"
+features = [{sess}]
+[[view]]
+name = "dev"
+entity = "user"
+features = [{dev}]
 [[view]]
 name = "txn"
 entity = "user"
@@ -112,7 +168,10 @@ features = [{{ name = "amount", type = "f64" }}]
 aggregations = [{{ name = "amount_sum_24h", of = "amount", fn = "sum", window = "24h", tile = "5m" }}]
 "#,
         dir.display(),
-        features.join(", "),
+        row = features(0..FEATURES),
+        pay = features(0..11),
+        sess = features(11..22),
+        dev = features(22..FEATURES),
         models = concat!(env!("CARGO_MANIFEST_DIR"), "/../../benchmarks/models"),
     );
     Ok(quiver_core::Config::from_toml_with_env(
@@ -122,11 +181,40 @@ aggregations = [{{ name = "amount_sum_24h", of = "amount", fn = "sum", window = 
 }
 
 /// A Quiver node serving HTTP on its own runtime, in this process.
-struct Embedded {
-    node: Arc<quiver_server::Node>,
-    addr: std::net::SocketAddr,
+pub(crate) struct Embedded {
+    pub node: Arc<quiver_server::Node>,
+    pub addr: std::net::SocketAddr,
     _runtime: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
+}
+
+impl Embedded {
+    /// Opens `config` (whose data lives in `dir`, removed on drop) and serves it on a free
+    /// loopback port, once the store has recovered.
+    pub fn start(config: quiver_core::Config, dir: tempfile::TempDir) -> Result<Embedded> {
+        let metrics = quiver_server::install_metrics();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("quiver-server")
+            .build()?;
+        let node = Arc::new(quiver_server::Node::open(config)?);
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let addr = listener.local_addr()?;
+        let n = node.clone();
+        runtime.spawn(async move {
+            quiver_server::serve(n, listener, metrics, std::future::pending()).await
+        });
+        while !node.store.is_recovered() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(Embedded {
+            node,
+            addr,
+            _runtime: runtime,
+            _dir: dir,
+        })
+    }
 }
 
 fn start_embedded() -> Result<Embedded> {
@@ -138,33 +226,12 @@ fn start_embedded_with(adjust: impl FnOnce(&mut quiver_core::Config)) -> Result<
     let dir = tempfile::tempdir()?;
     let mut config = bench_config(dir.path())?;
     adjust(&mut config);
-    let metrics = quiver_server::install_metrics();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("quiver-server")
-        .build()?;
-    let node = Arc::new(quiver_server::Node::open(config)?);
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let addr = listener.local_addr()?;
-    let n = node.clone();
-    runtime.spawn(async move {
-        quiver_server::serve(n, listener, metrics, std::future::pending()).await
-    });
-    while !node.store.is_recovered() {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(Embedded {
-        node,
-        addr,
-        _runtime: runtime,
-        _dir: dir,
-    })
+    Embedded::start(config, dir)
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+pub(crate) type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-async fn connect(addr: std::net::SocketAddr) -> Result<Sender> {
+pub(crate) async fn connect(addr: std::net::SocketAddr) -> Result<Sender> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -172,7 +239,7 @@ async fn connect(addr: std::net::SocketAddr) -> Result<Sender> {
     Ok(sender)
 }
 
-async fn request(
+pub(crate) async fn request(
     sender: &mut Sender,
     method: &str,
     uri: &str,
@@ -240,11 +307,9 @@ fn us(h: &Histogram<u64>, q: f64) -> f64 {
 pub fn run(args: BenchArgs) -> Result<()> {
     let scenarios: Vec<&str> = match args.scenario.as_str() {
         "memory-probe" => return memory_probe(&args),
-        "all" => vec!["ingest", "lookup", "memory", "aggregations", "history", "predict", "runtimes"],
-        s @ ("ingest" | "lookup" | "memory" | "aggregations" | "history" | "predict" | "runtimes") => vec![s],
-        other => anyhow::bail!(
-            "unknown scenario {other:?}: ingest | lookup | memory | aggregations | history | predict | runtimes | all"
-        ),
+        "all" => ALL.to_vec(),
+        s if ALL.contains(&s) => vec![s],
+        other => anyhow::bail!("unknown scenario {other:?}: {} | all", ALL.join(" | ")),
     };
     let mut results = serde_json::Map::new();
     for s in scenarios {
@@ -255,20 +320,130 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "aggregations" => bench_aggregations(&args)?,
             "history" => bench_history(&args)?,
             "runtimes" => crate::bench_runtimes::run(args.duration)?,
+            "decoupling" => decoupling::run(&args)?,
             _ => bench_predict(&args)?,
         };
         results.insert(s.to_string(), r);
     }
+    let results = Value::Object(results);
+    let ratios = ratios(&results);
+    if !ratios.is_empty() {
+        say!("\n## verdict: Quiver ÷ peer, this run\n\n| ratio | value |\n|---|---|");
+        for (name, v) in &ratios {
+            say!("| `{name}` | {:.3} |", v.as_f64().unwrap_or(f64::NAN));
+        }
+    }
     let report = json!({
-        "machine": {"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
-        "args": {"duration_s": args.duration, "warmup_s": args.warmup, "connections": args.connections, "entities": args.entities, "batch": args.batch},
+        "machine": machine(),
+        "args": {"duration_s": args.duration, "warmup_s": args.warmup, "connections": args.connections, "entities": args.entities, "batch": args.batch, "rate": args.rate, "predict_rate": args.predict_rate, "write_batch": args.write_batch, "writers": args.writers, "levels": args.levels},
         "results": results,
+        "ratios": ratios,
     });
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
         println!("\nresults written to {}", path.display());
     }
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, REPORT.lock().as_str())?;
+        println!("tables written to {}", path.display());
+    }
     Ok(())
+}
+
+/// Every scenario, in the order `all` runs them.
+const ALL: [&str; 8] = [
+    "ingest",
+    "lookup",
+    "memory",
+    "aggregations",
+    "history",
+    "predict",
+    "runtimes",
+    "decoupling",
+];
+
+/// The verdict a script reads: Quiver ÷ peer for each headline figure the run measured.
+fn ratios(results: &Value) -> serde_json::Map<String, Value> {
+    let pick = [
+        (
+            "lookup_throughput_vs_redis",
+            "/lookup/uniform_throughput_vs_redis",
+        ),
+        ("lookup_p99_vs_redis", "/lookup/uniform_p99_vs_redis"),
+        (
+            "lookup_zipf_throughput_vs_redis",
+            "/lookup/zipf_throughput_vs_redis",
+        ),
+        ("lookup_zipf_p99_vs_redis", "/lookup/zipf_p99_vs_redis"),
+        (
+            "predict_throughput_vs_redis_lookup",
+            "/predict/predict_throughput_vs_redis_lookup",
+        ),
+        (
+            "predict_throughput_vs_lookup",
+            "/predict/predict_throughput_vs_lookup",
+        ),
+        (
+            "decoupling_event_rate_vs_postgres",
+            "/decoupling/event_rate_vs_postgres",
+        ),
+        (
+            "decoupling_freshness_p99_vs_postgres",
+            "/decoupling/freshness_p99_vs_postgres",
+        ),
+        (
+            "decoupling_predict_throughput_vs_postgres",
+            "/decoupling/predict_throughput_vs_postgres",
+        ),
+        ("decoupling_p99_vs_postgres", "/decoupling/p99_vs_postgres"),
+    ];
+    pick.iter()
+        .filter_map(|(name, at)| results.pointer(at).map(|v| (name.to_string(), v.clone())))
+        .collect()
+}
+
+/// What the figures were measured on.
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_default();
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0 / 1024.0);
+    json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": cpu,
+        "memory_gib": mem_gib,
+        "os": std::env::consts::OS,
+    })
+}
+
+/// The default version of a served model, as loaded (for peers that run the same model).
+fn served_model(node: &quiver_server::Node, name: &str) -> Result<Arc<dyn quiver_model::Model>> {
+    let served = node.models.get(name);
+    served
+        .as_ref()
+        .and_then(|m| m.default_version().and_then(|v| m.versions.get(&v)))
+        .and_then(|v| v.loaded.as_ref())
+        .map(|l| l.model.clone())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "benchmarks/models/{name} did not load: {:?}",
+                served.and_then(|m| m.error.clone())
+            )
+        })
 }
 
 /// Durable ingest throughput and freshness, into `view` (`txn`, or `txn_agg`: the same
@@ -386,24 +561,24 @@ fn bench_ingest(args: &BenchArgs, view: &'static str) -> Result<Value> {
         anyhow::Ok((events.load(Ordering::Relaxed) as f64 / elapsed, rejected.load(Ordering::Relaxed), lat, fresh))
     })?;
     let (rate, rejected, lat, fresh) = out;
-    println!(
+    say!(
         "\n## ingest into `{view}` (ack=durable, fsync=batch, {} connections × {} events per POST)\n",
         args.connections, args.batch
     );
-    println!("| metric | value |\n|---|---|");
-    println!("| durable events/s | {rate:.0} |");
-    println!(
+    say!("| metric | value |\n|---|---|");
+    say!("| durable events/s | {rate:.0} |");
+    say!(
         "| POST latency p50 / p99 (ms) | {:.2} / {:.2} |",
         us(&lat, 0.5) / 1e3,
         us(&lat, 0.99) / 1e3
     );
-    println!(
+    say!(
         "| freshness ack→readable p50 / p99 (µs) | {:.0} / {:.0} ({} probes) |",
         us(&fresh, 0.5),
         us(&fresh, 0.99),
         fresh.len()
     );
-    println!("| rejected POSTs (503) | {rejected} |");
+    say!("| rejected POSTs (503) | {rejected} |");
     q.node.shutdown();
     Ok(json!({
         "offered_events_per_s": args.rate,
@@ -526,9 +701,9 @@ fn bench_lookup(args: &BenchArgs) -> Result<Value> {
         }
         anyhow::Ok(rows)
     })?;
-    println!("\n## lookup: one entity × {FEATURES} f64 features, {} entities, {} connections, closed loop\n", n, args.connections);
-    println!("median of {} round(s)\n", args.repeat.max(1));
-    println!("| keys | system | ops/s | p50 µs | p99 µs | errors |\n|---|---|---|---|---|---|");
+    say!("\n## lookup: one entity × {FEATURES} f64 features, {} entities, {} connections, closed loop\n", n, args.connections);
+    say!("median of {} round(s)\n", args.repeat.max(1));
+    say!("| keys | system | ops/s | p50 µs | p99 µs | errors |\n|---|---|---|---|---|---|");
     let mut out = serde_json::Map::new();
     for dist in ["uniform", "zipf"] {
         for (peer, name, label) in [
@@ -543,7 +718,7 @@ fn bench_lookup(args: &BenchArgs) -> Result<Value> {
             let p50 = median(mine.iter().map(|r| us(&r.4, 0.5)).collect());
             let p99 = median(mine.iter().map(|r| us(&r.4, 0.99)).collect());
             let errors: u64 = mine.iter().map(|r| r.5).sum();
-            println!("| {dist} | {name} | {ops:.0} | {p50:.0} | {p99:.0} | {errors} |");
+            say!("| {dist} | {name} | {ops:.0} | {p50:.0} | {p99:.0} | {errors} |");
             out.insert(
                 format!("{dist}_{label}"),
                 json!({"ops_per_s": ops, "p50_us": p50, "p99_us": p99, "errors": errors}),
@@ -570,7 +745,7 @@ fn bench_lookup(args: &BenchArgs) -> Result<Value> {
         };
         let ratio_ops = per_round(&|r| r.3);
         let ratio_p99 = per_round(&|r| us(&r.4, 0.99));
-        println!("\n{dist}: Quiver/Redis throughput {ratio_ops:.2}×, p99 {ratio_p99:.2}× (median of per-round ratios)");
+        say!("\n{dist}: Quiver/Redis throughput {ratio_ops:.2}×, p99 {ratio_p99:.2}× (median of per-round ratios)");
         out.insert(format!("{dist}_throughput_vs_redis"), json!(ratio_ops));
         out.insert(format!("{dist}_p99_vs_redis"), json!(ratio_p99));
     }
@@ -739,7 +914,7 @@ fn memory_probe(args: &BenchArgs) -> Result<()> {
     }
     let per_entity = rss_bytes().saturating_sub(before) as f64 / n as f64;
     assert_eq!(store.rows(), n);
-    println!("{per_entity} {}", raw as f64 / n as f64);
+    say!("{per_entity} {}", raw as f64 / n as f64);
     Ok(())
 }
 
@@ -767,11 +942,11 @@ fn probe_memory(view: &str, entities: usize) -> Result<(f64, f64)> {
 fn bench_memory(args: &BenchArgs) -> Result<Value> {
     let n = args.entities.max(1);
     let (per_entity, raw_per) = probe_memory("row", n)?;
-    println!("\n## memory: {n} entities × {FEATURES} f64 features\n");
-    println!("| metric | value |\n|---|---|");
-    println!("| resident bytes per entity | {per_entity:.0} |");
-    println!("| raw bytes per entity (key + 8 per value) | {raw_per:.0} |");
-    println!("| ratio | {:.2}× |", per_entity / raw_per);
+    say!("\n## memory: {n} entities × {FEATURES} f64 features\n");
+    say!("| metric | value |\n|---|---|");
+    say!("| resident bytes per entity | {per_entity:.0} |");
+    say!("| raw bytes per entity (key + 8 per value) | {raw_per:.0} |");
+    say!("| ratio | {:.2}× |", per_entity / raw_per);
     Ok(
         json!({"entities": n, "rss_bytes_per_entity": per_entity, "raw_bytes_per_entity": raw_per, "ratio": per_entity / raw_per}),
     )
@@ -808,17 +983,17 @@ fn bench_aggregations(args: &BenchArgs) -> Result<Value> {
         .collect();
     let (plain, aggregated, ratio) = (median(plain), median(aggregated), median(ratios));
 
-    println!(
+    say!(
         "\n## aggregations: ingest with 3 window aggregations vs none (median of {} round(s))\n",
         args.repeat.max(1)
     );
-    println!("| view | durable events/s |\n|---|---|");
-    println!("| `txn` (no aggregations) | {plain:.0} |");
-    println!("| `txn_agg` (sum 5m, count 1h, max 24h in 5m tiles) | {aggregated:.0} |");
-    println!("\nwith aggregations / without: **{ratio:.2}×** (median of per-round ratios)\n");
-    println!("| memory, {n} entities, one `sum` over 24 h in 5-minute tiles | bytes |\n|---|---|");
-    println!("| resident per entity | {per_entity:.0} |");
-    println!("| of which the ring (289 tiles + 2 header slots, 8 bytes each) | {ring_bytes:.0} |");
+    say!("| view | durable events/s |\n|---|---|");
+    say!("| `txn` (no aggregations) | {plain:.0} |");
+    say!("| `txn_agg` (sum 5m, count 1h, max 24h in 5m tiles) | {aggregated:.0} |");
+    say!("\nwith aggregations / without: **{ratio:.2}×** (median of per-round ratios)\n");
+    say!("| memory, {n} entities, one `sum` over 24 h in 5-minute tiles | bytes |\n|---|---|");
+    say!("| resident per entity | {per_entity:.0} |");
+    say!("| of which the ring (289 tiles + 2 header slots, 8 bytes each) | {ring_bytes:.0} |");
     Ok(json!({
         "ingest_events_per_s_plain": plain,
         "ingest_events_per_s_3_aggregations": aggregated,
@@ -949,23 +1124,23 @@ fn bench_history(args: &BenchArgs) -> Result<Value> {
             .copied()
             .unwrap_or(0.0)
     };
-    println!("\n## history sink into PostgreSQL\n");
-    println!("| metric | value |\n|---|---|");
-    println!("| drain throughput ({backlog} events backlog) | {drain_rows_per_s:.0} rows/s |");
-    println!("| offered / achieved ingest during the lag phase | {rate:.0} / {offered_rate:.0} events/s |");
-    println!(
+    say!("\n## history sink into PostgreSQL\n");
+    say!("| metric | value |\n|---|---|");
+    say!("| drain throughput ({backlog} events backlog) | {drain_rows_per_s:.0} rows/s |");
+    say!("| offered / achieved ingest during the lag phase | {rate:.0} / {offered_rate:.0} events/s |");
+    say!(
         "| sink lag p50 / p99 / max (records, sampled every 50 ms) | {:.0} / {:.0} / {:.0} |",
         pct(0.5),
         pct(0.99),
         pct(1.0)
     );
-    println!(
+    say!(
         "| sink lag p99 in time at that rate | {:.1} ms |",
         pct(0.99) / rate.max(1.0) * 1000.0
     );
-    println!("| catch-up after the load stops | {catch_up_ms:.0} ms |");
-    println!("| rows in PostgreSQL | {rows} |");
-    println!("| point-in-time retrieval (10,000 rows per request, median of 3) | {pit_rows_per_s:.0} rows/s |");
+    say!("| catch-up after the load stops | {catch_up_ms:.0} ms |");
+    say!("| rows in PostgreSQL | {rows} |");
+    say!("| point-in-time retrieval (10,000 rows per request, median of 3) | {pit_rows_per_s:.0} rows/s |");
     Ok(json!({
         "drain_rows_per_s": drain_rows_per_s,
         "offered_events_per_s": rate,
@@ -989,18 +1164,7 @@ type PredictPhase = (usize, usize, f64, Histogram<u64>, u64);
 /// time at batch 1 and 256, in process.
 fn bench_predict(args: &BenchArgs) -> Result<Value> {
     let q = start_embedded()?;
-    let served = q.node.models.get("gbdt32");
-    let model = served
-        .as_ref()
-        .and_then(|m| m.default_version().and_then(|v| m.versions.get(&v)))
-        .and_then(|v| v.loaded.as_ref())
-        .map(|l| l.model.clone())
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "benchmarks/models/gbdt32 did not load: {:?}",
-                served.and_then(|m| m.error.clone())
-            )
-        })?;
+    let model = served_model(&q.node, "gbdt32")?;
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -1016,13 +1180,24 @@ fn bench_predict(args: &BenchArgs) -> Result<Value> {
     let node = q.node.clone();
     let redis = redis::Client::open(args.redis.as_str())?;
     let rows = client_rt.block_on(async move {
+        // The same rows in Quiver and in Redis (for the lookup-alone peer).
         let mut sender = connect(addr).await?;
+        let mut con = redis.get_multiplexed_async_connection().await?;
+        let prefix = format!("quiverbench:{}:", std::process::id());
+        let value = |i: usize, f: usize| ((i * 31 + f) % 97) as f64 / 48.0 - 1.0;
         for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+            let mut pipe = redis::pipe();
             let lines: Vec<String> = chunk
                 .iter()
                 .map(|&i| {
+                    let mut cmd = redis::cmd("HSET");
+                    cmd.arg(format!("{prefix}e{i}"));
+                    for f in 0..FEATURES {
+                        cmd.arg(format!("f{f}")).arg(value(i, f));
+                    }
+                    pipe.add_command(cmd).ignore();
                     let values: Vec<String> = (0..FEATURES)
-                        .map(|f| format!("\"f{f}\":{}", ((i * 31 + f) % 97) as f64 / 48.0 - 1.0))
+                        .map(|f| format!("\"f{f}\":{}", value(i, f)))
                         .collect();
                     format!(
                         r#"{{"view":"row","key":"e{i}","values":{{{}}}}}"#,
@@ -1031,61 +1206,69 @@ fn bench_predict(args: &BenchArgs) -> Result<Value> {
                 })
                 .collect();
             post_events(&mut sender, &lines).await?;
+            pipe.query_async::<()>(&mut con).await?;
         }
         wait_all_applied(&node).await;
         let mut rows = Vec::new();
         for round in 0..repeat {
-            for peer in [Peer::Quiver, Peer::Predict, Peer::PredictBatched] {
+            for peer in [
+                Peer::Quiver,
+                Peer::Redis,
+                Peer::Predict,
+                Peer::PredictBatched,
+            ] {
                 let (ops, h, errors) = closed_loop(
-                    peer, "uniform", addr, &redis, "", n, conns, warmup, duration,
+                    peer, "uniform", addr, &redis, &prefix, n, conns, warmup, duration,
                 )
                 .await?;
                 rows.push((round, peer as usize, ops, h, errors));
             }
         }
+        let keys: Vec<String> = (0..n).map(|i| format!("{prefix}e{i}")).collect();
+        for chunk in keys.chunks(1000) {
+            redis::cmd("DEL")
+                .arg(chunk)
+                .query_async::<()>(&mut con)
+                .await?;
+        }
         anyhow::Ok(rows)
     })?;
-    // The model alone, in process.
-    let input: Vec<f64> = (0..256 * FEATURES)
-        .map(|i| ((i * 7) % 97) as f64 / 48.0 - 1.0)
-        .collect();
-    let per_row_us = |batch: usize| {
-        let mut out = vec![0.0; batch];
-        let iters = (200_000 / batch).max(10);
-        let t = Instant::now();
-        for k in 0..iters {
-            let start = (k % (256 - batch + 1)) * FEATURES;
-            model
-                .predict(&input[start..start + batch * FEATURES], &mut out)
-                .expect("shapes match");
-            std::hint::black_box(&out);
-        }
-        t.elapsed().as_secs_f64() * 1e6 / (iters * batch) as f64
-    };
-    let (b1, b256) = (per_row_us(1), per_row_us(256));
+    // The model alone, in process, and onnxruntime on its ONNX export, on the same rows.
+    let (b1, b256, ort) = crate::bench_runtimes::gbdt_per_row(model.as_ref(), duration)?;
+    let ort1 = ort.as_ref().and_then(|o| o["batch_1_us_per_row"].as_f64());
+    let ort256 = ort
+        .as_ref()
+        .and_then(|o| o["batch_256_us_per_row"].as_f64());
     let pick = |peer: usize, f: &dyn Fn(&PredictPhase) -> f64| {
         median(rows.iter().filter(|r| r.1 == peer).map(f).collect())
     };
-    let ratios: Vec<f64> = (0..repeat)
-        .map(|round| {
-            let get = |peer| {
-                rows.iter()
-                    .find(|r| r.0 == round && r.1 == peer)
-                    .map(|r| r.2)
-                    .unwrap_or(0.0)
-            };
-            get(2) / get(0).max(1e-9)
-        })
-        .collect();
-    let ratio = median(ratios);
-    println!("\n## predict vs lookup: {n} entities × {FEATURES} features, {conns} connections, median of {repeat} round(s)\n");
-    println!("| path | ops/s | p50 µs | p99 µs | errors |\n|---|---|---|---|---|");
+    // Per-round ratios (both sides measured back to back), then the median.
+    let per_round = |num: usize, den: usize| {
+        median(
+            (0..repeat)
+                .map(|round| {
+                    let get = |peer| {
+                        rows.iter()
+                            .find(|r| r.0 == round && r.1 == peer)
+                            .map(|r| r.2)
+                            .unwrap_or(0.0)
+                    };
+                    get(num) / get(den).max(1e-9)
+                })
+                .collect(),
+        )
+    };
+    let ratio = per_round(Peer::Predict as usize, Peer::Quiver as usize);
+    let vs_redis = per_round(Peer::Predict as usize, Peer::Redis as usize);
+    say!("\n## predict vs lookup: {n} entities × {FEATURES} features, {conns} connections, median of {repeat} round(s)\n");
+    say!("| path | ops/s | p50 µs | p99 µs | errors |\n|---|---|---|---|---|");
     for (peer, name) in [
         (0, "lookup GET /v1/features/row/{key}"),
+        (1, "Redis HGETALL of the same row (lookup alone)"),
         (2, "predict POST /v1/models/gbdt32/predict"),
         (3, "predict, micro-batched (32 rows / 200 µs)"),
     ] {
-        println!(
+        say!(
             "| {name} | {:.0} | {:.0} | {:.0} | {} |",
             pick(peer, &|r| r.2),
             pick(peer, &|r| us(&r.3, 0.5)),
@@ -1096,8 +1279,18 @@ fn bench_predict(args: &BenchArgs) -> Result<Value> {
                 .sum::<u64>()
         );
     }
-    println!("\npredict / lookup throughput: **{ratio:.2}×**\n");
-    println!("| model alone (100 trees, depth 6, 32 features) | µs per row |\n|---|---|\n| batch 1 | {b1:.2} |\n| batch 256 | {b256:.2} |");
+    say!("\npredict / lookup throughput: **{ratio:.2}×**; predict / Redis HGETALL: **{vs_redis:.2}×**\n");
+    let fmt = |x: Option<f64>| {
+        x.map_or("— (pip install onnxruntime)".to_string(), |x| {
+            format!("{x:.2}")
+        })
+    };
+    say!("| model alone (100 trees, depth 6, 32 features), same 256 rows | Quiver µs per row | onnxruntime µs per row |\n|---|---|---|");
+    say!(
+        "| batch 1 | {b1:.2} | {} |\n| batch 256 | {b256:.2} | {} |",
+        fmt(ort1),
+        fmt(ort256)
+    );
     q.node.shutdown();
     Ok(json!({
         "lookup_ops_per_s": pick(0, &|r| r.2),
@@ -1105,8 +1298,12 @@ fn bench_predict(args: &BenchArgs) -> Result<Value> {
         "predict_p99_us": pick(2, &|r| us(&r.3, 0.99)),
         "batched_predict_ops_per_s": pick(3, &|r| r.2),
         "batched_predict_p99_us": pick(3, &|r| us(&r.3, 0.99)),
+        "redis_ops_per_s": pick(1, &|r| r.2),
         "predict_throughput_vs_lookup": ratio,
+        "predict_throughput_vs_redis_lookup": vs_redis,
         "model_us_per_row_batch1": b1,
         "model_us_per_row_batch256": b256,
+        "onnxruntime_us_per_row_batch1": ort1,
+        "onnxruntime_us_per_row_batch256": ort256,
     }))
 }
