@@ -44,7 +44,8 @@ use serde_json::{json, Value};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// ingest | lookup | memory | aggregations | history | predict | runtimes | decoupling | all
+    /// ingest | lookup | memory | aggregations | history | predict | runtimes | decoupling | all,
+    /// or several, comma-separated (`lookup,predict,decoupling`)
     pub scenario: String,
     /// Seconds each measured phase runs (after warm-up).
     #[arg(long, default_value_t = 10.0)]
@@ -91,7 +92,7 @@ pub struct BenchArgs {
     pub writers: usize,
     /// `decoupling`: offered loads swept, as multiples of `--rate` and `--predict-rate`
     /// (1 is always run); each design stops climbing after the first load it fails.
-    #[arg(long, default_value = "0.25,0.5,1,1.5,2,3")]
+    #[arg(long, default_value = "0.25,0.5,0.75,1,1.5,2,3")]
     pub levels: String,
     /// Write the results as JSON here.
     #[arg(long)]
@@ -308,8 +309,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let scenarios: Vec<&str> = match args.scenario.as_str() {
         "memory-probe" => return memory_probe(&args),
         "all" => ALL.to_vec(),
-        s if ALL.contains(&s) => vec![s],
-        other => anyhow::bail!("unknown scenario {other:?}: {} | all", ALL.join(" | ")),
+        list => {
+            // One scenario or several, comma-separated, in ALL's order.
+            let asked: Vec<&str> = list.split(',').map(str::trim).collect();
+            if let Some(other) = asked.iter().find(|s| !ALL.contains(s)) {
+                anyhow::bail!(
+                    "unknown scenario {other:?}: {} | all (or a comma-separated list)",
+                    ALL.join(" | ")
+                );
+            }
+            ALL.iter().copied().filter(|s| asked.contains(s)).collect()
+        }
     };
     let mut results = serde_json::Map::new();
     for s in scenarios {
