@@ -85,8 +85,39 @@ def main():
     print("wrote", bench, bench_onnx)
 
     onnx_models(rng)
+    failing_shadow_models()
     quickstart_model()
     fraud_example_model()
+
+
+def failing_shadow_models():
+    """Two hand-built ONNX graphs on one input, for the end-to-end test of a shadow version
+    that errors (crates/quiver/tests/e2e_models.rs):
+      onnx_half.onnx        y = 0.5 * x                       (the primary)
+      onnx_lookup4.onnx     y = table[int(x)], table of 4     (fails at run time for x >= 4,
+                            yet passes warm-up, which feeds defaults, 0 and NaN)"""
+    from onnx import TensorProto, helper
+    out = os.path.join(HERE, "..", "crates", "model", "tests", "fixtures")
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])
+    half = helper.make_graph(
+        [helper.make_node("Mul", ["input", "half"], ["y"])], "half", [x], [y],
+        initializer=[helper.make_tensor("half", TensorProto.FLOAT, [1], [0.5])])
+    save_onnx(helper.make_model(half, opset_imports=[helper.make_opsetid("", 15)]),
+              os.path.join(out, "onnx_half.onnx"))
+    lookup = helper.make_graph([
+        helper.make_node("Cast", ["input"], ["idx"], to=TensorProto.INT64),
+        helper.make_node("Reshape", ["idx", "flat"], ["idx1"]),
+        helper.make_node("Gather", ["table", "idx1"], ["g"], axis=0),
+        helper.make_node("Reshape", ["g", "col"], ["y"]),
+    ], "lookup4", [x], [y], initializer=[
+        helper.make_tensor("table", TensorProto.FLOAT, [4], [0.1, 0.2, 0.3, 0.4]),
+        helper.make_tensor("flat", TensorProto.INT64, [1], [-1]),
+        helper.make_tensor("col", TensorProto.INT64, [2], [-1, 1]),
+    ])
+    save_onnx(helper.make_model(lookup, opset_imports=[helper.make_opsetid("", 15)]),
+              os.path.join(out, "onnx_lookup4.onnx"))
+    print("wrote onnx_half.onnx, onnx_lookup4.onnx")
 
 
 def fraud_example_model():

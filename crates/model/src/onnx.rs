@@ -334,7 +334,20 @@ impl Model for TractModel {
                 .map_err(|e| ModelError::Eval(e.to_string()))?
                 .into()
         };
-        let result = self.plan.run(tvec!(input.into())).map_err(fail)?;
+        // tract panics on some bad inputs instead of failing (0.23: a Gather index past the
+        // end of its data); a request must get an error, never a dropped connection.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.plan.run(tvec!(input.into()))
+        }))
+        .map_err(|panic| {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            ModelError::Eval(format!("the graph failed: {why}"))
+        })?
+        .map_err(fail)?;
         let t = &result[0];
         if t.len() != out.len() {
             return Err(ModelError::Eval(format!(

@@ -144,3 +144,24 @@ fn onnx_garbage_is_an_error() {
     assert!(quiver_model::onnx::load(b"not a model", None).is_err());
     assert!(quiver_model::onnx::load(&[], None).is_err());
 }
+
+#[test]
+fn a_graph_that_breaks_at_run_time_is_an_error_not_a_panic() {
+    // table[int(x)] over a table of 4: tract panics past the end; Quiver reports an error.
+    let path = format!(
+        "{}/tests/fixtures/onnx_lookup4.onnx",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let m = quiver_model::onnx::load(&std::fs::read(path).unwrap(), None).unwrap();
+    let mut out = [0.0; 2];
+    m.predict(&[0.0, 3.0], &mut out).unwrap();
+    assert!(
+        (out[0] - 0.1).abs() < 1e-6 && (out[1] - 0.4).abs() < 1e-6,
+        "{out:?}"
+    );
+    let err = m.predict(&[1.0, 100.0], &mut out).unwrap_err();
+    assert!(err.to_string().contains("index"), "{err}");
+    // And the model still evaluates afterwards.
+    m.predict(&[2.0, 1.0], &mut out).unwrap();
+    assert!((out[0] - 0.3).abs() < 1e-6, "{out:?}");
+}

@@ -20,7 +20,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::bench::load::{self, histogram, us, Window, Worker};
-use crate::bench::{connect, request, Embedded, Sender};
+use crate::bench::{connect, post_durable_visible, request, Embedded, Sender};
 
 const CONFIG: &str = include_str!("../../../examples/fraud/quiver.toml");
 const MODEL_CONFIG: &str = include_str!("../../../examples/fraud/models/fraud_gbdt/config.toml");
@@ -110,8 +110,8 @@ fn event_line(rng: &mut impl Rng, view: &str, users: usize) -> String {
     format!(r#"{{"view":"{view}","key":"u{user}","values":{{{values}}}}}"#)
 }
 
-/// One upstream service connection: POSTs a batch, waits for the durable ack, then (in the
-/// background of its own task) for the batch to be readable: that is the freshness.
+/// One upstream service connection: POSTs a batch, waits for the durable ack, then for the
+/// batch to be readable: that gap is the freshness shown.
 struct Producer {
     http: Sender,
     node: Arc<quiver_server::Node>,
@@ -122,29 +122,19 @@ struct Producer {
 impl Worker for Producer {
     async fn call(&mut self, seq: u64, _due: Instant) -> Result<bool> {
         let (body, count) = &self.bodies[seq as usize % self.bodies.len()];
-        let (status, reply) = request(
+        let applied = post_durable_visible(
             &mut self.http,
-            "POST",
-            "/v1/events?ack=durable",
+            &self.node,
             body.clone(),
+            Duration::from_secs(10),
         )
         .await?;
-        let acked = Instant::now();
-        if status != 200 {
+        let Some(acked) = applied else {
             self.live.event_errors.fetch_add(*count, Ordering::Relaxed);
             return Ok(false);
-        }
+        };
         self.live.events.fetch_add(*count, Ordering::Relaxed);
-        let reply: Value = serde_json::from_slice(&reply)?;
-        let token = quiver_core::token::Token::parse(reply["token"].as_str().unwrap_or_default())?;
-        if self
-            .node
-            .store
-            .wait_applied(&token, Duration::from_secs(10))
-            .await
-        {
-            Live::record(&self.live.freshness, acked);
-        }
+        Live::record(&self.live.freshness, acked);
         Ok(true)
     }
 }

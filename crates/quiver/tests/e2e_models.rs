@@ -563,3 +563,91 @@ fn open_inference_protocol_and_the_predict_command() {
     ]);
     assert!(!ok && stderr.contains("404"), "{stderr}");
 }
+
+/// A shadow version whose model fails at run time (an ONNX `Gather` past the end of its table
+/// for inputs ≥ 4, yet fine through warm-up; tract panics there) changes no response and stops
+/// nothing: every answer is the primary's, the failures show in the shadow metrics, the node
+/// stays ready. As the primary, the same model answers those inputs with a 500.
+#[test]
+fn a_failing_shadow_changes_no_response() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    for (v, file) in [(1, "onnx_half.onnx"), (2, "onnx_lookup4.onnx")] {
+        std::fs::create_dir_all(models.join(format!("sh/{v}"))).unwrap();
+        std::fs::copy(
+            format!("{FIXTURES}/{file}"),
+            models.join(format!("sh/{v}/model.onnx")),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        models.join("sh/config.toml"),
+        "runtime = \"onnx\"\ninputs = [{ feature = \"request:x\", default = 0.0 }]\noutputs = [{ name = \"y\" }]\nversion_policy = { all = true }\n",
+    )
+    .unwrap();
+    let server = Server::start(dir.path(), &config(&models));
+    wait_for("both versions ready", || {
+        let (_, list) = server.get("/v1/models");
+        list["models"][0]["versions"]
+            .as_array()
+            .is_some_and(|v| v.len() == 2 && v.iter().all(|v| v["status"] == "READY"))
+    });
+    let (status, v) = server.put(
+        "/v1/models/sh/traffic",
+        &json!({"default": "1", "shadow": "2"}).to_string(),
+    );
+    assert_eq!(status, 200, "{v}");
+
+    let xs = [0.0, 1.0, 3.0, 4.0, 7.5, 100.0, 250.0];
+    let failing = xs.iter().filter(|&&x| x >= 4.0).count() * 20;
+    for round in 0..20 {
+        for x in xs {
+            let (status, v) = server.post(
+                "/v1/models/sh/predict",
+                &json!({"features": {"x": x}}).to_string(),
+            );
+            assert_eq!(status, 200, "round {round}, x {x}: {v}");
+            assert_eq!(v["version"], 1, "{v}");
+            let y = v["outputs"]["y"].as_f64().unwrap();
+            assert!((y - 0.5 * x).abs() < 1e-6, "x {x}: {v}");
+        }
+    }
+    let shadow = |result: &str| -> f64 {
+        let text = common::client()
+            .get(format!("{}/metrics", server.url))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("quiver_shadow_predictions_total{"))
+            .filter(|l| l.contains(&format!("result=\"{result}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    // Shadow copies run after the responses, on their own thread.
+    wait_for("the shadow's failures in its metrics", || {
+        shadow("error") + shadow("dropped") >= failing as f64
+    });
+    assert!(shadow("error") > 0.0);
+    assert!(shadow("ok") > 0.0, "inputs < 4 evaluate in the shadow too");
+    let (status, _) = server.get("/readyz");
+    assert_eq!(status, 200, "a failing shadow leaves the node ready");
+
+    // The same model as the primary: the request that breaks it gets a 500, not a dropped
+    // connection, and the next request is served.
+    let (status, v) = server.put(
+        "/v1/models/sh/traffic",
+        &json!({"default": "2", "shadow": null}).to_string(),
+    );
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = server.post("/v1/models/sh/predict", r#"{"features": {"x": 100}}"#);
+    assert_eq!(status, 500, "{v}");
+    assert_eq!(v["error"]["code"], "MODEL_ERROR", "{v}");
+    let (status, v) = server.post("/v1/models/sh/predict", r#"{"features": {"x": 3}}"#);
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        (v["outputs"]["y"].as_f64().unwrap() - 0.4).abs() < 1e-6,
+        "{v}"
+    );
+}

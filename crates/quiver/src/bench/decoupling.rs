@@ -88,28 +88,16 @@ struct QuiverWriter {
 impl Worker for QuiverWriter {
     async fn call(&mut self, seq: u64, due: Instant) -> Result<bool> {
         let (body, count) = &self.bodies[seq as usize % self.bodies.len()];
-        let (status, reply) = request(
+        let applied = super::post_durable_visible(
             &mut self.http,
-            "POST",
-            "/v1/events?ack=durable",
+            &self.node,
             body.clone(),
+            Duration::from_secs(30),
         )
         .await?;
-        let acked = Instant::now();
-        if status != 200 {
+        let Some(acked) = applied else {
             return Ok(false);
-        }
-        let reply: Value = serde_json::from_slice(&reply)?;
-        let token = quiver_core::token::Token::parse(reply["token"].as_str().unwrap_or_default())?;
-        // Woken by the materializer's publish, not by polling.
-        if !self
-            .node
-            .store
-            .wait_applied(&token, Duration::from_secs(30))
-            .await
-        {
-            return Ok(false);
-        }
+        };
         if self.window.measures(due) {
             self.fresh.record(due.elapsed().as_micros().max(1) as u64)?;
             self.ack_visible

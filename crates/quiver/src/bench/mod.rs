@@ -288,6 +288,79 @@ async fn post_events(sender: &mut Sender, lines: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Loads the same `n` rows into Quiver's `row` view (key `e{i}`) and into Redis hashes
+/// `{prefix}e{i}`: 32 f64 features `f{f}` = `value(i, f)`. Returns once Quiver has applied them.
+async fn load_rows(
+    addr: std::net::SocketAddr,
+    node: &quiver_server::Node,
+    redis: &redis::Client,
+    prefix: &str,
+    n: usize,
+    value: impl Fn(usize, usize) -> f64,
+) -> Result<redis::aio::MultiplexedConnection> {
+    let mut sender = connect(addr).await?;
+    let mut con = redis.get_multiplexed_async_connection().await?;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let mut lines = Vec::with_capacity(chunk.len());
+        let mut pipe = redis::pipe();
+        for &i in chunk {
+            let values: Vec<String> = (0..FEATURES)
+                .map(|f| format!("\"f{f}\":{}", value(i, f)))
+                .collect();
+            lines.push(format!(
+                r#"{{"view":"row","key":"e{i}","values":{{{}}}}}"#,
+                values.join(",")
+            ));
+            let mut cmd = redis::cmd("HSET");
+            cmd.arg(format!("{prefix}e{i}"));
+            for f in 0..FEATURES {
+                cmd.arg(format!("f{f}")).arg(value(i, f));
+            }
+            pipe.add_command(cmd).ignore();
+        }
+        post_events(&mut sender, &lines).await?;
+        pipe.query_async::<()>(&mut con).await?;
+    }
+    wait_all_applied(node).await;
+    Ok(con)
+}
+
+/// Leaves Redis as [`load_rows`] found it.
+async fn clear_rows(
+    con: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    n: usize,
+) -> Result<()> {
+    let keys: Vec<String> = (0..n).map(|i| format!("{prefix}e{i}")).collect();
+    for chunk in keys.chunks(1000) {
+        redis::cmd("DEL").arg(chunk).query_async::<()>(con).await?;
+    }
+    Ok(())
+}
+
+/// POSTs `body` with `ack=durable`, then waits (woken by the materializer's publish, not by
+/// polling) until the store has applied it. Returns when the ack arrived, or `None` if the POST
+/// was refused or not applied within `timeout`.
+pub(crate) async fn post_durable_visible(
+    http: &mut Sender,
+    node: &quiver_server::Node,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<Option<Instant>> {
+    let (status, reply) = request(http, "POST", "/v1/events?ack=durable", body).await?;
+    let acked = Instant::now();
+    if status != 200 {
+        return Ok(None);
+    }
+    let reply: Value = serde_json::from_slice(&reply)?;
+    let token = quiver_core::token::Token::parse(reply["token"].as_str().unwrap_or_default())?;
+    Ok(node
+        .store
+        .wait_applied(&token, timeout)
+        .await
+        .then_some(acked))
+}
+
 /// Waits until the store has applied everything durable in the log.
 async fn wait_all_applied(node: &quiver_server::Node) {
     while (0..node.log.partitions())
@@ -663,32 +736,11 @@ fn bench_lookup(args: &BenchArgs) -> Result<Value> {
     let (warmup, duration, conns, repeat) =
         (args.warmup, args.duration, args.connections, args.repeat);
     let rows = client_rt.block_on(async move {
-        // Load the same rows into both: key "e{i}", 32 f64 features.
-        let mut sender = connect(addr).await?;
-        let mut con = redis.get_multiplexed_async_connection().await?;
         let prefix = format!("quiverbench:{}:", std::process::id());
-        for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
-            let mut lines = Vec::with_capacity(chunk.len());
-            let mut pipe = redis::pipe();
-            for &i in chunk {
-                let values: Vec<String> = (0..FEATURES)
-                    .map(|f| format!("\"f{f}\":{}", (i * 31 + f) as f64 * 0.5))
-                    .collect();
-                lines.push(format!(
-                    r#"{{"view":"row","key":"e{i}","values":{{{}}}}}"#,
-                    values.join(",")
-                ));
-                let mut cmd = redis::cmd("HSET");
-                cmd.arg(format!("{prefix}e{i}"));
-                for f in 0..FEATURES {
-                    cmd.arg(format!("f{f}")).arg((i * 31 + f) as f64 * 0.5);
-                }
-                pipe.add_command(cmd).ignore();
-            }
-            post_events(&mut sender, &lines).await?;
-            pipe.query_async::<()>(&mut con).await?;
-        }
-        wait_all_applied(&node).await;
+        let mut con = load_rows(addr, &node, &redis, &prefix, n, |i, f| {
+            (i * 31 + f) as f64 * 0.5
+        })
+        .await?;
         let mut rows = Vec::new();
         for round in 0..repeat.max(1) {
             for dist in ["uniform", "zipf"] {
@@ -701,14 +753,7 @@ fn bench_lookup(args: &BenchArgs) -> Result<Value> {
                 }
             }
         }
-        // Leave Redis as we found it.
-        let keys: Vec<String> = (0..n).map(|i| format!("{prefix}e{i}")).collect();
-        for chunk in keys.chunks(1000) {
-            redis::cmd("DEL")
-                .arg(chunk)
-                .query_async::<()>(&mut con)
-                .await?;
-        }
+        clear_rows(&mut con, &prefix, n).await?;
         anyhow::Ok(rows)
     })?;
     say!("\n## lookup: one entity × {FEATURES} f64 features, {} entities, {} connections, closed loop\n", n, args.connections);
@@ -1191,34 +1236,9 @@ fn bench_predict(args: &BenchArgs) -> Result<Value> {
     let redis = redis::Client::open(args.redis.as_str())?;
     let rows = client_rt.block_on(async move {
         // The same rows in Quiver and in Redis (for the lookup-alone peer).
-        let mut sender = connect(addr).await?;
-        let mut con = redis.get_multiplexed_async_connection().await?;
         let prefix = format!("quiverbench:{}:", std::process::id());
         let value = |i: usize, f: usize| ((i * 31 + f) % 97) as f64 / 48.0 - 1.0;
-        for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
-            let mut pipe = redis::pipe();
-            let lines: Vec<String> = chunk
-                .iter()
-                .map(|&i| {
-                    let mut cmd = redis::cmd("HSET");
-                    cmd.arg(format!("{prefix}e{i}"));
-                    for f in 0..FEATURES {
-                        cmd.arg(format!("f{f}")).arg(value(i, f));
-                    }
-                    pipe.add_command(cmd).ignore();
-                    let values: Vec<String> = (0..FEATURES)
-                        .map(|f| format!("\"f{f}\":{}", value(i, f)))
-                        .collect();
-                    format!(
-                        r#"{{"view":"row","key":"e{i}","values":{{{}}}}}"#,
-                        values.join(",")
-                    )
-                })
-                .collect();
-            post_events(&mut sender, &lines).await?;
-            pipe.query_async::<()>(&mut con).await?;
-        }
-        wait_all_applied(&node).await;
+        let mut con = load_rows(addr, &node, &redis, &prefix, n, value).await?;
         let mut rows = Vec::new();
         for round in 0..repeat {
             for peer in [
@@ -1234,13 +1254,7 @@ fn bench_predict(args: &BenchArgs) -> Result<Value> {
                 rows.push((round, peer as usize, ops, h, errors));
             }
         }
-        let keys: Vec<String> = (0..n).map(|i| format!("{prefix}e{i}")).collect();
-        for chunk in keys.chunks(1000) {
-            redis::cmd("DEL")
-                .arg(chunk)
-                .query_async::<()>(&mut con)
-                .await?;
-        }
+        clear_rows(&mut con, &prefix, n).await?;
         anyhow::Ok(rows)
     })?;
     // The model alone, in process, and onnxruntime on its ONNX export, on the same rows.
