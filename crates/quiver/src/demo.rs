@@ -147,7 +147,7 @@ struct Predictor {
 }
 
 impl Worker for Predictor {
-    async fn call(&mut self, _seq: u64, due: Instant) -> Result<bool> {
+    async fn call(&mut self, _seq: u64, start: Instant) -> Result<bool> {
         let body = Bytes::from(format!(
             r#"{{"entities":{{"user_id":"u{}"}},"features":{{"amount":{:.2}}}}}"#,
             self.rng.random_range(0..self.users),
@@ -162,8 +162,8 @@ impl Worker for Predictor {
         .await?;
         if status == 200 {
             self.live.predicts.fetch_add(1, Ordering::Relaxed);
-            // From when it was due: a slow server is charged for the requests it delayed.
-            Live::record(&self.live.latency, due);
+            // From when it was due if the server made it late: a stall is charged in full.
+            Live::record(&self.live.latency, start);
             Ok(true)
         } else {
             self.live.predict_errors.fetch_add(1, Ordering::Relaxed);

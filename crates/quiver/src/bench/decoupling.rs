@@ -86,7 +86,7 @@ struct QuiverWriter {
 }
 
 impl Worker for QuiverWriter {
-    async fn call(&mut self, seq: u64, due: Instant) -> Result<bool> {
+    async fn call(&mut self, seq: u64, start: Instant) -> Result<bool> {
         let (body, count) = &self.bodies[seq as usize % self.bodies.len()];
         let applied = super::post_durable_visible(
             &mut self.http,
@@ -98,8 +98,9 @@ impl Worker for QuiverWriter {
         let Some(acked) = applied else {
             return Ok(false);
         };
-        if self.window.measures(due) {
-            self.fresh.record(due.elapsed().as_micros().max(1) as u64)?;
+        if self.window.measures(start) {
+            self.fresh
+                .record(start.elapsed().as_micros().max(1) as u64)?;
             self.ack_visible
                 .record(acked.elapsed().as_micros().max(1) as u64)?;
             self.events += count;
@@ -122,7 +123,7 @@ struct PgWriter {
 }
 
 impl Worker for PgWriter {
-    async fn call(&mut self, _seq: u64, due: Instant) -> Result<bool> {
+    async fn call(&mut self, _seq: u64, start: Instant) -> Result<bool> {
         let keys = batch_keys(&mut self.rng, self.entities, self.batch);
         let names: Vec<String> = keys.iter().map(|k| format!("e{k}")).collect();
         let columns: Vec<Vec<f64>> = self
@@ -141,8 +142,9 @@ impl Worker for PgWriter {
             anyhow::ensure!(!self.client.is_closed(), "PostgreSQL connection lost: {e}");
             return Ok(false);
         }
-        if self.window.measures(due) {
-            self.fresh.record(due.elapsed().as_micros().max(1) as u64)?;
+        if self.window.measures(start) {
+            self.fresh
+                .record(start.elapsed().as_micros().max(1) as u64)?;
             self.events += keys.len() as u64;
         }
         Ok(true)
@@ -157,7 +159,7 @@ struct QuiverPredictor {
 }
 
 impl Worker for QuiverPredictor {
-    async fn call(&mut self, _seq: u64, _due: Instant) -> Result<bool> {
+    async fn call(&mut self, _seq: u64, _start: Instant) -> Result<bool> {
         let i = self.rng.random_range(0..self.entities);
         let body = Bytes::from(format!(r#"{{"entities":{{"user_id":"e{i}"}}}}"#));
         let (status, _) =
@@ -178,7 +180,7 @@ struct PgPredictor {
 }
 
 impl Worker for PgPredictor {
-    async fn call(&mut self, _seq: u64, _due: Instant) -> Result<bool> {
+    async fn call(&mut self, _seq: u64, _start: Instant) -> Result<bool> {
         let key = format!("e{}", self.rng.random_range(0..self.entities));
         let Some(row) = self.client.query_opt(&self.select, &[&key]).await? else {
             return Ok(false);

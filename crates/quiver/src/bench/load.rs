@@ -67,9 +67,11 @@ impl Window {
 
 /// One connection's worth of load.
 pub trait Worker: Send + 'static {
-    /// Runs operation `seq` (due at `due`). `Ok(true)`: success; `Ok(false)`: the peer answered
-    /// with an error; `Err`: the connection is unusable and this worker stops.
-    fn call(&mut self, seq: u64, due: Instant) -> impl Future<Output = Result<bool>> + Send;
+    /// Runs operation `seq`. `start` is when it counts from (what a worker measuring its own
+    /// latencies should use): its due time if a slow reply made it late, else when it left.
+    /// `Ok(true)`: success; `Ok(false)`: the peer answered with an error; `Err`: the
+    /// connection is unusable and this worker stops.
+    fn call(&mut self, seq: u64, start: Instant) -> impl Future<Output = Result<bool>> + Send;
 }
 
 /// What a set of workers did in the measured window.
@@ -132,7 +134,7 @@ pub async fn drive<W: Worker>(
                 };
                 let scheduled = if period.is_some() { due } else { t0 };
                 let measured = window.measures(scheduled);
-                let result = w.call(seq, scheduled).await;
+                let result = w.call(seq, t0).await;
                 last_done = Instant::now();
                 match result {
                     Ok(true) if measured => {
