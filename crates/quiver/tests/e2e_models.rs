@@ -631,6 +631,17 @@ fn a_failing_shadow_changes_no_response() {
     });
     assert!(shadow("error") > 0.0);
     assert!(shadow("ok") > 0.0, "inputs < 4 evaluate in the shadow too");
+    // A raw-tensor V2 infer takes the same path: the primary answers, the shadow gets a copy.
+    let before = shadow("error") + shadow("dropped");
+    let (status, v) = server.post(
+        "/v2/models/sh/infer",
+        &json!({"inputs": [{"name": "input", "datatype": "FP64", "shape": [2, 1], "data": [1.0, 100.0]}]}).to_string(),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["outputs"][0]["data"], json!([0.5, 50.0]), "{v}");
+    wait_for("the raw infer's shadow copy", || {
+        shadow("error") + shadow("dropped") > before
+    });
     let (status, _) = server.get("/readyz");
     assert_eq!(status, 200, "a failing shadow leaves the node ready");
 

@@ -167,7 +167,7 @@ pub(crate) async fn run(
         .map_err(|e| at(e, i, instances.len()))?;
         g.members.push((i, gathered));
     }
-    for (_, mut g) in groups {
+    for (_, g) in groups {
         let loaded = g
             .version
             .loaded
@@ -175,43 +175,7 @@ pub(crate) async fn run(
             .expect("routed versions are loaded");
         let k = loaded.model.outputs();
         let n = g.members.len();
-        let started = Instant::now();
-        // The rows are copied only when a shadow will need them after the model has run.
-        let shadow = m
-            .shadow(g.version.version)
-            .and_then(|s| s.loaded.clone())
-            .map(|s| (s, g.rows.clone()));
-        let out = match &g.version.batcher {
-            Some(b) => {
-                let rx = b.submit(std::mem::take(&mut g.rows)).map_err(|e| {
-                    metrics::counter!(t::MODEL_QUEUE_REJECTED_TOTAL, "model" => spec.name.clone())
-                        .increment(1);
-                    ApiError::unavailable("QUEUE_FULL", e.to_string())
-                })?;
-                rx.await
-                    .map_err(|_| model_error("the batcher stopped"))?
-                    .map_err(|e| model_error(e.to_string()))?
-            }
-            None => {
-                let mut out = vec![0.0; n * k];
-                loaded
-                    .model
-                    .predict(&g.rows, &mut out)
-                    .map_err(|e| model_error(e.to_string()))?;
-                let vm = &g.version.metrics;
-                vm.compute.record(started.elapsed().as_secs_f64());
-                vm.batch_size.record(n as f64);
-                vm.executions.increment(1);
-                vm.inferences.increment(n as u64);
-                out
-            }
-        };
-        if let Some((s, rows)) = shadow {
-            state
-                .node
-                .shadow
-                .submit(&spec.name, s, rows, out.clone(), k);
-        }
+        let out = evaluate(state, m, spec, g.version, g.rows, n).await?;
         for ((i, gathered), row) in g.members.into_iter().zip(out.chunks_exact(k)) {
             let outputs: Arc<[f64]> = Arc::from(row);
             if let (Some(cache), Some((key, valid_until))) = (&cache, gathered.cache) {
@@ -237,6 +201,59 @@ pub(crate) async fn run(
         .into_iter()
         .map(|a| a.expect("every instance answered"))
         .collect())
+}
+
+/// Evaluates `n` rows on `version`: through its micro-batcher when it has one, else inline
+/// (recording the compute metrics); a shadow version then gets a copy of rows and outputs.
+/// Returns `n × outputs()` values.
+pub(crate) async fn evaluate(
+    state: &AppState,
+    m: &Served,
+    spec: &ModelSpec,
+    version: &Version,
+    rows: Vec<f64>,
+    n: usize,
+) -> Result<Vec<f64>, ApiError> {
+    let loaded = version.loaded.as_ref().expect("routed versions are loaded");
+    let k = loaded.model.outputs();
+    let shadow = m.shadow(version.version).and_then(|s| s.loaded.clone());
+    let (out, rows) = match &version.batcher {
+        Some(b) => {
+            // The batcher takes the rows; only a shadow needs a copy of them.
+            let copy = shadow.as_ref().map(|_| rows.clone());
+            let rx = b.submit(rows).map_err(|e| {
+                metrics::counter!(t::MODEL_QUEUE_REJECTED_TOTAL, "model" => spec.name.clone())
+                    .increment(1);
+                ApiError::unavailable("QUEUE_FULL", e.to_string())
+            })?;
+            let out = rx
+                .await
+                .map_err(|_| model_error("the batcher stopped"))?
+                .map_err(|e| model_error(e.to_string()))?;
+            (out, copy)
+        }
+        None => {
+            let started = Instant::now();
+            let mut out = vec![0.0; n * k];
+            loaded
+                .model
+                .predict(&rows, &mut out)
+                .map_err(|e| model_error(e.to_string()))?;
+            let vm = &version.metrics;
+            vm.compute.record(started.elapsed().as_secs_f64());
+            vm.batch_size.record(n as f64);
+            vm.executions.increment(1);
+            vm.inferences.increment(n as u64);
+            (out, Some(rows))
+        }
+    };
+    if let (Some(s), Some(rows)) = (shadow, rows) {
+        state
+            .node
+            .shadow
+            .submit(&spec.name, s, rows, out.clone(), k);
+    }
+    Ok(out)
 }
 
 struct Group<'a> {

@@ -372,14 +372,8 @@ async fn infer_inner(
             let version = m.route(pin, "").map_err(predict::route_error)?;
             let loaded = version.loaded.as_ref().expect("routed versions are loaded");
             let k = loaded.model.outputs();
-            let mut out = vec![0.0; n * k];
-            loaded.model.predict(&values, &mut out).map_err(|e| {
-                V2Error(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "MODEL_ERROR",
-                    e.to_string(),
-                ))
-            })?;
+            // Same path as a feature-join infer: micro-batcher, metrics, shadow copy.
+            let out = predict::evaluate(state, &m, &spec, version, values, n).await?;
             let rows: Vec<Vec<f64>> = out
                 .chunks_exact(k)
                 .map(|r| match loaded.column {
