@@ -26,6 +26,9 @@ const CONFIG: &str = include_str!("../../../examples/fraud/quiver.toml");
 const MODEL_CONFIG: &str = include_str!("../../../examples/fraud/models/fraud_gbdt/config.toml");
 const MODEL: &str = include_str!("../../../examples/fraud/models/fraud_gbdt/1/model.txt");
 const MODEL_NAME: &str = "fraud_gbdt";
+/// Connections of the simulated model service (enough for the default predict rate to leave
+/// on schedule; the rate, not this, sets the load).
+const PREDICT_CONNECTIONS: u64 = 8;
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -294,7 +297,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         }
         if args.predict_rate > 0.0 {
             let mut predictors = Vec::new();
-            for c in 0..8 {
+            for c in 0..PREDICT_CONNECTIONS {
                 predictors.push(Predictor {
                     http: connect(addr).await?,
                     users: args.users,

@@ -72,17 +72,55 @@ fn value(rng: &mut impl Rng) -> f64 {
     (rng.random_range(0..97u32) as f64) / 48.0 - 1.0
 }
 
+/// What a writer measured in one phase's window.
+struct WriteStats {
+    window: Window,
+    events: u64,
+    /// Produced (the batch left) → readable.
+    fresh: Histogram<u64>,
+    /// Durable ack → applied to the store: the part of freshness after the write. Only Quiver
+    /// has it; for the database design commit = visible.
+    ack_visible: Option<Histogram<u64>>,
+}
+
+impl WriteStats {
+    fn new(with_ack: bool) -> WriteStats {
+        WriteStats {
+            window: Window::new(0.0, 0.0),
+            events: 0,
+            fresh: histogram(),
+            ack_visible: with_ack.then(histogram),
+        }
+    }
+
+    /// A batch of `count` events that left at `start` is readable now (acked at `acked`).
+    fn record(&mut self, start: Instant, acked: Option<Instant>, count: u64) -> Result<()> {
+        if self.window.measures(start) {
+            self.fresh
+                .record(start.elapsed().as_micros().max(1) as u64)?;
+            if let (Some(h), Some(acked)) = (&mut self.ack_visible, acked) {
+                h.record(acked.elapsed().as_micros().max(1) as u64)?;
+            }
+            self.events += count;
+        }
+        Ok(())
+    }
+
+    /// Starts a new phase, returning the last one's figures.
+    fn reset(&mut self, window: &Window) -> WriteStats {
+        let fresh = WriteStats::new(self.ack_visible.is_some());
+        let old = std::mem::replace(self, fresh);
+        self.window = window.clone();
+        old
+    }
+}
+
 /// An upstream service's connection to Quiver.
 struct QuiverWriter {
     http: Sender,
     node: Arc<quiver_server::Node>,
     bodies: Arc<Vec<(Bytes, u64)>>,
-    window: Window,
-    fresh: Histogram<u64>,
-    /// Durable ack → applied to the store: the part of freshness after the write (for the
-    /// database design, commit = visible, so this part is zero by construction).
-    ack_visible: Histogram<u64>,
-    events: u64,
+    stats: WriteStats,
 }
 
 impl Worker for QuiverWriter {
@@ -98,13 +136,7 @@ impl Worker for QuiverWriter {
         let Some(acked) = applied else {
             return Ok(false);
         };
-        if self.window.measures(start) {
-            self.fresh
-                .record(start.elapsed().as_micros().max(1) as u64)?;
-            self.ack_visible
-                .record(acked.elapsed().as_micros().max(1) as u64)?;
-            self.events += count;
-        }
+        self.stats.record(start, Some(acked), *count)?;
         Ok(true)
     }
 }
@@ -117,9 +149,7 @@ struct PgWriter {
     entities: usize,
     batch: usize,
     rng: rand::rngs::StdRng,
-    window: Window,
-    fresh: Histogram<u64>,
-    events: u64,
+    stats: WriteStats,
 }
 
 impl Worker for PgWriter {
@@ -142,11 +172,7 @@ impl Worker for PgWriter {
             anyhow::ensure!(!self.client.is_closed(), "PostgreSQL connection lost: {e}");
             return Ok(false);
         }
-        if self.window.measures(start) {
-            self.fresh
-                .record(start.elapsed().as_micros().max(1) as u64)?;
-            self.events += keys.len() as u64;
-        }
+        self.stats.record(start, None, keys.len() as u64)?;
         Ok(true)
     }
 }
@@ -201,6 +227,8 @@ struct Phase {
     event_errors: u64,
     fresh: Histogram<u64>,
     ack_visible: Option<Histogram<u64>>,
+    /// The first connection a writer or predictor lost, if any.
+    failure: Option<String>,
     predict: load::Outcome,
 }
 
@@ -231,7 +259,7 @@ impl Phase {
             "p99_us": self.predict.p(0.99),
             "p999_us": self.predict.p(0.999),
             "sustained": self.sustained(),
-            "failure": self.predict.failure,
+            "failure": self.failure,
         })
     }
 }
@@ -242,35 +270,20 @@ struct Side<W: Worker, P: Worker> {
     predictors: Vec<P>,
 }
 
+/// A writer's measurements, whichever design it writes to.
 trait Writes {
-    fn reset(&mut self, window: &Window);
-    /// (events, produced → visible, ack → visible when the design has such a gap).
-    fn take(&mut self) -> (u64, Histogram<u64>, Option<Histogram<u64>>);
+    fn stats(&mut self) -> &mut WriteStats;
 }
 
 impl Writes for QuiverWriter {
-    fn reset(&mut self, window: &Window) {
-        self.window = window.clone();
-    }
-    fn take(&mut self) -> (u64, Histogram<u64>, Option<Histogram<u64>>) {
-        (
-            std::mem::take(&mut self.events),
-            std::mem::replace(&mut self.fresh, histogram()),
-            Some(std::mem::replace(&mut self.ack_visible, histogram())),
-        )
+    fn stats(&mut self) -> &mut WriteStats {
+        &mut self.stats
     }
 }
 
 impl Writes for PgWriter {
-    fn reset(&mut self, window: &Window) {
-        self.window = window.clone();
-    }
-    fn take(&mut self) -> (u64, Histogram<u64>, Option<Histogram<u64>>) {
-        (
-            std::mem::take(&mut self.events),
-            std::mem::replace(&mut self.fresh, histogram()),
-            None,
-        )
+    fn stats(&mut self) -> &mut WriteStats {
+        &mut self.stats
     }
 }
 
@@ -285,7 +298,7 @@ impl<W: Worker + Writes, P: Worker> Side<W, P> {
     ) -> Result<Phase> {
         let window = Window::new(args.warmup, args.duration);
         for w in &mut self.writers {
-            w.reset(&window);
+            w.stats().reset(&window);
         }
         let writers = std::mem::take(&mut self.writers);
         let predictors = std::mem::take(&mut self.predictors);
@@ -298,10 +311,10 @@ impl<W: Worker + Writes, P: Worker> Side<W, P> {
         let mut ack_visible: Option<Histogram<u64>> = None;
         let mut count = 0;
         for w in &mut writers {
-            let (n, h, a) = w.take();
-            count += n;
-            fresh.add(h)?;
-            if let Some(a) = a {
+            let done = w.stats().reset(&window);
+            count += done.events;
+            fresh.add(done.fresh)?;
+            if let Some(a) = done.ack_visible {
                 ack_visible.get_or_insert_with(histogram).add(a)?;
             }
         }
@@ -314,6 +327,7 @@ impl<W: Worker + Writes, P: Worker> Side<W, P> {
             event_errors: wout.errors,
             fresh,
             ack_visible,
+            failure: wout.failure.or_else(|| predict.failure.clone()),
             predict,
         })
     }
@@ -683,10 +697,7 @@ async fn quiver_writers(
                 http: connect(addr).await?,
                 node: node.clone(),
                 bodies: bodies.clone(),
-                window: Window::new(0.0, 0.0),
-                fresh: histogram(),
-                ack_visible: histogram(),
-                events: 0,
+                stats: WriteStats::new(true),
             });
         }
     }
@@ -736,9 +747,7 @@ async fn pg_writers(
                 entities: n,
                 batch,
                 rng: rand::rngs::StdRng::seed_from_u64((s * 1000 + c) as u64),
-                window: Window::new(0.0, 0.0),
-                fresh: histogram(),
-                events: 0,
+                stats: WriteStats::new(false),
             });
         }
     }
