@@ -10,6 +10,7 @@ use quiver_connect::history::{HistoryOptions, HistorySink};
 use quiver_core::event::{decode_batch, EventLimits};
 use quiver_core::{record, Config, Schema};
 use quiver_log::{Ack, FsyncPolicy, Log, LogOptions, RecordBatch};
+use quiver_store::pit::{replay_at, Semantics};
 
 const PG: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
 const P: u32 = 2;
@@ -28,6 +29,7 @@ fn open_log(dir: &std::path::Path) -> Arc<Log> {
         group_commit_records_max: 10_000,
         retention_ms: i64::MAX,
         retention_bytes: None,
+        disk_bytes_max: None,
     };
     Arc::new(Log::open(dir, opts).unwrap())
 }
@@ -139,6 +141,7 @@ fn opts(url: &str, table: &Table) -> HistoryOptions {
         table: table.name.clone(),
         batch_rows_max: 300,
         retry_delay_ms_max: 300,
+        lossy: false,
     }
 }
 
@@ -183,7 +186,7 @@ fn every_record_lands_once_and_replays_write_nothing() {
     let now = quiver_core::time::now_ms();
     let instants: Vec<(usize, i64)> = vec![(0, now), (1, now - 1000), (2, 0)];
     for k in &keys {
-        let pg: Vec<_> = from_pg[k].iter().map(|(_, r)| r.clone()).collect();
+        let pg = from_pg[k].clone();
         // PostgreSQL kept one row per event id; the log also holds the 100 re-sent ones.
         assert_eq!(
             pg.len(),
@@ -200,9 +203,11 @@ fn every_record_lands_once_and_replays_write_nothing() {
                     / 2,
             "{k}"
         );
-        let a = quiver_store::pit::replay_at(&schema, 0, k, &pg, &instants, &[0, 1]);
-        let b = quiver_store::pit::replay_at(&schema, 0, k, &from_log[k], &instants, &[0, 1]);
-        assert_eq!(a, b, "{k}");
+        for semantics in [Semantics::AsServed, Semantics::EventTime] {
+            let a = replay_at(&schema, 0, k, &pg, &instants, &[0, 1], semantics);
+            let b = replay_at(&schema, 0, k, &from_log[k], &instants, &[0, 1], semantics);
+            assert_eq!(a, b, "{k} {semantics:?}");
+        }
     }
     let mut c = postgres::Client::connect(PG, postgres::NoTls).unwrap();
     let row = c.query_one(&format!("SELECT view, entity_key, ts_ms, \"values\"->>'amount' FROM {} WHERE event_id = 'e7'", table.name), &[]).unwrap();

@@ -108,6 +108,12 @@ pub struct LogConfig {
     pub retention_bytes: Option<u64>,
     /// Largest number of records one group commit writes before it fsyncs.
     pub group_commit_records_max: usize,
+    /// Bound on the whole log on disk. Retention never deletes what a lossless consumer (the
+    /// store's snapshots, the history sink) still needs; at this bound ingest answers
+    /// `503 DISK_FULL` instead. Unset: no bound.
+    pub disk_bytes_max: Option<u64>,
+    /// How often retention runs (and so how soon a drained consumer frees disk).
+    pub retention_check_interval: HumanDuration,
 }
 
 impl Default for LogConfig {
@@ -119,6 +125,8 @@ impl Default for LogConfig {
             retention: HumanDuration(Duration::from_secs(24 * 3600)),
             retention_bytes: None,
             group_commit_records_max: 65_536,
+            disk_bytes_max: None,
+            retention_check_interval: HumanDuration(Duration::from_secs(30)),
         }
     }
 }
@@ -199,6 +207,10 @@ pub struct HistoryConfig {
     pub batch_rows_max: usize,
     /// Longest wait between retries while PostgreSQL is unreachable.
     pub retry_delay_ms_max: u64,
+    /// `false` (default): retention keeps every record the sink has not written, however long
+    /// PostgreSQL is away (bounded by `log.disk_bytes_max`). `true`: retention does not wait
+    /// for the sink; every range it loses is counted, logged and recorded in `<table>_gaps`.
+    pub lossy: bool,
 }
 
 impl Default for HistoryConfig {
@@ -208,6 +220,7 @@ impl Default for HistoryConfig {
             table: "quiver_history".into(),
             batch_rows_max: 5_000,
             retry_delay_ms_max: 5_000,
+            lossy: false,
         }
     }
 }
@@ -317,6 +330,19 @@ impl Config {
             self.log.segment_bytes >= 4096,
             "log.segment_bytes",
             "must be at least 4096",
+        )?;
+        check(
+            self.log.disk_bytes_max.is_none_or(|max| {
+                max >= 2 * u64::from(self.log.partitions) * self.log.segment_bytes
+            }),
+            "log.disk_bytes_max",
+            "must be at least 2 × log.partitions × log.segment_bytes: retention frees only sealed \
+             segments, and every partition keeps one active segment",
+        )?;
+        check(
+            !self.log.retention_check_interval.0.is_zero(),
+            "log.retention_check_interval",
+            "must be > 0",
         )?;
         check(
             self.log.group_commit_records_max > 0,

@@ -2,7 +2,7 @@
 //! durations are histograms in seconds, `reason` labels come from a small fixed set of codes.
 
 pub const EVENTS_INGESTED_TOTAL: &str = "quiver_events_ingested_total";
-/// Label `reason`: an [`crate::event::Reason`] code, `queue_full`, `body_too_large`, `log_poisoned`.
+/// Label `reason`: an [`crate::event::Reason`] code, `queue_full`, `disk_full`, `body_too_large`, `log_poisoned`.
 pub const EVENTS_REJECTED_TOTAL: &str = "quiver_events_rejected_total";
 pub const EVENTS_APPLIED_TOTAL: &str = "quiver_events_applied_total";
 /// Events skipped at apply because their `event_id` was already applied.
@@ -39,6 +39,13 @@ pub const HISTORY_LAG_RECORDS: &str = "quiver_history_lag_records";
 pub const HISTORY_ROWS_WRITTEN_TOTAL: &str = "quiver_history_rows_written_total";
 pub const HISTORY_ERRORS_TOTAL: &str = "quiver_history_errors_total";
 pub const HISTORY_WRITE_SECONDS: &str = "quiver_history_write_seconds";
+/// Records retention deleted before the history sink wrote them (lossy sink, or a sink
+/// configured after the fact); each range is also logged and recorded in `<table>_gaps`.
+pub const HISTORY_LOST_RECORDS_TOTAL: &str = "quiver_history_lost_records_total";
+/// 1 while a partition's sink has stopped on an error retrying cannot fix (see its log line).
+pub const HISTORY_STOPPED: &str = "quiver_history_stopped";
+/// Bytes of the log's segments on disk (bounded by `log.disk_bytes_max`).
+pub const LOG_DISK_BYTES: &str = "quiver_log_disk_bytes";
 
 // Models. Labels `model` and (where it applies) `version`. The split of a predict's time
 // follows Triton's: queue (waiting for a batch), gather (features from the store), compute.

@@ -14,6 +14,14 @@ pub enum LogError {
     Poisoned(String),
     #[error("log append queue is full ({queued} of {max} records)")]
     Full { queued: usize, max: usize },
+    /// The log is at `log.disk_bytes_max` and retention may not free anything: a lossless
+    /// consumer (`held_by`) has not consumed the oldest segments yet.
+    #[error("log is at its disk bound ({used} of {max} bytes){}", held_by.as_ref().map(|c| format!("; retention waits for consumer {c:?}")).unwrap_or_default())]
+    DiskFull {
+        used: u64,
+        max: u64,
+        held_by: Option<String>,
+    },
     #[error("log is shutting down")]
     ShuttingDown,
     #[error("corrupt log: partition {partition} segment {segment}: {reason}")]

@@ -37,6 +37,7 @@
 //! Offsets are dense per partition: a segment's frames carry `base, base+1, …`. The payload is
 //! opaque here (`quiver_core::record` defines it).
 
+pub mod consumers;
 mod error;
 pub mod frame;
 pub mod offsets;
@@ -46,7 +47,7 @@ pub mod segment;
 pub mod tools;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -54,6 +55,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+pub use consumers::{Consumer, Retention};
 pub use error::{LogError, Result};
 pub use offsets::OffsetStore;
 pub use partition::SegmentMeta;
@@ -73,6 +75,9 @@ pub struct LogOptions {
     pub group_commit_records_max: usize,
     pub retention_ms: i64,
     pub retention_bytes: Option<u64>,
+    /// Bound on the whole log's bytes on disk: an append that would pass it is refused with
+    /// [`LogError::DiskFull`] (retention cannot free what a lossless consumer still needs).
+    pub disk_bytes_max: Option<u64>,
 }
 
 impl LogOptions {
@@ -85,6 +90,7 @@ impl LogOptions {
             group_commit_records_max: c.log.group_commit_records_max,
             retention_ms: c.log.retention.as_ms(),
             retention_bytes: c.log.retention_bytes,
+            disk_bytes_max: c.log.disk_bytes_max,
         }
     }
 }
@@ -181,6 +187,8 @@ pub(crate) struct Shared {
     pub(crate) fail_next_fsync: std::sync::atomic::AtomicBool,
     queued: AtomicUsize,
     queue_max: usize,
+    /// Bytes of every segment of every partition (headers included), as written.
+    pub(crate) disk_bytes: AtomicU64,
     poison: Mutex<Option<String>>,
 }
 
@@ -235,6 +243,7 @@ pub struct Log {
     opts: LogOptions,
     parts: Vec<Arc<partition::PartitionShared>>,
     shared: Arc<Shared>,
+    consumers: consumers::Consumers,
     writers: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -276,6 +285,7 @@ impl Log {
             fail_next_fsync: std::sync::atomic::AtomicBool::new(false),
             queued: AtomicUsize::new(0),
             queue_max: opts.queue_records_max,
+            disk_bytes: AtomicU64::new(0),
             poison: Mutex::new(None),
         });
         metrics::gauge!(quiver_core::telemetry::LOG_POISONED).set(0.0);
@@ -283,6 +293,8 @@ impl Log {
         let mut writers = Vec::new();
         for p in 0..opts.partitions {
             let (part, active) = partition::open(p, &segment::partition_dir(dir, p))?;
+            let bytes: u64 = part.segments.read().iter().map(|s| s.bytes).sum();
+            shared.disk_bytes.fetch_add(bytes, Ordering::AcqRel);
             let (part2, opts2, shared2) = (part.clone(), opts.clone(), shared.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("log-writer-{p}"))
@@ -298,6 +310,7 @@ impl Log {
             opts,
             parts,
             shared,
+            consumers: consumers::Consumers::default(),
             writers: Mutex::new(writers),
         })
     }
@@ -336,6 +349,7 @@ impl Log {
                 return Err(LogError::RecordTooLarge(big));
             }
         }
+        self.check_disk(batches.iter().map(|(_, b)| b.bytes() as u64).sum())?;
         let total: usize = batches.iter().map(|(_, b)| b.len()).sum();
         self.shared.admit(total)?;
         let mut out = Vec::with_capacity(batches.len());
@@ -415,13 +429,53 @@ impl Log {
         self.shared.poisoned()
     }
 
+    /// Registers a consumer whose progress retention must respect (see [`consumers`]);
+    /// `initial(partition)` is the offset it recovered from its own store.
+    pub fn register_consumer(
+        &self,
+        name: &str,
+        retention: Retention,
+        initial: impl Fn(u32) -> u64,
+    ) -> Arc<Consumer> {
+        self.consumers
+            .register(name, retention, self.opts.partitions, initial)
+    }
+
+    pub fn consumers(&self) -> Vec<Arc<Consumer>> {
+        self.consumers.list()
+    }
+
+    /// Bytes of all segments on disk, as written so far.
+    pub fn disk_bytes(&self) -> u64 {
+        self.shared.disk_bytes.load(Ordering::Acquire)
+    }
+
+    /// Refuses an append of `bytes` payload bytes that would take the log past `disk_bytes_max`.
+    fn check_disk(&self, bytes: u64) -> Result<()> {
+        let Some(max) = self.opts.disk_bytes_max else {
+            return Ok(());
+        };
+        let used = self.disk_bytes();
+        if used + bytes <= max {
+            return Ok(());
+        }
+        let ends: Vec<u64> = (0..self.opts.partitions)
+            .map(|p| self.durable_offset(p))
+            .collect();
+        Err(LogError::DiskFull {
+            used,
+            max,
+            held_by: self.consumers.laggard(&ends).map(|(name, _)| name),
+        })
+    }
+
     /// Deletes sealed segments older than `retention` or beyond `retention_bytes`, except any
-    /// holding offsets at or after `protect(partition)` (the materializer's snapshot offset:
-    /// recovery needs everything after it). Returns the number of segments deleted.
-    pub fn enforce_retention(&self, now_ms: i64, protect: impl Fn(u32) -> u64) -> Result<usize> {
+    /// holding offsets some lossless consumer has not committed past (the materializer's
+    /// snapshot, the history sink: see [`consumers`]). Returns the number of segments deleted.
+    pub fn enforce_retention(&self, now_ms: i64) -> Result<usize> {
         let mut deleted = 0;
         for part in &self.parts {
-            let keep_from = protect(part.id);
+            let keep_from = self.consumers.floor(part.id);
             loop {
                 let victim = {
                     let segs = part.segments.read();
@@ -431,13 +485,15 @@ impl Log {
                     let too_old = now_ms - oldest.last_append_ms > self.opts.retention_ms;
                     let too_big = self.opts.retention_bytes.is_some_and(|max| total > max);
                     (sealed && oldest.next_offset <= keep_from && (too_old || too_big))
-                        .then_some(oldest.base_offset)
+                        .then_some((oldest.base_offset, oldest.bytes))
                 };
-                let Some(base) = victim else { break };
+                let Some((base, bytes)) = victim else { break };
                 let path = part.dir.join(segment::segment_name(base));
                 // Forget it before unlinking: a reader opening it now gets OffsetOutOfRange.
                 part.segments.write().retain(|s| s.base_offset != base);
                 std::fs::remove_file(&path).map_err(error::io(&path))?;
+                let before = self.shared.disk_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                assert!(before >= bytes, "disk bytes count every segment once");
                 tracing::info!(partition = part.id, segment = %path.display(), "retention deleted a segment");
                 deleted += 1;
             }

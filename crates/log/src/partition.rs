@@ -324,14 +324,14 @@ fn write_round(
             let frame_len = (FRAME_HEADER_BYTES + payload.len()) as u64;
             let used = active.len + buf.len() as u64;
             if used + frame_len > opts.segment_bytes && used > SEGMENT_HEADER_BYTES as u64 {
-                flush(part, active, buf, next, now)?;
-                roll(part, active, opts, next)?;
+                flush(part, active, buf, next, now, shared)?;
+                roll(part, active, opts, next, shared)?;
             }
             frame::encode_frame(buf, next, now, payload);
             next += 1;
         }
     }
-    flush(part, active, buf, next, now)?;
+    flush(part, active, buf, next, now, shared)?;
     let written = next;
     // Written waiters may go now; durable ones after the fsync.
     if opts.fsync == FsyncPolicy::Never {
@@ -351,8 +351,6 @@ fn write_round(
             "injected fsync failure",
         )));
     }
-    #[cfg(not(feature = "failpoints"))]
-    let _ = shared;
     active.file.sync_data().map_err(io(&active.path))?;
     metrics::histogram!(quiver_core::telemetry::LOG_FSYNC_SECONDS)
         .record(started.elapsed().as_secs_f64());
@@ -366,12 +364,14 @@ fn flush(
     buf: &mut Vec<u8>,
     next: u64,
     now: i64,
+    shared: &Shared,
 ) -> Result<()> {
     if buf.is_empty() {
         return Ok(());
     }
     active.file.write_all(buf).map_err(io(&active.path))?;
     active.len += buf.len() as u64;
+    shared.disk_bytes.fetch_add(buf.len() as u64, Ordering::AcqRel);
     buf.clear();
     let mut segs = part.segments.write();
     let meta = segs
@@ -389,11 +389,13 @@ fn roll(
     active: &mut ActiveSegment,
     opts: &LogOptions,
     base: u64,
+    shared: &Shared,
 ) -> Result<()> {
     if opts.fsync != FsyncPolicy::Never {
         active.file.sync_data().map_err(io(&active.path))?;
     }
     let (new_active, meta) = create_segment(&part.dir, base)?;
+    shared.disk_bytes.fetch_add(meta.bytes, Ordering::AcqRel);
     *active = new_active;
     part.segments.write().push(meta);
     Ok(())

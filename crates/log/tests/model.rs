@@ -7,7 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use quiver_log::{segment, Ack, FsyncPolicy, Log, LogError, LogOptions, ReadBatch, RecordBatch};
+use quiver_log::{
+    segment, Ack, FsyncPolicy, Log, LogError, LogOptions, ReadBatch, RecordBatch, Retention,
+};
 
 fn opts(fsync: FsyncPolicy) -> LogOptions {
     LogOptions {
@@ -18,6 +20,7 @@ fn opts(fsync: FsyncPolicy) -> LogOptions {
         group_commit_records_max: 64,
         retention_ms: i64::MAX,
         retention_bytes: None,
+        disk_bytes_max: None,
     }
 }
 
@@ -202,15 +205,18 @@ fn retention_deletes_old_sealed_segments_but_not_unapplied_ones() {
     }
     let before = log.segments(0).len();
     assert!(before > 3);
+    let consumer = log.register_consumer("test", Retention::Protect, |_| 0);
+    let lossy = log.register_consumer("lossy", Retention::Lossy, |_| 0);
     assert_eq!(
-        log.enforce_retention(quiver_core::time::now_ms(), |_| 0)
-            .unwrap(),
+        log.enforce_retention(quiver_core::time::now_ms()).unwrap(),
         0,
-        "offset 0 unapplied: keep all"
+        "offset 0 unconsumed: keep all"
     );
-    let deleted = log
-        .enforce_retention(quiver_core::time::now_ms(), |_| u64::MAX)
-        .unwrap();
+    let disk_before = log.disk_bytes();
+    consumer.commit(0, u64::MAX);
+    let deleted = log.enforce_retention(quiver_core::time::now_ms()).unwrap();
+    assert!(log.disk_bytes() < disk_before, "deleted segments leave the disk count");
+    assert_eq!(lossy.committed(0), 0, "a lossy consumer was not waited for");
     assert!(deleted > 0);
     let total: u64 = log.segments(0).iter().map(|s| s.bytes).sum();
     assert!(total <= 600 || log.segments(0).len() == 1);
@@ -243,4 +249,46 @@ fn a_second_opener_of_the_same_directory_is_refused() {
             .id(),
         id
     );
+}
+
+#[test]
+fn the_disk_bound_refuses_appends_until_retention_may_free_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(FsyncPolicy::Never);
+    o.retention_ms = 0;
+    o.disk_bytes_max = Some(2_000);
+    let log = Log::open(dir.path(), o).unwrap();
+    let sink = log.register_consumer("sink", Retention::Protect, |_| 0);
+    let one: Vec<Vec<u8>> = vec![vec![7; 30]];
+    let mut appended = 0;
+    let err = loop {
+        match log.append(vec![(0, batch(&one))], Ack::Durable) {
+            Ok(done) => {
+                for a in done {
+                    a.wait_blocking().unwrap();
+                }
+                appended += 1;
+            }
+            Err(e) => break e,
+        }
+        assert!(appended < 1_000, "the bound must bite");
+    };
+    let LogError::DiskFull { used, max, held_by } = err else {
+        panic!("expected DiskFull, got {err:?}");
+    };
+    assert_eq!(max, 2_000);
+    assert!(used <= max && used + 30 > max, "refused only at the bound ({used})");
+    assert_eq!(held_by.as_deref(), Some("sink"), "the error names who holds retention");
+    let on_disk: u64 = (0..2).flat_map(|p| log.segments(p)).map(|s| s.bytes).sum();
+    assert_eq!(log.disk_bytes(), on_disk, "the count matches the segments");
+    assert_eq!(log.enforce_retention(quiver_core::time::now_ms()).unwrap(), 0);
+    assert!(log.append(vec![(0, batch(&one))], Ack::Durable).is_err(), "still full");
+
+    sink.commit(0, log.durable_offset(0));
+    std::thread::sleep(Duration::from_millis(5)); // older than retention_ms = 0
+    assert!(log.enforce_retention(quiver_core::time::now_ms()).unwrap() > 0);
+    for a in log.append(vec![(0, batch(&one))], Ack::Durable).unwrap() {
+        a.wait_blocking().unwrap();
+    }
+    assert_eq!(read_all(&log, 0).len() as u64, log.durable_offset(0) - log.first_offset(0));
 }

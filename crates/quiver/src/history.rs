@@ -1,8 +1,9 @@
 //! `quiver history`: training data from point-in-time retrieval. Reads entity rows (keys and
-//! a timestamp each) from a CSV file, asks `POST /v1/features/historical` in chunks, and writes
-//! one output row per input row — the entity columns, the timestamp, then each feature as the
-//! online store served it at that instant (empty/null where it had no value) — as CSV, or as
-//! Parquet when the output file ends in `.parquet`.
+//! a timestamp each) from CSV or Parquet (Feast's entity dataframe with `event_timestamp`),
+//! asks `POST /v1/features/historical` in chunks (several in flight), and writes one output
+//! row per input row — the entity columns, the timestamp, then each feature as of that
+//! instant by `--semantics` (empty/null where it had no value) — as CSV, or as Parquet when
+//! the output file ends in `.parquet`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,7 +19,8 @@ use serde_json::{json, Value};
 
 #[derive(clap::Args)]
 pub struct HistoryArgs {
-    /// CSV with a header: entity key column(s) and a timestamp column (epoch ms or RFC 3339).
+    /// Entity rows: CSV with a header, or Parquet (`.parquet`, e.g. a Feast entity dataframe):
+    /// entity key column(s) and a timestamp column (epoch ms, RFC 3339, or a Parquet timestamp).
     #[arg(long)]
     pub entities: PathBuf,
     /// Features to retrieve, `view:feature`, comma separated.
@@ -32,15 +34,63 @@ pub struct HistoryArgs {
     /// Name of the timestamp column (default: the first of ts, timestamp, event_timestamp).
     #[arg(long)]
     pub timestamp_column: Option<String>,
+    /// `event_time` (Feast's point-in-time join: events with event time ≤ T, whenever they
+    /// arrived) or `as_served` (what the online store served at T).
+    #[arg(long, default_value = "event_time")]
+    pub semantics: String,
     /// Entity rows per request.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 10_000)]
     pub chunk_rows: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 2)]
+    pub concurrency: usize,
 }
 
+/// Entity rows as read: column names and each row's cells as text.
+struct EntityRows {
+    headers: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+fn read_entities(path: &std::path::Path) -> Result<EntityRows> {
+    if crate::tabular::is_parquet(path) {
+        let parquet = crate::tabular::ParquetRows::open(path)?;
+        let headers = parquet.columns.clone();
+        let mut rows = Vec::with_capacity(parquet.total_rows as usize);
+        parquet.for_each(|cells, _| {
+            rows.push(
+                cells
+                    .into_iter()
+                    .map(|v| match v {
+                        Value::Null => String::new(),
+                        Value::String(s) => s,
+                        other => other.to_string(),
+                    })
+                    .collect(),
+            );
+            Ok(true)
+        })?;
+        return Ok(EntityRows { headers, rows });
+    }
+    let mut reader =
+        csv::Reader::from_path(path).with_context(|| format!("opening {}", path.display()))?;
+    let headers = reader.headers()?.iter().map(str::to_string).collect();
+    let rows = reader
+        .records()
+        .map(|r| r.map(|r| r.iter().map(str::to_string).collect()))
+        .collect::<Result<_, _>>()?;
+    Ok(EntityRows { headers, rows })
+}
+
+/// One request's reply: the feature names and, per row, each feature's value.
+type ChunkReply = (Vec<String>, Vec<Vec<Value>>);
+
 pub fn run(args: HistoryArgs) -> Result<()> {
-    let mut reader = csv::Reader::from_path(&args.entities)
-        .with_context(|| format!("opening {}", args.entities.display()))?;
-    let headers: Vec<String> = reader.headers()?.iter().map(str::to_string).collect();
+    anyhow::ensure!(
+        ["event_time", "as_served"].contains(&args.semantics.as_str()),
+        "--semantics is event_time or as_served"
+    );
+    let EntityRows { headers, rows } = read_entities(&args.entities)?;
     let ts_col = match &args.timestamp_column {
         Some(c) => headers.iter().position(|h| h == c).ok_or_else(|| anyhow!("no column {c:?} in {}", args.entities.display()))?,
         None => ["ts", "timestamp", "event_timestamp"]
@@ -52,83 +102,57 @@ pub fn run(args: HistoryArgs) -> Result<()> {
     if entity_cols.is_empty() {
         bail!("{} has no entity key column", args.entities.display());
     }
-    let rows: Vec<csv::StringRecord> = reader.records().collect::<Result<_, _>>()?;
+    let out_ts: Vec<i64> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let t = &r[ts_col];
+            t.parse::<i64>()
+                .ok()
+                .or_else(|| quiver_core::time::parse_rfc3339_ms(t))
+                .ok_or_else(|| anyhow!("row {}: {t:?} is not epoch ms or RFC 3339", i + 1))
+        })
+        .collect::<Result<_>>()?;
     let client = reqwest::blocking::Client::builder()
         .timeout(std::time::Duration::from_secs(300))
         .build()?;
     let url = format!("{}/v1/features/historical", args.url.trim_end_matches('/'));
-    let mut feature_names: Vec<String> = Vec::new();
-    // Per output row: the timestamp (epoch ms) and each feature's value.
-    let mut out_ts: Vec<i64> = Vec::with_capacity(rows.len());
-    let mut out_values: Vec<Vec<Value>> = Vec::with_capacity(rows.len());
-    for chunk in rows.chunks(args.chunk_rows.max(1)) {
-        let mut entities = serde_json::Map::new();
-        for &c in &entity_cols {
-            entities.insert(
-                headers[c].clone(),
-                Value::Array(
-                    chunk
-                        .iter()
-                        .map(|r| Value::String(r[c].to_string()))
-                        .collect(),
-                ),
-            );
-        }
-        let timestamps: Vec<Value> = chunk
-            .iter()
-            .map(|r| {
-                r[ts_col]
-                    .parse::<i64>()
-                    .map(Value::from)
-                    .unwrap_or_else(|_| Value::String(r[ts_col].to_string()))
-            })
-            .collect();
-        let body =
-            json!({"features": args.features, "entities": entities, "timestamps": timestamps});
-        let resp = client
-            .post(&url)
-            .json(&body)
-            .send()
-            .with_context(|| format!("POST {url}"))?;
-        let status = resp.status();
-        let reply: Value = resp.json()?;
-        if !status.is_success() {
-            bail!("the server refused the request ({status}): {reply}");
-        }
-        let names = reply["metadata"]["feature_names"]
-            .as_array()
-            .ok_or_else(|| anyhow!("malformed reply: {reply}"))?;
-        let results = reply["results"]
-            .as_array()
-            .ok_or_else(|| anyhow!("malformed reply: {reply}"))?;
-        let skip = entity_cols.len();
-        feature_names = names
-            .iter()
-            .skip(skip)
-            .map(|n| n.as_str().unwrap_or_default().to_string())
-            .collect();
-        for i in 0..chunk.len() {
-            out_values.push(
-                results
-                    .iter()
-                    .skip(skip)
-                    .map(|col| col["values"][i].clone())
-                    .collect(),
-            );
-        }
-        for t in &timestamps {
-            out_ts.push(match t {
-                Value::Number(n) => n.as_i64().unwrap_or_default(),
-                Value::String(s) => quiver_core::time::parse_rfc3339_ms(s).unwrap_or_default(),
-                _ => 0,
+    let chunk_rows = args.chunk_rows.max(1);
+    let chunks: Vec<(usize, usize)> = (0..rows.len())
+        .step_by(chunk_rows)
+        .map(|start| (start, (start + chunk_rows).min(rows.len())))
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let replies: Vec<std::sync::Mutex<Option<Result<ChunkReply>>>> =
+        chunks.iter().map(|_| Default::default()).collect();
+    std::thread::scope(|s| {
+        for _ in 0..args.concurrency.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&(start, end)) = chunks.get(i) else {
+                    return;
+                };
+                let body = request_body(&args, &headers, &entity_cols, &rows[start..end], &out_ts[start..end]);
+                let reply = fetch_chunk(&client, &url, &body, entity_cols.len(), end - start);
+                let failed = reply.is_err();
+                *replies[i].lock().expect("lock") = Some(reply);
+                if failed {
+                    next.store(chunks.len(), std::sync::atomic::Ordering::Relaxed);
+                }
             });
         }
+    });
+    let mut feature_names: Vec<String> = Vec::new();
+    let mut out_values: Vec<Vec<Value>> = Vec::with_capacity(rows.len());
+    for reply in replies {
+        let (names, values) = reply
+            .into_inner()
+            .expect("lock")
+            .ok_or_else(|| anyhow!("a request was not sent after an earlier one failed"))??;
+        feature_names = names;
+        out_values.extend(values);
     }
-    let is_parquet = args
-        .out
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
-    if is_parquet {
+    if crate::tabular::is_parquet(&args.out) {
         write_parquet(
             &args.out,
             &headers,
@@ -166,6 +190,53 @@ pub fn run(args: HistoryArgs) -> Result<()> {
     Ok(())
 }
 
+fn request_body(
+    args: &HistoryArgs,
+    headers: &[String],
+    entity_cols: &[usize],
+    rows: &[Vec<String>],
+    ts: &[i64],
+) -> Value {
+    let mut entities = serde_json::Map::new();
+    for &c in entity_cols {
+        let keys = rows.iter().map(|r| Value::String(r[c].clone())).collect();
+        entities.insert(headers[c].clone(), Value::Array(keys));
+    }
+    json!({"features": args.features, "entities": entities, "timestamps": ts, "semantics": args.semantics})
+}
+
+/// POSTs one chunk; its feature names (entity columns skipped) and values per row.
+fn fetch_chunk(
+    client: &reqwest::blocking::Client,
+    url: &str,
+    body: &Value,
+    skip: usize,
+    rows: usize,
+) -> Result<ChunkReply> {
+    let resp = client
+        .post(url)
+        .json(body)
+        .send()
+        .with_context(|| format!("POST {url}"))?;
+    let status = resp.status();
+    let reply: Value = resp.json()?;
+    if !status.is_success() {
+        bail!("the server refused the request ({status}): {reply}");
+    }
+    let malformed = || anyhow!("malformed reply: {reply}");
+    let names = reply["metadata"]["feature_names"].as_array().ok_or_else(malformed)?;
+    let results = reply["results"].as_array().ok_or_else(malformed)?;
+    let names = names
+        .iter()
+        .skip(skip)
+        .map(|n| n.as_str().unwrap_or_default().to_string())
+        .collect();
+    let values = (0..rows)
+        .map(|i| results.iter().skip(skip).map(|col| col["values"][i].clone()).collect())
+        .collect();
+    Ok((names, values))
+}
+
 /// The Arrow type a JSON column maps to: integers → Int64, other numbers → Float64, booleans,
 /// strings, arrays of numbers → List<Float64>; a column mixing kinds is written as JSON text.
 fn column_type(values: impl Iterator<Item = Value>) -> DataType {
@@ -199,7 +270,7 @@ fn write_parquet(
     headers: &[String],
     entity_cols: &[usize],
     ts_col: usize,
-    rows: &[csv::StringRecord],
+    rows: &[Vec<String>],
     ts: &[i64],
     feature_names: &[String],
     values: &[Vec<Value>],

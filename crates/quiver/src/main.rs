@@ -8,6 +8,7 @@ mod history;
 mod logcmd;
 mod predict;
 mod push;
+mod tabular;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

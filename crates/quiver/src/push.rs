@@ -1,12 +1,14 @@
-//! `quiver push FILE`: JSONL or CSV → batched NDJSON POSTs to `/v1/events`, each batch with
-//! its own `Idempotency-Key` (kept across its retries, so a retried batch is applied once),
-//! retrying 429/503 and connection errors with exponential backoff, full jitter, and at least
-//! the server's `Retry-After`.
+//! `quiver push FILE`: JSONL, CSV or Parquet → batched NDJSON POSTs to `/v1/events`, each
+//! batch with its own `Idempotency-Key` (kept across its retries, so a retried batch is applied
+//! once), retrying 429/503 and connection errors with exponential backoff, full jitter, and at
+//! least the server's `Retry-After`. A progress bar shows how much of the file is sent.
 //!
-//! CSV: a header row; columns `view`, `key`, `ts`, `event_id` are the event's fields (`view`
-//! may instead come from `--view`), every other column is a feature value. Cells are read as
-//! JSON where they parse as a number or `true`/`false`, else as strings; empty cells are left
-//! out.
+//! CSV and Parquet (backfills): columns `view`, `key`, `ts` (alias `event_timestamp`, Feast's
+//! name), `event_id` are the event's fields (`view` may instead come from `--view`, the key
+//! from `--key-column`), every other column is a feature value. CSV cells are read as JSON
+//! where they parse as a number or `true`/`false`, else as strings; Parquet cells keep their
+//! type (timestamps become epoch ms, see `tabular`). Empty CSV cells and Parquet nulls are left
+//! out of the event.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -22,7 +24,7 @@ use serde_json::{Map, Value};
 
 #[derive(clap::Args, Clone)]
 pub struct PushArgs {
-    /// Events as JSONL (one event object per line) or CSV (by the .csv extension).
+    /// Events as JSONL (one event object per line), CSV (.csv) or Parquet (.parquet).
     pub file: PathBuf,
     #[arg(long, default_value = "http://127.0.0.1:7070", env = "QUIVER_URL")]
     pub url: String,
@@ -35,9 +37,13 @@ pub struct PushArgs {
     /// none | written | durable
     #[arg(long, default_value = "durable")]
     pub ack: String,
-    /// The view of every CSV row without a `view` column.
+    /// The view of every CSV/Parquet row without a `view` column.
     #[arg(long)]
     pub view: Option<String>,
+    /// The CSV/Parquet column holding the entity key, when it is not called `key` (e.g. a
+    /// Feast table's `user_id`).
+    #[arg(long)]
+    pub key_column: Option<String>,
     /// Attempts per batch before giving up.
     #[arg(long, default_value_t = 10)]
     pub attempts_max: u32,
@@ -243,7 +249,7 @@ fn for_each_event(args: &PushArgs, mut f: impl FnMut(String, u64) -> Result<bool
         .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
     let file = std::fs::File::open(&args.file)
         .with_context(|| format!("opening {}", args.file.display()))?;
-    if !is_csv {
+    if !is_csv && !crate::tabular::is_parquet(&args.file) {
         let mut read_to = 0u64;
         for (i, line) in BufReader::new(file).lines().enumerate() {
             let line = line?;
@@ -259,50 +265,82 @@ fn for_each_event(args: &PushArgs, mut f: impl FnMut(String, u64) -> Result<bool
         }
         return Ok(());
     }
+    if crate::tabular::is_parquet(&args.file) {
+        let rows = crate::tabular::ParquetRows::open(&args.file)?;
+        let (columns, total) = (rows.columns.clone(), rows.total_rows.max(1));
+        let bytes = std::fs::metadata(&args.file)?.len();
+        return rows.for_each(|cells, done| {
+            let fields = columns.iter().map(String::as_str).zip(cells);
+            let event = event_from(args, fields, || format!("row {done}"))?;
+            f(event, bytes * done / total)
+        });
+    }
     let mut reader = csv::Reader::from_reader(file);
     let headers = reader.headers()?.clone();
     let mut row = csv::StringRecord::new();
     let mut line = 1;
     while reader.read_record(&mut row)? {
         line += 1;
-        let mut event = Map::new();
-        let mut values = Map::new();
-        for (h, cell) in headers.iter().zip(row.iter()) {
-            if cell.is_empty() {
-                continue;
-            }
-            match h {
-                "view" | "key" | "event_id" => {
-                    event.insert(h.into(), Value::String(cell.into()));
-                }
-                "ts" => {
-                    event.insert(
-                        "ts".into(),
-                        cell.parse::<i64>()
-                            .map(Value::from)
-                            .unwrap_or_else(|_| Value::String(cell.into())),
-                    );
-                }
-                feature => {
-                    values.insert(feature.into(), csv_cell(cell));
-                }
-            }
-        }
-        if !event.contains_key("view") {
-            let view = args.view.clone().ok_or_else(|| {
-                anyhow!(
-                    "{}:{line}: no view column; pass --view",
-                    args.file.display()
-                )
-            })?;
-            event.insert("view".into(), Value::String(view));
-        }
-        event.insert("values".into(), Value::Object(values));
-        if !f(Value::Object(event).to_string(), reader.position().byte())? {
+        let fields = headers.iter().zip(row.iter()).map(|(h, cell)| {
+            let value = match h {
+                _ if cell.is_empty() => Value::Null,
+                "view" | "key" | "event_id" => Value::String(cell.into()),
+                _ if Some(h) == args.key_column.as_deref() => Value::String(cell.into()),
+                "ts" | "event_timestamp" => cell
+                    .parse::<i64>()
+                    .map(Value::from)
+                    .unwrap_or_else(|_| Value::String(cell.into())),
+                _ => csv_cell(cell),
+            };
+            (h, value)
+        });
+        let event = event_from(args, fields, || format!("line {line}"))?;
+        if !f(event, reader.position().byte())? {
             break;
         }
     }
     Ok(())
+}
+
+/// One CSV or Parquet row as an event (one line of JSON): the event's own fields by column
+/// name, every other non-null column a feature value.
+fn event_from<'a>(
+    args: &PushArgs,
+    fields: impl Iterator<Item = (&'a str, Value)>,
+    at: impl Fn() -> String,
+) -> Result<String> {
+    let mut event = Map::new();
+    let mut values = Map::new();
+    for (name, value) in fields {
+        if value.is_null() {
+            continue;
+        }
+        let field = match name {
+            _ if Some(name) == args.key_column.as_deref() => "key",
+            "event_timestamp" => "ts",
+            other => other,
+        };
+        match field {
+            "view" | "key" | "event_id" | "ts" => {
+                event.insert(field.into(), value);
+            }
+            feature => {
+                values.insert(feature.into(), value);
+            }
+        }
+    }
+    if !event.contains_key("view") {
+        let view = args.view.clone().ok_or_else(|| {
+            anyhow!(
+                "{} {}: no view column; pass --view",
+                args.file.display(),
+                at()
+            )
+        })?;
+        event.insert("view".into(), Value::String(view));
+    }
+    event.insert("values".into(), Value::Object(values));
+    Ok(Value::Object(event).to_string())
 }
 
 fn csv_cell(cell: &str) -> Value {

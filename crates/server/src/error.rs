@@ -65,6 +65,13 @@ impl From<quiver_log::LogError> for ApiError {
             L::Full { .. } => ApiError::unavailable("QUEUE_FULL", e.to_string()),
             L::Poisoned(_) => ApiError::unavailable("LOG_POISONED", e.to_string()).retry_after(30),
             L::ShuttingDown => ApiError::unavailable("SHUTTING_DOWN", e.to_string()),
+            L::DiskFull {
+                used,
+                max,
+                ref held_by,
+            } => ApiError::unavailable("DISK_FULL", e.to_string()).with_details(
+                json!({"disk_bytes": used, "disk_bytes_max": max, "held_by": held_by}),
+            ),
             _ => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "LOG_ERROR",

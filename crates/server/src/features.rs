@@ -13,6 +13,7 @@ use quiver_core::schema::{FeatureIdx, ViewId};
 use quiver_core::telemetry as t;
 use quiver_core::time::{format_rfc3339_ms, now_ms};
 use quiver_core::token::Token;
+use quiver_store::pit::Semantics;
 use quiver_store::{FeatureRead, Status};
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json_};
@@ -134,6 +135,9 @@ struct OnlineRequest {
     /// Only for `/v1/features/historical`: one instant per entity row (epoch ms or RFC 3339).
     #[serde(default)]
     timestamps: Option<Vec<Json_>>,
+    /// Only for `/v1/features/historical`: `event_time` (default) or `as_served`.
+    #[serde(default)]
+    semantics: Option<String>,
 }
 
 /// How a batch read reads: the online store now, or point-in-time per row.
@@ -157,8 +161,9 @@ pub async fn post_features(
     }
 }
 
-/// `POST /v1/features/historical`: the Feast request plus `timestamps`, one per entity row;
-/// each value as the online store served it at that instant (see `quiver_store::pit`).
+/// `POST /v1/features/historical`: the Feast request plus `timestamps`, one per entity row,
+/// and `semantics`: each value as of that instant by event time (Feast's point-in-time join,
+/// the default) or as the online store served it then (`as_served`; see `quiver_store::pit`).
 pub async fn post_historical(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -249,6 +254,22 @@ async fn post_features_inner(
             ),
         ));
     }
+    let semantics = match (&mode, req.semantics.as_deref()) {
+        (_, None) => Semantics::default(),
+        (Mode::Historical, Some(name)) => Semantics::parse(name).ok_or_else(|| {
+            ApiError::bad_request(
+                "BAD_REQUEST",
+                format!("semantics must be one of {:?}", Semantics::NAMES),
+            )
+            .with_details(json!({"semantics": name}))
+        })?,
+        (Mode::Online, Some(_)) => {
+            return Err(ApiError::bad_request(
+                "BAD_REQUEST",
+                "semantics belongs to POST /v1/features/historical",
+            ))
+        }
+    };
     let instants: Option<Vec<i64>> = match (&mode, &req.timestamps) {
         (Mode::Online, None) => None,
         (Mode::Online, Some(_)) => {
@@ -334,7 +355,7 @@ async fn post_features_inner(
         // moves this worker's other tasks away meanwhile (the server runs a multi-thread runtime).
         let historical = match &instants {
             Some(ts) => Some(tokio::task::block_in_place(|| {
-                read_historical(state, view as ViewId, &features, keys, ts)
+                read_historical(state, view as ViewId, &features, keys, ts, semantics)
             })?),
             None => None,
         };
@@ -382,6 +403,7 @@ fn read_historical(
     features: &[FeatureIdx],
     keys: &[Option<String>],
     instants: &[i64],
+    semantics: Semantics,
 ) -> Result<Vec<Vec<FeatureRead>>, ApiError> {
     let node = &state.node;
     let wanted: std::collections::HashSet<String> = keys.iter().flatten().cloned().collect();
@@ -412,7 +434,7 @@ fn read_historical(
                 .map_err(|e| unavailable(e.to_string()))?;
             for (key, rows) in pg {
                 let records = merged.entry(key).or_default();
-                records.extend(rows.into_iter().map(|(_, r)| r));
+                records.extend(rows);
                 records.sort_by_key(|r| r.offset);
                 records.dedup_by_key(|r| r.offset);
             }
@@ -435,7 +457,7 @@ fn read_historical(
     for (key, rows) in rows_of {
         let records = history.get(key).map(Vec::as_slice).unwrap_or(&[]);
         for (row, reads) in
-            quiver_store::pit::replay_at(&node.schema, view, key, records, &rows, features)
+            quiver_store::pit::replay_at(&node.schema, view, key, records, &rows, features, semantics)
         {
             out[row] = reads;
         }

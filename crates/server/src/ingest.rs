@@ -209,15 +209,17 @@ async fn append(
             })??
     };
     let appended = node.log.append(batches, ack).map_err(|e| {
-        reject(
-            if matches!(e, quiver_log::LogError::Full { .. }) {
-                "queue_full"
-            } else {
-                "log_unavailable"
-            },
-            count,
-        );
-        ApiError::from(e)
+        let (reason, retry_after_s) = match e {
+            quiver_log::LogError::Full { .. } => ("queue_full", 1),
+            // Nothing frees disk before retention runs again.
+            quiver_log::LogError::DiskFull { .. } => (
+                "disk_full",
+                node.config.log.retention_check_interval.0.as_secs().clamp(1, 3600) as u32,
+            ),
+            _ => ("log_unavailable", 1),
+        };
+        reject(reason, count);
+        ApiError::from(e).retry_after(retry_after_s)
     })?;
     let mut token = Token::new();
     for a in &appended {

@@ -115,7 +115,7 @@ pub async fn serve(
     let housekeeping = {
         let node = node.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(node::HOUSEKEEPING_INTERVAL);
+            let mut tick = tokio::time::interval(node.config.log.retention_check_interval.0);
             loop {
                 tick.tick().await;
                 let node = node.clone();

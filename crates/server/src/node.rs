@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use std::time::Duration;
 
 use quiver_core::config::FsyncPolicy;
 use quiver_core::event::EventLimits;
@@ -141,15 +140,13 @@ impl Node {
         self.models.not_ready_reason()
     }
 
-    /// Deletes log segments past retention that the store no longer needs. Run periodically.
+    /// Deletes log segments past retention that no lossless consumer (snapshots, history
+    /// sink) still needs. Run every `log.retention_check_interval`.
     pub fn housekeeping(&self) {
-        let store = self.store.clone();
-        if let Err(e) = self
-            .log
-            .enforce_retention(quiver_core::time::now_ms(), |p| store.snapshot_offset(p))
-        {
+        if let Err(e) = self.log.enforce_retention(quiver_core::time::now_ms()) {
             tracing::error!(error = %e, "retention failed");
         }
+        metrics::gauge!(quiver_core::telemetry::LOG_DISK_BYTES).set(self.log.disk_bytes() as f64);
     }
 
     /// Stops the consumers (history sink, materializers with their final snapshots), then
@@ -167,4 +164,3 @@ impl Node {
     }
 }
 
-pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(30);

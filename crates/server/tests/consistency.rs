@@ -126,7 +126,7 @@ proptest! {
         for k in &keys {
             let instants: Vec<(usize, i64)> = served.iter().enumerate().filter(|(_, s)| &s.1 == k).map(|(i, s)| (i, s.0)).collect();
             let records = history.get(k).map(Vec::as_slice).unwrap_or(&[]);
-            for (row, reads) in pit::replay_at(&node.schema, view, k, records, &instants, &columns) {
+            for (row, reads) in pit::replay_at(&node.schema, view, k, records, &instants, &columns, pit::Semantics::AsServed) {
                 prop_assert_eq!(&reads, &served[row].2, "key {} at instant {}", k, served[row].0);
             }
         }

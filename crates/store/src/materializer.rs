@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use quiver_core::record;
 use quiver_core::telemetry as t;
-use quiver_log::{Log, OffsetStore, PartitionReader, ReadBatch};
+use quiver_log::{Consumer, Log, OffsetStore, PartitionReader, ReadBatch, Retention};
 
 use crate::{snapshot, Applied, DedupWindow, Result, Store};
 
@@ -44,6 +44,7 @@ struct Worker {
     log: Arc<Log>,
     offsets: OffsetStore,
     committed: Arc<Mutex<BTreeMap<u32, u64>>>,
+    consumer: Arc<Consumer>,
     reader: PartitionReader,
     dedup: DedupWindow,
     opts: MaterializerOptions,
@@ -67,6 +68,8 @@ impl Materializers {
         );
         let offsets = OffsetStore::open(&log.dir().join("offsets"))?;
         let committed = Arc::new(Mutex::new(offsets.load(CONSUMER)?));
+        // Retention keeps everything after each partition's last snapshot: recovery replays it.
+        let consumer = log.register_consumer(CONSUMER, Retention::Protect, |_| 0);
         let stop = Arc::new(AtomicBool::new(false));
         let errors = Arc::new(Mutex::new(Vec::new()));
         let recovered = Arc::new(AtomicUsize::new(0));
@@ -114,6 +117,7 @@ impl Materializers {
             }
             store.set_applied(p, from);
             store.set_snapshot_offset(p, from);
+            consumer.commit(p, from);
             let reader = log.reader(p, from)?;
             workers.push(Worker {
                 partition: p,
@@ -121,6 +125,7 @@ impl Materializers {
                 log: log.clone(),
                 offsets: offsets.clone(),
                 committed: committed.clone(),
+                consumer: consumer.clone(),
                 reader,
                 dedup,
                 opts: opts.clone(),
@@ -269,6 +274,9 @@ impl Worker {
         let mut committed = self.committed.lock();
         committed.insert(self.partition, offset);
         self.offsets.commit(CONSUMER, &committed)?;
+        drop(committed);
+        // Only once the snapshot and its offset are durable may retention pass it.
+        self.consumer.commit(self.partition, offset);
         metrics::histogram!(t::SNAPSHOT_SECONDS).record(started.elapsed().as_secs_f64());
         tracing::debug!(
             partition = self.partition,

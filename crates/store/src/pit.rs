@@ -1,14 +1,25 @@
-//! Point-in-time retrieval: what the online store served for an entity at an instant `t`.
+//! Point-in-time retrieval: an entity's features as of an instant `T`, in one of two
+//! [`Semantics`].
 //!
-//! Online, at wall-clock time `t`, the store holds every record appended to the log up to
-//! `t` (a prefix of each partition), applied in log order — dedup, event-time LWW, window
-//! lateness — and a read at `t` applies TTL and windows relative to `t`. Point-in-time
-//! retrieval replays exactly that: an entity's records in log order up to the first one
-//! appended after `t`, through the store's own apply code, then reads at `now = t`. So the
-//! offline value equals the online one by construction, late and duplicate events included
-//! (property-tested in `crates/server/tests/consistency.rs`). One difference: offline dedup
-//! remembers every `event_id` of the entity, online only the last `store.dedup_window_events`
-//! of the partition.
+//! **`EventTime`** (the default; Feast's point-in-time join): for row (key, `T`) each feature
+//! is the winner — greatest (event time, log offset) — among the entity's events with event
+//! time ≤ `T`, whenever they arrived, so history loaded today (a backfill) is visible at every
+//! past `T`. TTL is relative to `T`; aggregations cover the window ending at `T`, built from
+//! those events; lateness does not apply (offline there is no "too late"). Duplicates (same
+//! dedup id) count once: the first in log order. It is computed by applying the events in
+//! (event time, offset) order through the store's own `apply` — in that order no event is ever
+//! late, and "new wins iff its time ≥ the stored time" picks the (time, offset) maximum — and
+//! reading at `now = T`. Checked against a brute-force oracle in `tests/pit_event_time.rs`.
+//!
+//! **`AsServed`**: what the online store served at wall-clock instant `T`. Online, at `T`, the
+//! store holds every record appended to the log up to `T` (a prefix of each partition), applied
+//! in log order — dedup, event-time LWW, window lateness — and a read at `T` applies TTL and
+//! windows relative to `T`. This replays exactly that: an entity's records in log order up to
+//! the first one appended after `T`, through the store's own apply code, then reads at
+//! `now = T`. So the offline value equals the online one by construction, late and duplicate
+//! events included (property-tested in `crates/server/tests/consistency.rs`). One difference:
+//! offline dedup remembers every `event_id` of the entity, online only the last
+//! `store.dedup_window_events` of the partition.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -29,6 +40,33 @@ pub struct HistoryRecord {
     pub payload: Vec<u8>,
 }
 
+/// How a point-in-time read chooses the events that count at `T` (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Semantics {
+    #[default]
+    EventTime,
+    AsServed,
+}
+
+impl Semantics {
+    pub const NAMES: &'static [&'static str] = &["event_time", "as_served"];
+
+    pub fn parse(name: &str) -> Option<Semantics> {
+        match name {
+            "event_time" => Some(Semantics::EventTime),
+            "as_served" => Some(Semantics::AsServed),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Semantics::EventTime => "event_time",
+            Semantics::AsServed => "as_served",
+        }
+    }
+}
+
 /// Reads, at each of `instants` (row index, time), the `columns` of `key` in `view` from its
 /// `records` (in log order). Returns one entry per instant, in the order given.
 pub fn replay_at(
@@ -38,7 +76,16 @@ pub fn replay_at(
     records: &[HistoryRecord],
     instants: &[(usize, EpochMs)],
     columns: &[FeatureIdx],
+    semantics: Semantics,
 ) -> Vec<(usize, Vec<FeatureRead>)> {
+    // (cut-off time, offset, payload) in the order they are applied.
+    let ordered: Vec<(EpochMs, u64, &[u8])> = match semantics {
+        Semantics::AsServed => records
+            .iter()
+            .map(|r| (r.append_ms, r.offset, r.payload.as_slice()))
+            .collect(),
+        Semantics::EventTime => by_event_time(records),
+    };
     let store = Store::new(schema.clone(), 1);
     let mut dedup = DedupWindow::new(records.len().max(1));
     let mut late = LateCounts::default();
@@ -47,13 +94,13 @@ pub fn replay_at(
     let mut next = 0;
     let mut out = Vec::with_capacity(order.len());
     for (row, t) in order {
-        while let Some(r) = records.get(next) {
-            if r.append_ms > t {
+        while let Some(&(cut, offset, payload)) = ordered.get(next) {
+            if cut > t {
                 break;
             }
-            if let Ok(rec) = record::decode(&r.payload) {
+            if let Ok(rec) = record::decode(payload) {
                 debug_assert_eq!(rec.key, key);
-                store.apply(0, r.offset, &rec, &mut dedup, &mut late);
+                store.apply(0, offset, &rec, &mut dedup, &mut late);
             }
             next += 1;
         }
@@ -61,6 +108,26 @@ pub fn replay_at(
         store.read(view, key, columns, t, &mut reads);
         out.push((row, reads));
     }
+    out
+}
+
+/// The records that count offline, by (event time, offset): undecodable ones and repeats of a
+/// dedup id already seen in log order are left out.
+fn by_event_time(records: &[HistoryRecord]) -> Vec<(EpochMs, u64, &[u8])> {
+    let mut seen = HashSet::new();
+    let mut out: Vec<(EpochMs, u64, &[u8])> = records
+        .iter()
+        .filter_map(|r| {
+            let rec = record::decode(&r.payload).ok()?;
+            if let Some(id) = rec.dedup {
+                if !seen.insert(id) {
+                    return None;
+                }
+            }
+            Some((rec.ts_ms, r.offset, r.payload.as_slice()))
+        })
+        .collect();
+    out.sort_unstable_by_key(|&(ts, offset, _)| (ts, offset));
     out
 }
 

@@ -59,6 +59,7 @@ fn start(dir: &std::path::Path) -> Node {
         group_commit_records_max: 10_000,
         retention_ms: i64::MAX,
         retention_bytes: None,
+        disk_bytes_max: None,
     };
     let log = Arc::new(Log::open(&dir.join("log"), opts).unwrap());
     let store = Arc::new(Store::new(schema, P));

@@ -50,6 +50,7 @@ fn start(dir: &std::path::Path, snapshot_interval: Duration) -> Node {
         group_commit_records_max: 1000,
         retention_ms: i64::MAX,
         retention_bytes: None,
+        disk_bytes_max: None,
     };
     let log = Arc::new(Log::open(&dir.join("log"), opts).unwrap());
     let store = Arc::new(Store::new(schema, 4));

@@ -1,0 +1,148 @@
+//! The history sink: every record of the log, written to PostgreSQL — the record of truth for
+//! training and audits, demoted to a consumer (DESIGN.md §1). Laid out as Vector lays out its
+//! sinks: `config` (options), `service` (PostgreSQL: migrations, one transaction per batch,
+//! which errors to retry), `sink` (the per-partition loop), `read` (bulk point-in-time reads).
+//!
+//! # Design constraints
+//! - One thread per partition reads the log from the sink's own committed offset (consumer
+//!   `history` in the log's `OffsetStore`), in log order, and writes batches of at most
+//!   `batch_rows_max` rows, one transaction each. The offset is committed after the
+//!   transaction, so a crash between the two replays the batch.
+//! - Replays write no duplicates: rows are keyed on (log id, partition, offset), and rows with
+//!   an `event_id` are also unique on (view, key, event_id); the INSERT does nothing on
+//!   conflict. (So a duplicate `event_id` is kept once here however far apart it arrives;
+//!   the store's dedup window is bounded, see `quiver_store::DedupWindow`.)
+//! - **Nothing is lost silently.** The sink registers with the log as a consumer
+//!   (`Log::register_consumer`): by default retention keeps every record it has not committed,
+//!   however long PostgreSQL is away, up to `log.disk_bytes_max` (then ingest answers
+//!   `503 DISK_FULL`). With `history.lossy = true` retention does not wait; every range it
+//!   deletes first is counted (`quiver_history_lost_records_total`), logged as an error and
+//!   written to `<table>_gaps` in the transaction of the next batch.
+//! - PostgreSQL down or slow never touches ingest or serving: retriable errors (no SQLSTATE:
+//!   connection refused or lost; classes 08, 40, 53, 57, 58) are retried with exponential
+//!   backoff capped at `retry_delay_ms_max`, and the lag grows (`quiver_history_lag_records`).
+//!   Any other error fails the same way every time: that partition's sink stops, says why
+//!   (`quiver_history_stopped`, an error log line) and keeps its offset.
+//! - The schema is Quiver's: numbered migrations, applied under an advisory lock on first
+//!   connection, recorded in `<table>_migrations`. Quiver starts without PostgreSQL.
+//!
+//! Table (migration 1):
+//! ```sql
+//! <table> (log_id text, partition integer, log_offset bigint, view text, entity_key text,
+//!          ts_ms bigint, append_ms bigint, event_id text NULL, "values" jsonb,
+//!          PRIMARY KEY (log_id, partition, log_offset))
+//! unique (view, entity_key, event_id) where event_id is not null; index (view, entity_key, ts_ms)
+//! ```
+//! `ts_ms` is event time, `append_ms` the time the log appended the record (what an
+//! `as_served` point-in-time query needs to know what the online store could have seen).
+//! Migration 2 adds `dedup_id` (hex), the record's dedup identity; migration 3 the
+//! `<table>_gaps (log_id, partition, from_offset, to_offset, detected_at)` table.
+
+mod config;
+mod read;
+mod service;
+mod sink;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
+use quiver_log::{Consumer, Log, OffsetStore, Retention};
+
+pub use config::HistoryOptions;
+pub use read::collect_from_postgres;
+
+/// The sink's name among the log's consumers.
+pub const CONSUMER: &str = "history";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error(transparent)]
+    Log(#[from] quiver_log::LogError),
+}
+
+pub struct HistorySink {
+    stop: Arc<AtomicBool>,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+    consumer: Arc<Consumer>,
+}
+
+impl HistorySink {
+    /// Registers with the log (before anything can be deleted) and starts one thread per
+    /// partition. Never waits for PostgreSQL.
+    pub fn start(log: Arc<Log>, opts: HistoryOptions) -> Result<HistorySink, HistoryError> {
+        let offsets = OffsetStore::open(&log.dir().join("offsets"))?;
+        let stored = offsets.load(CONSUMER)?;
+        // A sink new to this log starts at its oldest record: what was deleted before the sink
+        // existed was never its to write.
+        let start_at: Vec<u64> = (0..log.partitions())
+            .map(|p| stored.get(&p).copied().unwrap_or(log.first_offset(p)))
+            .collect();
+        let retention = if opts.lossy {
+            Retention::Lossy
+        } else {
+            Retention::Protect
+        };
+        let consumer = log.register_consumer(CONSUMER, retention, |p| start_at[p as usize]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared_offsets = Arc::new(Mutex::new(
+            start_at
+                .iter()
+                .enumerate()
+                .map(|(p, &o)| (p as u32, o))
+                .collect::<BTreeMap<_, _>>(),
+        ));
+        let mut handles = Vec::new();
+        for (p, &from) in start_at.iter().enumerate() {
+            let p = p as u32;
+            let first = log.first_offset(p);
+            let w = sink::Worker {
+                partition: p,
+                log: log.clone(),
+                reader: log.reader(p, from.max(first))?,
+                service: service::Service::new(&opts.postgres_url, &opts.table, log.id(), p),
+                opts: opts.clone(),
+                stop: stop.clone(),
+                consumer: consumer.clone(),
+                offsets: offsets.clone(),
+                shared_offsets: shared_offsets.clone(),
+                initial_gap: (from < first).then_some((from, first)),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("history-{p}"))
+                .spawn(move || w.run())
+                .map_err(|e| quiver_log::LogError::Io {
+                    path: log.dir().to_path_buf(),
+                    source: e,
+                })?;
+            handles.push(handle);
+        }
+        Ok(HistorySink {
+            stop,
+            handles: Mutex::new(handles),
+            consumer,
+        })
+    }
+
+    /// Offset after the last record of `partition` written and committed to PostgreSQL.
+    pub fn committed_offset(&self, partition: u32) -> u64 {
+        self.consumer.committed(partition)
+    }
+
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        for h in self.handles.lock().drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for HistorySink {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
