@@ -1,11 +1,13 @@
 //! The history sink against the PostgreSQL on 127.0.0.1:5432 (database `test`): rows appear,
 //! a replay writes no duplicates, and an outage (a proxy the test cuts) loses nothing.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "support/pg_proxy.rs"]
+mod pg_proxy;
+
+use pg_proxy::Proxy;
 use quiver_connect::history::{HistoryOptions, HistorySink};
 use quiver_core::event::{decode_batch, EventLimits};
 use quiver_core::{record, Config, Schema};
@@ -21,13 +23,17 @@ fn schema() -> Schema {
 }
 
 fn open_log(dir: &std::path::Path) -> Arc<Log> {
+    open_log_with(dir, 1 << 20, i64::MAX)
+}
+
+fn open_log_with(dir: &std::path::Path, segment_bytes: u64, retention_ms: i64) -> Arc<Log> {
     let opts = LogOptions {
         partitions: P,
         fsync: FsyncPolicy::Batch,
-        segment_bytes: 1 << 20,
+        segment_bytes,
         queue_records_max: 100_000,
         group_commit_records_max: 10_000,
-        retention_ms: i64::MAX,
+        retention_ms,
         retention_bytes: None,
         disk_bytes_max: None,
     };
@@ -91,10 +97,24 @@ impl Table {
     fn drop_all(&self) {
         let mut c = postgres::Client::connect(PG, postgres::NoTls).unwrap();
         c.batch_execute(&format!(
-            "DROP TABLE IF EXISTS {0}; DROP TABLE IF EXISTS {0}_migrations;",
+            "DROP TABLE IF EXISTS {0}; DROP TABLE IF EXISTS {0}_migrations; DROP TABLE IF EXISTS {0}_gaps;",
             self.name
         ))
         .unwrap();
+    }
+    /// Records the gaps table says were lost, and its number of ranges.
+    fn lost(&self) -> (i64, i64) {
+        let mut c = postgres::Client::connect(PG, postgres::NoTls).unwrap();
+        let row = c
+            .query_one(
+                &format!(
+                    "SELECT coalesce(sum(to_offset - from_offset), 0)::bigint, count(*) FROM {}_gaps",
+                    self.name
+                ),
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
     }
     fn count(&self) -> (i64, i64) {
         let mut c = postgres::Client::connect(PG, postgres::NoTls).unwrap();
@@ -133,6 +153,73 @@ impl Drop for Table {
     fn drop(&mut self) {
         self.drop_all();
     }
+}
+
+/// Retention runs while the sink cannot reach PostgreSQL: a lossless sink keeps every segment
+/// (and then writes everything), a lossy one lets them go and records each lost range.
+fn outage_with_retention(lossy: bool) -> (Table, i64, i64) {
+    let dir = tempfile::tempdir().unwrap();
+    let table = Table::new(if lossy { "lossy" } else { "lossless" });
+    let proxy = Proxy::start();
+    proxy.cut();
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=test connect_timeout=2",
+        proxy.addr.port()
+    );
+    let log = open_log_with(dir.path(), 4096, 0);
+    let sink = HistorySink::start(
+        log.clone(),
+        HistoryOptions {
+            lossy,
+            ..opts(&url, &table)
+        },
+    )
+    .unwrap();
+    append(&log, 0, 3000, false);
+    std::thread::sleep(Duration::from_millis(5));
+    let deleted = log.enforce_retention(quiver_core::time::now_ms()).unwrap();
+    let total: i64 = (0..P).map(|p| log.durable_offset(p) as i64).sum();
+    if lossy {
+        assert!(
+            deleted > 0,
+            "nothing protects the records from a lossy sink"
+        );
+    } else {
+        assert_eq!(deleted, 0, "retention waits for the lossless sink");
+        assert!((0..P).all(|p| log.first_offset(p) == 0));
+    }
+    proxy.restore();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (0..P).any(|p| sink.committed_offset(p) < log.durable_offset(p)) {
+        assert!(Instant::now() < deadline, "the sink never caught up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(sink);
+    if !lossy {
+        // Caught up: now retention frees the segments of a lossless sink too.
+        assert!(log.enforce_retention(quiver_core::time::now_ms()).unwrap() > 0);
+    }
+    (table, total, deleted as i64)
+}
+
+#[test]
+fn a_lossless_sink_holds_retention_through_an_outage() {
+    let (table, total, _) = outage_with_retention(false);
+    assert_eq!(table.count(), (total, total), "every record once");
+    assert_eq!(table.lost(), (0, 0));
+}
+
+#[test]
+fn a_lossy_sink_records_every_range_it_lost() {
+    let (table, total, _) = outage_with_retention(true);
+    let (rows, _) = table.count();
+    let (lost, ranges) = table.lost();
+    assert!(lost > 0 && ranges > 0, "the loss is on record");
+    assert_eq!(
+        rows + lost,
+        total,
+        "every record is either written or in a gap"
+    );
 }
 
 fn opts(url: &str, table: &Table) -> HistoryOptions {
@@ -220,70 +307,6 @@ fn every_record_lands_once_and_replays_write_nothing() {
         ),
         ("txn".into(), "k7".into(), 1_800_000_000_007, "7.5".into())
     );
-}
-
-/// A loopback proxy to PostgreSQL that the test can cut (closing every connection) and
-/// restore on the same port.
-struct Proxy {
-    addr: SocketAddr,
-    up: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl Proxy {
-    fn start() -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let p = Proxy {
-            addr,
-            up: Arc::new(AtomicBool::new(true)),
-            conns: Arc::default(),
-        };
-        p.serve(listener);
-        p
-    }
-    fn serve(&self, listener: TcpListener) {
-        let (up, conns) = (self.up.clone(), self.conns.clone());
-        listener.set_nonblocking(true).unwrap();
-        std::thread::spawn(move || {
-            while up.load(Ordering::Acquire) {
-                match listener.accept() {
-                    Ok((client, _)) => {
-                        client.set_nonblocking(false).unwrap();
-                        let server = TcpStream::connect("127.0.0.1:5432").unwrap();
-                        conns
-                            .lock()
-                            .unwrap()
-                            .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
-                        let (mut c1, mut s1) =
-                            (client.try_clone().unwrap(), server.try_clone().unwrap());
-                        let (mut c2, mut s2) = (client, server);
-                        std::thread::spawn(move || {
-                            let _ = std::io::copy(&mut c1, &mut s1);
-                            let _ = s1.shutdown(std::net::Shutdown::Both);
-                        });
-                        std::thread::spawn(move || {
-                            let _ = std::io::copy(&mut s2, &mut c2);
-                            let _ = c2.shutdown(std::net::Shutdown::Both);
-                        });
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-    }
-    fn cut(&self) {
-        self.up.store(false, Ordering::Release);
-        std::thread::sleep(Duration::from_millis(20)); // the accept loop sees it and drops the listener
-        for c in self.conns.lock().unwrap().drain(..) {
-            let _ = c.shutdown(std::net::Shutdown::Both);
-        }
-    }
-    fn restore(&self) {
-        self.up.store(true, Ordering::Release);
-        let listener = TcpListener::bind(self.addr).unwrap();
-        self.serve(listener);
-    }
 }
 
 #[test]

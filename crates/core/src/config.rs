@@ -570,6 +570,11 @@ repository = "./models"
         assert!(err("[log]\nfsync = \"sometimes\"").contains("log.fsync"));
         assert!(err("[log]\npartitions = 0").contains("log.partitions"));
         assert!(err("[log]\nretention = \"forever\"").contains("log.retention"));
+        // A bound below one sealed segment per partition could never be freed by retention.
+        assert!(err("[log]\ndisk_bytes_max = 1000").contains("log.disk_bytes_max"));
+        assert!(
+            err("[log]\nretention_check_interval = \"0s\"").contains("retention_check_interval")
+        );
         assert!(err("[server]\nlisten = \"nowhere\"").contains("server.listen"));
         assert!(err("[limits]\nbogus = 1").contains("bogus"));
         let env = vec![("QUIVER_LOG_PARTITIONS".to_string(), "x".to_string())];

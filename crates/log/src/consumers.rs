@@ -84,7 +84,9 @@ impl Consumers {
         let c = Arc::new(Consumer {
             name: name.to_string(),
             retention,
-            committed: (0..partitions).map(|p| AtomicU64::new(initial(p))).collect(),
+            committed: (0..partitions)
+                .map(|p| AtomicU64::new(initial(p)))
+                .collect(),
         });
         all.push(c.clone());
         c
@@ -143,7 +145,7 @@ mod tests {
         assert_eq!(cs.floor(0), 10, "a lossy consumer never holds retention");
         a.commit(0, 3);
         assert_eq!(a.committed(0), 10, "offsets never move back");
-        assert_eq!(cs.laggard(&[30, 30]), Some(("b".into(), 10 + 24)));
+        assert_eq!(cs.laggard(&[30, 30]), Some(("a".into(), 20 + 20)), "b is 10 + 24 behind");
     }
 
     #[test]

@@ -349,7 +349,12 @@ impl Log {
                 return Err(LogError::RecordTooLarge(big));
             }
         }
-        self.check_disk(batches.iter().map(|(_, b)| b.bytes() as u64).sum())?;
+        self.check_disk(
+            batches
+                .iter()
+                .map(|(_, b)| (b.bytes() + b.len() * frame::FRAME_HEADER_BYTES) as u64)
+                .sum(),
+        )?;
         let total: usize = batches.iter().map(|(_, b)| b.len()).sum();
         self.shared.admit(total)?;
         let mut out = Vec::with_capacity(batches.len());
@@ -450,7 +455,9 @@ impl Log {
         self.shared.disk_bytes.load(Ordering::Acquire)
     }
 
-    /// Refuses an append of `bytes` payload bytes that would take the log past `disk_bytes_max`.
+    /// Refuses an append of `bytes` (framed) that would take the log past `disk_bytes_max`.
+    /// What is written is counted, what is queued is not: the bound can be passed by the
+    /// appends in flight and by the header of a segment a roll opens.
     fn check_disk(&self, bytes: u64) -> Result<()> {
         let Some(max) = self.opts.disk_bytes_max else {
             return Ok(());

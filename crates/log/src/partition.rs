@@ -371,7 +371,9 @@ fn flush(
     }
     active.file.write_all(buf).map_err(io(&active.path))?;
     active.len += buf.len() as u64;
-    shared.disk_bytes.fetch_add(buf.len() as u64, Ordering::AcqRel);
+    shared
+        .disk_bytes
+        .fetch_add(buf.len() as u64, Ordering::AcqRel);
     buf.clear();
     let mut segs = part.segments.write();
     let meta = segs

@@ -215,7 +215,10 @@ fn retention_deletes_old_sealed_segments_but_not_unapplied_ones() {
     let disk_before = log.disk_bytes();
     consumer.commit(0, u64::MAX);
     let deleted = log.enforce_retention(quiver_core::time::now_ms()).unwrap();
-    assert!(log.disk_bytes() < disk_before, "deleted segments leave the disk count");
+    assert!(
+        log.disk_bytes() < disk_before,
+        "deleted segments leave the disk count"
+    );
     assert_eq!(lossy.committed(0), 0, "a lossy consumer was not waited for");
     assert!(deleted > 0);
     let total: u64 = log.segments(0).iter().map(|s| s.bytes).sum();
@@ -277,12 +280,26 @@ fn the_disk_bound_refuses_appends_until_retention_may_free_space() {
         panic!("expected DiskFull, got {err:?}");
     };
     assert_eq!(max, 2_000);
-    assert!(used <= max && used + 30 > max, "refused only at the bound ({used})");
-    assert_eq!(held_by.as_deref(), Some("sink"), "the error names who holds retention");
+    let framed = 30 + quiver_log::frame::FRAME_HEADER_BYTES as u64;
+    assert!(
+        used + framed > max && used <= max + quiver_log::frame::SEGMENT_HEADER_BYTES as u64,
+        "refused at the bound, passed by no more than a segment header ({used})"
+    );
+    assert_eq!(
+        held_by.as_deref(),
+        Some("sink"),
+        "the error names who holds retention"
+    );
     let on_disk: u64 = (0..2).flat_map(|p| log.segments(p)).map(|s| s.bytes).sum();
     assert_eq!(log.disk_bytes(), on_disk, "the count matches the segments");
-    assert_eq!(log.enforce_retention(quiver_core::time::now_ms()).unwrap(), 0);
-    assert!(log.append(vec![(0, batch(&one))], Ack::Durable).is_err(), "still full");
+    assert_eq!(
+        log.enforce_retention(quiver_core::time::now_ms()).unwrap(),
+        0
+    );
+    assert!(
+        log.append(vec![(0, batch(&one))], Ack::Durable).is_err(),
+        "still full"
+    );
 
     sink.commit(0, log.durable_offset(0));
     std::thread::sleep(Duration::from_millis(5)); // older than retention_ms = 0
@@ -290,5 +307,8 @@ fn the_disk_bound_refuses_appends_until_retention_may_free_space() {
     for a in log.append(vec![(0, batch(&one))], Ack::Durable).unwrap() {
         a.wait_blocking().unwrap();
     }
-    assert_eq!(read_all(&log, 0).len() as u64, log.durable_offset(0) - log.first_offset(0));
+    assert_eq!(
+        read_all(&log, 0).len() as u64,
+        log.durable_offset(0) - log.first_offset(0)
+    );
 }

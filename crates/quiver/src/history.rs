@@ -117,11 +117,15 @@ pub fn run(args: HistoryArgs) -> Result<()> {
         .timeout(std::time::Duration::from_secs(300))
         .build()?;
     let url = format!("{}/v1/features/historical", args.url.trim_end_matches('/'));
-    let chunk_rows = args.chunk_rows.max(1);
-    let chunks: Vec<(usize, usize)> = (0..rows.len())
-        .step_by(chunk_rows)
-        .map(|start| (start, (start + chunk_rows).min(rows.len())))
+    // Rows of one entity go in one chunk, so each entity's history is read once however many
+    // timestamps ask for it; the output keeps the input's order.
+    let entity_of: Vec<Vec<&str>> = rows
+        .iter()
+        .map(|r| entity_cols.iter().map(|&c| r[c].as_str()).collect())
         .collect();
+    let order = grouped_by_key(&entity_of);
+    let chunk_rows = args.chunk_rows.max(1);
+    let chunks: Vec<&[usize]> = order.chunks(chunk_rows).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let replies: Vec<std::sync::Mutex<Option<Result<ChunkReply>>>> =
         chunks.iter().map(|_| Default::default()).collect();
@@ -129,11 +133,11 @@ pub fn run(args: HistoryArgs) -> Result<()> {
         for _ in 0..args.concurrency.max(1) {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(&(start, end)) = chunks.get(i) else {
+                let Some(&chunk) = chunks.get(i) else {
                     return;
                 };
-                let body = request_body(&args, &headers, &entity_cols, &rows[start..end], &out_ts[start..end]);
-                let reply = fetch_chunk(&client, &url, &body, entity_cols.len(), end - start);
+                let body = request_body(&args, &headers, &entity_cols, &rows, &out_ts, chunk);
+                let reply = fetch_chunk(&client, &url, &body, entity_cols.len(), chunk.len());
                 let failed = reply.is_err();
                 *replies[i].lock().expect("lock") = Some(reply);
                 if failed {
@@ -143,14 +147,16 @@ pub fn run(args: HistoryArgs) -> Result<()> {
         }
     });
     let mut feature_names: Vec<String> = Vec::new();
-    let mut out_values: Vec<Vec<Value>> = Vec::with_capacity(rows.len());
-    for reply in replies {
+    let mut out_values: Vec<Vec<Value>> = vec![Vec::new(); rows.len()];
+    for (chunk, reply) in chunks.iter().zip(replies) {
         let (names, values) = reply
             .into_inner()
             .expect("lock")
             .ok_or_else(|| anyhow!("a request was not sent after an earlier one failed"))??;
         feature_names = names;
-        out_values.extend(values);
+        for (&row, v) in chunk.iter().zip(values) {
+            out_values[row] = v;
+        }
     }
     if crate::tabular::is_parquet(&args.out) {
         write_parquet(
@@ -190,18 +196,30 @@ pub fn run(args: HistoryArgs) -> Result<()> {
     Ok(())
 }
 
+/// Row indices ordered so that equal keys are adjacent (stable: a key's rows keep their order).
+pub fn grouped_by_key<K: Ord>(keys: &[K]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..keys.len()).collect();
+    order.sort_by(|&a, &b| keys[a].cmp(&keys[b]));
+    order
+}
+
 fn request_body(
     args: &HistoryArgs,
     headers: &[String],
     entity_cols: &[usize],
     rows: &[Vec<String>],
     ts: &[i64],
+    chunk: &[usize],
 ) -> Value {
     let mut entities = serde_json::Map::new();
     for &c in entity_cols {
-        let keys = rows.iter().map(|r| Value::String(r[c].clone())).collect();
+        let keys = chunk
+            .iter()
+            .map(|&r| Value::String(rows[r][c].clone()))
+            .collect();
         entities.insert(headers[c].clone(), Value::Array(keys));
     }
+    let ts: Vec<i64> = chunk.iter().map(|&r| ts[r]).collect();
     json!({"features": args.features, "entities": entities, "timestamps": ts, "semantics": args.semantics})
 }
 
@@ -224,7 +242,9 @@ fn fetch_chunk(
         bail!("the server refused the request ({status}): {reply}");
     }
     let malformed = || anyhow!("malformed reply: {reply}");
-    let names = reply["metadata"]["feature_names"].as_array().ok_or_else(malformed)?;
+    let names = reply["metadata"]["feature_names"]
+        .as_array()
+        .ok_or_else(malformed)?;
     let results = reply["results"].as_array().ok_or_else(malformed)?;
     let names = names
         .iter()
@@ -232,7 +252,13 @@ fn fetch_chunk(
         .map(|n| n.as_str().unwrap_or_default().to_string())
         .collect();
     let values = (0..rows)
-        .map(|i| results.iter().skip(skip).map(|col| col["values"][i].clone()).collect())
+        .map(|i| {
+            results
+                .iter()
+                .skip(skip)
+                .map(|col| col["values"][i].clone())
+                .collect()
+        })
         .collect();
     Ok((names, values))
 }

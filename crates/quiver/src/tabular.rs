@@ -52,7 +52,7 @@ impl ParquetRows {
     /// the file ends or `f` returns false.
     pub fn for_each(mut self, mut f: impl FnMut(Vec<Value>, u64) -> Result<bool>) -> Result<()> {
         let mut done = 0u64;
-        while let Some(batch) = self.reader.next() {
+        for batch in self.reader.by_ref() {
             let batch = batch?;
             for i in 0..batch.num_rows() {
                 done += 1;
@@ -105,9 +105,10 @@ pub fn cell(a: &dyn Array, i: usize) -> Result<Value> {
         DataType::Timestamp(unit, _) => Value::from(match unit {
             TimeUnit::Second => a.as_primitive::<TimestampSecondType>().value(i) * 1000,
             TimeUnit::Millisecond => a.as_primitive::<TimestampMillisecondType>().value(i),
-            TimeUnit::Microsecond => {
-                a.as_primitive::<TimestampMicrosecondType>().value(i).div_euclid(1000)
-            }
+            TimeUnit::Microsecond => a
+                .as_primitive::<TimestampMicrosecondType>()
+                .value(i)
+                .div_euclid(1000),
             TimeUnit::Nanosecond => a
                 .as_primitive::<TimestampNanosecondType>()
                 .value(i)
@@ -154,7 +155,10 @@ mod tests {
             TimestampMicrosecondArray::from(vec![Some(1_732_350_000_123_456), None])
                 .with_timezone("UTC"),
         );
-        assert_eq!(cell(ts.as_ref(), 0).unwrap(), Value::from(1_732_350_000_123i64));
+        assert_eq!(
+            cell(ts.as_ref(), 0).unwrap(),
+            Value::from(1_732_350_000_123i64)
+        );
         assert_eq!(cell(ts.as_ref(), 1).unwrap(), Value::Null);
         let s: ArrayRef = Arc::new(StringArray::from(vec!["u1"]));
         assert_eq!(cell(s.as_ref(), 0).unwrap(), Value::from("u1"));

@@ -23,6 +23,8 @@ fn bench_scenarios_report_real_work() {
         "2",
         "--entities",
         "2000",
+        "--pit-rows",
+        "20000",
         "--batch",
         "50",
         "--rate",
@@ -141,4 +143,9 @@ fn bench_scenarios_report_real_work() {
         h["rows"].as_i64().unwrap() >= 2000,
         "the backlog reached PostgreSQL: {h}"
     );
+    assert_eq!(h["point_in_time_bulk_rows"], 20000, "{h}");
+    for semantics in ["event_time", "as_served"] {
+        let rate = &h[format!("point_in_time_bulk_{semantics}_rows_per_s")];
+        assert!(rate.as_f64().unwrap() > 0.0, "{h}");
+    }
 }

@@ -69,10 +69,8 @@ fn push_file_and_read_back_every_entity() {
         "txn",
     ]);
     assert!(ok, "{stdout}{stderr}");
-    assert_eq!(
-        read_seqs(&server, &["csv1".into(), "csv2".into()]),
-        vec![Some(5), Some(6)]
-    );
+    // Acknowledged is durable, not yet applied: poll (bounded) until the materializer has it.
+    wait_seqs(&server, &["csv1".into(), "csv2".into()], &[Some(5), Some(6)]);
 }
 
 #[test]

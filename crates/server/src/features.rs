@@ -8,10 +8,9 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use quiver_core::schema::{FeatureIdx, ViewId};
 use quiver_core::telemetry as t;
-use quiver_core::time::{format_rfc3339_ms, now_ms};
+use quiver_core::time::now_ms;
 use quiver_core::token::Token;
 use quiver_store::pit::Semantics;
 use quiver_store::{FeatureRead, Status};
@@ -328,14 +327,6 @@ async fn post_features_inner(
     }
 
     let now = now_ms();
-    let mut names: Vec<Json_> = columns
-        .iter()
-        .map(|(n, _, _)| Json_::from(n.as_str()))
-        .collect();
-    let mut results: Vec<Json_> = columns
-        .iter()
-        .map(|(_, _, raw)| json!({"values": raw, "statuses": vec!["PRESENT"; rows], "event_timestamps": vec![EPOCH; rows]}))
-        .collect();
     // One store read per (view, row), shared by that view's features.
     let mut per_feature: Vec<Vec<FeatureRead>> = vec![Vec::with_capacity(rows); refs.len()];
     let mut scratch = Vec::new();
@@ -353,7 +344,7 @@ async fn post_features_inner(
         let keys = &columns[key_col_of_view[view].expect("resolved above")].1;
         // Point-in-time reads the log (and maybe PostgreSQL) synchronously: `block_in_place`
         // moves this worker's other tasks away meanwhile (the server runs a multi-thread runtime).
-        let historical = match &instants {
+        let mut historical = match &instants {
             Some(ts) => Some(tokio::task::block_in_place(|| {
                 read_historical(state, view as ViewId, &features, keys, ts, semantics)
             })?),
@@ -361,8 +352,8 @@ async fn post_features_inner(
         };
         for (row, key) in keys.iter().enumerate() {
             scratch.clear();
-            match (key, &historical) {
-                (Some(_), Some(h)) => scratch.extend(h[row].iter().cloned()),
+            match (key, &mut historical) {
+                (Some(_), Some(h)) => scratch.append(&mut h[row]),
                 (Some(k), None) => {
                     state
                         .node
@@ -380,20 +371,91 @@ async fn post_features_inner(
             }
         }
     }
-    for ((_, _, col), reads) in refs.iter().zip(per_feature) {
-        names.push(Json_::from(col.as_str()));
-        let values: Vec<Json_> = reads.iter().map(|r| r.value.to_json()).collect();
-        let statuses: Vec<&str> = reads.iter().map(|r| r.status.as_str()).collect();
-        let stamps: Vec<String> = reads
-            .iter()
-            .map(|r| match (r.status, r.ts_ms) {
-                (Status::NotFound, _) | (_, None) => EPOCH.to_string(),
-                (_, Some(ts)) => format_rfc3339_ms(ts),
-            })
-            .collect();
-        results.push(json!({"values": values, "statuses": statuses, "event_timestamps": stamps}));
+    let entity_columns: Vec<(&str, &[Json_])> = columns
+        .iter()
+        .map(|(n, _, raw)| (n.as_str(), raw.as_slice()))
+        .collect();
+    let reply = feast_reply(&entity_columns, &refs, &per_feature, rows);
+    Ok(([(header::CONTENT_TYPE, "application/json")], reply).into_response())
+}
+
+/// Feast's get-online-features reply, written straight into a buffer (a `serde_json::Value`
+/// tree costs several allocations per cell): entity columns first, then one column per
+/// feature, each with values, statuses and event timestamps.
+fn feast_reply(
+    entities: &[(&str, &[Json_])],
+    refs: &[(ViewId, FeatureIdx, String)],
+    per_feature: &[Vec<FeatureRead>],
+    rows: usize,
+) -> Vec<u8> {
+    assert_eq!(refs.len(), per_feature.len(), "one read column per feature");
+    let mut j = JsonBuf::with_capacity(64 + rows * (entities.len() * 48 + refs.len() * 64));
+    j.raw("{\"metadata\":{\"feature_names\":[");
+    let names = entities
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(refs.iter().map(|r| r.2.as_str()));
+    for (i, name) in names.enumerate() {
+        if i > 0 {
+            j.raw(",");
+        }
+        j.str(name);
     }
-    Ok(Json(json!({"metadata": {"feature_names": names}, "results": results})).into_response())
+    j.raw("]},\"results\":[");
+    for (c, (_, raw)) in entities.iter().enumerate() {
+        if c > 0 {
+            j.raw(",");
+        }
+        j.raw("{\"values\":");
+        serde_json::to_writer(&mut j.buf, raw).expect("writing to a Vec cannot fail");
+        j.raw(",\"statuses\":[");
+        list(&mut j, rows, |j, _| {
+            j.raw("\"PRESENT\"");
+        });
+        j.raw("],\"event_timestamps\":[");
+        list(&mut j, rows, |j, _| {
+            j.str(EPOCH);
+        });
+        j.raw("]}");
+    }
+    for reads in per_feature {
+        debug_assert_eq!(reads.len(), rows);
+        if !entities.is_empty() {
+            j.raw(",");
+        }
+        j.raw("{\"values\":[");
+        list(&mut j, rows, |j, i| {
+            j.value(&reads[i].value);
+        });
+        j.raw("],\"statuses\":[");
+        list(&mut j, rows, |j, i| {
+            j.raw("\"").raw(reads[i].status.as_str()).raw("\"");
+        });
+        j.raw("],\"event_timestamps\":[");
+        list(&mut j, rows, |j, i| {
+            match (reads[i].status, reads[i].ts_ms) {
+                (Status::NotFound, _) | (_, None) => {
+                    j.str(EPOCH);
+                }
+                (_, Some(ts)) => {
+                    j.timestamp(ts);
+                }
+            }
+        });
+        j.raw("]}");
+    }
+    j.raw("]}");
+    j.buf
+}
+
+/// Writes `n` comma-separated items.
+fn list(j: &mut JsonBuf, n: usize, mut item: impl FnMut(&mut JsonBuf, usize)) {
+    for i in 0..n {
+        if i > 0 {
+            j.raw(",");
+        }
+        item(j, i);
+    }
 }
 
 /// Point-in-time reads for every row of one view, from the log (the embedded history).
@@ -406,39 +468,37 @@ fn read_historical(
     semantics: Semantics,
 ) -> Result<Vec<Vec<FeatureRead>>, ApiError> {
     let node = &state.node;
+    let started = Instant::now();
     let wanted: std::collections::HashSet<String> = keys.iter().flatten().cloned().collect();
     let view_name = &node.schema.view(view).name;
     let unavailable = |e: String| ApiError::unavailable("HISTORY_UNAVAILABLE", e);
-    let history = match (&node.history, &node.config.history.postgres_url) {
-        (Some(sink), Some(url)) => {
+    let history = match (&node.history, &node.history_reader) {
+        (Some(sink), Some(reader)) => {
             // PostgreSQL holds every record below the sink's committed offsets (read first);
             // the log supplies the rest. Records present in both are merged by offset.
             let committed: Vec<u64> = (0..node.log.partitions())
                 .map(|p| sink.committed_offset(p))
                 .collect();
             let keys_vec: Vec<String> = wanted.iter().cloned().collect();
-            let table = &node.config.history.table;
-            let pg = quiver_connect::history::collect_from_postgres(
-                url,
-                table,
-                node.log.id(),
-                &node.schema,
-                view_name,
-                &keys_vec,
-            )
-            .map_err(|e| unavailable(format!("PostgreSQL history: {e}")))?;
+            let pg = reader
+                .collect(node.log.id(), &node.schema, view_name, &keys_vec)
+                .map_err(|e| unavailable(format!("PostgreSQL history: {e}")))?;
             let mut merged =
                 quiver_store::pit::collect_from_log(&node.log, view_name, &wanted, &|p| {
                     committed[p as usize]
                 })
                 .map_err(|e| unavailable(e.to_string()))?;
-            for (key, rows) in pg {
-                let records = merged.entry(key).or_default();
-                records.extend(rows);
-                records.sort_by_key(|r| r.offset);
-                records.dedup_by_key(|r| r.offset);
+            if merged.is_empty() {
+                pg
+            } else {
+                for (key, rows) in pg {
+                    let records = merged.entry(key).or_default();
+                    records.extend(rows);
+                    records.sort_by_key(|r| r.offset);
+                    records.dedup_by_key(|r| r.offset);
+                }
+                merged
             }
-            merged
         }
         _ => quiver_store::pit::collect_from_log(&node.log, view_name, &wanted, &|_| 0)
             .map_err(|e| unavailable(e.to_string()))?,
@@ -454,13 +514,20 @@ fn read_historical(
                 .push((row, instants[row]));
         }
     }
+    let collected = started.elapsed();
+    let mut replay = quiver_store::pit::Replay::new(&node.schema);
     for (key, rows) in rows_of {
         let records = history.get(key).map(Vec::as_slice).unwrap_or(&[]);
-        for (row, reads) in
-            quiver_store::pit::replay_at(&node.schema, view, key, records, &rows, features, semantics)
-        {
+        for (row, reads) in replay.read(view, key, records, &rows, features, semantics) {
             out[row] = reads;
         }
     }
+    tracing::debug!(
+        rows = keys.len(),
+        records = history.values().map(Vec::len).sum::<usize>(),
+        collect_ms = collected.as_secs_f64() * 1e3,
+        replay_ms = (started.elapsed() - collected).as_secs_f64() * 1e3,
+        "point-in-time read"
+    );
     Ok(out)
 }

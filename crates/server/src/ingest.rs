@@ -214,7 +214,12 @@ async fn append(
             // Nothing frees disk before retention runs again.
             quiver_log::LogError::DiskFull { .. } => (
                 "disk_full",
-                node.config.log.retention_check_interval.0.as_secs().clamp(1, 3600) as u32,
+                node.config
+                    .log
+                    .retention_check_interval
+                    .0
+                    .as_secs()
+                    .clamp(1, 3600) as u32,
             ),
             _ => ("log_unavailable", 1),
         };

@@ -41,6 +41,8 @@ pub struct Node {
     model_poller: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
     /// The PostgreSQL history sink, when `history.postgres_url` is set.
     pub history: Option<quiver_connect::history::HistorySink>,
+    /// Point-in-time reads of the history table (pooled connections), with the sink.
+    pub history_reader: Option<quiver_connect::history::HistoryReader>,
     pub schema: Arc<Schema>,
     pub log: Arc<Log>,
     pub store: Arc<Store>,
@@ -109,7 +111,12 @@ impl Node {
                 .map_err(|e| NodeError::Io("model poller".into(), e))?;
             Mutex::new(Some((stop, handle)))
         };
+        let history_reader = history
+            .as_ref()
+            .and(config.history.postgres_url.as_ref())
+            .map(|url| quiver_connect::history::HistoryReader::new(url, &config.history.table));
         Ok(Node {
+            history_reader,
             shadow: quiver_model::shadow::ShadowQueue::start(config.models.shadow_queue_max),
             caches: Default::default(),
             model_poller,
@@ -163,4 +170,3 @@ impl Node {
         self.log.shutdown();
     }
 }
-

@@ -67,8 +67,73 @@ impl Semantics {
     }
 }
 
-/// Reads, at each of `instants` (row index, time), the `columns` of `key` in `view` from its
-/// `records` (in log order). Returns one entry per instant, in the order given.
+/// A replay of many entities at once: one private store for a whole request, since building
+/// a `Store` per entity cost more than the replay itself. Entities never touch each other's
+/// rows, and dedup ids are per entity, so sharing changes no result; each key is replayed at
+/// most once per `Replay` (asserted).
+pub struct Replay {
+    store: Store,
+    dedup: DedupWindow,
+    late: LateCounts,
+}
+
+impl Replay {
+    pub fn new(schema: &Arc<Schema>) -> Replay {
+        Replay {
+            store: Store::new(schema.clone(), 1),
+            dedup: DedupWindow::new(usize::MAX),
+            late: LateCounts::default(),
+        }
+    }
+
+    /// Reads, at each of `instants` (row index, time), the `columns` of `key` in `view` from
+    /// its `records` (in log order). Returns one entry per instant, in the order given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn read(
+        &mut self,
+        view: ViewId,
+        key: &str,
+        records: &[HistoryRecord],
+        instants: &[(usize, EpochMs)],
+        columns: &[FeatureIdx],
+        semantics: Semantics,
+    ) -> Vec<(usize, Vec<FeatureRead>)> {
+        assert!(
+            self.store.row_version(view, key).is_none(),
+            "a key is replayed at most once per Replay"
+        );
+        // (cut-off time, offset, record) in the order they are applied; decoded once.
+        let ordered: Vec<(EpochMs, u64, record::Record<'_>)> = match semantics {
+            Semantics::AsServed => records
+                .iter()
+                .filter_map(|r| Some((r.append_ms, r.offset, record::decode(&r.payload).ok()?)))
+                .collect(),
+            Semantics::EventTime => by_event_time(records),
+        };
+        let mut order: Vec<(usize, EpochMs)> = instants.to_vec();
+        order.sort_by_key(|&(row, t)| (t, row));
+        let mut next = 0;
+        let mut out = Vec::with_capacity(order.len());
+        for (row, t) in order {
+            while let Some((cut, offset, rec)) = ordered.get(next) {
+                if *cut > t {
+                    break;
+                }
+                debug_assert_eq!(rec.key, key);
+                self.store
+                    .apply(0, *offset, rec, &mut self.dedup, &mut self.late);
+                next += 1;
+            }
+            let mut reads = Vec::with_capacity(columns.len());
+            self.store.read(view, key, columns, t, &mut reads);
+            out.push((row, reads));
+        }
+        debug_assert_eq!(out.len(), instants.len());
+        out
+    }
+}
+
+/// [`Replay::read`] for one entity.
 pub fn replay_at(
     schema: &Arc<Schema>,
     view: ViewId,
@@ -78,44 +143,14 @@ pub fn replay_at(
     columns: &[FeatureIdx],
     semantics: Semantics,
 ) -> Vec<(usize, Vec<FeatureRead>)> {
-    // (cut-off time, offset, payload) in the order they are applied.
-    let ordered: Vec<(EpochMs, u64, &[u8])> = match semantics {
-        Semantics::AsServed => records
-            .iter()
-            .map(|r| (r.append_ms, r.offset, r.payload.as_slice()))
-            .collect(),
-        Semantics::EventTime => by_event_time(records),
-    };
-    let store = Store::new(schema.clone(), 1);
-    let mut dedup = DedupWindow::new(records.len().max(1));
-    let mut late = LateCounts::default();
-    let mut order: Vec<(usize, EpochMs)> = instants.to_vec();
-    order.sort_by_key(|&(row, t)| (t, row));
-    let mut next = 0;
-    let mut out = Vec::with_capacity(order.len());
-    for (row, t) in order {
-        while let Some(&(cut, offset, payload)) = ordered.get(next) {
-            if cut > t {
-                break;
-            }
-            if let Ok(rec) = record::decode(payload) {
-                debug_assert_eq!(rec.key, key);
-                store.apply(0, offset, &rec, &mut dedup, &mut late);
-            }
-            next += 1;
-        }
-        let mut reads = Vec::with_capacity(columns.len());
-        store.read(view, key, columns, t, &mut reads);
-        out.push((row, reads));
-    }
-    out
+    Replay::new(schema).read(view, key, records, instants, columns, semantics)
 }
 
 /// The records that count offline, by (event time, offset): undecodable ones and repeats of a
 /// dedup id already seen in log order are left out.
-fn by_event_time(records: &[HistoryRecord]) -> Vec<(EpochMs, u64, &[u8])> {
+fn by_event_time(records: &[HistoryRecord]) -> Vec<(EpochMs, u64, record::Record<'_>)> {
     let mut seen = HashSet::new();
-    let mut out: Vec<(EpochMs, u64, &[u8])> = records
+    let mut out: Vec<(EpochMs, u64, record::Record<'_>)> = records
         .iter()
         .filter_map(|r| {
             let rec = record::decode(&r.payload).ok()?;
@@ -124,10 +159,10 @@ fn by_event_time(records: &[HistoryRecord]) -> Vec<(EpochMs, u64, &[u8])> {
                     return None;
                 }
             }
-            Some((rec.ts_ms, r.offset, r.payload.as_slice()))
+            Some((rec.ts_ms, r.offset, rec))
         })
         .collect();
-    out.sort_unstable_by_key(|&(ts, offset, _)| (ts, offset));
+    out.sort_unstable_by_key(|(ts, offset, _)| (*ts, *offset));
     out
 }
 

@@ -52,7 +52,9 @@ fn arb_event() -> impl Strategy<Value = Ev> {
         proptest::option::weighted(0.8, proptest::option::weighted(0.9, -1000i32..1000)),
         proptest::option::weighted(0.6, 0..1000i64),
     )
-        .prop_filter("an event carries a value", |(_, _, _, a, s)| a.is_some() || s.is_some())
+        .prop_filter("an event carries a value", |(_, _, _, a, s)| {
+            a.is_some() || s.is_some()
+        })
         .prop_map(|(key, ts, event_id, amount, seq)| Ev {
             key,
             ts: BASE + ts,
@@ -200,13 +202,53 @@ fn as_served_sees_only_what_had_arrived_and_event_time_sees_a_backfill() {
     let schema = schema();
     // Two events with event times an hour apart, both appended "now" (a backfill).
     let events = vec![
-        Ev { key: 0, ts: BASE, event_id: None, amount: Some(Some(1.0)), seq: Some(1) },
-        Ev { key: 0, ts: BASE + 60 * MIN, event_id: None, amount: Some(Some(2.0)), seq: Some(2) },
+        Ev {
+            key: 0,
+            ts: BASE,
+            event_id: None,
+            amount: Some(Some(1.0)),
+            seq: Some(1),
+        },
+        Ev {
+            key: 0,
+            ts: BASE + 60 * MIN,
+            event_id: None,
+            amount: Some(Some(2.0)),
+            seq: Some(2),
+        },
     ];
     let recs = records(&schema, &events, 0);
     let half_way = [(0, BASE + 30 * MIN)];
-    let [(_, et)] = replay_at(&schema, 0, "k0", &recs, &half_way, &[1], Semantics::EventTime).try_into().unwrap();
-    assert_eq!(et[0].value, Value::I64(1), "event time: the event before T counts");
-    let [(_, served)] = replay_at(&schema, 0, "k0", &recs, &half_way, &[1], Semantics::AsServed).try_into().unwrap();
-    assert_eq!(served[0].status, Status::NotFound, "as served: nothing had arrived at T");
+    let [(_, et)] = replay_at(
+        &schema,
+        0,
+        "k0",
+        &recs,
+        &half_way,
+        &[1],
+        Semantics::EventTime,
+    )
+    .try_into()
+    .unwrap();
+    assert_eq!(
+        et[0].value,
+        Value::I64(1),
+        "event time: the event before T counts"
+    );
+    let [(_, served)] = replay_at(
+        &schema,
+        0,
+        "k0",
+        &recs,
+        &half_way,
+        &[1],
+        Semantics::AsServed,
+    )
+    .try_into()
+    .unwrap();
+    assert_eq!(
+        served[0].status,
+        Status::NotFound,
+        "as served: nothing had arrived at T"
+    );
 }

@@ -54,7 +54,7 @@ use parking_lot::Mutex;
 use quiver_log::{Consumer, Log, OffsetStore, Retention};
 
 pub use config::HistoryOptions;
-pub use read::collect_from_postgres;
+pub use read::{collect_from_postgres, HistoryReader};
 
 /// The sink's name among the log's consumers.
 pub const CONSUMER: &str = "history";
@@ -96,6 +96,12 @@ impl HistorySink {
                 .map(|(p, &o)| (p as u32, o))
                 .collect::<BTreeMap<_, _>>(),
         ));
+        if stored.len() != start_at.len() {
+            // Record where this sink's history begins, before anything can be deleted: after
+            // a restart, a range retention took meanwhile must show up as a gap, not be taken
+            // for "before the sink existed".
+            offsets.commit(CONSUMER, &shared_offsets.lock())?;
+        }
         let mut handles = Vec::new();
         for (p, &from) in start_at.iter().enumerate() {
             let p = p as u32;

@@ -43,6 +43,12 @@ const MIGRATIONS: &[(i32, &str)] = &[
         PRIMARY KEY (log_id, partition, from_offset)
     );"#,
     ),
+    (
+        4,
+        // The log record verbatim: point-in-time reads replay exactly the bytes the online
+        // store applied, without parsing JSON back (rows from before it fall back to JSON).
+        r#"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS payload bytea;"#,
+    ),
 ];
 
 /// Columns of the rows of one batch, as the INSERT's `unnest` takes them.
@@ -56,6 +62,7 @@ pub(crate) struct Rows {
     pub event_ids: Vec<Option<String>>,
     pub dedup_ids: Vec<Option<String>>,
     pub values: Vec<String>,
+    pub payloads: Vec<Vec<u8>>,
 }
 
 impl Rows {
@@ -108,9 +115,9 @@ impl Service {
             partition: partition as i32,
             client: None,
             insert_rows: format!(
-                "INSERT INTO {table} (log_id, partition, log_offset, view, entity_key, ts_ms, append_ms, event_id, dedup_id, \"values\") \
-                 SELECT $1, $2, o, v, k, ts, a, e, d, j::jsonb \
-                 FROM unnest($3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::text[]) AS u(o, v, k, ts, a, e, d, j) \
+                "INSERT INTO {table} (log_id, partition, log_offset, view, entity_key, ts_ms, append_ms, event_id, dedup_id, \"values\", payload) \
+                 SELECT $1, $2, o, v, k, ts, a, e, d, j::jsonb, b \
+                 FROM unnest($3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::text[], $11::bytea[]) AS u(o, v, k, ts, a, e, d, j, b) \
                  ON CONFLICT DO NOTHING"
             ),
             insert_gaps: format!(
@@ -153,6 +160,7 @@ impl Service {
                     &r.event_ids,
                     &r.dedup_ids,
                     &r.values,
+                    &r.payloads,
                 ],
             )?;
         }

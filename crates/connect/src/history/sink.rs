@@ -14,6 +14,9 @@ use quiver_log::{Consumer, Log, LogError, OffsetStore, PartitionReader, ReadBatc
 use super::service::{is_retriable, Batch, Service};
 use super::{HistoryOptions, CONSUMER};
 
+/// While PostgreSQL stays away, how often the sink says so again.
+const WARN_EVERY: Duration = Duration::from_secs(30);
+
 pub(crate) struct Worker {
     pub partition: u32,
     pub log: Arc<Log>,
@@ -68,6 +71,7 @@ impl Worker {
             self.lost(gap, &mut batch);
         }
         let mut delay_ms = 0u64;
+        let mut last_warn: Option<Instant> = None;
         while !self.stop.load(Ordering::Acquire) {
             let committed = self.consumer.committed(p);
             lag.set(self.reader.durable_offset().saturating_sub(committed) as f64);
@@ -91,6 +95,9 @@ impl Worker {
             }
             match self.service.write(&batch) {
                 Ok(()) => {
+                    if last_warn.take().is_some() {
+                        tracing::info!(partition = p, "history writes resumed");
+                    }
                     written.increment(batch.rows.len() as u64);
                     self.commit(batch.end);
                     batch.clear();
@@ -99,7 +106,11 @@ impl Worker {
                 Err(e) if is_retriable(&e) => {
                     errors.increment(1);
                     delay_ms = (delay_ms * 2).clamp(100, self.opts.retry_delay_ms_max.max(100));
-                    tracing::warn!(partition = p, error = %e, retry_in_ms = delay_ms, "history write failed; will retry");
+                    // One line per outage and one every WARN_EVERY while it lasts, not one per retry.
+                    if last_warn.is_none_or(|t: Instant| t.elapsed() >= WARN_EVERY) {
+                        last_warn = Some(Instant::now());
+                        tracing::warn!(partition = p, error = %e, retry_in_ms = delay_ms, lag = self.reader.durable_offset().saturating_sub(committed), "history write failed; retrying");
+                    }
                 }
                 Err(e) => {
                     errors.increment(1);
@@ -120,11 +131,10 @@ impl Worker {
             self.reader = self.log.reader(p, first)?;
             return Ok(());
         }
-        match self.reader.poll(
-            self.opts.batch_rows_max,
-            Duration::from_millis(100),
-            read,
-        ) {
+        match self
+            .reader
+            .poll(self.opts.batch_rows_max, Duration::from_millis(100), read)
+        {
             // Deleted between the check and the read: the next call records the gap.
             Err(LogError::OffsetOutOfRange { .. }) => return Ok(()),
             Err(e) => return Err(e),
@@ -132,7 +142,7 @@ impl Worker {
         }
         for rec in read.iter() {
             match quiver_core::record::decode(rec.payload) {
-                Ok(r) => push_row(batch, rec.offset, rec.append_ms, &r),
+                Ok(r) => push_row(batch, rec.offset, rec.append_ms, &r, rec.payload),
                 Err(e) => {
                     tracing::error!(partition = p, offset = rec.offset, error = %e, "undecodable record not written to history")
                 }
@@ -188,6 +198,7 @@ pub(crate) fn push_row(
     offset: u64,
     append_ms: i64,
     r: &quiver_core::record::Record<'_>,
+    payload: &[u8],
 ) {
     let values: serde_json::Map<String, serde_json::Value> = r
         .values
@@ -204,4 +215,5 @@ pub(crate) fn push_row(
     rows.dedup_ids.push(r.dedup.map(|d| format!("{d:032x}")));
     rows.values
         .push(serde_json::Value::Object(values).to_string());
+    rows.payloads.push(payload.to_vec());
 }

@@ -4,12 +4,17 @@ use super::service::{is_retriable_sqlstate, Batch};
 
 #[test]
 fn only_transient_sqlstates_are_retried() {
-    for code in ["08006", "08001", "40001", "40P01", "53300", "57P01", "57P03", "58030", "55P03"] {
+    for code in [
+        "08006", "08001", "40001", "40P01", "53300", "57P01", "57P03", "58030", "55P03",
+    ] {
         assert!(is_retriable_sqlstate(code), "{code} is transient");
     }
     // permission denied, undefined column, invalid text, unique violation, disk full is 53100 (retried)
     for code in ["42501", "42703", "22P02", "23505", "42P01", ""] {
-        assert!(!is_retriable_sqlstate(code), "{code} fails the same way every time");
+        assert!(
+            !is_retriable_sqlstate(code),
+            "{code} fails the same way every time"
+        );
     }
     assert!(is_retriable_sqlstate("53100"));
 }

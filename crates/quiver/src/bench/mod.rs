@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// Entities loaded for `lookup` and `memory`.
     #[arg(long, default_value_t = 100_000)]
     pub entities: usize,
+    /// Entity rows of `history`'s bulk point-in-time retrieval (as `quiver history` asks:
+    /// 10,000 rows per request, two in flight).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub pit_rows: usize,
     /// Events per POST for `ingest`.
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
@@ -1082,7 +1086,8 @@ fn bench_history(args: &BenchArgs) -> Result<Value> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (drain_rows_per_s, lag_samples, offered_rate, catch_up_ms, pit_rows_per_s) = client_rt.block_on(async move {
+    let pit_rows = args.pit_rows.max(1);
+    let (drain_rows_per_s, lag_samples, offered_rate, catch_up_ms, pit_rows_per_s, bulk) = client_rt.block_on(async move {
         let body = |start: usize, n: usize| {
             let lines: Vec<String> = (start..start + n)
                 .map(|i| format!(r#"{{"view":"txn","key":"u{}","values":{{"amount":{i}.25,"merchant":"m{}","count":{i},"foreign":false}}}}"#, i % 100_000, i % 97))
@@ -1155,7 +1160,12 @@ fn bench_history(args: &BenchArgs) -> Result<Value> {
             anyhow::ensure!(status == 200, "historical read failed: {}", String::from_utf8_lossy(&reply));
             pit.push(10_000.0 / t.elapsed().as_secs_f64());
         }
-        anyhow::Ok((drain, samples, sent.load(Ordering::Relaxed) as f64 / elapsed, catch_up, median(pit)))
+        // Phase 4: bulk point-in-time retrieval of `pit_rows` entity rows, per semantics.
+        let mut bulk = Vec::new();
+        for semantics in ["event_time", "as_served"] {
+            bulk.push(bulk_point_in_time(addr, pit_rows, now, semantics).await?);
+        }
+        anyhow::Ok((drain, samples, sent.load(Ordering::Relaxed) as f64 / elapsed, catch_up, median(pit), bulk))
     })?;
     q.node.shutdown();
     let mut client = postgres_client(&args.postgres)?;
@@ -1190,7 +1200,13 @@ fn bench_history(args: &BenchArgs) -> Result<Value> {
     say!("| catch-up after the load stops | {catch_up_ms:.0} ms |");
     say!("| rows in PostgreSQL | {rows} |");
     say!("| point-in-time retrieval (10,000 rows per request, median of 3) | {pit_rows_per_s:.0} rows/s |");
+    for (semantics, rate) in ["event_time", "as_served"].iter().zip(&bulk) {
+        say!("| bulk point-in-time, {pit_rows} entity rows, `{semantics}` (10,000 per request, 2 in flight) | {rate:.0} rows/s |");
+    }
     Ok(json!({
+        "point_in_time_bulk_rows": pit_rows,
+        "point_in_time_bulk_event_time_rows_per_s": bulk[0],
+        "point_in_time_bulk_as_served_rows_per_s": bulk[1],
         "drain_rows_per_s": drain_rows_per_s,
         "offered_events_per_s": rate,
         "achieved_events_per_s": offered_rate,
@@ -1199,6 +1215,50 @@ fn bench_history(args: &BenchArgs) -> Result<Value> {
         "rows": rows,
         "point_in_time_rows_per_s": pit_rows_per_s,
     }))
+}
+
+/// `rows` entity rows over 100k entities retrieved point-in-time the way `quiver history` asks
+/// (grouped by entity, chunks of 10,000, two requests in flight, each on its own connection);
+/// rows/s over the whole retrieval.
+async fn bulk_point_in_time(
+    addr: std::net::SocketAddr,
+    rows: usize,
+    now: i64,
+    semantics: &'static str,
+) -> Result<f64> {
+    const CHUNK: usize = 10_000;
+    // A training set: `rows` (entity, timestamp) pairs over 100k entities in no particular
+    // order, chunked as `quiver history` chunks them (an entity's rows together).
+    let keys: Vec<u64> = (0..rows as u64)
+        .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) % 100_000)
+        .collect();
+    let order = Arc::new(crate::history::grouped_by_key(&keys));
+    let keys = Arc::new(keys);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let (next, order, keys) = (next.clone(), order.clone(), keys.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut sender = connect(addr).await?;
+            loop {
+                let start = next.fetch_add(CHUNK as u64, Ordering::Relaxed) as usize;
+                if start >= rows {
+                    return anyhow::Ok(());
+                }
+                let chunk = &order[start..(start + CHUNK).min(rows)];
+                let ts: Vec<i64> = chunk.iter().map(|&i| now - (i as i64 % 5) * 2_000).collect();
+                let keys: Vec<String> = chunk.iter().map(|&i| format!("u{}", keys[i])).collect();
+                let body = json!({"features": ["txn:amount", "txn:merchant", "txn:count"], "entities": {"user_id": keys}, "timestamps": ts, "semantics": semantics});
+                let (status, reply) = request(&mut sender, "POST", "/v1/features/historical", Bytes::from(body.to_string())).await?;
+                anyhow::ensure!(status == 200, "historical read failed: {}", String::from_utf8_lossy(&reply));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(rows as f64 / started.elapsed().as_secs_f64())
 }
 
 fn postgres_client(url: &str) -> Result<postgres::Client> {

@@ -293,3 +293,16 @@ pub fn read_seqs(server: &Server, keys: &[String]) -> Vec<Option<i64>> {
     }
     out
 }
+
+/// Waits (at most 10 s) until `read_seqs` of `keys` equals `want`.
+pub fn wait_seqs(server: &Server, keys: &[String], want: &[Option<i64>]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = read_seqs(server, keys);
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "reads stayed at {got:?}, want {want:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
