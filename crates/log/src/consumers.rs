@@ -145,7 +145,11 @@ mod tests {
         assert_eq!(cs.floor(0), 10, "a lossy consumer never holds retention");
         a.commit(0, 3);
         assert_eq!(a.committed(0), 10, "offsets never move back");
-        assert_eq!(cs.laggard(&[30, 30]), Some(("a".into(), 20 + 20)), "b is 10 + 24 behind");
+        assert_eq!(
+            cs.laggard(&[30, 30]),
+            Some(("a".into(), 20 + 20)),
+            "b is 10 + 24 behind"
+        );
     }
 
     #[test]

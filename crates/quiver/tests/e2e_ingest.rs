@@ -70,7 +70,11 @@ fn push_file_and_read_back_every_entity() {
     ]);
     assert!(ok, "{stdout}{stderr}");
     // Acknowledged is durable, not yet applied: poll (bounded) until the materializer has it.
-    wait_seqs(&server, &["csv1".into(), "csv2".into()], &[Some(5), Some(6)]);
+    wait_seqs(
+        &server,
+        &["csv1".into(), "csv2".into()],
+        &[Some(5), Some(6)],
+    );
 }
 
 #[test]

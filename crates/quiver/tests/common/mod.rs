@@ -302,7 +302,10 @@ pub fn wait_seqs(server: &Server, keys: &[String], want: &[Option<i64>]) {
         if got == want {
             return;
         }
-        assert!(Instant::now() < deadline, "reads stayed at {got:?}, want {want:?}");
+        assert!(
+            Instant::now() < deadline,
+            "reads stayed at {got:?}, want {want:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
