@@ -61,6 +61,16 @@ pub struct Config {
     pub entities: Vec<EntityConfig>,
     #[serde(rename = "view")]
     pub views: Vec<ViewConfig>,
+    /// Feast feature services: a named list of feature references (`view:feature`).
+    #[serde(rename = "feature_service")]
+    pub feature_services: Vec<FeatureServiceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureServiceConfig {
+    pub name: String,
+    pub features: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -267,6 +277,9 @@ pub struct ViewConfig {
     pub features: Vec<FeatureConfig>,
     #[serde(default)]
     pub aggregations: Vec<AggregationConfig>,
+    /// The Feast push source whose `POST /push` writes into this view.
+    #[serde(default)]
+    pub push_source: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -410,7 +423,38 @@ impl Config {
             "must be > 0",
         )?;
         // The schema is validated by compiling it.
-        crate::schema::Schema::compile(self)?;
+        let schema = crate::schema::Schema::compile(self)?;
+        self.validate_feature_services(&schema)
+    }
+
+    /// Every feature service has a unique name and names only columns that exist.
+    fn validate_feature_services(&self, schema: &crate::Schema) -> Result<(), ConfigError> {
+        for (i, svc) in self.feature_services.iter().enumerate() {
+            let path = format!("feature_service[{i}]");
+            if svc.name.is_empty()
+                || self.feature_services[..i]
+                    .iter()
+                    .any(|s| s.name == svc.name)
+            {
+                return Err(ConfigError::field(path, "needs a unique, non-empty name"));
+            }
+            if svc.features.is_empty() {
+                return Err(ConfigError::field(path, "names no features"));
+            }
+            for f in &svc.features {
+                let known = f.split_once(':').is_some_and(|(view, feature)| {
+                    schema
+                        .view_by_name(view)
+                        .is_some_and(|v| v.column_index(feature).is_some())
+                });
+                if !known {
+                    return Err(ConfigError::field(
+                        format!("{path}.features"),
+                        format!("{f:?} is not a view:feature of this config"),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 }

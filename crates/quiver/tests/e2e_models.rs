@@ -401,20 +401,18 @@ fn open_inference_protocol_and_the_predict_command() {
     assert_eq!(v["name"], "m");
     assert_eq!(v["versions"], json!(["1", "2"]));
     assert_eq!(v["platform"], "xgboost");
+    // One fillable signature: the raw input vector; the feature join is the extension's.
+    assert_eq!(
+        v["inputs"],
+        json!([{"name": "input", "datatype": "FP64", "shape": [-1, 32]}]),
+        "{v}"
+    );
     assert!(
-        v["inputs"]
+        v["quiver_feature_join"]["inputs"]
             .as_array()
             .unwrap()
             .iter()
             .any(|i| i == &json!({"name": "user_id", "datatype": "BYTES", "shape": [-1]})),
-        "{v}"
-    );
-    assert!(
-        v["inputs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|i| i == &json!({"name": "input", "datatype": "FP64", "shape": [-1, 32]})),
         "{v}"
     );
     assert_eq!(

@@ -124,10 +124,17 @@ async fn get_entity_inner(
     Ok(([(header::CONTENT_TYPE, "application/json")], j.buf).into_response())
 }
 
+/// The batch read's body: Feast's get-online-features request, plus `timestamps` and
+/// `semantics` for point in time. `/v1/features` and `/v1/features/historical` refuse unknown
+/// fields (a typo is an error); `/get-online-features` ignores them, as Feast's own server
+/// does, since Feast's clients add fields from release to release.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct OnlineRequest {
+    #[serde(default)]
     features: Vec<String>,
+    /// A `[[feature_service]]` name: its features, when `features` is empty.
+    #[serde(default)]
+    feature_service: Option<String>,
     entities: Map<String, Json_>,
     #[serde(default)]
     full_feature_names: bool,
@@ -139,9 +146,74 @@ struct OnlineRequest {
     semantics: Option<String>,
 }
 
-/// How a batch read reads: the online store now, or point-in-time per row.
+/// The fields of [`OnlineRequest`], for the strict routes' unknown-field check.
+const ONLINE_REQUEST_FIELDS: &[&str] = &[
+    "features",
+    "feature_service",
+    "entities",
+    "full_feature_names",
+    "timestamps",
+    "semantics",
+];
+
+/// Feast's own fields that Quiver reads nothing from (accepted on every route).
+const FEAST_IGNORED_FIELDS: &[&str] = &["include_feature_view_version_metadata"];
+
+fn parse_online_request(bytes: &[u8], strict: bool) -> Result<OnlineRequest, ApiError> {
+    let bad = |e: String| ApiError::bad_request("BAD_REQUEST", format!("invalid request: {e}"));
+    if strict {
+        let fields: Map<String, Json_> =
+            serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        if let Some(unknown) = fields.keys().find(|k| {
+            !ONLINE_REQUEST_FIELDS.contains(&k.as_str())
+                && !FEAST_IGNORED_FIELDS.contains(&k.as_str())
+        }) {
+            return Err(
+                bad(format!("unknown field {unknown:?}")).with_details(json!({"field": unknown}))
+            );
+        }
+    }
+    serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))
+}
+
+/// The feature references a request names: its `features`, or its feature service's.
+fn requested_features<'a>(
+    state: &'a AppState,
+    req: &'a OnlineRequest,
+) -> Result<&'a [String], ApiError> {
+    match (&req.feature_service, req.features.is_empty()) {
+        (None, true) => Err(ApiError::bad_request(
+            "BAD_REQUEST",
+            "features must name at least one view:feature (or feature_service a service)",
+        )),
+        (None, false) => Ok(&req.features),
+        (Some(_), false) => Err(ApiError::bad_request(
+            "BAD_REQUEST",
+            "give features or feature_service, not both",
+        )),
+        (Some(name), true) => state
+            .node
+            .config
+            .feature_services
+            .iter()
+            .find(|s| &s.name == name)
+            .map(|s| s.features.as_slice())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "UNKNOWN_FEATURE_SERVICE",
+                    format!("no feature service {name:?}"),
+                )
+                .with_details(json!({"feature_service": name}))
+            }),
+    }
+}
+
+/// How a batch read reads: the online store now (strict or Feast's lenient parsing), or
+/// point-in-time per row.
 enum Mode {
     Online,
+    Feast,
     Historical,
 }
 
@@ -150,8 +222,21 @@ pub async fn post_features(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    online_read(state, headers, body, Mode::Online).await
+}
+
+/// `POST /get-online-features`: Feast's route, which ignores fields it does not know.
+pub async fn get_online_features(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    online_read(state, headers, body, Mode::Feast).await
+}
+
+async fn online_read(state: Arc<AppState>, headers: HeaderMap, body: Body, mode: Mode) -> Response {
     let started = Instant::now();
-    let result = post_features_inner(&state, &headers, body, Mode::Online).await;
+    let result = post_features_inner(&state, &headers, body, mode).await;
     metrics::histogram!(t::LOOKUP_SECONDS, "path" => "batch")
         .record(started.elapsed().as_secs_f64());
     match result {
@@ -182,19 +267,13 @@ async fn post_features_inner(
 ) -> Result<Response, ApiError> {
     let bytes =
         crate::body::read_limited(body, state.node.config.limits.request_body_bytes_max).await?;
-    let req: OnlineRequest = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request("BAD_REQUEST", format!("invalid request: {e}")))?;
+    let req = parse_online_request(&bytes, !matches!(mode, Mode::Feast))?;
     read_after(state, headers).await?;
     let schema = &state.node.schema;
-    if req.features.is_empty() {
-        return Err(ApiError::bad_request(
-            "BAD_REQUEST",
-            "features must name at least one view:feature",
-        ));
-    }
+    let requested = requested_features(state, &req)?;
     // Resolve every reference first: an unknown one fails the request, as in Feast.
-    let mut refs: Vec<(ViewId, FeatureIdx, String)> = Vec::with_capacity(req.features.len());
-    for name in &req.features {
+    let mut refs: Vec<(ViewId, FeatureIdx, String)> = Vec::with_capacity(requested.len());
+    for name in requested {
         let resolved = name.split_once(':').and_then(|(view, feature)| {
             let v = schema.view_by_name(view)?;
             Some((v.id, v.column_index(feature)?))
@@ -253,37 +332,38 @@ async fn post_features_inner(
             ),
         ));
     }
-    let semantics = match (&mode, req.semantics.as_deref()) {
+    let online = !matches!(mode, Mode::Historical);
+    let semantics = match (online, req.semantics.as_deref()) {
         (_, None) => Semantics::default(),
-        (Mode::Historical, Some(name)) => Semantics::parse(name).ok_or_else(|| {
+        (false, Some(name)) => Semantics::parse(name).ok_or_else(|| {
             ApiError::bad_request(
                 "BAD_REQUEST",
                 format!("semantics must be one of {:?}", Semantics::NAMES),
             )
             .with_details(json!({"semantics": name}))
         })?,
-        (Mode::Online, Some(_)) => {
+        (true, Some(_)) => {
             return Err(ApiError::bad_request(
                 "BAD_REQUEST",
                 "semantics belongs to POST /v1/features/historical",
             ))
         }
     };
-    let instants: Option<Vec<i64>> = match (&mode, &req.timestamps) {
-        (Mode::Online, None) => None,
-        (Mode::Online, Some(_)) => {
+    let instants: Option<Vec<i64>> = match (online, &req.timestamps) {
+        (true, None) => None,
+        (true, Some(_)) => {
             return Err(ApiError::bad_request(
                 "BAD_REQUEST",
                 "timestamps belong to POST /v1/features/historical",
             ))
         }
-        (Mode::Historical, None) => {
+        (false, None) => {
             return Err(ApiError::bad_request(
                 "BAD_REQUEST",
                 "timestamps (one per entity row) are required",
             ))
         }
-        (Mode::Historical, Some(ts)) => {
+        (false, Some(ts)) => {
             if ts.len() != rows {
                 return Err(ApiError::bad_request(
                     "BAD_REQUEST",

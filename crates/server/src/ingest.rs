@@ -191,7 +191,7 @@ fn encode_batch(
 }
 
 /// Validates, appends and waits; returns the reply body.
-async fn append(
+pub(crate) async fn append(
     state: &AppState,
     bytes: &Bytes,
     idem_key: Option<&str>,

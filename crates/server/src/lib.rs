@@ -4,6 +4,7 @@
 mod body;
 pub mod cache;
 pub mod error;
+mod feast;
 mod features;
 pub mod idempotency;
 mod ingest;
@@ -12,6 +13,7 @@ pub mod node;
 mod ops;
 mod predict;
 mod v2;
+mod v2_binary;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -33,7 +35,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/features/{view}/{key}", get(features::get_entity))
         .route("/v1/features", post(features::post_features))
         .route("/v1/features/historical", post(features::post_historical))
-        .route("/get-online-features", post(features::post_features))
+        .route("/get-online-features", post(features::get_online_features))
+        .route("/write-to-online-store", post(feast::write_to_online_store))
+        .route("/push", post(feast::push))
+        .route("/health", get(feast::health))
         .route("/v1/models", get(predict::list_models))
         .route("/v1/models/{model}/predict", post(predict::predict))
         .route("/v1/models/{model}/traffic", put(predict::put_traffic))

@@ -2,13 +2,24 @@
 //! unchanged: server and model metadata, health, readiness and `infer`, with the protocol's
 //! own error shape `{"error": "…"}`.
 //!
-//! An `infer` call takes either of two input sets (model metadata lists both):
-//! - **Feature join** (Quiver's extension): a BYTES input named after an entity key
-//!   (`user_id`, shape `[n]`) plus one input per request-time value (`amount`, shape `[n]` or
-//!   `[n, 1]`). Quiver gathers the features of those entities from memory, exactly as
-//!   `/v1/models/{m}/predict` does: one V2 call is a full feature + predict request.
-//! - **Raw tensor**: one numeric input named `input` of shape `[n, model inputs]`, evaluated
-//!   as given (no feature gathering, no cache).
+//! An `infer` call takes either of two input sets:
+//! - **Raw tensor** — the signature model metadata declares: one numeric input named `input`
+//!   of shape `[n, model inputs]`, evaluated as given (no feature gathering, no cache). It is
+//!   the model's own input vector, as a Triton model declares it, so a generic client (read
+//!   metadata, fill every input: `perf_analyzer`, tritonclient scripts) can call any model.
+//! - **Feature join** (Quiver's extension `quiver_feature_join`, listed under that key in
+//!   model metadata): a BYTES input named after an entity key (`user_id`, shape `[n]`) plus
+//!   one input per request-time value (`amount`, shape `[n]` or `[n, 1]`). Quiver gathers the
+//!   features of those entities from memory, exactly as `/v1/models/{m}/predict` does: one V2
+//!   call is a full feature + predict request.
+//!
+//! Both speak Triton's **binary tensor data extension** (what tritonclient sends by default):
+//! the body is the JSON header (`Inference-Header-Content-Length` bytes) followed by the raw
+//! tensors of the inputs that carry `parameters.binary_data_size`, in input order
+//! (little-endian; BOOL one byte; BYTES each a u32 length then the bytes). An output is sent
+//! binary when its request says `parameters.binary_data: true`, or, for outputs not listed,
+//! when the request's `parameters.binary_data_output` is true; the reply then carries the same
+//! header and the raw FP64 values after the JSON.
 //!
 //! Status codes: 400 for a malformed request, a datatype or shape mismatch or an unknown
 //! input/output; 404 for an unknown model or version; 503 (with `Retry-After`) when a model
@@ -18,7 +29,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use quiver_model::registry::Served;
@@ -62,7 +73,7 @@ pub async fn server_metadata() -> Response {
     Json(json!({
         "name": "quiver",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["quiver_feature_join"],
+        "extensions": ["binary_tensor_data", "quiver_feature_join"],
     }))
     .into_response()
 }
@@ -116,19 +127,19 @@ pub async fn version_metadata(
 fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Response, V2Error> {
     let (m, spec, v) = lookup(state, name, version)?;
     let schema = &state.node.schema;
-    let mut inputs = Vec::new();
+    let mut join = Vec::new();
     for (view, _, _) in &spec.reads {
         let key = &schema.entity_of(schema.view(*view)).key;
-        if !inputs.iter().any(|i: &Value| i["name"] == *key) {
-            inputs.push(json!({"name": key, "datatype": "BYTES", "shape": [-1]}));
+        if !join.iter().any(|i: &Value| i["name"] == *key) {
+            join.push(json!({"name": key, "datatype": "BYTES", "shape": [-1]}));
         }
     }
     for input in &spec.inputs {
         if let Input::Request { name, .. } = input {
-            inputs.push(json!({"name": name, "datatype": "FP64", "shape": [-1]}));
+            join.push(json!({"name": name, "datatype": "FP64", "shape": [-1]}));
         }
     }
-    inputs.push(json!({"name": "input", "datatype": "FP64", "shape": [-1, spec.inputs.len()]}));
+    let inputs = [json!({"name": "input", "datatype": "FP64", "shape": [-1, spec.inputs.len()]})];
     let width = v
         .or_else(|| m.default_version())
         .and_then(|v| m.versions.get(&v))
@@ -156,6 +167,7 @@ fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Respo
         "platform": spec.runtime.name(),
         "inputs": inputs,
         "outputs": [{"name": spec.output_name(), "datatype": "FP64", "shape": shape}],
+        "quiver_feature_join": {"inputs": join},
     }))
     .into_response())
 }
@@ -189,8 +201,7 @@ struct InferRequest {
     #[serde(default)]
     id: Option<String>,
     #[serde(default)]
-    #[allow(dead_code)]
-    parameters: Option<Value>,
+    parameters: Map<String, Value>,
     inputs: Vec<TensorIn>,
     #[serde(default)]
     outputs: Option<Vec<OutputRequest>>,
@@ -202,22 +213,45 @@ struct TensorIn {
     shape: Vec<i64>,
     datatype: String,
     #[serde(default)]
-    #[allow(dead_code)]
-    parameters: Option<Value>,
-    data: Value,
+    parameters: Map<String, Value>,
+    /// Absent when the tensor travels in the binary section (`binary_data_size`).
+    #[serde(default)]
+    data: Option<Value>,
 }
 
 #[derive(Deserialize)]
 struct OutputRequest {
     name: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+}
+
+/// The header that splits a binary-extension body into its JSON and its tensors.
+const HEADER_LENGTH: &str = "inference-header-content-length";
+
+impl InferRequest {
+    /// Whether the (single) output goes back in the binary section.
+    fn binary_output(&self, name: &str) -> bool {
+        let flag = |p: &Map<String, Value>, k: &str| p.get(k).and_then(Value::as_bool);
+        let listed = self
+            .outputs
+            .iter()
+            .flatten()
+            .find(|o| o.name == name)
+            .and_then(|o| flag(&o.parameters, "binary_data"));
+        listed
+            .or_else(|| flag(&self.parameters, "binary_data_output"))
+            .unwrap_or(false)
+    }
 }
 
 pub async fn infer(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
+    headers: HeaderMap,
     body: Body,
 ) -> Response {
-    infer_inner(&state, &name, None, body)
+    infer_inner(&state, &name, None, &headers, body)
         .await
         .unwrap_or_else(|e| e.into_response())
 }
@@ -225,31 +259,67 @@ pub async fn infer(
 pub async fn version_infer(
     State(state): State<Arc<AppState>>,
     Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
     body: Body,
 ) -> Response {
-    infer_inner(&state, &name, Some(&version), body)
+    infer_inner(&state, &name, Some(&version), &headers, body)
         .await
         .unwrap_or_else(|e| e.into_response())
 }
 
 /// A tensor's elements, flattened (data may be flat or nested), checked against its
 /// datatype and shape.
-enum Elements {
+#[derive(Debug)]
+pub(crate) enum Elements {
     Numbers(Vec<f64>),
     Strings(Vec<String>),
 }
 
-fn elements(t: &TensorIn) -> Result<Elements, V2Error> {
+/// A tensor's elements from its JSON `data` or, with `binary_data_size`, from `binary`
+/// (consumed from the front: tensors follow each other in input order).
+fn elements(t: &TensorIn, binary: &mut &[u8]) -> Result<Elements, V2Error> {
     if t.shape.iter().any(|&d| d < 0) {
         return Err(bad(format!(
             "input {:?}: negative dimension in shape",
             t.name
         )));
     }
-    let count: i64 = t.shape.iter().product();
+    let count = t
+        .shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize))
+        .ok_or_else(|| bad(format!("input {:?}: shape too large", t.name)))?;
+    match (t.parameters.get("binary_data_size"), &t.data) {
+        (Some(size), _) => {
+            let size = size.as_u64().ok_or_else(|| {
+                bad(format!(
+                    "input {:?}: binary_data_size must be a count",
+                    t.name
+                ))
+            })? as usize;
+            if size > binary.len() {
+                return Err(bad(format!(
+                    "input {:?}: binary_data_size {size} exceeds the {} bytes left in the body",
+                    t.name,
+                    binary.len()
+                )));
+            }
+            let (raw, rest) = binary.split_at(size);
+            *binary = rest;
+            crate::v2_binary::decode(&t.name, &t.datatype, raw, count).map_err(bad)
+        }
+        (None, Some(data)) => json_elements(t, data, count),
+        (None, None) => Err(bad(format!(
+            "input {:?} has neither data nor binary_data_size",
+            t.name
+        ))),
+    }
+}
+
+fn json_elements(t: &TensorIn, data: &Value, count: usize) -> Result<Elements, V2Error> {
     let mut flat = Vec::new();
-    flatten(&t.data, &mut flat);
-    if flat.len() as i64 != count {
+    flatten(data, &mut flat);
+    if flat.len() != count {
         return Err(bad(format!(
             "input {:?}: shape {:?} holds {count} elements, data has {}",
             t.name,
@@ -329,12 +399,14 @@ async fn infer_inner(
     state: &AppState,
     name: &str,
     version: Option<&str>,
+    headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, V2Error> {
     let bytes =
         crate::body::read_limited(body, state.node.config.limits.request_body_bytes_max).await?;
+    let (header, mut binary) = split_body(headers, &bytes)?;
     let req: InferRequest =
-        serde_json::from_slice(&bytes).map_err(|e| bad(format!("invalid request: {e}")))?;
+        serde_json::from_slice(header).map_err(|e| bad(format!("invalid request: {e}")))?;
     let (m, spec, pin) = lookup(state, name, version)?;
     if let Some(outputs) = &req.outputs {
         if let Some(o) = outputs.iter().find(|o| o.name != spec.output_name()) {
@@ -362,7 +434,7 @@ async fn infer_inner(
                     raw.shape
                 )));
             }
-            let Elements::Numbers(values) = elements(raw)? else {
+            let Elements::Numbers(values) = elements(raw, &mut binary)? else {
                 return Err(bad("input \"input\" must be numeric"));
             };
             let n = raw.shape[0] as usize;
@@ -431,7 +503,7 @@ async fn infer_inner(
             }
             Some(_) => {}
         }
-        match (elements(t)?, is_key) {
+        match (elements(t, &mut binary)?, is_key) {
             (Elements::Strings(keys), true) => {
                 for (inst, key) in instances.iter_mut().zip(keys) {
                     inst.entities.insert(t.name.clone(), Value::String(key));
@@ -464,6 +536,25 @@ async fn infer_inner(
     Ok(respond(&req, name, version, &spec, rows, Some(hits)))
 }
 
+/// The body's JSON and, with `Inference-Header-Content-Length`, the binary tensors after it.
+fn split_body<'a>(headers: &HeaderMap, bytes: &'a [u8]) -> Result<(&'a [u8], &'a [u8]), V2Error> {
+    let Some(raw) = headers.get(HEADER_LENGTH) else {
+        return Ok((bytes, &[]));
+    };
+    let n = raw
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .ok_or_else(|| bad("Inference-Header-Content-Length must be a byte count"))?;
+    if n > bytes.len() {
+        return Err(bad(format!(
+            "Inference-Header-Content-Length {n} exceeds the body's {} bytes",
+            bytes.len()
+        )));
+    }
+    Ok(bytes.split_at(n))
+}
+
 fn respond(
     req: &InferRequest,
     name: &str,
@@ -478,11 +569,24 @@ fn respond(
     } else {
         json!([rows.len(), k])
     };
-    let data: Vec<Value> = rows
-        .iter()
-        .flatten()
-        .map(|&x| serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number))
-        .collect();
+    let binary = req.binary_output(spec.output_name());
+    let mut output = json!({"name": spec.output_name(), "datatype": "FP64", "shape": shape});
+    let mut tensor = Vec::new();
+    if binary {
+        tensor = rows
+            .iter()
+            .flatten()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        output["parameters"] = json!({"binary_data_size": tensor.len()});
+    } else {
+        let data: Vec<Value> = rows
+            .iter()
+            .flatten()
+            .map(|&x| serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number))
+            .collect();
+        output["data"] = Value::Array(data);
+    }
     let mut body = Map::new();
     body.insert("model_name".into(), json!(name));
     body.insert("model_version".into(), json!(version.to_string()));
@@ -492,9 +596,25 @@ fn respond(
     if let Some(h) = cache_hits {
         body.insert("parameters".into(), json!({"cache_hits": h}));
     }
-    body.insert(
-        "outputs".into(),
-        json!([{"name": spec.output_name(), "datatype": "FP64", "shape": shape, "data": data}]),
-    );
-    Json(Value::Object(body)).into_response()
+    body.insert("outputs".into(), json!([output]));
+    let mut out = serde_json::to_vec(&Value::Object(body)).expect("JSON values serialize");
+    if !binary {
+        return ([(header::CONTENT_TYPE, "application/json")], out).into_response();
+    }
+    let header_len = out.len();
+    out.extend_from_slice(&tensor);
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
+            (
+                header::HeaderName::from_static(HEADER_LENGTH),
+                HeaderValue::from(header_len),
+            ),
+        ],
+        out,
+    )
+        .into_response()
 }

@@ -309,3 +309,42 @@ pub fn wait_seqs(server: &Server, keys: &[String], want: &[Option<i64>]) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The venv with the real Python clients (Feast SDK, tritonclient), created on first use by
+/// `scripts/python-env.sh` from the pinned `scripts/requirements-clients.txt` (CI creates it
+/// before the tests; `QUIVER_TEST_PYTHON` names another interpreter that has them).
+pub fn client_python() -> PathBuf {
+    if let Ok(python) = std::env::var("QUIVER_TEST_PYTHON") {
+        return PathBuf::from(python);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new("bash")
+        .arg(root.join("scripts/python-env.sh"))
+        .output()
+        .expect("run scripts/python-env.sh");
+    assert!(
+        out.status.success(),
+        "scripts/python-env.sh failed (needs python3 with venv and the package index):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// Runs a client script from `tests/python/` with `args`; panics with its output on failure.
+pub fn run_client_script(script: &str, args: &[&str]) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let out = Command::new(client_python())
+        .arg(&path)
+        .args(args)
+        .output()
+        .expect("run the client script");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{script} failed:\n{text}");
+    text
+}
