@@ -77,6 +77,8 @@ pub struct FeatureServiceConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// KServe V2 over gRPC (Triton's GRPCInferenceService); unset: no gRPC listener.
+    pub grpc_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     /// Longest a read with `Quiver-Read-After` waits for the materializer before answering 503.
     pub read_after_wait_ms_max: u64,
@@ -88,6 +90,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: "127.0.0.1:7070".parse().expect("static address"),
+            grpc_listen: None,
             data_dir: PathBuf::from("./data"),
             read_after_wait_ms_max: 100,
             read_entities_max: 10_000,

@@ -61,6 +61,9 @@ struct ServeArgs {
     /// Overrides `server.listen` (use port 0 for any free port; the bound address is logged).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Overrides `server.grpc_listen`: KServe V2 over gRPC (port 0: any free port).
+    #[arg(long)]
+    grpc_listen: Option<SocketAddr>,
 }
 
 /// Loads the config: defaults < file < `QUIVER_*` env < flags.
@@ -112,13 +115,17 @@ fn main() -> Result<()> {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
-    let config = load_config(args.config.as_deref(), args.data_dir, args.listen)?;
+    let mut config = load_config(args.config.as_deref(), args.data_dir, args.listen)?;
+    if let Some(g) = args.grpc_listen {
+        config.server.grpc_listen = Some(g);
+    }
     let metrics = quiver_server::install_metrics();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
         let listen = config.server.listen;
+        let grpc_listen = config.server.grpc_listen;
         let data_dir = config.server.data_dir.clone();
         let views = config.views.len();
         let node = tokio::task::spawn_blocking(move || quiver_server::Node::open(config)).await??;
@@ -128,8 +135,21 @@ fn serve(args: ServeArgs) -> Result<()> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, data_dir = %data_dir.display(), views, "quiver listening");
         // A line on stdout that scripts and tests can wait for.
+        let grpc = match grpc_listen {
+            Some(g) => {
+                let l = tokio::net::TcpListener::bind(g)
+                    .await
+                    .with_context(|| format!("binding {g} (server.grpc_listen)"))?;
+                let gaddr = l.local_addr()?;
+                tracing::info!(addr = %gaddr, "quiver gRPC listening");
+                println!("quiver grpc listening on {gaddr}");
+                Some(l)
+            }
+            None => None,
+        };
         println!("quiver listening on http://{addr}");
-        quiver_server::serve(Arc::new(node), listener, metrics, shutdown_signal()).await?;
+        quiver_server::serve_with(Arc::new(node), listener, grpc, metrics, shutdown_signal())
+            .await?;
         tracing::info!("stopped cleanly");
         Ok(())
     })

@@ -1,7 +1,8 @@
 //! The ecosystems' own clients against the real binary: the Feast SDK (remote online store)
 //! reads, writes, pushes and resolves a feature service (`tests/python/feast_client.py`);
 //! tritonclient.http with its defaults (binary tensors) and as a generic "read metadata, fill
-//! every input" client matches the reference libraries (`tests/python/triton_client.py`).
+//! every input" client matches the reference libraries (`tests/python/triton_client.py`), and
+//! so does tritonclient.grpc, ModelStreamInfer included (`tests/python/triton_grpc_client.py`).
 
 mod common;
 
@@ -119,5 +120,24 @@ fn tritonclient_http_with_its_defaults_matches_the_reference_libraries() {
     std::fs::write(&cases_path, cases.to_string()).unwrap();
     let host = server.url.trim_start_matches("http://").to_string();
     let out = run_client_script("triton_client.py", &[&host, cases_path.to_str().unwrap()]);
+    assert!(out.contains("all checks passed"), "{out}");
+}
+
+#[test]
+fn tritonclient_grpc_matches_the_reference_libraries() {
+    let dir = tempfile::tempdir().unwrap();
+    let (models, cases) = triton_models(dir.path());
+    let config = CONFIG.replace(
+        "[log]",
+        &format!("[models]\nrepository = \"{}\"\n\n[log]", models.display()),
+    );
+    let server = Server::start_args(dir.path(), &config, &["--grpc-listen", "127.0.0.1:0"]);
+    let grpc = server.grpc.clone().expect("the gRPC listener is announced");
+    let cases_path = dir.path().join("cases.json");
+    std::fs::write(&cases_path, cases.to_string()).unwrap();
+    let out = run_client_script(
+        "triton_grpc_client.py",
+        &[&grpc, cases_path.to_str().unwrap()],
+    );
     assert!(out.contains("all checks passed"), "{out}");
 }

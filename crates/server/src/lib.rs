@@ -6,6 +6,7 @@ pub mod cache;
 pub mod error;
 mod feast;
 mod features;
+pub mod grpc;
 pub mod idempotency;
 mod ingest;
 mod json_out;
@@ -113,6 +114,18 @@ pub async fn serve(
     metrics: Option<PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(node, listener, None, metrics, shutdown).await
+}
+
+/// [`serve`], plus KServe V2 over gRPC on `grpc` (`server.grpc_listen`) when given: both
+/// surfaces share the node and stop together.
+pub async fn serve_with(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    grpc: Option<tokio::net::TcpListener>,
+    metrics: Option<PrometheusHandle>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let state = Arc::new(AppState {
         node: node.clone(),
         metrics,
@@ -128,13 +141,44 @@ pub async fn serve(
             }
         })
     };
+    // One shutdown for both surfaces.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let grpc_task = grpc.map(|l| {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
+        let routes = grpc::service(state.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
+        )
+    });
     let app = router(state);
     let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(stopped(stop_rx))
         .await;
+    if let Some(t) = grpc_task {
+        match t.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "gRPC server failed"),
+            Err(e) => tracing::error!(error = %e, "gRPC server task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
     housekeeping.abort();
     tokio::task::spawn_blocking(move || node.shutdown())
         .await
         .ok();
     result
+}
+
+/// Generated from `proto/grpc_service.proto` (see `build.rs`).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod inference_proto {
+    tonic::include_proto!("inference");
 }

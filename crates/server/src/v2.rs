@@ -42,7 +42,7 @@ use crate::predict::{self, Instance};
 use crate::AppState;
 
 /// The V2 error: `{"error": "…"}` with the status (and `Retry-After`) of the `/v1` error.
-struct V2Error(ApiError);
+pub(crate) struct V2Error(pub(crate) ApiError);
 
 impl From<ApiError> for V2Error {
     fn from(e: ApiError) -> V2Error {
@@ -124,22 +124,52 @@ pub async fn version_metadata(
     metadata(&state, &name, Some(&version)).unwrap_or_else(|e| e.into_response())
 }
 
-fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Response, V2Error> {
+/// One tensor of a model's signature.
+pub(crate) struct TensorMeta {
+    pub name: String,
+    pub datatype: &'static str,
+    pub shape: Vec<i64>,
+}
+
+/// Model metadata, for both surfaces.
+pub(crate) struct ModelMeta {
+    pub name: String,
+    pub versions: Vec<String>,
+    pub platform: String,
+    /// The one fillable signature: the raw input vector.
+    pub inputs: Vec<TensorMeta>,
+    pub outputs: Vec<TensorMeta>,
+    /// The feature-join extension's inputs (entity keys, request values).
+    pub join: Vec<TensorMeta>,
+}
+
+pub(crate) fn model_meta(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<ModelMeta, V2Error> {
     let (m, spec, v) = lookup(state, name, version)?;
     let schema = &state.node.schema;
-    let mut join = Vec::new();
+    let mut join: Vec<TensorMeta> = Vec::new();
     for (view, _, _) in &spec.reads {
         let key = &schema.entity_of(schema.view(*view)).key;
-        if !join.iter().any(|i: &Value| i["name"] == *key) {
-            join.push(json!({"name": key, "datatype": "BYTES", "shape": [-1]}));
+        if !join.iter().any(|i| i.name == *key) {
+            join.push(TensorMeta {
+                name: key.clone(),
+                datatype: "BYTES",
+                shape: vec![-1],
+            });
         }
     }
     for input in &spec.inputs {
         if let Input::Request { name, .. } = input {
-            join.push(json!({"name": name, "datatype": "FP64", "shape": [-1]}));
+            join.push(TensorMeta {
+                name: name.clone(),
+                datatype: "FP64",
+                shape: vec![-1],
+            });
         }
     }
-    let inputs = [json!({"name": "input", "datatype": "FP64", "shape": [-1, spec.inputs.len()]})];
     let width = v
         .or_else(|| m.default_version())
         .and_then(|v| m.versions.get(&v))
@@ -152,24 +182,61 @@ fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Respo
             }
         })
         .unwrap_or(1);
-    let shape = if width == 1 {
-        json!([-1])
+    let out_shape = if width == 1 {
+        vec![-1]
     } else {
-        json!([-1, width])
+        vec![-1, width as i64]
     };
-    let versions: Vec<String> = match v {
-        Some(v) => vec![v.to_string()],
-        None => m.versions.keys().map(|v| v.to_string()).collect(),
+    Ok(ModelMeta {
+        name: name.to_string(),
+        versions: match v {
+            Some(v) => vec![v.to_string()],
+            None => m.versions.keys().map(|v| v.to_string()).collect(),
+        },
+        platform: spec.runtime.name().to_string(),
+        inputs: vec![TensorMeta {
+            name: "input".into(),
+            datatype: "FP64",
+            shape: vec![-1, spec.inputs.len() as i64],
+        }],
+        outputs: vec![TensorMeta {
+            name: spec.output_name().to_string(),
+            datatype: "FP64",
+            shape: out_shape,
+        }],
+        join,
+    })
+}
+
+fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Response, V2Error> {
+    let meta = model_meta(state, name, version)?;
+    let tensors = |ts: &[TensorMeta]| -> Vec<Value> {
+        ts.iter()
+            .map(|t| json!({"name": t.name, "datatype": t.datatype, "shape": t.shape}))
+            .collect()
     };
     Ok(Json(json!({
-        "name": name,
-        "versions": versions,
-        "platform": spec.runtime.name(),
-        "inputs": inputs,
-        "outputs": [{"name": spec.output_name(), "datatype": "FP64", "shape": shape}],
-        "quiver_feature_join": {"inputs": join},
+        "name": meta.name,
+        "versions": meta.versions,
+        "platform": meta.platform,
+        "inputs": tensors(&meta.inputs),
+        "outputs": tensors(&meta.outputs),
+        "quiver_feature_join": {"inputs": tensors(&meta.join)},
     }))
     .into_response())
+}
+
+/// Whether a model (or one version of it) is ready to serve.
+pub(crate) fn is_ready(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<bool, V2Error> {
+    let (m, _, v) = lookup(state, name, version)?;
+    Ok(match v {
+        Some(v) => m.versions[&v].loaded.is_some(),
+        None => m.default_version().is_some(),
+    })
 }
 
 pub async fn model_ready(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
@@ -184,12 +251,7 @@ pub async fn version_ready(
 }
 
 fn readiness(state: &AppState, name: &str, version: Option<&str>) -> Result<Response, V2Error> {
-    let (m, _, v) = lookup(state, name, version)?;
-    let ready = match v {
-        Some(v) => m.versions[&v].loaded.is_some(),
-        None => m.default_version().is_some(),
-    };
-    Ok(if ready {
+    Ok(if is_ready(state, name, version)? {
         StatusCode::OK.into_response()
     } else {
         (StatusCode::BAD_REQUEST, Json(json!({"error": "not ready"}))).into_response()
@@ -407,57 +469,141 @@ async fn infer_inner(
     let (header, mut binary) = split_body(headers, &bytes)?;
     let req: InferRequest =
         serde_json::from_slice(header).map_err(|e| bad(format!("invalid request: {e}")))?;
-    let (m, spec, pin) = lookup(state, name, version)?;
-    if let Some(outputs) = &req.outputs {
-        if let Some(o) = outputs.iter().find(|o| o.name != spec.output_name()) {
-            return Err(bad(format!(
-                "unknown output {:?} (the model's output is {:?})",
-                o.name,
-                spec.output_name()
-            )));
-        }
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    for t in &req.inputs {
+        let elements = elements(t, &mut binary)?;
+        inputs.push(Tensor {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            elements,
+        });
     }
-    if req.inputs.is_empty() {
+    let outputs: Vec<&str> = req
+        .outputs
+        .iter()
+        .flatten()
+        .map(|o| o.name.as_str())
+        .collect();
+    let done = infer_tensors(state, name, version, inputs, &outputs).await?;
+    Ok(respond(&req, name, &done))
+}
+
+/// One decoded input tensor: what both surfaces (HTTP with JSON or binary data, gRPC with
+/// typed or raw contents) hand to [`infer_tensors`].
+pub(crate) struct Tensor {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub elements: Elements,
+}
+
+/// An inference's answer: the version that served it and one row of outputs per instance.
+pub(crate) struct Inferred {
+    pub version: u64,
+    pub output: String,
+    pub rows: Vec<Vec<f64>>,
+    pub cache_hits: Option<usize>,
+}
+
+/// The Open Inference Protocol's infer on decoded tensors: a raw input vector, or the
+/// feature join (see the module docs). `outputs` are the names asked for (none: all).
+pub(crate) async fn infer_tensors(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+    inputs: Vec<Tensor>,
+    outputs: &[&str],
+) -> Result<Inferred, V2Error> {
+    let (m, spec, pin) = lookup(state, name, version)?;
+    if let Some(o) = outputs.iter().find(|o| **o != spec.output_name()) {
+        return Err(bad(format!(
+            "unknown output {o:?} (the model's output is {:?})",
+            spec.output_name()
+        )));
+    }
+    if inputs.is_empty() {
         return Err(bad("no inputs"));
     }
     let mut seen = std::collections::HashSet::new();
-    if let Some(dup) = req.inputs.iter().find(|t| !seen.insert(t.name.as_str())) {
+    if let Some(dup) = inputs.iter().find(|t| !seen.insert(t.name.as_str())) {
         return Err(bad(format!("input {:?} given twice", dup.name)));
     }
-    let max = state.node.config.server.read_entities_max;
-    let width = spec.inputs.len();
-    if let [raw] = req.inputs.as_slice() {
+    let output = spec.output_name().to_string();
+    if let [raw] = inputs.as_slice() {
         if raw.name == "input" {
-            if raw.shape.len() != 2 || raw.shape[1] != width as i64 {
-                return Err(bad(format!(
-                    "input \"input\": shape must be [n, {width}], got {:?}",
-                    raw.shape
-                )));
-            }
-            let Elements::Numbers(values) = elements(raw, &mut binary)? else {
-                return Err(bad("input \"input\" must be numeric"));
-            };
-            let n = raw.shape[0] as usize;
-            if n == 0 || n > max {
-                return Err(bad(format!("1..={max} rows per request")));
-            }
-            let version = m.route(pin, "").map_err(predict::route_error)?;
-            let loaded = version.loaded.as_ref().expect("routed versions are loaded");
-            let k = loaded.model.outputs();
-            // Same path as a feature-join infer: micro-batcher, metrics, shadow copy.
-            let out = predict::evaluate(state, &m, &spec, version, values, n).await?;
-            let rows: Vec<Vec<f64>> = out
-                .chunks_exact(k)
-                .map(|r| match loaded.column {
-                    Some(c) => vec![r[c]],
-                    None => r.to_vec(),
-                })
-                .collect();
-            return Ok(respond(&req, name, version.version, &spec, rows, None));
+            let (version, rows) = infer_raw(state, &m, &spec, pin, raw).await?;
+            return Ok(Inferred {
+                version,
+                output,
+                rows,
+                cache_hits: None,
+            });
         }
     }
-    // Feature join: entity keys and request values, one element per instance.
+    let instances = join_instances(state, &spec, inputs)?;
+    let answers = predict::run(state, &m, &spec, pin, &instances).await?;
+    let rows: Vec<Vec<f64>> = answers
+        .iter()
+        .map(|a| match a.column {
+            Some(c) => vec![a.outputs[c]],
+            None => a.outputs.to_vec(),
+        })
+        .collect();
+    let hits = answers.iter().filter(|a| a.cache_hit).count();
+    Ok(Inferred {
+        version: answers[0].version,
+        output,
+        rows,
+        cache_hits: Some(hits),
+    })
+}
+
+/// The raw input vector `[n, model inputs]`, evaluated as given.
+async fn infer_raw(
+    state: &AppState,
+    m: &Served,
+    spec: &ModelSpec,
+    pin: Option<u64>,
+    raw: &Tensor,
+) -> Result<(u64, Vec<Vec<f64>>), V2Error> {
+    let width = spec.inputs.len();
+    if raw.shape.len() != 2 || raw.shape[1] != width as i64 {
+        return Err(bad(format!(
+            "input \"input\": shape must be [n, {width}], got {:?}",
+            raw.shape
+        )));
+    }
+    let Elements::Numbers(values) = &raw.elements else {
+        return Err(bad("input \"input\" must be numeric"));
+    };
+    let max = state.node.config.server.read_entities_max;
+    let n = raw.shape[0] as usize;
+    if n == 0 || n > max {
+        return Err(bad(format!("1..={max} rows per request")));
+    }
+    let version = m.route(pin, "").map_err(predict::route_error)?;
+    let loaded = version.loaded.as_ref().expect("routed versions are loaded");
+    let k = loaded.model.outputs();
+    // Same path as a feature-join infer: micro-batcher, metrics, shadow copy.
+    let out = predict::evaluate(state, m, spec, version, values.clone(), n).await?;
+    assert_eq!(out.len(), n * k, "one row of outputs per input row");
+    let rows = out
+        .chunks_exact(k)
+        .map(|r| match loaded.column {
+            Some(c) => vec![r[c]],
+            None => r.to_vec(),
+        })
+        .collect();
+    Ok((version.version, rows))
+}
+
+/// Feature join: entity keys and request values, one element per instance.
+fn join_instances(
+    state: &AppState,
+    spec: &ModelSpec,
+    inputs: Vec<Tensor>,
+) -> Result<Vec<Instance>, V2Error> {
     let schema = &state.node.schema;
+    let max = state.node.config.server.read_entities_max;
     let mut n: Option<usize> = None;
     let mut instances: Vec<Instance> = Vec::new();
     let key_names: Vec<&str> = spec
@@ -465,7 +611,7 @@ async fn infer_inner(
         .iter()
         .map(|(view, _, _)| schema.entity_of(schema.view(*view)).key.as_str())
         .collect();
-    for t in &req.inputs {
+    for t in inputs {
         let is_key = key_names.contains(&t.name.as_str());
         let is_request = spec
             .inputs
@@ -503,7 +649,7 @@ async fn infer_inner(
             }
             Some(_) => {}
         }
-        match (elements(t, &mut binary)?, is_key) {
+        match (t.elements, is_key) {
             (Elements::Strings(keys), true) => {
                 for (inst, key) in instances.iter_mut().zip(keys) {
                     inst.entities.insert(t.name.clone(), Value::String(key));
@@ -523,17 +669,7 @@ async fn infer_inner(
             }
         }
     }
-    let answers = predict::run(state, &m, &spec, pin, &instances).await?;
-    let version = answers[0].version;
-    let rows: Vec<Vec<f64>> = answers
-        .iter()
-        .map(|a| match a.column {
-            Some(c) => vec![a.outputs[c]],
-            None => a.outputs.to_vec(),
-        })
-        .collect();
-    let hits = answers.iter().filter(|a| a.cache_hit).count();
-    Ok(respond(&req, name, version, &spec, rows, Some(hits)))
+    Ok(instances)
 }
 
 /// The body's JSON and, with `Inference-Header-Content-Length`, the binary tensors after it.
@@ -555,22 +691,16 @@ fn split_body<'a>(headers: &HeaderMap, bytes: &'a [u8]) -> Result<(&'a [u8], &'a
     Ok(bytes.split_at(n))
 }
 
-fn respond(
-    req: &InferRequest,
-    name: &str,
-    version: u64,
-    spec: &ModelSpec,
-    rows: Vec<Vec<f64>>,
-    cache_hits: Option<usize>,
-) -> Response {
+fn respond(req: &InferRequest, name: &str, done: &Inferred) -> Response {
+    let rows = &done.rows;
     let k = rows.first().map_or(1, Vec::len);
     let shape = if k == 1 {
         json!([rows.len()])
     } else {
         json!([rows.len(), k])
     };
-    let binary = req.binary_output(spec.output_name());
-    let mut output = json!({"name": spec.output_name(), "datatype": "FP64", "shape": shape});
+    let binary = req.binary_output(&done.output);
+    let mut output = json!({"name": done.output, "datatype": "FP64", "shape": shape});
     let mut tensor = Vec::new();
     if binary {
         tensor = rows
@@ -589,11 +719,11 @@ fn respond(
     }
     let mut body = Map::new();
     body.insert("model_name".into(), json!(name));
-    body.insert("model_version".into(), json!(version.to_string()));
+    body.insert("model_version".into(), json!(done.version.to_string()));
     if let Some(id) = &req.id {
         body.insert("id".into(), json!(id));
     }
-    if let Some(h) = cache_hits {
+    if let Some(h) = done.cache_hits {
         body.insert("parameters".into(), json!({"cache_hits": h}));
     }
     body.insert("outputs".into(), json!([output]));

@@ -84,6 +84,8 @@ pub fn drop_history(client: &mut postgres::Client, table: &str) {
 pub struct Server {
     pub child: Child,
     pub url: String,
+    /// `host:port` of the gRPC listener, when started with `--grpc-listen`.
+    pub grpc: Option<String>,
     pub data_dir: PathBuf,
     config_path: PathBuf,
 }
@@ -91,15 +93,22 @@ pub struct Server {
 impl Server {
     /// Starts `quiver serve` with `config` (TOML) on a fresh port and waits until it is ready.
     pub fn start(dir: &Path, config: &str) -> Server {
-        let config_path = dir.join("quiver.toml");
-        std::fs::write(&config_path, config).unwrap();
-        Server::start_with(dir, &config_path)
+        Server::start_args(dir, config, &[])
     }
 
-    fn start_with(dir: &Path, config_path: &Path) -> Server {
+    /// [`Server::start`] with extra `quiver serve` flags (e.g. `--grpc-listen 127.0.0.1:0`).
+    pub fn start_args(dir: &Path, config: &str, args: &[&str]) -> Server {
+        let config_path = dir.join("quiver.toml");
+        std::fs::write(&config_path, config).unwrap();
+        Server::start_with(dir, &config_path, args)
+    }
+
+    fn start_with(dir: &Path, config_path: &Path, args: &[&str]) -> Server {
         let data_dir = dir.join("data");
         let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .arg("--config")
             .arg(config_path)
             .arg("--data-dir")
             .arg(&data_dir)
@@ -110,11 +119,15 @@ impl Server {
             .expect("spawn quiver");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
+        let mut grpc = None;
         let url = loop {
             let line = lines
                 .next()
                 .expect("quiver exited before listening")
                 .unwrap();
+            if let Some(addr) = line.strip_prefix("quiver grpc listening on ") {
+                grpc = Some(addr.to_string());
+            }
             if let Some(url) = line.strip_prefix("quiver listening on ") {
                 break url.to_string();
             }
@@ -124,6 +137,7 @@ impl Server {
         let server = Server {
             child,
             url,
+            grpc,
             data_dir,
             config_path: config_path.to_path_buf(),
         };
@@ -165,7 +179,7 @@ impl Server {
 
     /// Restarts on the same data directory and config (new port).
     pub fn restart(dir: &Path) -> Server {
-        Server::start_with(dir, &dir.join("quiver.toml"))
+        Server::start_with(dir, &dir.join("quiver.toml"), &[])
     }
 
     pub fn post(&self, path: &str, body: &str) -> (u16, Value) {
