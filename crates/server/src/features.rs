@@ -130,8 +130,9 @@ async fn get_entity_inner(
 /// does, since Feast's clients add fields from release to release.
 #[derive(Deserialize)]
 struct OnlineRequest {
+    /// Kept raw: resolved once per distinct list (see [`Resolved`]), not parsed per request.
     #[serde(default)]
-    features: Vec<String>,
+    features: Option<Box<serde_json::value::RawValue>>,
     /// A `[[feature_service]]` name: its features, when `features` is empty.
     #[serde(default)]
     feature_service: Option<String>,
@@ -176,37 +177,110 @@ fn parse_online_request(bytes: &[u8], strict: bool) -> Result<OnlineRequest, Api
     serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))
 }
 
-/// The feature references a request names: its `features`, or its feature service's.
-fn requested_features<'a>(
-    state: &'a AppState,
-    req: &'a OnlineRequest,
-) -> Result<&'a [String], ApiError> {
-    match (&req.feature_service, req.features.is_empty()) {
-        (None, true) => Err(ApiError::bad_request(
-            "BAD_REQUEST",
-            "features must name at least one view:feature (or feature_service a service)",
-        )),
-        (None, false) => Ok(&req.features),
-        (Some(_), false) => Err(ApiError::bad_request(
-            "BAD_REQUEST",
-            "give features or feature_service, not both",
-        )),
-        (Some(name), true) => state
-            .node
-            .config
-            .feature_services
-            .iter()
-            .find(|s| &s.name == name)
-            .map(|s| s.features.as_slice())
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "UNKNOWN_FEATURE_SERVICE",
-                    format!("no feature service {name:?}"),
-                )
-                .with_details(json!({"feature_service": name}))
-            }),
+/// A request's feature references, resolved: one `(view, column, reply name)` per feature,
+/// in request order. Feast clients send the same list with every request, so resolutions are
+/// cached by the list's text (and the naming flag): the hot path parses and looks up no
+/// feature name.
+pub struct Resolved {
+    refs: Vec<(ViewId, FeatureIdx, String)>,
+}
+
+/// Distinct feature lists remembered (a bounded cache: an unbounded variety of lists only
+/// costs a resolution each).
+pub const RESOLVED_CACHE_ENTRIES: usize = 1024;
+
+pub type ResolvedCache = quick_cache::sync::Cache<u128, Arc<Resolved>>;
+
+/// The references a request names: its `features`, or its feature service's.
+fn resolve(state: &AppState, req: &OnlineRequest) -> Result<Arc<Resolved>, ApiError> {
+    let features = req
+        .features
+        .as_ref()
+        .map(|r| r.get())
+        .filter(|r| *r != "[]");
+    let (tag, text) = match (&req.feature_service, features) {
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "BAD_REQUEST",
+                "features must name at least one view:feature (or feature_service a service)",
+            ))
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "BAD_REQUEST",
+                "give features or feature_service, not both",
+            ))
+        }
+        (None, Some(raw)) => (b'f', raw),
+        (Some(name), None) => (b's', name.as_str()),
+    };
+    let mut key_bytes = Vec::with_capacity(text.len() + 2);
+    key_bytes.extend_from_slice(&[tag, u8::from(req.full_feature_names)]);
+    key_bytes.extend_from_slice(text.as_bytes());
+    let key = xxhash_rust::xxh3::xxh3_128(&key_bytes);
+    if let Some(hit) = state.resolved.get(&key) {
+        return Ok(hit);
     }
+    let names: Vec<String> = match &req.feature_service {
+        None => serde_json::from_str(text).map_err(|e| {
+            ApiError::bad_request("BAD_REQUEST", format!("invalid request: features: {e}"))
+        })?,
+        Some(name) => service_features(state, name)?.to_vec(),
+    };
+    let resolved = Arc::new(resolve_names(state, &names, req.full_feature_names)?);
+    state.resolved.insert(key, resolved.clone());
+    Ok(resolved)
+}
+
+fn service_features<'a>(state: &'a AppState, name: &str) -> Result<&'a [String], ApiError> {
+    state
+        .node
+        .config
+        .feature_services
+        .iter()
+        .find(|s| s.name == name)
+        .map(|s| s.features.as_slice())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "UNKNOWN_FEATURE_SERVICE",
+                format!("no feature service {name:?}"),
+            )
+            .with_details(json!({"feature_service": name}))
+        })
+}
+
+/// Every reference resolved first: an unknown one fails the request, as in Feast.
+fn resolve_names(state: &AppState, names: &[String], full: bool) -> Result<Resolved, ApiError> {
+    if names.is_empty() {
+        return Err(ApiError::bad_request(
+            "BAD_REQUEST",
+            "features must name at least one view:feature",
+        ));
+    }
+    let schema = &state.node.schema;
+    let mut refs = Vec::with_capacity(names.len());
+    for name in names {
+        let resolved = name.split_once(':').and_then(|(view, feature)| {
+            let v = schema.view_by_name(view)?;
+            Some((v.id, v.column_index(feature)?))
+        });
+        let Some((view, f)) = resolved else {
+            return Err(ApiError::bad_request(
+                "UNKNOWN_FEATURE",
+                format!("no feature {name:?} (expected view:feature)"),
+            )
+            .with_details(json!({"feature": name})));
+        };
+        let v = schema.view(view);
+        let col = if full {
+            format!("{}__{}", v.name, v.column_name(f))
+        } else {
+            v.column_name(f).to_string()
+        };
+        refs.push((view, f, col));
+    }
+    Ok(Resolved { refs })
 }
 
 /// How a batch read reads: the online store now (strict or Feast's lenient parsing), or
@@ -270,29 +344,8 @@ async fn post_features_inner(
     let req = parse_online_request(&bytes, !matches!(mode, Mode::Feast))?;
     read_after(state, headers).await?;
     let schema = &state.node.schema;
-    let requested = requested_features(state, &req)?;
-    // Resolve every reference first: an unknown one fails the request, as in Feast.
-    let mut refs: Vec<(ViewId, FeatureIdx, String)> = Vec::with_capacity(requested.len());
-    for name in requested {
-        let resolved = name.split_once(':').and_then(|(view, feature)| {
-            let v = schema.view_by_name(view)?;
-            Some((v.id, v.column_index(feature)?))
-        });
-        let Some((view, f)) = resolved else {
-            return Err(ApiError::bad_request(
-                "UNKNOWN_FEATURE",
-                format!("no feature {name:?} (expected view:feature)"),
-            )
-            .with_details(json!({"feature": name})));
-        };
-        let v = schema.view(view);
-        let col = if req.full_feature_names {
-            format!("{}__{}", v.name, v.column_name(f))
-        } else {
-            v.column_name(f).to_string()
-        };
-        refs.push((view, f, col));
-    }
+    let resolved = resolve(state, &req)?;
+    let refs = &resolved.refs;
     // Entity columns: each must be an array, all of one length.
     let mut rows = None;
     // (column name, keys as strings — None where not a string or integer, raw values)
@@ -391,7 +444,7 @@ async fn post_features_inner(
     };
     // Which entity column keys each requested view.
     let mut key_col_of_view: Vec<Option<usize>> = vec![None; schema.views.len()];
-    for (view, _, _) in &refs {
+    for (view, _, _) in refs {
         let key = &schema.entity_of(schema.view(*view)).key;
         let Some(i) = columns.iter().position(|(n, _, _)| *n == key) else {
             return Err(ApiError::bad_request(

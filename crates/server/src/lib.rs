@@ -5,7 +5,7 @@ mod body;
 pub mod cache;
 pub mod error;
 mod feast;
-mod features;
+pub mod features;
 pub mod grpc;
 pub mod idempotency;
 mod ingest;
@@ -28,6 +28,18 @@ pub use node::{Node, NodeError};
 pub struct AppState {
     pub node: Arc<Node>,
     pub metrics: Option<PrometheusHandle>,
+    /// Feature lists of batch reads, resolved (see `features::Resolved`).
+    pub resolved: features::ResolvedCache,
+}
+
+impl AppState {
+    pub fn new(node: Arc<Node>, metrics: Option<PrometheusHandle>) -> AppState {
+        AppState {
+            node,
+            metrics,
+            resolved: features::ResolvedCache::new(features::RESOLVED_CACHE_ENTRIES),
+        }
+    }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -126,10 +138,7 @@ pub async fn serve_with(
     metrics: Option<PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let state = Arc::new(AppState {
-        node: node.clone(),
-        metrics,
-    });
+    let state = Arc::new(AppState::new(node.clone(), metrics));
     let housekeeping = {
         let node = node.clone();
         tokio::spawn(async move {

@@ -706,6 +706,30 @@ enum Peer {
     Predict = 2,
     /// The same predict through the model's micro-batcher (`gbdt32_batched`).
     PredictBatched = 3,
+    /// Feast's shape: `POST /get-online-features`, all 32 features of one entity.
+    Feast1 = 4,
+    /// The same for 10 entities per request (ops counted per request).
+    Feast10 = 5,
+}
+
+/// A `/get-online-features` body for `keys`, asking for all 32 features of `row`, as the
+/// Feast SDK sends it. Built by concatenation: the load generator shares the server's cores,
+/// so its own cost per request is kept near the GET's (a formatted path).
+fn feast_body(features: &str, keys: &[String]) -> Bytes {
+    let mut b = String::with_capacity(features.len() + 96 + 12 * keys.len());
+    b.push_str("{\"features\":");
+    b.push_str(features);
+    b.push_str(",\"entities\":{\"user_id\":[");
+    for (i, k) in keys.iter().enumerate() {
+        if i > 0 {
+            b.push(',');
+        }
+        b.push('"');
+        b.push_str(k);
+        b.push('"');
+    }
+    b.push_str("]},\"full_feature_names\":false,\"include_feature_view_version_metadata\":false}");
+    Bytes::from(b)
 }
 
 pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
@@ -742,7 +766,7 @@ fn bench_lookup(args: &BenchArgs) -> Result<Value> {
         let mut rows = Vec::new();
         for round in 0..repeat.max(1) {
             for dist in ["uniform", "zipf"] {
-                for peer in [Peer::Quiver, Peer::Redis] {
+                for peer in [Peer::Quiver, Peer::Redis, Peer::Feast1, Peer::Feast10] {
                     let (ops, h, errors) = closed_loop(
                         peer, dist, addr, &redis, &prefix, n, conns, warmup, duration,
                     )
@@ -762,6 +786,12 @@ fn bench_lookup(args: &BenchArgs) -> Result<Value> {
         for (peer, name, label) in [
             (0, "Quiver GET /v1/features", "quiver"),
             (1, "Redis HGETALL", "redis"),
+            (4, "Quiver POST /get-online-features, 1 entity", "feast_1"),
+            (
+                5,
+                "Quiver POST /get-online-features, 10 entities (ops = requests)",
+                "feast_10",
+            ),
         ] {
             let mine: Vec<_> = rows
                 .iter()
@@ -781,7 +811,7 @@ fn bench_lookup(args: &BenchArgs) -> Result<Value> {
     for dist in ["uniform", "zipf"] {
         // Ratios per round (both systems measured back to back), then the median.
         let rounds = args.repeat.max(1);
-        let per_round = |f: &dyn Fn(&Phase) -> f64| -> f64 {
+        let per_round = |num: usize, den: usize, f: &dyn Fn(&Phase) -> f64| -> f64 {
             median(
                 (0..rounds)
                     .map(|round| {
@@ -791,16 +821,23 @@ fn bench_lookup(args: &BenchArgs) -> Result<Value> {
                                 .map(f)
                                 .unwrap_or(0.0)
                         };
-                        pick(0) / pick(1).max(1e-9)
+                        pick(num) / pick(den).max(1e-9)
                     })
                     .collect(),
             )
         };
-        let ratio_ops = per_round(&|r| r.3);
-        let ratio_p99 = per_round(&|r| us(&r.4, 0.99));
+        let ops = |r: &Phase| r.3;
+        let ratio_ops = per_round(0, 1, &ops);
+        let ratio_p99 = per_round(0, 1, &|r| us(&r.4, 0.99));
         say!("\n{dist}: Quiver/Redis throughput {ratio_ops:.2}×, p99 {ratio_p99:.2}× (median of per-round ratios)");
         out.insert(format!("{dist}_throughput_vs_redis"), json!(ratio_ops));
         out.insert(format!("{dist}_p99_vs_redis"), json!(ratio_p99));
+        // Feast's shape against the plain GET: requests/s at 1 entity, entities/s at 10.
+        let feast_1 = per_round(4, 0, &ops);
+        let feast_10 = per_round(5, 0, &ops) * 10.0;
+        say!("{dist}: /get-online-features ÷ GET: 1 entity {feast_1:.2}× requests/s, 10 entities {feast_10:.2}× entities/s");
+        out.insert(format!("{dist}_feast_1_vs_get"), json!(feast_1));
+        out.insert(format!("{dist}_feast_10_entities_vs_get"), json!(feast_10));
     }
     q.node.shutdown();
     Ok(Value::Object(out))
@@ -833,19 +870,23 @@ async fn closed_loop(
             errors.clone(),
         );
         let uniform = dist == "uniform";
+        let feature_list = json!((0..FEATURES)
+            .map(|f| format!("row:f{f}"))
+            .collect::<Vec<_>>())
+        .to_string();
         let prefix = prefix.to_string();
         let redis = redis.clone();
         tasks.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(c as u64);
             let mut h = histogram();
             let mut http = match peer {
-                Peer::Quiver | Peer::Predict | Peer::PredictBatched => Some(connect(addr).await?),
                 Peer::Redis => None,
+                _ => Some(connect(addr).await?),
             };
             // One connection per worker, as HTTP keep-alive: not a shared multiplexed one.
             let mut con = match peer {
                 Peer::Redis => Some(redis.get_multiplexed_async_connection().await?),
-                Peer::Quiver | Peer::Predict | Peer::PredictBatched => None,
+                _ => None,
             };
             while !stop.load(Ordering::Relaxed) {
                 let i = if uniform {
@@ -865,6 +906,22 @@ async fn closed_loop(
                         let (status, _) =
                             request(http.as_mut().expect("http"), "POST", path, body).await?;
                         status == 200
+                    }
+                    Peer::Feast1 | Peer::Feast10 => {
+                        let count = if peer == Peer::Feast1 { 1 } else { 10 };
+                        let keys: Vec<String> = (0..count)
+                            .map(|k| format!("e{}", (i + k * 7919) % n))
+                            .collect();
+                        let body = feast_body(&feature_list, &keys);
+                        let (status, reply) = request(
+                            http.as_mut().expect("http"),
+                            "POST",
+                            "/get-online-features",
+                            body,
+                        )
+                        .await?;
+                        // Every entity was loaded: any other status is a wrong answer.
+                        status == 200 && memchr::memmem::find(&reply, b"NOT_FOUND").is_none()
                     }
                     Peer::Quiver => {
                         let uri = format!("/v1/features/row/e{i}");
