@@ -508,7 +508,7 @@ async fn post_features_inner(
         .iter()
         .map(|(n, _, raw)| (n.as_str(), raw.as_slice()))
         .collect();
-    let reply = feast_reply(&entity_columns, &refs, &per_feature, rows);
+    let reply = feast_reply(&entity_columns, refs, &per_feature, rows);
     Ok(([(header::CONTENT_TYPE, "application/json")], reply).into_response())
 }
 
