@@ -11,26 +11,18 @@ import json
 import sys
 
 import numpy as np
+from tensors import close, rows as case_rows
 import tritonclient.http as httpclient
 
 url, cases_path = sys.argv[1], sys.argv[2]
 cases = json.load(open(cases_path))
 client = httpclient.InferenceServerClient(url=url)
 assert client.is_server_live() and client.is_server_ready()
-TOL = 1e-5
-
-
-def close(got, want, what):
-    got = np.asarray(got, dtype=np.float64).reshape(-1)
-    want = np.asarray(want, dtype=np.float64).reshape(-1)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} vs {want.shape}"
-    err = np.max(np.abs(got - want)) if len(want) else 0.0
-    assert err <= TOL, f"{what}: max |error| {err}"
 
 
 for case in cases:
     model, output = case["model"], case["output"]
-    rows = np.array([[np.nan if x is None else x for x in r] for r in case["inputs"]], dtype=np.float64)
+    rows = case_rows(case)
     want = np.array(case["expected"], dtype=np.float64)
     assert client.is_model_ready(model), model
 

@@ -11,6 +11,7 @@ import queue
 import sys
 
 import numpy as np
+from tensors import close, rows as case_rows
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
@@ -19,15 +20,6 @@ cases = json.load(open(cases_path))
 client = grpcclient.InferenceServerClient(url=url)
 assert client.is_server_live() and client.is_server_ready()
 assert client.get_server_metadata().name == "quiver"
-TOL = 1e-5
-
-
-def close(got, want, what):
-    got = np.asarray(got, dtype=np.float64).reshape(-1)
-    want = np.asarray(want, dtype=np.float64).reshape(-1)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} vs {want.shape}"
-    err = np.max(np.abs(got - want)) if len(want) else 0.0
-    assert err <= TOL, f"{what}: max |error| {err}"
 
 
 index = {m.name for m in client.get_model_repository_index().models}
@@ -35,7 +27,7 @@ for case in cases:
     model, output = case["model"], case["output"]
     assert model in index, (model, index)
     assert client.is_model_ready(model)
-    rows = np.array([[np.nan if x is None else x for x in r] for r in case["inputs"]], dtype=np.float64)
+    rows = case_rows(case)
     want = np.array(case["expected"], dtype=np.float64)
 
     # A generic client: the metadata's one signature, filled, all outputs returned.
@@ -59,7 +51,7 @@ for case in cases:
 answers = queue.Queue()
 client.start_stream(callback=lambda result, error: answers.put((result, error)))
 case = cases[0]
-rows = np.array([[np.nan if x is None else x for x in r] for r in case["inputs"]], dtype=np.float64)
+rows = case_rows(case)
 for n in (1, 5, 17):
     inp = grpcclient.InferInput("input", [n, rows.shape[1]], "FP64")
     inp.set_data_from_numpy(rows[:n])
