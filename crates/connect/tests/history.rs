@@ -222,6 +222,54 @@ fn a_lossy_sink_records_every_range_it_lost() {
     );
 }
 
+#[test]
+fn an_error_retrying_cannot_fix_stops_the_sink_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = Table::new("refused");
+    // A table someone else made, with a column of another type, and migrations that say it is
+    // Quiver's: every INSERT fails the same way (SQLSTATE 42804), so retrying is pointless.
+    let mut c = postgres::Client::connect(PG, postgres::NoTls).unwrap();
+    c.batch_execute(&format!(
+        "CREATE TABLE {0} (log_id text, partition integer, log_offset bigint, view text, entity_key text, \
+         ts_ms bigint, append_ms bigint, event_id text, \"values\" jsonb, dedup_id text, payload integer);
+         CREATE TABLE {0}_migrations (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
+         INSERT INTO {0}_migrations (version) VALUES (1), (2), (3), (4);
+         CREATE TABLE {0}_gaps (log_id text, partition integer, from_offset bigint, to_offset bigint, detected_at timestamptz DEFAULT now());",
+        table.name
+    ))
+    .unwrap();
+    let log = open_log(dir.path());
+    let sink = HistorySink::start(log.clone(), opts(PG, &table)).unwrap();
+    append(&log, 0, 200, false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sink.stopped().len() < P as usize {
+        assert!(
+            Instant::now() < deadline,
+            "the sink kept retrying: {:?}",
+            sink.stopped()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        sink.stopped()
+            .iter()
+            .all(|(_, why)| why.contains("refused")),
+        "{:?}",
+        sink.stopped()
+    );
+    assert!(
+        (0..P).all(|p| sink.committed_offset(p) == 0),
+        "nothing committed"
+    );
+    drop(sink);
+    // Fixed (the foreign table removed) and restarted: every record lands.
+    table.drop_all();
+    let sink = HistorySink::start(log.clone(), opts(PG, &table)).unwrap();
+    table.wait_for(200);
+    assert_eq!(table.count(), (200, 200));
+    assert!(sink.stopped().is_empty());
+}
+
 fn opts(url: &str, table: &Table) -> HistoryOptions {
     HistoryOptions {
         postgres_url: url.to_string(),

@@ -69,6 +69,7 @@ pub struct HistorySink {
     stop: Arc<AtomicBool>,
     handles: Mutex<Vec<JoinHandle<()>>>,
     consumer: Arc<Consumer>,
+    stopped: Arc<Mutex<Vec<(u32, String)>>>,
 }
 
 impl HistorySink {
@@ -89,6 +90,7 @@ impl HistorySink {
         };
         let consumer = log.register_consumer(CONSUMER, retention, |p| start_at[p as usize]);
         let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::new(Mutex::new(Vec::new()));
         let shared_offsets = Arc::new(Mutex::new(
             start_at
                 .iter()
@@ -117,6 +119,7 @@ impl HistorySink {
                 offsets: offsets.clone(),
                 shared_offsets: shared_offsets.clone(),
                 initial_gap: (from < first).then_some((from, first)),
+                stopped: stopped.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("history-{p}"))
@@ -131,7 +134,13 @@ impl HistorySink {
             stop,
             handles: Mutex::new(handles),
             consumer,
+            stopped,
         })
+    }
+
+    /// Partitions whose sink stopped on an error retrying cannot fix, and why.
+    pub fn stopped(&self) -> Vec<(u32, String)> {
+        self.stopped.lock().clone()
     }
 
     /// Offset after the last record of `partition` written and committed to PostgreSQL.

@@ -29,6 +29,8 @@ pub(crate) struct Worker {
     pub shared_offsets: Arc<Mutex<BTreeMap<u32, u64>>>,
     /// A gap found at start (the committed offset is older than the log's first record).
     pub initial_gap: Option<(u64, u64)>,
+    /// Where a worker that stops on a non-retriable error says why (`HistorySink::stopped`).
+    pub stopped: Arc<Mutex<Vec<(u32, String)>>>,
 }
 
 /// Why a worker ended.
@@ -46,6 +48,7 @@ impl Worker {
             Exit::Stopped => {}
             Exit::Failed(reason) => {
                 stopped.set(1.0);
+                self.stopped.lock().push((p, reason.clone()));
                 tracing::error!(
                     partition = p,
                     committed = self.consumer.committed(p),

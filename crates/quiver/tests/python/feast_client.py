@@ -114,6 +114,16 @@ r = requests.post(
 )
 assert r.status_code == 200, r.text
 eventually([4001], {"driver_id": [4001], "conv_rate": [2.5], "trips": [4]}, "/push")
+# `to` may also name the offline store: one write path, the log, feeds both.
+r = requests.post(
+    f"{url}/push",
+    json={"push_source_name": "driver_push", "df": {"driver_id": [4002], "conv_rate": [1.5], "trips": [2]}, "to": "online_and_offline"},
+    timeout=10,
+)
+assert r.status_code == 200, r.text
+eventually([4002], {"driver_id": [4002], "conv_rate": [1.5], "trips": [2]}, "/push online_and_offline")
+r = requests.post(f"{url}/push", json={"push_source_name": "driver_push", "df": {"driver_id": [1]}, "to": "nowhere"}, timeout=10)
+assert r.status_code == 400, r.text
 r = requests.post(f"{url}/push", json={"push_source_name": "nope", "df": {"driver_id": [1]}}, timeout=10)
 assert r.status_code == 404 and r.json()["error"]["code"] == "UNKNOWN_PUSH_SOURCE", r.text
 assert requests.get(f"{url}/health", timeout=10).status_code == 200
