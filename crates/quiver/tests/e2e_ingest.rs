@@ -591,3 +591,43 @@ fn history_cli_writes_training_data_as_csv_and_parquet() {
         .unwrap();
     assert_eq!(amount.value(1), 2.5);
 }
+
+#[test]
+fn feast_route_ignores_unknown_fields_and_v1_refuses_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), CONFIG);
+    let (_, reply) = server.post("/v1/events", &format!("[{}]", event("a", 1, None)));
+    let token = reply["token"].as_str().unwrap().to_string();
+    let body = |extra: &str| {
+        format!(
+            r#"{{"features": ["txn:seq"], "entities": {{"user_id": ["a"]}}, "include_feature_view_version_metadata": false{extra}}}"#
+        )
+    };
+    let read = |path: &str, extra: &str| {
+        server.post_with(path, &body(extra), &[("Quiver-Read-After", &token)])
+    };
+    // Feast's own field is accepted on both routes.
+    assert_eq!(read("/v1/features", "").0, 200);
+    let (status, v) = read("/get-online-features", "");
+    assert_eq!(
+        (status, &v["results"][1]["values"]),
+        (200, &json!([1])),
+        "{v}"
+    );
+    // A field from a newer Feast: ignored by Feast's route, a typo on Quiver's own.
+    let (status, v) = read(
+        "/get-online-features",
+        r#", "from_a_newer_feast": {"x": 1}"#,
+    );
+    assert_eq!(
+        (status, &v["results"][1]["values"]),
+        (200, &json!([1])),
+        "{v}"
+    );
+    let (status, v) = read("/v1/features", r#", "featurs": []"#);
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("featurs"),
+        "{v}"
+    );
+}

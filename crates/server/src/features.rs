@@ -124,57 +124,64 @@ async fn get_entity_inner(
     Ok(([(header::CONTENT_TYPE, "application/json")], j.buf).into_response())
 }
 
-/// The batch read's body: Feast's get-online-features request, plus `timestamps` and
-/// `semantics` for point in time. `/v1/features` and `/v1/features/historical` refuse unknown
-/// fields (a typo is an error); `/get-online-features` ignores them, as Feast's own server
-/// does, since Feast's clients add fields from release to release.
-#[derive(Deserialize)]
-struct OnlineRequest {
-    /// Kept raw: resolved once per distinct list (see [`Resolved`]), not parsed per request.
-    #[serde(default)]
+/// Declares the batch read's body twice from one field list: `OnlineRequest` (Feast's route,
+/// unknown fields ignored) and `StrictOnlineRequest` (the `/v1` routes, unknown fields
+/// refused), so each route parses its body once.
+macro_rules! online_request {
+    ($($field:ident: $ty:ty),* $(,)?) => {
+        /// The batch read's body: Feast's get-online-features request, plus `timestamps` and
+        /// `semantics` for point in time. `/get-online-features` ignores unknown fields, as
+        /// Feast's own server does (Feast's clients add fields from release to release).
+        #[derive(Deserialize)]
+        struct OnlineRequest {
+            $(#[serde(default)] $field: $ty,)*
+            entities: Map<String, Json_>,
+        }
+
+        /// [`OnlineRequest`] for `/v1/features` and `/v1/features/historical`: a field it does
+        /// not know is a typo, and an error.
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct StrictOnlineRequest {
+            $(#[serde(default)] $field: $ty,)*
+            entities: Map<String, Json_>,
+            /// Feast's; Quiver reads nothing from it, but accepts it on every route.
+            #[serde(default)]
+            #[allow(dead_code)]
+            include_feature_view_version_metadata: Option<serde::de::IgnoredAny>,
+        }
+
+        impl From<StrictOnlineRequest> for OnlineRequest {
+            fn from(r: StrictOnlineRequest) -> OnlineRequest {
+                OnlineRequest { $($field: r.$field,)* entities: r.entities }
+            }
+        }
+    };
+}
+
+online_request! {
+    // Kept raw: resolved once per distinct list (see [`Resolved`]), not parsed per request.
     features: Option<Box<serde_json::value::RawValue>>,
-    /// A `[[feature_service]]` name: its features, when `features` is empty.
-    #[serde(default)]
+    // A `[[feature_service]]` name: its features, when `features` is absent.
     feature_service: Option<String>,
-    entities: Map<String, Json_>,
-    #[serde(default)]
     full_feature_names: bool,
-    /// Only for `/v1/features/historical`: one instant per entity row (epoch ms or RFC 3339).
-    #[serde(default)]
+    // Only for `/v1/features/historical`: one instant per entity row (epoch ms or RFC 3339).
     timestamps: Option<Vec<Json_>>,
-    /// Only for `/v1/features/historical`: `event_time` (default) or `as_served`.
-    #[serde(default)]
+    // Only for `/v1/features/historical`: `event_time` (default) or `as_served`.
     semantics: Option<String>,
 }
 
-/// The fields of [`OnlineRequest`], for the strict routes' unknown-field check.
-const ONLINE_REQUEST_FIELDS: &[&str] = &[
-    "features",
-    "feature_service",
-    "entities",
-    "full_feature_names",
-    "timestamps",
-    "semantics",
-];
-
-/// Feast's own fields that Quiver reads nothing from (accepted on every route).
-const FEAST_IGNORED_FIELDS: &[&str] = &["include_feature_view_version_metadata"];
-
 fn parse_online_request(bytes: &[u8], strict: bool) -> Result<OnlineRequest, ApiError> {
-    let bad = |e: String| ApiError::bad_request("BAD_REQUEST", format!("invalid request: {e}"));
+    let bad = |e: serde_json::Error| {
+        ApiError::bad_request("BAD_REQUEST", format!("invalid request: {e}"))
+    };
     if strict {
-        let fields: Map<String, Json_> =
-            serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
-        if let Some(unknown) = fields.keys().find(|k| {
-            !ONLINE_REQUEST_FIELDS.contains(&k.as_str())
-                && !FEAST_IGNORED_FIELDS.contains(&k.as_str())
-        }) {
-            return Err(
-                bad(format!("unknown field {unknown:?}")).with_details(json!({"field": unknown}))
-            );
-        }
+        serde_json::from_slice::<StrictOnlineRequest>(bytes)
+            .map(OnlineRequest::from)
+            .map_err(bad)
+    } else {
+        serde_json::from_slice(bytes).map_err(bad)
     }
-    serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))
 }
 
 /// A request's feature references, resolved: one `(view, column, reply name)` per feature,

@@ -77,4 +77,11 @@ try:
 except InferenceServerException as e:
     assert "NOT_FOUND" in str(e.status()) or "no_such_model" in str(e), e
 
+# RPCs Quiver does not serve answer UNIMPLEMENTED, not a hang or a broken stream.
+try:
+    client.get_inference_statistics(cases[0]["model"])
+    raise AssertionError("ModelStatistics is not served")
+except InferenceServerException as e:
+    assert "UNIMPLEMENTED" in str(e.status()), e
+
 print("triton grpc client: all checks passed")
