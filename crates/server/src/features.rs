@@ -221,10 +221,10 @@ fn resolve(state: &AppState, req: &OnlineRequest) -> Result<Arc<Resolved>, ApiEr
         (None, Some(raw)) => (b'f', raw),
         (Some(name), None) => (b's', name.as_str()),
     };
-    let mut key_bytes = Vec::with_capacity(text.len() + 2);
-    key_bytes.extend_from_slice(&[tag, u8::from(req.full_feature_names)]);
-    key_bytes.extend_from_slice(text.as_bytes());
-    let key = xxhash_rust::xxh3::xxh3_128(&key_bytes);
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(&[tag, u8::from(req.full_feature_names)]);
+    hasher.update(text.as_bytes());
+    let key = hasher.digest128();
     if let Some(hit) = state.resolved.get(&key) {
         return Ok(hit);
     }
