@@ -118,8 +118,6 @@ pub struct Store {
     /// Per partition: offset after the last record applied.
     applied: Vec<AtomicU64>,
     applied_changed: Vec<tokio::sync::Notify>,
-    /// Per partition: offset the newest snapshot covers (the log must keep what follows).
-    snapshot_offset: Vec<AtomicU64>,
     recovered: AtomicBool,
 }
 
@@ -150,7 +148,6 @@ impl Store {
             applied_changed: (0..partitions)
                 .map(|_| tokio::sync::Notify::new())
                 .collect(),
-            snapshot_offset: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
             recovered: AtomicBool::new(false),
             schema,
         }
@@ -357,14 +354,6 @@ impl Store {
         let prev = self.applied[partition as usize].swap(offset, Ordering::AcqRel);
         debug_assert!(prev <= offset, "applied offsets only move forward");
         self.applied_changed[partition as usize].notify_waiters();
-    }
-
-    pub fn snapshot_offset(&self, partition: u32) -> u64 {
-        self.snapshot_offset[partition as usize].load(Ordering::Acquire)
-    }
-
-    pub(crate) fn set_snapshot_offset(&self, partition: u32, offset: u64) {
-        self.snapshot_offset[partition as usize].store(offset, Ordering::Release);
     }
 
     /// Whether every partition has replayed the log as it was at start.

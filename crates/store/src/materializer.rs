@@ -116,7 +116,6 @@ impl Materializers {
                 from = first;
             }
             store.set_applied(p, from);
-            store.set_snapshot_offset(p, from);
             consumer.commit(p, from);
             let reader = log.reader(p, from)?;
             workers.push(Worker {
@@ -270,7 +269,6 @@ impl Worker {
             offset,
             &self.dedup,
         )?;
-        self.store.set_snapshot_offset(self.partition, offset);
         let mut committed = self.committed.lock();
         committed.insert(self.partition, offset);
         self.offsets.commit(CONSUMER, &committed)?;
