@@ -4,6 +4,7 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use quiver_serving::{Class, Detail, ServingError};
 use serde_json::{json, Value};
 
 #[derive(Debug)]
@@ -58,25 +59,45 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The HTTP status of a serving error's class.
+pub fn status_of(class: Class) -> StatusCode {
+    match class {
+        Class::Invalid => StatusCode::BAD_REQUEST,
+        Class::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        Class::NotFound => StatusCode::NOT_FOUND,
+        Class::Conflict => StatusCode::CONFLICT,
+        Class::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Class::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn detail_json(d: Detail) -> Value {
+    match d {
+        Detail::Str(s) => Value::String(s),
+        Detail::U64(n) => Value::from(n),
+        Detail::Null => Value::Null,
+    }
+}
+
+impl From<ServingError> for ApiError {
+    fn from(e: ServingError) -> ApiError {
+        let details: serde_json::Map<String, Value> = e
+            .details
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), detail_json(v)))
+            .collect();
+        ApiError {
+            status: status_of(e.code.class()),
+            code: e.code.as_str(),
+            message: e.message,
+            details: Value::Object(details),
+            retry_after_s: e.retry_after_s,
+        }
+    }
+}
+
 impl From<quiver_log::LogError> for ApiError {
     fn from(e: quiver_log::LogError) -> ApiError {
-        use quiver_log::LogError as L;
-        match e {
-            L::Full { .. } => ApiError::unavailable("QUEUE_FULL", e.to_string()),
-            L::Poisoned(_) => ApiError::unavailable("LOG_POISONED", e.to_string()).retry_after(30),
-            L::ShuttingDown => ApiError::unavailable("SHUTTING_DOWN", e.to_string()),
-            L::DiskFull {
-                used,
-                max,
-                ref held_by,
-            } => ApiError::unavailable("DISK_FULL", e.to_string()).with_details(
-                json!({"disk_bytes": used, "disk_bytes_max": max, "held_by": held_by}),
-            ),
-            _ => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "LOG_ERROR",
-                e.to_string(),
-            ),
-        }
+        ServingError::from(e).into()
     }
 }

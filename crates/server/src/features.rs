@@ -1,17 +1,18 @@
-//! Feature reads: `GET /v1/features/{view}/{key}` and Feast's get-online-features shape at
-//! `POST /v1/features` and `POST /get-online-features`. Reads touch only memory.
+//! Feature reads over HTTP: `GET /v1/features/{view}/{key}`, Feast's get-online-features shape
+//! at `POST /v1/features` and `POST /get-online-features`, and `POST /v1/features/historical`.
+//! Parsing and the JSON replies live here; the reads are `quiver_serving::features`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
-use quiver_core::schema::{FeatureIdx, ViewId};
 use quiver_core::telemetry as t;
 use quiver_core::time::now_ms;
 use quiver_core::token::Token;
+use quiver_serving::features::{self, AsOf, EntityColumn, FeatureRef};
 use quiver_store::pit::Semantics;
 use quiver_store::{FeatureRead, Status};
 use serde::Deserialize;
@@ -41,25 +42,7 @@ pub async fn read_after(state: &AppState, headers: &HeaderMap) -> Result<(), Api
                 "Quiver-Read-After is not a token from /v1/events",
             )
         })?;
-    if state.node.store.has_applied(&token) {
-        return Ok(());
-    }
-    let wait = Duration::from_millis(state.node.config.server.read_after_wait_ms_max);
-    let started = Instant::now();
-    let ok = state.node.store.wait_applied(&token, wait).await;
-    metrics::histogram!(t::READ_AFTER_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::unavailable(
-            "READ_AFTER_TIMEOUT",
-            format!(
-                "the token's writes were not applied within {} ms",
-                wait.as_millis()
-            ),
-        )
-        .with_details(json!({"token": token.to_string()})))
-    }
+    Ok(features::read_after(&state.node, &token).await?)
 }
 
 pub async fn get_entity(
@@ -84,27 +67,13 @@ async fn get_entity_inner(
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     read_after(state, headers).await?;
-    let schema = &state.node.schema;
-    let Some(v) = schema.view_by_name(view) else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "UNKNOWN_VIEW",
-            format!("no view {view:?}"),
-        )
-        .with_details(json!({"view": view})));
-    };
-    // Every column: the view's features, then its aggregations.
-    let features: Vec<FeatureIdx> = (0..v.columns() as FeatureIdx).collect();
+    let features::EntityRead {
+        view: v,
+        version,
+        columns: features,
+        reads,
+    } = features::read_entity(&state.node, view, key)?;
     let now = now_ms();
-    let mut reads = Vec::with_capacity(features.len());
-    let Some(version) = state.node.store.read(v.id, key, &features, now, &mut reads) else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "ENTITY_NOT_FOUND",
-            format!("view {view:?} has no entity {key:?}"),
-        )
-        .with_details(json!({"view": view, "key": key})));
-    };
     let mut j = JsonBuf::with_capacity(64 + 96 * features.len());
     j.raw("{\"view\":").str(&v.name).raw(",\"key\":").str(key);
     j.raw(",\"version\":").u64(version).raw(",\"features\":{");
@@ -189,7 +158,7 @@ fn parse_online_request(bytes: &[u8], strict: bool) -> Result<OnlineRequest, Api
 /// cached by the list's text (and the naming flag): the hot path parses and looks up no
 /// feature name.
 pub struct Resolved {
-    refs: Vec<(ViewId, FeatureIdx, String)>,
+    refs: Vec<FeatureRef>,
 }
 
 /// Distinct feature lists remembered (a bounded cache: an unbounded variety of lists only
@@ -232,62 +201,12 @@ fn resolve(state: &AppState, req: &OnlineRequest) -> Result<Arc<Resolved>, ApiEr
         None => serde_json::from_str(text).map_err(|e| {
             ApiError::bad_request("BAD_REQUEST", format!("invalid request: features: {e}"))
         })?,
-        Some(name) => service_features(state, name)?.to_vec(),
+        Some(name) => features::service_features(&state.node, name)?.to_vec(),
     };
-    let resolved = Arc::new(resolve_names(state, &names, req.full_feature_names)?);
+    let refs = features::resolve(&state.node, &names, req.full_feature_names)?;
+    let resolved = Arc::new(Resolved { refs });
     state.resolved.insert(key, resolved.clone());
     Ok(resolved)
-}
-
-fn service_features<'a>(state: &'a AppState, name: &str) -> Result<&'a [String], ApiError> {
-    state
-        .node
-        .config
-        .feature_services
-        .iter()
-        .find(|s| s.name == name)
-        .map(|s| s.features.as_slice())
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "UNKNOWN_FEATURE_SERVICE",
-                format!("no feature service {name:?}"),
-            )
-            .with_details(json!({"feature_service": name}))
-        })
-}
-
-/// Every reference resolved first: an unknown one fails the request, as in Feast.
-fn resolve_names(state: &AppState, names: &[String], full: bool) -> Result<Resolved, ApiError> {
-    if names.is_empty() {
-        return Err(ApiError::bad_request(
-            "BAD_REQUEST",
-            "features must name at least one view:feature",
-        ));
-    }
-    let schema = &state.node.schema;
-    let mut refs = Vec::with_capacity(names.len());
-    for name in names {
-        let resolved = name.split_once(':').and_then(|(view, feature)| {
-            let v = schema.view_by_name(view)?;
-            Some((v.id, v.column_index(feature)?))
-        });
-        let Some((view, f)) = resolved else {
-            return Err(ApiError::bad_request(
-                "UNKNOWN_FEATURE",
-                format!("no feature {name:?} (expected view:feature)"),
-            )
-            .with_details(json!({"feature": name})));
-        };
-        let v = schema.view(view);
-        let col = if full {
-            format!("{}__{}", v.name, v.column_name(f))
-        } else {
-            v.column_name(f).to_string()
-        };
-        refs.push((view, f, col));
-    }
-    Ok(Resolved { refs })
 }
 
 /// How a batch read reads: the online store now (strict or Feast's lenient parsing), or
@@ -350,173 +269,126 @@ async fn post_features_inner(
         crate::body::read_limited(body, state.node.config.limits.request_body_bytes_max).await?;
     let req = parse_online_request(&bytes, !matches!(mode, Mode::Feast))?;
     read_after(state, headers).await?;
-    let schema = &state.node.schema;
     let resolved = resolve(state, &req)?;
-    let refs = &resolved.refs;
-    // Entity columns: each must be an array, all of one length.
-    let mut rows = None;
-    // (column name, keys as strings — None where not a string or integer, raw values)
-    type EntityColumn<'a> = (&'a String, Vec<Option<String>>, &'a Vec<Json_>);
-    let mut columns: Vec<EntityColumn<'_>> = Vec::new();
-    for (name, values) in &req.entities {
+    let (columns, raw) = entity_columns(&req.entities)?;
+    let rows = columns.first().map_or(0, |c| c.keys.len());
+    let as_of = as_of(&req, matches!(mode, Mode::Historical), rows)?;
+    let per_feature = match &as_of {
+        // Point in time reads the log (and maybe PostgreSQL) synchronously: `block_in_place`
+        // moves this worker's other tasks away meanwhile (the server runs a multi-thread
+        // runtime).
+        Some(a) => tokio::task::block_in_place(|| {
+            features::read_batch(&state.node, &resolved.refs, &columns, Some(a))
+        })?,
+        None => features::read_batch(&state.node, &resolved.refs, &columns, None)?,
+    };
+    let entity_columns: Vec<(&str, &[Json_])> = columns
+        .iter()
+        .zip(&raw)
+        .map(|(c, raw)| (c.name.as_str(), raw.as_slice()))
+        .collect();
+    let reply = feast_reply(&entity_columns, &resolved.refs, &per_feature, rows);
+    Ok(([(header::CONTENT_TYPE, "application/json")], reply).into_response())
+}
+
+/// The request's entity columns: each an array, all of one length; a value that is not a
+/// string or integer is no key (its row reads as NOT_FOUND). Also returns the raw values,
+/// echoed in the reply.
+fn entity_columns(
+    entities: &Map<String, Json_>,
+) -> Result<(Vec<EntityColumn>, Vec<&Vec<Json_>>), ApiError> {
+    let mut columns = Vec::with_capacity(entities.len());
+    let mut raw = Vec::with_capacity(entities.len());
+    for (name, values) in entities {
         let Json_::Array(values) = values else {
             return Err(ApiError::bad_request(
                 "BAD_REQUEST",
                 format!("entities.{name} must be an array"),
             ));
         };
-        if *rows.get_or_insert(values.len()) != values.len() {
+        if raw
+            .first()
+            .is_some_and(|r: &&Vec<Json_>| r.len() != values.len())
+        {
             return Err(ApiError::bad_request(
                 "BAD_REQUEST",
                 "every entity column must have the same length",
             ));
         }
-        let keys = values
-            .iter()
-            .map(|v| match v {
-                Json_::String(s) => Some(s.clone()),
-                Json_::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
-                _ => None,
-            })
-            .collect();
-        columns.push((name, keys, values));
+        let keys = values.iter().map(entity_key).collect();
+        columns.push(EntityColumn {
+            name: name.clone(),
+            keys,
+        });
+        raw.push(values);
     }
-    let rows = rows.unwrap_or(0);
-    if rows > state.node.config.server.read_entities_max {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "TOO_MANY_ENTITIES",
-            format!(
-                "at most {} entity rows per request (server.read_entities_max)",
-                state.node.config.server.read_entities_max
-            ),
-        ));
+    Ok((columns, raw))
+}
+
+/// A JSON value as an entity key: a string, or an integer's decimal text.
+pub(crate) fn entity_key(v: &Json_) -> Option<String> {
+    match v {
+        Json_::String(s) => Some(s.clone()),
+        Json_::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+        _ => None,
     }
-    let online = !matches!(mode, Mode::Historical);
-    let semantics = match (online, req.semantics.as_deref()) {
-        (_, None) => Semantics::default(),
-        (false, Some(name)) => Semantics::parse(name).ok_or_else(|| {
+}
+
+/// `timestamps` and `semantics`: required and allowed only on the historical route.
+fn as_of(req: &OnlineRequest, historical: bool, rows: usize) -> Result<Option<AsOf>, ApiError> {
+    if !historical {
+        let misplaced = match (&req.timestamps, &req.semantics) {
+            (Some(_), _) => Some("timestamps belong to POST /v1/features/historical"),
+            (None, Some(_)) => Some("semantics belongs to POST /v1/features/historical"),
+            (None, None) => None,
+        };
+        return match misplaced {
+            Some(m) => Err(ApiError::bad_request("BAD_REQUEST", m)),
+            None => Ok(None),
+        };
+    }
+    let semantics = match req.semantics.as_deref() {
+        None => Semantics::default(),
+        Some(name) => Semantics::parse(name).ok_or_else(|| {
             ApiError::bad_request(
                 "BAD_REQUEST",
                 format!("semantics must be one of {:?}", Semantics::NAMES),
             )
             .with_details(json!({"semantics": name}))
         })?,
-        (true, Some(_)) => {
-            return Err(ApiError::bad_request(
-                "BAD_REQUEST",
-                "semantics belongs to POST /v1/features/historical",
-            ))
-        }
     };
-    let instants: Option<Vec<i64>> = match (online, &req.timestamps) {
-        (true, None) => None,
-        (true, Some(_)) => {
-            return Err(ApiError::bad_request(
-                "BAD_REQUEST",
-                "timestamps belong to POST /v1/features/historical",
-            ))
-        }
-        (false, None) => {
-            return Err(ApiError::bad_request(
-                "BAD_REQUEST",
-                "timestamps (one per entity row) are required",
-            ))
-        }
-        (false, Some(ts)) => {
-            if ts.len() != rows {
-                return Err(ApiError::bad_request(
-                    "BAD_REQUEST",
-                    format!("{} timestamps for {rows} entity rows", ts.len()),
-                ));
-            }
-            let mut out = Vec::with_capacity(rows);
-            for (i, t) in ts.iter().enumerate() {
-                let ms = match t {
-                    Json_::Number(n) => n.as_i64(),
-                    Json_::String(s) => quiver_core::time::parse_rfc3339_ms(s),
-                    _ => None,
-                };
-                let Some(ms) = ms.filter(|m| quiver_core::time::is_valid_event_time(*m)) else {
-                    return Err(ApiError::bad_request(
-                        "BAD_TIMESTAMP",
-                        "timestamps are epoch ms or RFC 3339",
-                    )
-                    .with_details(json!({"index": i})));
-                };
-                out.push(ms);
-            }
-            Some(out)
-        }
+    let Some(ts) = &req.timestamps else {
+        return Err(ApiError::bad_request(
+            "BAD_REQUEST",
+            "timestamps (one per entity row) are required",
+        ));
     };
-    // Which entity column keys each requested view.
-    let mut key_col_of_view: Vec<Option<usize>> = vec![None; schema.views.len()];
-    for (view, _, _) in refs {
-        let key = &schema.entity_of(schema.view(*view)).key;
-        let Some(i) = columns.iter().position(|(n, _, _)| *n == key) else {
+    if ts.len() != rows {
+        return Err(ApiError::bad_request(
+            "BAD_REQUEST",
+            format!("{} timestamps for {rows} entity rows", ts.len()),
+        ));
+    }
+    let mut instants = Vec::with_capacity(rows);
+    for (i, t) in ts.iter().enumerate() {
+        let ms = match t {
+            Json_::Number(n) => n.as_i64(),
+            Json_::String(s) => quiver_core::time::parse_rfc3339_ms(s),
+            _ => None,
+        };
+        let Some(ms) = ms.filter(|m| quiver_core::time::is_valid_event_time(*m)) else {
             return Err(ApiError::bad_request(
-                "MISSING_ENTITY",
-                format!(
-                    "entities must include {key:?} for view {:?}",
-                    schema.view(*view).name
-                ),
+                "BAD_TIMESTAMP",
+                "timestamps are epoch ms or RFC 3339",
             )
-            .with_details(json!({"entity_key": key})));
+            .with_details(json!({"index": i})));
         };
-        key_col_of_view[usize::from(*view)] = Some(i);
+        instants.push(ms);
     }
-
-    let now = now_ms();
-    // One store read per (view, row), shared by that view's features.
-    let mut per_feature: Vec<Vec<FeatureRead>> = vec![Vec::with_capacity(rows); refs.len()];
-    let mut scratch = Vec::new();
-    for view in 0..schema.views.len() {
-        let wanted: Vec<(usize, FeatureIdx)> = refs
-            .iter()
-            .enumerate()
-            .filter(|(_, (v, _, _))| usize::from(*v) == view)
-            .map(|(i, (_, f, _))| (i, *f))
-            .collect();
-        if wanted.is_empty() {
-            continue;
-        }
-        let features: Vec<FeatureIdx> = wanted.iter().map(|(_, f)| *f).collect();
-        let keys = &columns[key_col_of_view[view].expect("resolved above")].1;
-        // Point-in-time reads the log (and maybe PostgreSQL) synchronously: `block_in_place`
-        // moves this worker's other tasks away meanwhile (the server runs a multi-thread runtime).
-        let mut historical = match &instants {
-            Some(ts) => Some(tokio::task::block_in_place(|| {
-                read_historical(state, view as ViewId, &features, keys, ts, semantics)
-            })?),
-            None => None,
-        };
-        for (row, key) in keys.iter().enumerate() {
-            scratch.clear();
-            match (key, &mut historical) {
-                (Some(_), Some(h)) => scratch.append(&mut h[row]),
-                (Some(k), None) => {
-                    state
-                        .node
-                        .store
-                        .read(view as ViewId, k, &features, now, &mut scratch);
-                }
-                (None, _) => scratch.extend(features.iter().map(|_| FeatureRead {
-                    status: Status::NotFound,
-                    value: quiver_core::value::Value::Null,
-                    ts_ms: None,
-                })),
-            }
-            for ((i, _), r) in wanted.iter().zip(scratch.drain(..)) {
-                per_feature[*i].push(r);
-            }
-        }
-    }
-    let entity_columns: Vec<(&str, &[Json_])> = columns
-        .iter()
-        .map(|(n, _, raw)| (n.as_str(), raw.as_slice()))
-        .collect();
-    let reply = feast_reply(&entity_columns, refs, &per_feature, rows);
-    Ok(([(header::CONTENT_TYPE, "application/json")], reply).into_response())
+    Ok(Some(AsOf {
+        instants,
+        semantics,
+    }))
 }
 
 /// Feast's get-online-features reply, written straight into a buffer (a `serde_json::Value`
@@ -524,7 +396,7 @@ async fn post_features_inner(
 /// feature, each with values, statuses and event timestamps.
 fn feast_reply(
     entities: &[(&str, &[Json_])],
-    refs: &[(ViewId, FeatureIdx, String)],
+    refs: &[FeatureRef],
     per_feature: &[Vec<FeatureRead>],
     rows: usize,
 ) -> Vec<u8> {
@@ -534,7 +406,7 @@ fn feast_reply(
     let names = entities
         .iter()
         .map(|(n, _)| *n)
-        .chain(refs.iter().map(|r| r.2.as_str()));
+        .chain(refs.iter().map(|r| r.name.as_str()));
     for (i, name) in names.enumerate() {
         if i > 0 {
             j.raw(",");
@@ -596,78 +468,4 @@ fn list(j: &mut JsonBuf, n: usize, mut item: impl FnMut(&mut JsonBuf, usize)) {
         }
         item(j, i);
     }
-}
-
-/// Point-in-time reads for every row of one view, from the log (the embedded history).
-fn read_historical(
-    state: &AppState,
-    view: ViewId,
-    features: &[FeatureIdx],
-    keys: &[Option<String>],
-    instants: &[i64],
-    semantics: Semantics,
-) -> Result<Vec<Vec<FeatureRead>>, ApiError> {
-    let node = &state.node;
-    let started = Instant::now();
-    let wanted: std::collections::HashSet<String> = keys.iter().flatten().cloned().collect();
-    let view_name = &node.schema.view(view).name;
-    let unavailable = |e: String| ApiError::unavailable("HISTORY_UNAVAILABLE", e);
-    let history = match (&node.history, &node.history_reader) {
-        (Some(sink), Some(reader)) => {
-            // PostgreSQL holds every record below the sink's committed offsets (read first);
-            // the log supplies the rest. Records present in both are merged by offset.
-            let committed: Vec<u64> = (0..node.log.partitions())
-                .map(|p| sink.committed_offset(p))
-                .collect();
-            let keys_vec: Vec<String> = wanted.iter().cloned().collect();
-            let pg = reader
-                .collect(node.log.id(), &node.schema, view_name, &keys_vec)
-                .map_err(|e| unavailable(format!("PostgreSQL history: {e}")))?;
-            let mut merged =
-                quiver_store::pit::collect_from_log(&node.log, view_name, &wanted, &|p| {
-                    committed[p as usize]
-                })
-                .map_err(|e| unavailable(e.to_string()))?;
-            if merged.is_empty() {
-                pg
-            } else {
-                for (key, rows) in pg {
-                    let records = merged.entry(key).or_default();
-                    records.extend(rows);
-                    records.sort_by_key(|r| r.offset);
-                    records.dedup_by_key(|r| r.offset);
-                }
-                merged
-            }
-        }
-        _ => quiver_store::pit::collect_from_log(&node.log, view_name, &wanted, &|_| 0)
-            .map_err(|e| unavailable(e.to_string()))?,
-    };
-    let mut out: Vec<Vec<FeatureRead>> = vec![Vec::new(); keys.len()];
-    let mut rows_of: std::collections::HashMap<&str, Vec<(usize, i64)>> =
-        std::collections::HashMap::new();
-    for (row, key) in keys.iter().enumerate() {
-        if let Some(k) = key {
-            rows_of
-                .entry(k.as_str())
-                .or_default()
-                .push((row, instants[row]));
-        }
-    }
-    let collected = started.elapsed();
-    let mut replay = quiver_store::pit::Replay::new(&node.schema);
-    for (key, rows) in rows_of {
-        let records = history.get(key).map(Vec::as_slice).unwrap_or(&[]);
-        for (row, reads) in replay.read(view, key, records, &rows, features, semantics) {
-            out[row] = reads;
-        }
-    }
-    tracing::debug!(
-        rows = keys.len(),
-        records = history.values().map(Vec::len).sum::<usize>(),
-        collect_ms = collected.as_secs_f64() * 1e3,
-        replay_ms = (started.elapsed() - collected).as_secs_f64() * 1e3,
-        "point-in-time read"
-    );
-    Ok(out)
 }

@@ -1,6 +1,6 @@
 //! KServe V2 over gRPC: Triton's `inference.GRPCInferenceService` (the vendored
 //! `proto/grpc_service.proto`), so `tritonclient.grpc` works unchanged. A thin surface over the
-//! same typed calls as the HTTP routes (`v2::infer_tensors`, `v2::model_meta`, `v2::is_ready`):
+//! same typed calls as the HTTP routes (`quiver_serving::infer`):
 //! neither surface re-encodes through the other.
 //!
 //! Inputs come as `raw_input_contents` (what tritonclient sends: one byte string per input, in
@@ -17,8 +17,9 @@ use tonic::{Request, Response, Status};
 
 use crate::inference_proto as pb;
 use crate::inference_proto::grpc_inference_service_server::GrpcInferenceService;
-use crate::v2::{self, Elements, Tensor, V2Error};
 use crate::AppState;
+use quiver_serving::infer::{self, Elements, Tensor};
+use quiver_serving::ServingError;
 
 /// Streamed requests waiting for their answer, per stream (bounds a client that sends faster
 /// than models answer).
@@ -28,14 +29,16 @@ pub struct Inference {
     pub state: Arc<AppState>,
 }
 
-/// The gRPC status of a V2 error: the HTTP status mapped as Triton maps it.
-fn status(e: V2Error) -> Status {
-    let msg = e.0.message.clone();
-    match e.0.status.as_u16() {
-        400 | 413 => Status::invalid_argument(msg),
-        404 => Status::not_found(msg),
-        503 | 429 => Status::unavailable(msg),
-        _ => Status::internal(msg),
+/// The gRPC status of a serving error, by its class (as Triton maps its HTTP statuses).
+pub(crate) fn status(e: ServingError) -> Status {
+    use quiver_serving::Class;
+    let msg = e.message;
+    match e.code.class() {
+        Class::Invalid | Class::TooLarge => Status::invalid_argument(msg),
+        Class::NotFound => Status::not_found(msg),
+        Class::Conflict => Status::already_exists(msg),
+        Class::Unavailable => Status::unavailable(msg),
+        Class::Internal => Status::internal(msg),
     }
 }
 
@@ -43,7 +46,7 @@ fn version(v: &str) -> Option<&str> {
     (!v.is_empty()).then_some(v)
 }
 
-fn tensor_meta(t: &v2::TensorMeta) -> pb::model_metadata_response::TensorMetadata {
+fn tensor_meta(t: &infer::TensorMeta) -> pb::model_metadata_response::TensorMetadata {
     pb::model_metadata_response::TensorMetadata {
         name: t.name.clone(),
         datatype: t.datatype.to_string(),
@@ -145,8 +148,8 @@ async fn infer(
 ) -> Result<pb::ModelInferResponse, Status> {
     let inputs = decode_inputs(&req)?;
     let outputs: Vec<&str> = req.outputs.iter().map(|o| o.name.as_str()).collect();
-    let done = v2::infer_tensors(
-        state,
+    let done = infer::infer_tensors(
+        &state.node,
         &req.model_name,
         version(&req.model_version),
         inputs,
@@ -204,7 +207,8 @@ impl GrpcInferenceService for Inference {
         req: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let r = req.into_inner();
-        let ready = v2::is_ready(&self.state, &r.name, version(&r.version)).map_err(status)?;
+        let ready =
+            infer::is_ready(&self.state.node, &r.name, version(&r.version)).map_err(status)?;
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
@@ -224,7 +228,8 @@ impl GrpcInferenceService for Inference {
         req: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         let r = req.into_inner();
-        let m = v2::model_meta(&self.state, &r.name, version(&r.version)).map_err(status)?;
+        let m =
+            infer::model_meta(&self.state.node, &r.name, version(&r.version)).map_err(status)?;
         Ok(Response::new(pb::ModelMetadataResponse {
             name: m.name,
             versions: m.versions,
@@ -300,12 +305,14 @@ impl GrpcInferenceService for Inference {
     }
 }
 
-/// The gRPC router with the inference service, message size bounded by the body limit.
+/// The gRPC router: the inference service and `quiver.v1.Ingest`, message sizes bounded by
+/// the body limit.
 pub fn service(state: Arc<AppState>) -> tonic::service::Routes {
     let limit = state.node.config.limits.request_body_bytes_max;
+    let ingest = crate::grpc_ingest::service(state.clone());
     let svc =
         pb::grpc_inference_service_server::GrpcInferenceServiceServer::new(Inference { state })
             .max_decoding_message_size(limit)
             .max_encoding_message_size(usize::MAX);
-    tonic::service::Routes::new(svc)
+    tonic::service::Routes::new(svc).add_service(ingest)
 }

@@ -1,5 +1,5 @@
-//! `POST /v1/events`: validate the whole batch, encode one record per event, append to the
-//! log partitions by murmur2(key), wait for the requested ack, reply with a token.
+//! `POST /v1/events`: the HTTP surface of `quiver_serving::ingest` — `?ack=`, the
+//! `Idempotency-Key` replay table, the body limit, and the JSON reply with the token.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,19 +8,16 @@ use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use quiver_core::event::{decode_batch, Reason};
-use quiver_core::partition::partition_for;
-use quiver_core::record;
 use quiver_core::telemetry as t;
 use quiver_core::time::now_ms;
-use quiver_core::token::Token;
-use quiver_log::{Ack, RecordBatch};
+use quiver_log::Ack;
+use quiver_serving::idempotency::{body_hash, Lookup};
+use quiver_serving::ingest::{self, reject};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::error::ApiError;
-use crate::idempotency::{body_hash, Lookup};
-use crate::{AppState, Node};
+use crate::AppState;
 use bytes::Bytes;
 
 #[derive(Deserialize)]
@@ -29,11 +26,6 @@ pub struct IngestQuery {
 }
 
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
-
-fn reject(reason: &str, events: usize) {
-    metrics::counter!(t::EVENTS_REJECTED_TOTAL, "reason" => reason.to_string())
-        .increment(events.max(1) as u64);
-}
 
 pub async fn post_events(
     State(state): State<Arc<AppState>>,
@@ -56,18 +48,7 @@ async fn ingest(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let ack = match q.ack.as_deref() {
-        None | Some("durable") => Ack::Durable,
-        Some("written") => Ack::Written,
-        Some("none") => Ack::None,
-        Some(other) => {
-            return Err(ApiError::bad_request(
-                "BAD_PARAMETER",
-                format!("ack must be none, written or durable, not {other:?}"),
-            )
-            .with_details(json!({"parameter": "ack"})))
-        }
-    };
+    let ack = ingest::parse_ack(q.ack.as_deref())?;
     let idem_key = match headers.get(IDEMPOTENCY_KEY) {
         None => None,
         Some(v) => {
@@ -151,91 +132,34 @@ fn json_reply(body: Vec<u8>, replayed: bool) -> Response {
 /// takes about a millisecond of CPU, which would stall every request sharing the async worker.
 const INLINE_DECODE_BYTES_MAX: usize = 64 * 1024;
 
-/// Validates the whole batch and encodes one record per event, grouped by partition.
-/// Returns the number of events and the non-empty per-partition batches.
-fn encode_batch(
-    node: &Node,
-    bytes: &[u8],
+/// Validates and encodes a body of events: inline when small, else on the blocking pool.
+pub(crate) async fn prepare(
+    node: &Arc<quiver_serving::Node>,
+    bytes: &Bytes,
     idem_key: Option<&str>,
-) -> Result<(usize, Vec<(u32, RecordBatch)>), ApiError> {
-    let schema = &node.schema;
-    let events = decode_batch(bytes, schema, &node.limits, now_ms()).map_err(|e| {
-        reject(e.reason.code(), 1);
-        let status = if e.reason == Reason::BatchTooLarge {
-            StatusCode::PAYLOAD_TOO_LARGE
-        } else {
-            StatusCode::BAD_REQUEST
-        };
-        ApiError::new(status, "INVALID_EVENT", e.to_string())
-            .with_details(json!({"index": e.index, "field": e.field, "reason": e.reason.code()}))
-    })?;
-    let partitions = node.log.partitions();
-    let mut batches: Vec<RecordBatch> = (0..partitions).map(|_| RecordBatch::new()).collect();
-    for (i, e) in events.iter().enumerate() {
-        let view = &schema.view(e.view).name;
-        let dedup = match (&e.event_id, idem_key) {
-            (Some(id), _) => Some(record::dedup_from_event_id(view, &e.key, id)),
-            (None, Some(k)) => Some(record::dedup_from_idempotency(k, i)),
-            (None, None) => None,
-        };
-        let p = partition_for(e.key.as_bytes(), partitions);
-        batches[p as usize].push_with(|buf| record::encode(schema, e, dedup, buf));
+) -> Result<ingest::Prepared, quiver_serving::ServingError> {
+    if bytes.len() <= INLINE_DECODE_BYTES_MAX {
+        return ingest::prepare_json(node, bytes, idem_key);
     }
-    let batches = batches
-        .into_iter()
-        .enumerate()
-        .filter(|(_, b)| !b.is_empty())
-        .map(|(p, b)| (p as u32, b))
-        .collect();
-    Ok((events.len(), batches))
+    let (node, bytes, key) = (node.clone(), bytes.clone(), idem_key.map(str::to_string));
+    tokio::task::spawn_blocking(move || ingest::prepare_json(&node, &bytes, key.as_deref()))
+        .await
+        .map_err(|e| {
+            quiver_serving::ServingError::new(quiver_serving::Code::Internal, e.to_string())
+        })?
 }
 
-/// Validates, appends and waits; returns the reply body.
+/// Validates, appends and waits; returns the reply body `{"accepted": N, "token": "…"}`.
 pub(crate) async fn append(
     state: &AppState,
     bytes: &Bytes,
     idem_key: Option<&str>,
     ack: Ack,
 ) -> Result<Vec<u8>, ApiError> {
-    let node = &state.node;
-    let (count, batches) = if bytes.len() <= INLINE_DECODE_BYTES_MAX {
-        encode_batch(node, bytes, idem_key)?
-    } else {
-        let (node, bytes, key) = (node.clone(), bytes.clone(), idem_key.map(str::to_string));
-        tokio::task::spawn_blocking(move || encode_batch(&node, &bytes, key.as_deref()))
-            .await
-            .map_err(|e| {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", e.to_string())
-            })??
-    };
-    let appended = node.log.append(batches, ack).map_err(|e| {
-        let (reason, retry_after_s) = match e {
-            quiver_log::LogError::Full { .. } => ("queue_full", 1),
-            // Nothing frees disk before retention runs again.
-            quiver_log::LogError::DiskFull { .. } => (
-                "disk_full",
-                node.config
-                    .log
-                    .retention_check_interval
-                    .0
-                    .as_secs()
-                    .clamp(1, 3600) as u32,
-            ),
-            _ => ("log_unavailable", 1),
-        };
-        reject(reason, count);
-        ApiError::from(e).retry_after(retry_after_s)
-    })?;
-    let mut token = Token::new();
-    for a in &appended {
-        token.advance(a.partition, a.next_offset());
-    }
-    for a in appended {
-        a.wait().await.map_err(ApiError::from)?;
-    }
-    metrics::counter!(t::EVENTS_INGESTED_TOTAL).increment(count as u64);
+    let prepared = prepare(&state.node, bytes, idem_key).await?;
+    let done = ingest::append(&state.node, prepared, ack).await?;
     Ok(
-        serde_json::to_vec(&json!({"accepted": count, "token": token.to_string()}))
+        serde_json::to_vec(&json!({"accepted": done.accepted, "token": done.token.to_string()}))
             .expect("serializable"),
     )
 }

@@ -1,16 +1,14 @@
-//! Quiver's HTTP surface (axum): ingest, feature reads and ops. The only crate that knows HTTP
-//! and JSON status codes; it sees the log and store through their public APIs.
+//! Quiver's surfaces: HTTP (axum) and gRPC (tonic) over the serving layer (`quiver-serving`).
+//! The only crate that knows HTTP, gRPC, JSON shapes and status codes.
 
 mod body;
-pub mod cache;
 pub mod error;
 mod feast;
 pub mod features;
 pub mod grpc;
-pub mod idempotency;
+mod grpc_ingest;
 mod ingest;
 mod json_out;
-pub mod node;
 mod ops;
 mod predict;
 mod v2;
@@ -23,7 +21,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-pub use node::{Node, NodeError};
+pub use quiver_serving::{Node, NodeError};
 
 pub struct AppState {
     pub node: Arc<Node>,
@@ -190,4 +188,10 @@ pub async fn serve_with(
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod inference_proto {
     tonic::include_proto!("inference");
+}
+
+/// Generated from `proto/quiver/v1/ingest.proto` (see `build.rs`).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod ingest_proto {
+    tonic::include_proto!("quiver.v1");
 }

@@ -2,16 +2,8 @@
 //! unchanged: server and model metadata, health, readiness and `infer`, with the protocol's
 //! own error shape `{"error": "…"}`.
 //!
-//! An `infer` call takes either of two input sets:
-//! - **Raw tensor** — the signature model metadata declares: one numeric input named `input`
-//!   of shape `[n, model inputs]`, evaluated as given (no feature gathering, no cache). It is
-//!   the model's own input vector, as a Triton model declares it, so a generic client (read
-//!   metadata, fill every input: `perf_analyzer`, tritonclient scripts) can call any model.
-//! - **Feature join** (Quiver's extension `quiver_feature_join`, listed under that key in
-//!   model metadata): a BYTES input named after an entity key (`user_id`, shape `[n]`) plus
-//!   one input per request-time value (`amount`, shape `[n]` or `[n, 1]`). Quiver gathers the
-//!   features of those entities from memory, exactly as `/v1/models/{m}/predict` does: one V2
-//!   call is a full feature + predict request.
+//! The calls themselves (raw input vector or feature join) are `quiver_serving::infer`;
+//! this module decodes and encodes their HTTP form.
 //!
 //! Both speak Triton's **binary tensor data extension** (what tritonclient sends by default):
 //! the body is the JSON header (`Inference-Header-Content-Length` bytes) followed by the raw
@@ -32,13 +24,12 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use quiver_model::registry::Served;
-use quiver_model::repository::{Input, ModelSpec};
+use quiver_serving::infer::{self, Elements, Inferred, Tensor, TensorMeta};
+use quiver_serving::ServingError;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
-use crate::predict::{self, Instance};
 use crate::AppState;
 
 /// The V2 error: `{"error": "…"}` with the status (and `Retry-After`) of the `/v1` error.
@@ -47,6 +38,12 @@ pub(crate) struct V2Error(pub(crate) ApiError);
 impl From<ApiError> for V2Error {
     fn from(e: ApiError) -> V2Error {
         V2Error(e)
+    }
+}
+
+impl From<ServingError> for V2Error {
+    fn from(e: ServingError) -> V2Error {
+        V2Error(e.into())
     }
 }
 
@@ -63,10 +60,6 @@ impl IntoResponse for V2Error {
 
 fn bad(message: impl Into<String>) -> V2Error {
     V2Error(ApiError::bad_request("BAD_REQUEST", message))
-}
-
-fn not_found(message: impl Into<String>) -> V2Error {
-    V2Error(ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", message))
 }
 
 pub async fn server_metadata() -> Response {
@@ -90,26 +83,6 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-fn parse_version(v: &str) -> Result<u64, V2Error> {
-    v.parse()
-        .map_err(|_| not_found(format!("no version {v:?}")))
-}
-
-/// A model, its spec, and the version a versioned path names.
-type Found = (Arc<Served>, Arc<ModelSpec>, Option<u64>);
-
-/// The model and, for a versioned path, the version (which must exist).
-fn lookup(state: &AppState, name: &str, version: Option<&str>) -> Result<Found, V2Error> {
-    let (m, spec) = predict::served(state, name).map_err(|e| not_found(e.message))?;
-    let v = version.map(parse_version).transpose()?;
-    if let Some(v) = v {
-        if !m.versions.contains_key(&v) {
-            return Err(not_found(format!("model {name:?} has no version {v}")));
-        }
-    }
-    Ok((m, spec, v))
-}
-
 pub async fn model_metadata(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
@@ -124,92 +97,8 @@ pub async fn version_metadata(
     metadata(&state, &name, Some(&version)).unwrap_or_else(|e| e.into_response())
 }
 
-/// One tensor of a model's signature.
-pub(crate) struct TensorMeta {
-    pub name: String,
-    pub datatype: &'static str,
-    pub shape: Vec<i64>,
-}
-
-/// Model metadata, for both surfaces.
-pub(crate) struct ModelMeta {
-    pub name: String,
-    pub versions: Vec<String>,
-    pub platform: String,
-    /// The one fillable signature: the raw input vector.
-    pub inputs: Vec<TensorMeta>,
-    pub outputs: Vec<TensorMeta>,
-    /// The feature-join extension's inputs (entity keys, request values).
-    pub join: Vec<TensorMeta>,
-}
-
-pub(crate) fn model_meta(
-    state: &AppState,
-    name: &str,
-    version: Option<&str>,
-) -> Result<ModelMeta, V2Error> {
-    let (m, spec, v) = lookup(state, name, version)?;
-    let schema = &state.node.schema;
-    let mut join: Vec<TensorMeta> = Vec::new();
-    for (view, _, _) in &spec.reads {
-        let key = &schema.entity_of(schema.view(*view)).key;
-        if !join.iter().any(|i| i.name == *key) {
-            join.push(TensorMeta {
-                name: key.clone(),
-                datatype: "BYTES",
-                shape: vec![-1],
-            });
-        }
-    }
-    for input in &spec.inputs {
-        if let Input::Request { name, .. } = input {
-            join.push(TensorMeta {
-                name: name.clone(),
-                datatype: "FP64",
-                shape: vec![-1],
-            });
-        }
-    }
-    let width = v
-        .or_else(|| m.default_version())
-        .and_then(|v| m.versions.get(&v))
-        .and_then(|x| x.loaded.as_ref())
-        .map(|l| {
-            if l.column.is_some() {
-                1
-            } else {
-                l.model.outputs()
-            }
-        })
-        .unwrap_or(1);
-    let out_shape = if width == 1 {
-        vec![-1]
-    } else {
-        vec![-1, width as i64]
-    };
-    Ok(ModelMeta {
-        name: name.to_string(),
-        versions: match v {
-            Some(v) => vec![v.to_string()],
-            None => m.versions.keys().map(|v| v.to_string()).collect(),
-        },
-        platform: spec.runtime.name().to_string(),
-        inputs: vec![TensorMeta {
-            name: "input".into(),
-            datatype: "FP64",
-            shape: vec![-1, spec.inputs.len() as i64],
-        }],
-        outputs: vec![TensorMeta {
-            name: spec.output_name().to_string(),
-            datatype: "FP64",
-            shape: out_shape,
-        }],
-        join,
-    })
-}
-
 fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Response, V2Error> {
-    let meta = model_meta(state, name, version)?;
+    let meta = infer::model_meta(&state.node, name, version)?;
     let tensors = |ts: &[TensorMeta]| -> Vec<Value> {
         ts.iter()
             .map(|t| json!({"name": t.name, "datatype": t.datatype, "shape": t.shape}))
@@ -226,19 +115,6 @@ fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Respo
     .into_response())
 }
 
-/// Whether a model (or one version of it) is ready to serve.
-pub(crate) fn is_ready(
-    state: &AppState,
-    name: &str,
-    version: Option<&str>,
-) -> Result<bool, V2Error> {
-    let (m, _, v) = lookup(state, name, version)?;
-    Ok(match v {
-        Some(v) => m.versions[&v].loaded.is_some(),
-        None => m.default_version().is_some(),
-    })
-}
-
 pub async fn model_ready(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
     readiness(&state, &name, None).unwrap_or_else(|e| e.into_response())
 }
@@ -251,7 +127,7 @@ pub async fn version_ready(
 }
 
 fn readiness(state: &AppState, name: &str, version: Option<&str>) -> Result<Response, V2Error> {
-    Ok(if is_ready(state, name, version)? {
+    Ok(if infer::is_ready(&state.node, name, version)? {
         StatusCode::OK.into_response()
     } else {
         (StatusCode::BAD_REQUEST, Json(json!({"error": "not ready"}))).into_response()
@@ -327,14 +203,6 @@ pub async fn version_infer(
     infer_inner(&state, &name, Some(&version), &headers, body)
         .await
         .unwrap_or_else(|e| e.into_response())
-}
-
-/// A tensor's elements, flattened (data may be flat or nested), checked against its
-/// datatype and shape.
-#[derive(Debug)]
-pub(crate) enum Elements {
-    Numbers(Vec<f64>),
-    Strings(Vec<String>),
 }
 
 /// A tensor's elements from its JSON `data` or, with `binary_data_size`, from `binary`
@@ -484,192 +352,8 @@ async fn infer_inner(
         .flatten()
         .map(|o| o.name.as_str())
         .collect();
-    let done = infer_tensors(state, name, version, inputs, &outputs).await?;
+    let done = infer::infer_tensors(&state.node, name, version, inputs, &outputs).await?;
     Ok(respond(&req, name, &done))
-}
-
-/// One decoded input tensor: what both surfaces (HTTP with JSON or binary data, gRPC with
-/// typed or raw contents) hand to [`infer_tensors`].
-pub(crate) struct Tensor {
-    pub name: String,
-    pub shape: Vec<i64>,
-    pub elements: Elements,
-}
-
-/// An inference's answer: the version that served it and one row of outputs per instance.
-pub(crate) struct Inferred {
-    pub version: u64,
-    pub output: String,
-    pub rows: Vec<Vec<f64>>,
-    pub cache_hits: Option<usize>,
-}
-
-/// The Open Inference Protocol's infer on decoded tensors: a raw input vector, or the
-/// feature join (see the module docs). `outputs` are the names asked for (none: all).
-pub(crate) async fn infer_tensors(
-    state: &AppState,
-    name: &str,
-    version: Option<&str>,
-    inputs: Vec<Tensor>,
-    outputs: &[&str],
-) -> Result<Inferred, V2Error> {
-    let (m, spec, pin) = lookup(state, name, version)?;
-    if let Some(o) = outputs.iter().find(|o| **o != spec.output_name()) {
-        return Err(bad(format!(
-            "unknown output {o:?} (the model's output is {:?})",
-            spec.output_name()
-        )));
-    }
-    if inputs.is_empty() {
-        return Err(bad("no inputs"));
-    }
-    let mut seen = std::collections::HashSet::new();
-    if let Some(dup) = inputs.iter().find(|t| !seen.insert(t.name.as_str())) {
-        return Err(bad(format!("input {:?} given twice", dup.name)));
-    }
-    let output = spec.output_name().to_string();
-    if let [raw] = inputs.as_slice() {
-        if raw.name == "input" {
-            let (version, rows) = infer_raw(state, &m, &spec, pin, raw).await?;
-            return Ok(Inferred {
-                version,
-                output,
-                rows,
-                cache_hits: None,
-            });
-        }
-    }
-    let instances = join_instances(state, &spec, inputs)?;
-    let answers = predict::run(state, &m, &spec, pin, &instances).await?;
-    let rows: Vec<Vec<f64>> = answers
-        .iter()
-        .map(|a| match a.column {
-            Some(c) => vec![a.outputs[c]],
-            None => a.outputs.to_vec(),
-        })
-        .collect();
-    let hits = answers.iter().filter(|a| a.cache_hit).count();
-    Ok(Inferred {
-        version: answers[0].version,
-        output,
-        rows,
-        cache_hits: Some(hits),
-    })
-}
-
-/// The raw input vector `[n, model inputs]`, evaluated as given.
-async fn infer_raw(
-    state: &AppState,
-    m: &Served,
-    spec: &ModelSpec,
-    pin: Option<u64>,
-    raw: &Tensor,
-) -> Result<(u64, Vec<Vec<f64>>), V2Error> {
-    let width = spec.inputs.len();
-    if raw.shape.len() != 2 || raw.shape[1] != width as i64 {
-        return Err(bad(format!(
-            "input \"input\": shape must be [n, {width}], got {:?}",
-            raw.shape
-        )));
-    }
-    let Elements::Numbers(values) = &raw.elements else {
-        return Err(bad("input \"input\" must be numeric"));
-    };
-    let max = state.node.config.server.read_entities_max;
-    let n = raw.shape[0] as usize;
-    if n == 0 || n > max {
-        return Err(bad(format!("1..={max} rows per request")));
-    }
-    let version = m.route(pin, "").map_err(predict::route_error)?;
-    let loaded = version.loaded.as_ref().expect("routed versions are loaded");
-    let k = loaded.model.outputs();
-    // Same path as a feature-join infer: micro-batcher, metrics, shadow copy.
-    let out = predict::evaluate(state, m, spec, version, values.clone(), n).await?;
-    assert_eq!(out.len(), n * k, "one row of outputs per input row");
-    let rows = out
-        .chunks_exact(k)
-        .map(|r| match loaded.column {
-            Some(c) => vec![r[c]],
-            None => r.to_vec(),
-        })
-        .collect();
-    Ok((version.version, rows))
-}
-
-/// Feature join: entity keys and request values, one element per instance.
-fn join_instances(
-    state: &AppState,
-    spec: &ModelSpec,
-    inputs: Vec<Tensor>,
-) -> Result<Vec<Instance>, V2Error> {
-    let schema = &state.node.schema;
-    let max = state.node.config.server.read_entities_max;
-    let mut n: Option<usize> = None;
-    let mut instances: Vec<Instance> = Vec::new();
-    let key_names: Vec<&str> = spec
-        .reads
-        .iter()
-        .map(|(view, _, _)| schema.entity_of(schema.view(*view)).key.as_str())
-        .collect();
-    for t in inputs {
-        let is_key = key_names.contains(&t.name.as_str());
-        let is_request = spec
-            .inputs
-            .iter()
-            .any(|i| matches!(i, Input::Request { name, .. } if *name == t.name));
-        if !is_key && !is_request {
-            return Err(bad(format!(
-                "unknown input {:?} (expected entity keys {key_names:?}, request values or \"input\")",
-                t.name
-            )));
-        }
-        let rows = match t.shape.as_slice() {
-            [n] => *n,
-            [n, 1] => *n,
-            _ => {
-                return Err(bad(format!(
-                    "input {:?}: shape must be [n] or [n, 1], got {:?}",
-                    t.name, t.shape
-                )))
-            }
-        } as usize;
-        if rows == 0 || rows > max {
-            return Err(bad(format!("1..={max} rows per request")));
-        }
-        match n {
-            None => {
-                n = Some(rows);
-                instances = (0..rows).map(|_| Instance::default()).collect();
-            }
-            Some(k) if k != rows => {
-                return Err(bad(format!(
-                    "input {:?} has {rows} rows, others {k}",
-                    t.name
-                )))
-            }
-            Some(_) => {}
-        }
-        match (t.elements, is_key) {
-            (Elements::Strings(keys), true) => {
-                for (inst, key) in instances.iter_mut().zip(keys) {
-                    inst.entities.insert(t.name.clone(), Value::String(key));
-                }
-            }
-            (Elements::Numbers(values), false) => {
-                for (inst, x) in instances.iter_mut().zip(values) {
-                    inst.features.insert(t.name.clone(), json!(x));
-                }
-            }
-            (_, true) => return Err(bad(format!("input {:?}: entity keys are BYTES", t.name))),
-            (_, false) => {
-                return Err(bad(format!(
-                    "input {:?}: request values are numeric",
-                    t.name
-                )))
-            }
-        }
-    }
-    Ok(instances)
 }
 
 /// The body's JSON and, with `Inference-Header-Content-Length`, the binary tensors after it.

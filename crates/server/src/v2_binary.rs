@@ -5,7 +5,7 @@
 //! little-endian length followed by that many bytes (UTF-8 here: they are entity keys).
 //! Every decoder checks the byte count against the shape and never panics on input.
 
-use crate::v2::Elements;
+use quiver_serving::infer::Elements;
 
 /// `raw` as `count` elements of `datatype`; the error names the input.
 pub(crate) fn decode(

@@ -9,12 +9,11 @@
 use std::sync::Arc;
 
 use quiver_core::time::EpochMs;
-use serde_json::Value as Json;
 
 pub struct Entry {
     /// The model's full output row.
     pub outputs: Arc<[f64]>,
-    pub missing: Json,
+    pub missing: Arc<[crate::predict::Missing]>,
     /// First instant at which the entry no longer answers (TTL, tile edge or cache age).
     pub valid_until_ms: EpochMs,
 }
@@ -147,7 +146,7 @@ mod tests {
             1,
             Entry {
                 outputs: Arc::from(vec![0.5]),
-                missing: Json::Null,
+                missing: Arc::from([]),
                 valid_until_ms: 100,
             },
         );

@@ -1,0 +1,320 @@
+//! Feature reads on plain types: one entity's every column, a batch of entity rows × feature
+//! references (Feast's get-online-features, online or point in time), read-your-writes
+//! waits. Online reads touch only memory.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use quiver_core::schema::{FeatureIdx, View, ViewId};
+use quiver_core::telemetry as t;
+use quiver_core::time::now_ms;
+use quiver_core::token::Token;
+use quiver_store::pit::Semantics;
+use quiver_store::{FeatureRead, Status};
+
+use crate::error::{Code, Result, ServingError};
+use crate::Node;
+
+/// Waits (bounded by `server.read_after_wait_ms_max`) until the materializer has applied
+/// every position `token` names.
+pub async fn read_after(node: &Node, token: &Token) -> Result<()> {
+    if node.store.has_applied(token) {
+        return Ok(());
+    }
+    let wait = Duration::from_millis(node.config.server.read_after_wait_ms_max);
+    let started = Instant::now();
+    let ok = node.store.wait_applied(token, wait).await;
+    metrics::histogram!(t::READ_AFTER_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
+    if ok {
+        Ok(())
+    } else {
+        Err(ServingError::new(
+            Code::ReadAfterTimeout,
+            format!(
+                "the token's writes were not applied within {} ms",
+                wait.as_millis()
+            ),
+        )
+        .detail("token", token.to_string()))
+    }
+}
+
+/// One entity's every column (features, then aggregations), read now.
+pub struct EntityRead<'a> {
+    pub view: &'a View,
+    pub version: u64,
+    pub columns: Vec<FeatureIdx>,
+    pub reads: Vec<FeatureRead>,
+}
+
+pub fn read_entity<'a>(node: &'a Node, view: &str, key: &str) -> Result<EntityRead<'a>> {
+    let Some(v) = node.schema.view_by_name(view) else {
+        return Err(
+            ServingError::new(Code::UnknownView, format!("no view {view:?}")).detail("view", view),
+        );
+    };
+    let columns: Vec<FeatureIdx> = (0..v.columns() as FeatureIdx).collect();
+    let mut reads = Vec::with_capacity(columns.len());
+    let Some(version) = node.store.read(v.id, key, &columns, now_ms(), &mut reads) else {
+        return Err(ServingError::new(
+            Code::EntityNotFound,
+            format!("view {view:?} has no entity {key:?}"),
+        )
+        .detail("view", view)
+        .detail("key", key));
+    };
+    Ok(EntityRead {
+        view: v,
+        version,
+        columns,
+        reads,
+    })
+}
+
+/// A feature reference resolved: its view, column and the name the reply gives it.
+#[derive(Clone, Debug)]
+pub struct FeatureRef {
+    pub view: ViewId,
+    pub column: FeatureIdx,
+    pub name: String,
+}
+
+/// The features of `[[feature_service]] name`.
+pub fn service_features<'a>(node: &'a Node, name: &str) -> Result<&'a [String]> {
+    node.config
+        .feature_services
+        .iter()
+        .find(|s| s.name == name)
+        .map(|s| s.features.as_slice())
+        .ok_or_else(|| {
+            ServingError::new(
+                Code::UnknownFeatureService,
+                format!("no feature service {name:?}"),
+            )
+            .detail("feature_service", name)
+        })
+}
+
+/// `view:feature` names → references, every one resolved first: an unknown one fails the
+/// request, as in Feast. `full` names a column `view__feature` (Feast's full feature names).
+pub fn resolve(node: &Node, names: &[String], full: bool) -> Result<Vec<FeatureRef>> {
+    if names.is_empty() {
+        return Err(ServingError::bad_request(
+            "features must name at least one view:feature",
+        ));
+    }
+    let schema = &node.schema;
+    let mut refs = Vec::with_capacity(names.len());
+    for name in names {
+        let resolved = name.split_once(':').and_then(|(view, feature)| {
+            let v = schema.view_by_name(view)?;
+            Some((v.id, v.column_index(feature)?))
+        });
+        let Some((view, column)) = resolved else {
+            return Err(ServingError::new(
+                Code::UnknownFeature,
+                format!("no feature {name:?} (expected view:feature)"),
+            )
+            .detail("feature", name.as_str()));
+        };
+        let v = schema.view(view);
+        let name = if full {
+            format!("{}__{}", v.name, v.column_name(column))
+        } else {
+            v.column_name(column).to_string()
+        };
+        refs.push(FeatureRef { view, column, name });
+    }
+    Ok(refs)
+}
+
+/// One entity column of a batch read: its name (`user_id`) and a key per row (`None` where
+/// the request's value cannot be a key: that row reads as `NOT_FOUND`).
+pub struct EntityColumn {
+    pub name: String,
+    pub keys: Vec<Option<String>>,
+}
+
+/// A point-in-time batch read: one instant (epoch ms) per row, and the semantics.
+pub struct AsOf {
+    pub instants: Vec<i64>,
+    pub semantics: Semantics,
+}
+
+/// Reads `refs` for every row of `entities` (all columns of one length): now from the store,
+/// or as of each row's instant. Returns one column of reads per reference, one read per row.
+pub fn read_batch(
+    node: &Node,
+    refs: &[FeatureRef],
+    entities: &[EntityColumn],
+    as_of: Option<&AsOf>,
+) -> Result<Vec<Vec<FeatureRead>>> {
+    let schema = &node.schema;
+    let rows = entities.first().map_or(0, |c| c.keys.len());
+    assert!(
+        entities.iter().all(|c| c.keys.len() == rows),
+        "entity columns of one length"
+    );
+    let max = node.config.server.read_entities_max;
+    if rows > max {
+        return Err(ServingError::new(
+            Code::TooManyEntities,
+            format!("at most {max} entity rows per request (server.read_entities_max)"),
+        ));
+    }
+    if let Some(a) = as_of {
+        if a.instants.len() != rows {
+            return Err(ServingError::bad_request(format!(
+                "{} timestamps for {rows} entity rows",
+                a.instants.len()
+            )));
+        }
+    }
+    let key_col_of_view = key_columns(node, refs, entities)?;
+    let now = now_ms();
+    // One store read per (view, row), shared by that view's features.
+    let mut per_feature: Vec<Vec<FeatureRead>> = vec![Vec::with_capacity(rows); refs.len()];
+    let mut scratch = Vec::new();
+    for view in 0..schema.views.len() {
+        let wanted: Vec<(usize, FeatureIdx)> = refs
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| usize::from(r.view) == view)
+            .map(|(i, r)| (i, r.column))
+            .collect();
+        if wanted.is_empty() {
+            continue;
+        }
+        let features: Vec<FeatureIdx> = wanted.iter().map(|(_, f)| *f).collect();
+        let keys = &entities[key_col_of_view[view].expect("resolved above")].keys;
+        let mut historical = match as_of {
+            Some(a) => Some(read_historical(
+                node,
+                view as ViewId,
+                &features,
+                keys,
+                &a.instants,
+                a.semantics,
+            )?),
+            None => None,
+        };
+        for (row, key) in keys.iter().enumerate() {
+            scratch.clear();
+            match (key, &mut historical) {
+                (Some(_), Some(h)) => scratch.append(&mut h[row]),
+                (Some(k), None) => {
+                    node.store
+                        .read(view as ViewId, k, &features, now, &mut scratch);
+                }
+                (None, _) => scratch.extend(features.iter().map(|_| FeatureRead {
+                    status: Status::NotFound,
+                    value: quiver_core::value::Value::Null,
+                    ts_ms: None,
+                })),
+            }
+            for ((i, _), r) in wanted.iter().zip(scratch.drain(..)) {
+                per_feature[*i].push(r);
+            }
+        }
+    }
+    Ok(per_feature)
+}
+
+/// Which entity column keys each requested view (indexed by view id).
+fn key_columns(
+    node: &Node,
+    refs: &[FeatureRef],
+    entities: &[EntityColumn],
+) -> Result<Vec<Option<usize>>> {
+    let schema = &node.schema;
+    let mut out: Vec<Option<usize>> = vec![None; schema.views.len()];
+    for r in refs {
+        let v = schema.view(r.view);
+        let key = &schema.entity_of(v).key;
+        let Some(i) = entities.iter().position(|c| c.name == *key) else {
+            return Err(ServingError::new(
+                Code::MissingEntity,
+                format!("entities must include {key:?} for view {:?}", v.name),
+            )
+            .detail("entity_key", key.as_str()));
+        };
+        out[usize::from(r.view)] = Some(i);
+    }
+    Ok(out)
+}
+
+/// Point-in-time reads for every row of one view: records from PostgreSQL below the history
+/// sink's committed offsets and from the log above them (or the log alone), replayed per
+/// entity. Blocking (disk and PostgreSQL): call it off the async workers.
+fn read_historical(
+    node: &Node,
+    view: ViewId,
+    features: &[FeatureIdx],
+    keys: &[Option<String>],
+    instants: &[i64],
+    semantics: Semantics,
+) -> Result<Vec<Vec<FeatureRead>>> {
+    let started = Instant::now();
+    let wanted: HashSet<String> = keys.iter().flatten().cloned().collect();
+    let history = collect_history(node, &node.schema.view(view).name, &wanted)?;
+    let mut out: Vec<Vec<FeatureRead>> = vec![Vec::new(); keys.len()];
+    let mut rows_of: HashMap<&str, Vec<(usize, i64)>> = HashMap::new();
+    for (row, key) in keys.iter().enumerate() {
+        if let Some(k) = key {
+            rows_of
+                .entry(k.as_str())
+                .or_default()
+                .push((row, instants[row]));
+        }
+    }
+    let collected = started.elapsed();
+    let mut replay = quiver_store::pit::Replay::new(&node.schema);
+    for (key, rows) in rows_of {
+        let records = history.get(key).map(Vec::as_slice).unwrap_or(&[]);
+        for (row, reads) in replay.read(view, key, records, &rows, features, semantics) {
+            out[row] = reads;
+        }
+    }
+    tracing::debug!(
+        rows = keys.len(),
+        records = history.values().map(Vec::len).sum::<usize>(),
+        collect_ms = collected.as_secs_f64() * 1e3,
+        replay_ms = (started.elapsed() - collected).as_secs_f64() * 1e3,
+        "point-in-time read"
+    );
+    Ok(out)
+}
+
+type History = HashMap<String, Vec<quiver_store::pit::HistoryRecord>>;
+
+/// Every record of `wanted`'s entities in `view`, by key, in offset order.
+fn collect_history(node: &Node, view_name: &str, wanted: &HashSet<String>) -> Result<History> {
+    let unavailable = |e: String| ServingError::new(Code::HistoryUnavailable, e);
+    let (Some(sink), Some(reader)) = (&node.history, &node.history_reader) else {
+        return quiver_store::pit::collect_from_log(&node.log, view_name, wanted, &|_| 0)
+            .map_err(|e| unavailable(e.to_string()));
+    };
+    // PostgreSQL holds every record below the sink's committed offsets (read first); the log
+    // supplies the rest. Records present in both are merged by offset.
+    let committed: Vec<u64> = (0..node.log.partitions())
+        .map(|p| sink.committed_offset(p))
+        .collect();
+    let keys: Vec<String> = wanted.iter().cloned().collect();
+    let pg = reader
+        .collect(node.log.id(), &node.schema, view_name, &keys)
+        .map_err(|e| unavailable(format!("PostgreSQL history: {e}")))?;
+    let mut merged = quiver_store::pit::collect_from_log(&node.log, view_name, wanted, &|p| {
+        committed[p as usize]
+    })
+    .map_err(|e| unavailable(e.to_string()))?;
+    if merged.is_empty() {
+        return Ok(pg);
+    }
+    for (key, rows) in pg {
+        let records = merged.entry(key).or_default();
+        records.extend(rows);
+        records.sort_by_key(|r| r.offset);
+        records.dedup_by_key(|r| r.offset);
+    }
+    Ok(merged)
+}

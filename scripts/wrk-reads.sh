@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Server CPU per read, measured from outside: the real `quiver serve` (release build) holding
+# N entities × 32 f64 features, driven by wrk (its own process, so its CPU is not the
+# server's), for the plain GET, Feast's /get-online-features with 1 and 10 entities, and
+# (with --grpc) nothing else. For each path: requests/s, p50/p99 from wrk, and the server's
+# CPU µs per request and per entity from /proc/PID/stat (utime + stime) over the run.
+#
+#   scripts/wrk-reads.sh [ENTITIES=100000] [SECONDS=10] [CONNECTIONS=10] [THREADS=2]
+#
+# Needs wrk (apt-get install wrk) and target/release/quiver (cargo build --release -p quiver).
+set -euo pipefail
+N=${1:-100000}
+SECS=${2:-10}
+CONNS=${3:-10}
+THREADS=${4:-2}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${QUIVER_BIN:-$ROOT/target/release/quiver}
+command -v wrk >/dev/null || { echo "wrk not found (apt-get install wrk)" >&2; exit 2; }
+[ -x "$BIN" ] || { echo "$BIN not found (cargo build --release -p quiver)" >&2; exit 2; }
+WORK=$(mktemp -d)
+PID=
+cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+FEATURES=$(python3 -c 'print(", ".join("{ name = \"f%d\", type = \"f64\" }" % i for i in range(32)))')
+cat > "$WORK/quiver.toml" <<TOML
+[server]
+listen = "127.0.0.1:$PORT"
+data_dir = "$WORK/data"
+[log]
+partitions = 8
+fsync = "batch"
+[store]
+snapshot_interval = "1h"
+[[entity]]
+name = "user"
+key = "user_id"
+[[view]]
+name = "row"
+entity = "user"
+features = [$FEATURES]
+TOML
+python3 - "$N" > "$WORK/rows.jsonl" <<'PY'
+import json, sys
+n = int(sys.argv[1])
+for i in range(n):
+    print(json.dumps({"view": "row", "key": f"e{i}",
+                      "values": {f"f{f}": ((i * 31 + f) % 97) / 48.0 - 1.0 for f in range(32)}}))
+PY
+"$BIN" serve --config "$WORK/quiver.toml" > "$WORK/serve.log" 2>&1 &
+PID=$!
+for _ in $(seq 200); do curl -sf "127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.05; done
+"$BIN" push "$WORK/rows.jsonl" --url "http://127.0.0.1:$PORT" --batch-size 1000 >/dev/null
+# Applied (not just durable): the last key reads back.
+for _ in $(seq 400); do curl -sf "127.0.0.1:$PORT/v1/features/row/e$((N - 1))" >/dev/null && break; sleep 0.05; done
+
+FLIST=$(python3 -c 'import json; print(json.dumps(["row:f%d" % f for f in range(32)]))')
+lua() { # $1 = entities per request (0: GET)
+  cat <<LUA
+local n, k = $N, $1
+local features = '$FLIST'
+math.randomseed(os.time())
+request = function()
+  local i = math.random(0, n - 1)
+  if k == 0 then return wrk.format("GET", "/v1/features/row/e" .. i) end
+  local keys = {}
+  for j = 0, k - 1 do keys[#keys + 1] = '"e' .. ((i + j * 7919) % n) .. '"' end
+  local body = '{"features":' .. features .. ',"entities":{"user_id":[' .. table.concat(keys, ",") .. ']},"full_feature_names":false}'
+  return wrk.format("POST", "/get-online-features", {["Content-Type"] = "application/json"}, body)
+end
+LUA
+}
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$PID/stat"; }
+HZ=$(getconf CLK_TCK)
+printf '| path | req/s | p50 | p99 | server CPU µs/req | µs/entity |\n|---|---|---|---|---|---|\n'
+for k in 0 1 10; do
+  lua "$k" > "$WORK/req.lua"
+  wrk -t1 -c"$CONNS" -d1s -s "$WORK/req.lua" "http://127.0.0.1:$PORT" >/dev/null # warm-up
+  before=$(cpu_ticks)
+  out=$(wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --latency -s "$WORK/req.lua" "http://127.0.0.1:$PORT")
+  after=$(cpu_ticks)
+  reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  p50=$(echo "$out" | awk '$1 == "50%" {print $2}')
+  p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
+  non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+  [ -z "$non2xx" ] || { echo "$non2xx non-2xx replies for k=$k" >&2; exit 1; }
+  us=$(python3 -c "print(f'{($after - $before) / $HZ * 1e6 / $reqs:.1f}')")
+  per=$(python3 -c "print(f'{($after - $before) / $HZ * 1e6 / $reqs / max($k, 1):.1f}')")
+  name=$([ "$k" = 0 ] && echo "GET /v1/features/row/{key}" || echo "POST /get-online-features, $k entit$([ "$k" = 1 ] && echo y || echo ies)")
+  echo "| $name | $rps | $p50 | $p99 | $us | $per |"
+done
