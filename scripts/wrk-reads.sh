@@ -71,9 +71,9 @@ request = function()
 end
 LUA
 }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$PID/stat"; }
+cpu_ticks() { awk '{print $14 " " $15}' "/proc/$PID/stat"; } # utime stime
 HZ=$(getconf CLK_TCK)
-printf '| path | req/s | p50 | p99 | server CPU µs/req | µs/entity |\n|---|---|---|---|---|---|\n'
+printf '| path | req/s | p50 | p99 | server CPU µs/req (user + sys) | µs/entity |\n|---|---|---|---|---|---|\n'
 for k in 0 1 10; do
   lua "$k" > "$WORK/req.lua"
   wrk -t1 -c"$CONNS" -d1s -s "$WORK/req.lua" "http://127.0.0.1:$PORT" >/dev/null # warm-up
@@ -86,8 +86,10 @@ for k in 0 1 10; do
   p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
   non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
   [ -z "$non2xx" ] || { echo "$non2xx non-2xx replies for k=$k" >&2; exit 1; }
-  us=$(python3 -c "print(f'{($after - $before) / $HZ * 1e6 / $reqs:.1f}')")
-  per=$(python3 -c "print(f'{($after - $before) / $HZ * 1e6 / $reqs / max($k, 1):.1f}')")
+  read -r u0 s0 <<< "$before"
+  read -r u1 s1 <<< "$after"
+  us=$(python3 -c "u, s = ($u1 - $u0) / $HZ * 1e6 / $reqs, ($s1 - $s0) / $HZ * 1e6 / $reqs; print(f'{u + s:.1f} ({u:.1f} + {s:.1f})')")
+  per=$(python3 -c "print(f'{($u1 - $u0 + $s1 - $s0) / $HZ * 1e6 / $reqs / max($k, 1):.1f}')")
   name=$([ "$k" = 0 ] && echo "GET /v1/features/row/{key}" || echo "POST /get-online-features, $k entit$([ "$k" = 1 ] && echo y || echo ies)")
   echo "| $name | $rps | $p50 | $p99 | $us | $per |"
 done

@@ -12,9 +12,9 @@ use axum::response::{IntoResponse, Response};
 use quiver_core::telemetry as t;
 use quiver_core::time::now_ms;
 use quiver_core::token::Token;
-use quiver_serving::features::{self, AsOf, EntityColumn, FeatureRef};
+use quiver_serving::features::{self, AsOf, BatchReads, EntityColumn, FeatureRef};
 use quiver_store::pit::Semantics;
-use quiver_store::{FeatureRead, Status};
+use quiver_store::Status;
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json_};
 
@@ -273,7 +273,7 @@ async fn post_features_inner(
     let (columns, raw) = entity_columns(&req.entities)?;
     let rows = columns.first().map_or(0, |c| c.keys.len());
     let as_of = as_of(&req, matches!(mode, Mode::Historical), rows)?;
-    let per_feature = match &as_of {
+    let reads = match &as_of {
         // Point in time reads the log (and maybe PostgreSQL) synchronously: `block_in_place`
         // moves this worker's other tasks away meanwhile (the server runs a multi-thread
         // runtime).
@@ -287,7 +287,7 @@ async fn post_features_inner(
         .zip(&raw)
         .map(|(c, raw)| (c.name.as_str(), raw.as_slice()))
         .collect();
-    let reply = feast_reply(&entity_columns, &resolved.refs, &per_feature, rows);
+    let reply = feast_reply(&entity_columns, &resolved.refs, &reads);
     Ok(([(header::CONTENT_TYPE, "application/json")], reply).into_response())
 }
 
@@ -394,13 +394,13 @@ fn as_of(req: &OnlineRequest, historical: bool, rows: usize) -> Result<Option<As
 /// Feast's get-online-features reply, written straight into a buffer (a `serde_json::Value`
 /// tree costs several allocations per cell): entity columns first, then one column per
 /// feature, each with values, statuses and event timestamps.
-fn feast_reply(
-    entities: &[(&str, &[Json_])],
-    refs: &[FeatureRef],
-    per_feature: &[Vec<FeatureRead>],
-    rows: usize,
-) -> Vec<u8> {
-    assert_eq!(refs.len(), per_feature.len(), "one read column per feature");
+fn feast_reply(entities: &[(&str, &[Json_])], refs: &[FeatureRef], reads: &BatchReads) -> Vec<u8> {
+    assert_eq!(
+        refs.len(),
+        reads.references(),
+        "one read column per feature"
+    );
+    let rows = reads.rows;
     let mut j = JsonBuf::with_capacity(64 + rows * (entities.len() * 48 + refs.len() * 64));
     j.raw("{\"metadata\":{\"feature_names\":[");
     let names = entities
@@ -430,22 +430,22 @@ fn feast_reply(
         });
         j.raw("]}");
     }
-    for reads in per_feature {
-        debug_assert_eq!(reads.len(), rows);
-        if !entities.is_empty() {
+    for f in 0..refs.len() {
+        if !entities.is_empty() || f > 0 {
             j.raw(",");
         }
         j.raw("{\"values\":[");
         list(&mut j, rows, |j, i| {
-            j.value(&reads[i].value);
+            j.value(&reads.get(f, i).value);
         });
         j.raw("],\"statuses\":[");
         list(&mut j, rows, |j, i| {
-            j.raw("\"").raw(reads[i].status.as_str()).raw("\"");
+            j.raw("\"").raw(reads.get(f, i).status.as_str()).raw("\"");
         });
         j.raw("],\"event_timestamps\":[");
         list(&mut j, rows, |j, i| {
-            match (reads[i].status, reads[i].ts_ms) {
+            let r = reads.get(f, i);
+            match (r.status, r.ts_ms) {
                 (Status::NotFound, _) | (_, None) => {
                     j.str(EPOCH);
                 }

@@ -6,17 +6,21 @@
 use quiver_core::time::{format_rfc3339_ms, EpochMs};
 use quiver_core::value::Value;
 
+/// Timestamps remembered per reply, direct-mapped by time: features of one event share a
+/// time, and a batch reply is written column by column, visiting each row's time once per
+/// feature — so each distinct time is formatted once while the rows fit.
+const TS_SLOTS: usize = 16;
+
 pub struct JsonBuf {
     pub buf: Vec<u8>,
-    /// The last timestamp formatted and its text: features of one event share a time.
-    last_ts: Option<(EpochMs, String)>,
+    ts: [Option<(EpochMs, String)>; TS_SLOTS],
 }
 
 impl JsonBuf {
     pub fn with_capacity(n: usize) -> JsonBuf {
         JsonBuf {
             buf: Vec::with_capacity(n),
-            last_ts: None,
+            ts: Default::default(),
         }
     }
 
@@ -69,20 +73,16 @@ impl JsonBuf {
     }
 
     pub fn timestamp(&mut self, ts: EpochMs) -> &mut Self {
-        match &self.last_ts {
-            Some((t, text)) if *t == ts => {
-                self.buf.push(b'"');
-                self.buf.extend_from_slice(text.as_bytes());
-                self.buf.push(b'"');
-            }
-            _ => {
-                let text = format_rfc3339_ms(ts);
-                self.buf.push(b'"');
-                self.buf.extend_from_slice(text.as_bytes());
-                self.buf.push(b'"');
-                self.last_ts = Some((ts, text));
-            }
-        }
+        // Fibonacci hashing: times a millisecond apart land in different slots.
+        let slot = ((ts as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize;
+        debug_assert!(slot < TS_SLOTS);
+        let text = match &self.ts[slot] {
+            Some((t, text)) if *t == ts => text,
+            _ => &self.ts[slot].insert((ts, format_rfc3339_ms(ts))).1,
+        };
+        self.buf.push(b'"');
+        self.buf.extend_from_slice(text.as_bytes());
+        self.buf.push(b'"');
         self
     }
 }
@@ -105,12 +105,14 @@ mod tests {
             .raw(",")
             .timestamp(0)
             .raw(",")
+            .timestamp(1)
+            .raw(",")
             .timestamp(0)
             .raw("]}");
         let v: serde_json::Value = serde_json::from_slice(&j.buf).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"a\"b": [1.5, [1.0, 2.5], "x\ny", "1970-01-01T00:00:00.000Z", "1970-01-01T00:00:00.000Z"]})
+            serde_json::json!({"a\"b": [1.5, [1.0, 2.5], "x\ny", "1970-01-01T00:00:00.000Z", "1970-01-01T00:00:00.001Z", "1970-01-01T00:00:00.000Z"]})
         );
     }
 }

@@ -141,14 +141,37 @@ pub struct AsOf {
     pub semantics: Semantics,
 }
 
+/// A batch read's answer: one read per (reference, row), in one buffer (a request reads
+/// hundreds of cells; a vector per reference cost an allocation each on the hot path).
+pub struct BatchReads {
+    pub rows: usize,
+    /// Grouped by view, then row, then the view's references in request order.
+    cells: Vec<FeatureRead>,
+    /// Per reference: (its view's first cell, the view's references per row, its place).
+    at: Vec<(usize, usize, usize)>,
+}
+
+impl BatchReads {
+    /// The read of reference `i` for entity row `row`.
+    pub fn get(&self, i: usize, row: usize) -> &FeatureRead {
+        debug_assert!(row < self.rows);
+        let (base, width, k) = self.at[i];
+        &self.cells[base + row * width + k]
+    }
+
+    pub fn references(&self) -> usize {
+        self.at.len()
+    }
+}
+
 /// Reads `refs` for every row of `entities` (all columns of one length): now from the store,
-/// or as of each row's instant. Returns one column of reads per reference, one read per row.
+/// or as of each row's instant.
 pub fn read_batch(
     node: &Node,
     refs: &[FeatureRef],
     entities: &[EntityColumn],
     as_of: Option<&AsOf>,
-) -> Result<Vec<Vec<FeatureRead>>> {
+) -> Result<BatchReads> {
     let schema = &node.schema;
     let rows = entities.first().map_or(0, |c| c.keys.len());
     assert!(
@@ -172,20 +195,30 @@ pub fn read_batch(
     }
     let key_col_of_view = key_columns(node, refs, entities)?;
     let now = now_ms();
-    // One store read per (view, row), shared by that view's features.
-    let mut per_feature: Vec<Vec<FeatureRead>> = vec![Vec::with_capacity(rows); refs.len()];
-    let mut scratch = Vec::new();
+    let mut out = BatchReads {
+        rows,
+        cells: Vec::with_capacity(refs.len() * rows),
+        at: vec![(0, 0, 0); refs.len()],
+    };
+    let mut features: Vec<FeatureIdx> = Vec::with_capacity(refs.len());
     for view in 0..schema.views.len() {
-        let wanted: Vec<(usize, FeatureIdx)> = refs
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| usize::from(r.view) == view)
-            .map(|(i, r)| (i, r.column))
-            .collect();
-        if wanted.is_empty() {
+        // One store read per (view, row), shared by that view's references.
+        features.clear();
+        let base = out.cells.len();
+        for (i, r) in refs.iter().enumerate() {
+            if usize::from(r.view) == view {
+                out.at[i] = (base, 0, features.len());
+                features.push(r.column);
+            }
+        }
+        if features.is_empty() {
             continue;
         }
-        let features: Vec<FeatureIdx> = wanted.iter().map(|(_, f)| *f).collect();
+        for (i, r) in refs.iter().enumerate() {
+            if usize::from(r.view) == view {
+                out.at[i].1 = features.len();
+            }
+        }
         let keys = &entities[key_col_of_view[view].expect("resolved above")].keys;
         let mut historical = match as_of {
             Some(a) => Some(read_historical(
@@ -199,25 +232,26 @@ pub fn read_batch(
             None => None,
         };
         for (row, key) in keys.iter().enumerate() {
-            scratch.clear();
             match (key, &mut historical) {
-                (Some(_), Some(h)) => scratch.append(&mut h[row]),
+                (Some(_), Some(h)) => out.cells.append(&mut h[row]),
                 (Some(k), None) => {
                     node.store
-                        .read(view as ViewId, k, &features, now, &mut scratch);
+                        .read(view as ViewId, k, &features, now, &mut out.cells);
                 }
-                (None, _) => scratch.extend(features.iter().map(|_| FeatureRead {
+                (None, _) => out.cells.extend(features.iter().map(|_| FeatureRead {
                     status: Status::NotFound,
                     value: quiver_core::value::Value::Null,
                     ts_ms: None,
                 })),
             }
-            for ((i, _), r) in wanted.iter().zip(scratch.drain(..)) {
-                per_feature[*i].push(r);
-            }
+            assert_eq!(
+                out.cells.len(),
+                base + (row + 1) * features.len(),
+                "one read per feature and row"
+            );
         }
     }
-    Ok(per_feature)
+    Ok(out)
 }
 
 /// Which entity column keys each requested view (indexed by view id).
@@ -317,4 +351,77 @@ fn collect_history(node: &Node, view_name: &str, wanted: &HashSet<String>) -> Re
         records.dedup_by_key(|r| r.offset);
     }
     Ok(merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+[server]
+data_dir = "DIR"
+[log]
+partitions = 2
+[[entity]]
+name = "user"
+key = "user_id"
+[[view]]
+name = "a"
+entity = "user"
+features = [{ name = "x", type = "f64" }, { name = "z", type = "i64" }]
+[[view]]
+name = "b"
+entity = "user"
+features = [{ name = "y", type = "string" }]
+"#;
+
+    fn node(dir: &std::path::Path) -> Node {
+        let text = CONFIG.replace("DIR", &dir.display().to_string());
+        let config =
+            quiver_core::Config::from_toml_with_env(&text, Vec::<(String, String)>::new()).unwrap();
+        Node::open(config).unwrap()
+    }
+
+    #[test]
+    fn batch_reads_put_every_reference_of_interleaved_views_in_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path());
+        let body = br#"[{"view":"a","key":"u1","values":{"x":1.5,"z":7}},
+                        {"view":"b","key":"u1","values":{"y":"one"}},
+                        {"view":"a","key":"u2","values":{"x":2.5,"z":8}}]"#;
+        let prepared = crate::ingest::prepare_json(&node, body, None).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let done = rt.block_on(async {
+            let done = crate::ingest::append(&node, prepared, quiver_log::Ack::Durable).await;
+            let done = done.unwrap();
+            read_after(&node, &done.token).await.unwrap();
+            done
+        });
+        assert_eq!(done.accepted, 3);
+        let names: Vec<String> = ["a:z", "b:y", "a:x"].map(String::from).to_vec();
+        let refs = resolve(&node, &names, false).unwrap();
+        let entities = [EntityColumn {
+            name: "user_id".into(),
+            keys: vec![Some("u2".into()), None, Some("u1".into())],
+        }];
+        let reads = read_batch(&node, &refs, &entities, None).unwrap();
+        let cell = |i, row| {
+            let r = reads.get(i, row);
+            (r.status, r.value.clone())
+        };
+        use quiver_core::value::Value as V;
+        assert_eq!(cell(0, 0), (Status::Present, V::I64(8)));
+        assert_eq!(cell(1, 0), (Status::NotFound, V::Null), "u2 has no b row");
+        assert_eq!(cell(2, 0), (Status::Present, V::F64(2.5)));
+        for i in 0..3 {
+            assert_eq!(cell(i, 1), (Status::NotFound, V::Null), "no key, no read");
+        }
+        assert_eq!(cell(0, 2), (Status::Present, V::I64(7)));
+        assert_eq!(cell(1, 2), (Status::Present, V::Str("one".into())));
+        assert_eq!(cell(2, 2), (Status::Present, V::F64(1.5)));
+        node.shutdown();
+    }
 }

@@ -6,7 +6,8 @@
 //! - `lookup`: single-entity lookups of a 32-feature row over HTTP vs Redis `HGETALL` of the
 //!   same row, same keys (uniform and Zipf), same number of connections, closed loop.
 //! - `memory`: resident bytes per entity for N entities × 32 f64 features vs the raw bytes.
-//! - `predict`: predict (lookup + a 100-tree GBDT) against lookup alone and Redis `HGETALL`.
+//! - `predict`: predict (lookup + a 100-tree GBDT) against lookup alone and Redis `HGETALL`;
+//!   the same predict as KServe V2 infer over HTTP (JSON) and over gRPC (`ModelInfer`).
 //! - `decoupling`: Quiver against the database-as-queue design (`decoupling.rs`).
 //!
 //! Quiver runs in this process on its own 2-thread runtime; the load generator on another.
@@ -190,6 +191,8 @@ aggregations = [{{ name = "amount_sum_24h", of = "amount", fn = "sum", window = 
 pub(crate) struct Embedded {
     pub node: Arc<quiver_server::Node>,
     pub addr: std::net::SocketAddr,
+    /// KServe V2 over gRPC (and `quiver.v1.Ingest`).
+    pub grpc: std::net::SocketAddr,
     _runtime: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
 }
@@ -207,9 +210,12 @@ impl Embedded {
         let node = Arc::new(quiver_server::Node::open(config)?);
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         let addr = listener.local_addr()?;
+        let grpc_listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let grpc = grpc_listener.local_addr()?;
         let n = node.clone();
         runtime.spawn(async move {
-            quiver_server::serve(n, listener, metrics, std::future::pending()).await
+            let forever = std::future::pending();
+            quiver_server::serve_with(n, listener, Some(grpc_listener), metrics, forever).await
         });
         while !node.store.is_recovered() {
             std::thread::sleep(Duration::from_millis(5));
@@ -217,6 +223,7 @@ impl Embedded {
         Ok(Embedded {
             node,
             addr,
+            grpc,
             _runtime: runtime,
             _dir: dir,
         })
@@ -472,6 +479,10 @@ fn ratios(results: &Value) -> serde_json::Map<String, Value> {
             "/predict/predict_throughput_vs_lookup",
         ),
         (
+            "grpc_infer_throughput_vs_http_infer",
+            "/predict/grpc_infer_throughput_vs_http_infer",
+        ),
+        (
             "decoupling_event_rate_vs_postgres",
             "/decoupling/event_rate_vs_postgres",
         ),
@@ -710,6 +721,43 @@ enum Peer {
     Feast1 = 4,
     /// The same for 10 entities per request (ops counted per request).
     Feast10 = 5,
+    /// The predict as KServe V2 over HTTP: `POST /v2/models/gbdt32/infer`, feature join (the
+    /// entity key as a BYTES input), JSON tensors.
+    V2Http = 6,
+    /// The same over gRPC: `ModelInfer`, the key as typed BYTES contents, raw FP64 output.
+    V2Grpc = 7,
+}
+
+type InferClient =
+    quiver_server::inference_proto::grpc_inference_service_client::GrpcInferenceServiceClient<
+        tonic::transport::Channel,
+    >;
+
+async fn grpc_client(addr: std::net::SocketAddr) -> Result<InferClient> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    Ok(InferClient::new(channel))
+}
+
+/// The feature-join `ModelInfer` of entity `e{i}` on `gbdt32`.
+fn grpc_request(i: usize) -> quiver_server::inference_proto::ModelInferRequest {
+    use quiver_server::inference_proto as pb;
+    pb::ModelInferRequest {
+        model_name: "gbdt32".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "user_id".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1],
+            contents: Some(pb::InferTensorContents {
+                bytes_contents: vec![format!("e{i}").into_bytes()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
 }
 
 /// A `/get-online-features` body for `keys`, asking for all 32 features of `row`, as the
@@ -768,7 +816,7 @@ fn bench_lookup(args: &BenchArgs) -> Result<Value> {
             for dist in ["uniform", "zipf"] {
                 for peer in [Peer::Quiver, Peer::Redis, Peer::Feast1, Peer::Feast10] {
                     let (ops, h, errors) = closed_loop(
-                        peer, dist, addr, &redis, &prefix, n, conns, warmup, duration,
+                        peer, dist, addr, None, &redis, &prefix, n, conns, warmup, duration,
                     )
                     .await?;
                     rows.push((round, dist, peer, ops, h, errors));
@@ -848,6 +896,7 @@ async fn closed_loop(
     peer: Peer,
     dist: &str,
     addr: std::net::SocketAddr,
+    grpc: Option<std::net::SocketAddr>,
     redis: &redis::Client,
     prefix: &str,
     n: usize,
@@ -880,8 +929,14 @@ async fn closed_loop(
             let mut rng = rand::rngs::StdRng::seed_from_u64(c as u64);
             let mut h = histogram();
             let mut http = match peer {
-                Peer::Redis => None,
+                Peer::Redis | Peer::V2Grpc => None,
                 _ => Some(connect(addr).await?),
+            };
+            // One HTTP/2 connection per worker, as the HTTP peers have one each.
+            let mut infer = match (peer, grpc) {
+                (Peer::V2Grpc, Some(g)) => Some(grpc_client(g).await?),
+                (Peer::V2Grpc, None) => anyhow::bail!("the gRPC peer needs the gRPC listener"),
+                _ => None,
             };
             // One connection per worker, as HTTP keep-alive: not a shared multiplexed one.
             let mut con = match peer {
@@ -906,6 +961,20 @@ async fn closed_loop(
                         let (status, _) =
                             request(http.as_mut().expect("http"), "POST", path, body).await?;
                         status == 200
+                    }
+                    Peer::V2Http => {
+                        let body = Bytes::from(format!(
+                            r#"{{"inputs":[{{"name":"user_id","datatype":"BYTES","shape":[1],"data":["e{i}"]}}]}}"#
+                        ));
+                        let path = "/v2/models/gbdt32/infer";
+                        let (status, _) =
+                            request(http.as_mut().expect("http"), "POST", path, body).await?;
+                        status == 200
+                    }
+                    Peer::V2Grpc => {
+                        let client = infer.as_mut().expect("grpc");
+                        let reply = client.model_infer(grpc_request(i)).await;
+                        reply.is_ok_and(|r| r.get_ref().raw_output_contents.len() == 1)
                     }
                     Peer::Feast1 | Peer::Feast10 => {
                         let count = if peer == Peer::Feast1 { 1 } else { 10 };
@@ -1342,7 +1411,7 @@ fn bench_predict(args: &BenchArgs) -> Result<Value> {
         args.duration,
         args.repeat.max(1),
     );
-    let addr = q.addr;
+    let (addr, grpc) = (q.addr, q.grpc);
     let node = q.node.clone();
     let redis = redis::Client::open(args.redis.as_str())?;
     let rows = client_rt.block_on(async move {
@@ -1357,9 +1426,20 @@ fn bench_predict(args: &BenchArgs) -> Result<Value> {
                 Peer::Redis,
                 Peer::Predict,
                 Peer::PredictBatched,
+                Peer::V2Http,
+                Peer::V2Grpc,
             ] {
                 let (ops, h, errors) = closed_loop(
-                    peer, "uniform", addr, &redis, &prefix, n, conns, warmup, duration,
+                    peer,
+                    "uniform",
+                    addr,
+                    Some(grpc),
+                    &redis,
+                    &prefix,
+                    n,
+                    conns,
+                    warmup,
+                    duration,
                 )
                 .await?;
                 rows.push((round, peer as usize, ops, h, errors));
@@ -1402,6 +1482,11 @@ fn bench_predict(args: &BenchArgs) -> Result<Value> {
         (1, "Redis HGETALL of the same row (lookup alone)"),
         (2, "predict POST /v1/models/gbdt32/predict"),
         (3, "predict, micro-batched (32 rows / 200 µs)"),
+        (
+            6,
+            "predict as KServe V2 over HTTP (POST /v2/models/gbdt32/infer, JSON)",
+        ),
+        (7, "predict as KServe V2 over gRPC (ModelInfer)"),
     ] {
         say!(
             "| {name} | {:.0} | {:.0} | {:.0} | {} |",
@@ -1414,7 +1499,8 @@ fn bench_predict(args: &BenchArgs) -> Result<Value> {
                 .sum::<u64>()
         );
     }
-    say!("\npredict / lookup throughput: **{ratio:.2}×**; predict / Redis HGETALL: **{vs_redis:.2}×**\n");
+    let grpc_vs_http = per_round(Peer::V2Grpc as usize, Peer::V2Http as usize);
+    say!("\npredict / lookup throughput: **{ratio:.2}×**; predict / Redis HGETALL: **{vs_redis:.2}×**; V2 gRPC / V2 HTTP infer: **{grpc_vs_http:.2}×**\n");
     let fmt = |x: Option<f64>| {
         x.map_or("— (pip install onnxruntime)".to_string(), |x| {
             format!("{x:.2}")
@@ -1435,6 +1521,11 @@ fn bench_predict(args: &BenchArgs) -> Result<Value> {
         "batched_predict_p99_us": pick(3, &|r| us(&r.3, 0.99)),
         "redis_ops_per_s": pick(1, &|r| r.2),
         "predict_throughput_vs_lookup": ratio,
+        "v2_http_infer_ops_per_s": pick(6, &|r| r.2),
+        "v2_http_infer_p99_us": pick(6, &|r| us(&r.3, 0.99)),
+        "grpc_infer_ops_per_s": pick(7, &|r| r.2),
+        "grpc_infer_p99_us": pick(7, &|r| us(&r.3, 0.99)),
+        "grpc_infer_throughput_vs_http_infer": grpc_vs_http,
         "predict_throughput_vs_redis_lookup": vs_redis,
         "model_us_per_row_batch1": b1,
         "model_us_per_row_batch256": b256,
