@@ -30,11 +30,16 @@ fn message(prefix: &str, n: usize, seq: i64, key: &str) -> PushRequest {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
+/// The binary with its gRPC listener, that listener's address, and a runtime for the client.
+fn start() -> (tempfile::TempDir, Server, String, tokio::runtime::Runtime) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_args(dir.path(), &config(), &["--grpc-listen", "127.0.0.1:0"]);
+    let grpc = server.grpc.clone().expect("gRPC listener announced");
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap()
+        .unwrap();
+    (dir, server, grpc, rt)
 }
 
 async fn push(
@@ -61,10 +66,7 @@ fn count_of(server: &Server, key: &str, token: &str) -> serde_json::Value {
 
 #[test]
 fn a_stream_of_batches_is_acknowledged_and_readable_with_its_token() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_args(dir.path(), &config(), &["--grpc-listen", "127.0.0.1:0"]);
-    let grpc = server.grpc.clone().expect("gRPC listener announced");
-    let rt = runtime();
+    let (_dir, server, grpc, rt) = start();
     // 40 messages × 50 events over 50 keys, more than the in-flight bound: the stream is
     // admitted message by message while earlier acks are awaited.
     let msgs: Vec<PushRequest> = (0..40).map(|s| message("k", 50, s, "")).collect();
@@ -94,10 +96,7 @@ fn a_stream_of_batches_is_acknowledged_and_readable_with_its_token() {
 
 #[test]
 fn a_bad_message_ends_the_stream_after_acknowledging_the_ones_before_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_args(dir.path(), &config(), &["--grpc-listen", "127.0.0.1:0"]);
-    let grpc = server.grpc.clone().expect("gRPC listener announced");
-    let rt = runtime();
+    let (_dir, server, grpc, rt) = start();
     let mut bad = message("b", 3, 7, "");
     bad.events = br#"{"view":"txn","key":"b9","values":{"amount":"lots"}}"#.to_vec();
     let msgs = vec![
@@ -139,10 +138,7 @@ fn a_bad_message_ends_the_stream_after_acknowledging_the_ones_before_it() {
 
 #[test]
 fn a_message_retried_with_its_idempotency_key_is_applied_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_args(dir.path(), &config(), &["--grpc-listen", "127.0.0.1:0"]);
-    let grpc = server.grpc.clone().expect("gRPC listener announced");
-    let rt = runtime();
+    let (_dir, server, grpc, rt) = start();
     let first = rt
         .block_on(push(&grpc, vec![message("r", 4, 1, "batch-1")]))
         .unwrap();
