@@ -317,7 +317,8 @@ fn every_record_lands_once_and_replays_write_nothing() {
     )
     .unwrap();
     let wanted = keys.iter().cloned().collect();
-    let from_log = quiver_store::pit::collect_from_log(&log, "txn", &wanted, &|_| 0).unwrap();
+    let from_log =
+        quiver_store::pit::collect_from_log(log.as_ref(), "txn", &wanted, &|_| 0).unwrap();
     let now = quiver_core::time::now_ms();
     let instants: Vec<(usize, i64)> = vec![(0, now), (1, now - 1000), (2, 0)];
     for k in &keys {

@@ -57,6 +57,11 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub history: HistoryConfig,
     pub models: ModelsConfig,
+    /// Used when `log.backend = "kafka"`.
+    pub kafka: KafkaConfig,
+    /// RabbitMQ queues whose messages are appended to the log as events.
+    #[serde(rename = "rabbitmq_source")]
+    pub rabbitmq_sources: Vec<RabbitMqSourceConfig>,
     #[serde(rename = "entity")]
     pub entities: Vec<EntityConfig>,
     #[serde(rename = "view")]
@@ -109,9 +114,22 @@ pub enum FsyncPolicy {
     Never,
 }
 
+/// Which log carries events (DESIGN.md §3 `[log] backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogBackend {
+    /// Quiver's own log in `<data_dir>/log`: nothing to install, one node.
+    #[default]
+    Embedded,
+    /// Kafka topics (`[kafka]`): producers anywhere, several nodes.
+    Kafka,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
+    pub backend: LogBackend,
+    /// Partitions of the embedded log (with Kafka: `kafka.partitions`).
     pub partitions: u32,
     pub fsync: FsyncPolicy,
     pub segment_bytes: u64,
@@ -132,6 +150,7 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
+            backend: LogBackend::Embedded,
             partitions: 8,
             fsync: FsyncPolicy::Batch,
             segment_bytes: 64 * 1024 * 1024,
@@ -238,6 +257,121 @@ impl Default for HistoryConfig {
     }
 }
 
+/// `[kafka]`: Kafka as the log (`log.backend = "kafka"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated.
+    pub brokers: String,
+    /// View `txn` lives in topic `{topic_prefix}txn`.
+    pub topic_prefix: String,
+    /// Partitions of every topic Quiver reads (created with this count if missing; an
+    /// existing topic's count must match, so that a key is in the same partition everywhere).
+    pub partitions: u32,
+    /// Replication factor of the topics Quiver creates.
+    pub replication_factor: i32,
+    /// Extra librdkafka properties (`security.protocol`, `sasl.*`, `ssl.*`, …), passed to
+    /// every Kafka client Quiver makes.
+    pub client: BTreeMap<String, toml::Value>,
+    /// Where records of source topics that cannot be decoded are copied (with headers naming
+    /// the topic, partition, offset and reason). Unset: counted and logged only.
+    pub dead_letter_topic: Option<String>,
+    /// Longest an append waits for Kafka before it fails (librdkafka `message.timeout.ms`).
+    pub delivery_timeout: HumanDuration,
+    /// How long the producer gathers records into a batch (librdkafka `linger.ms`).
+    pub linger: HumanDuration,
+    /// Longest a broker holds a fetch while there is nothing new (`fetch.wait.max.ms`). A broker
+    /// answers as soon as records arrive, so this costs no freshness; lower only wakes every
+    /// idle consumer more often.
+    pub fetch_wait_max: HumanDuration,
+    /// For brokers that answer a fetch at once even when there is nothing new (some
+    /// Kafka-protocol test brokers; Kafka itself holds it `fetch_wait_max`): a reader that
+    /// finds nothing pauses fetching this long, so idle partitions do not spin. Reads then
+    /// lag by up to this much. `0ms` (default): never pause.
+    pub idle_fetch_backoff: HumanDuration,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            topic_prefix: "quiver.".into(),
+            partitions: 8,
+            replication_factor: 1,
+            client: BTreeMap::new(),
+            dead_letter_topic: None,
+            delivery_timeout: HumanDuration(Duration::from_secs(30)),
+            linger: HumanDuration(Duration::from_millis(1)),
+            fetch_wait_max: HumanDuration(Duration::from_millis(500)),
+            idle_fetch_backoff: HumanDuration(Duration::ZERO),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// `client` as librdkafka property strings (TOML numbers and booleans written out).
+    pub fn client_properties(&self) -> Vec<(String, String)> {
+        self.client
+            .iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), text)
+            })
+            .collect()
+    }
+}
+
+/// A view fed by somebody else's Kafka topic (DESIGN.md §3, a view's `source`): each record's
+/// value is a JSON object; `key_field`, `ts_field` and `event_id_field` name where the entity
+/// key, event time and dedup id are, and each feature is read from the field of its name (or
+/// the one `fields` maps it to). Other fields are ignored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewSourceConfig {
+    pub kafka_topic: String,
+    /// Unset: the record's Kafka key is the entity key.
+    pub key_field: Option<String>,
+    /// Unset: the record's Kafka timestamp is the event time.
+    pub ts_field: Option<String>,
+    pub event_id_field: Option<String>,
+    #[serde(default = "default_format")]
+    pub format: String,
+    /// Feature name → JSON field, for features whose field is named otherwise.
+    #[serde(default)]
+    pub fields: BTreeMap<String, String>,
+}
+
+fn default_format() -> String {
+    "json".into()
+}
+
+/// `[[rabbitmq_source]]`: a RabbitMQ queue whose messages (each a `/v1/events` body: one event,
+/// a JSON array or NDJSON) are appended to the log, acknowledged to RabbitMQ only once durable.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitMqSourceConfig {
+    /// `amqp://guest:guest@127.0.0.1:5672/%2f`
+    pub url: String,
+    pub queue: String,
+    /// Messages delivered and not yet acknowledged (AMQP `basic.qos` prefetch count).
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    /// Declare the queue (durable) if it does not exist.
+    #[serde(default = "default_true")]
+    pub declare: bool,
+}
+
+fn default_prefetch() -> u16 {
+    256
+}
+
+fn default_true() -> bool {
+    true
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelsConfig {
@@ -283,6 +417,9 @@ pub struct ViewConfig {
     /// The Feast push source whose `POST /push` writes into this view.
     #[serde(default)]
     pub push_source: Option<String>,
+    /// Somebody else's Kafka topic feeds this view (needs `log.backend = "kafka"`).
+    #[serde(default)]
+    pub source: Option<ViewSourceConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -310,7 +447,7 @@ pub struct AggregationConfig {
 
 /// Sections whose keys `QUIVER_<SECTION>_<KEY>` may override.
 const ENV_SECTIONS: &[&str] = &[
-    "server", "log", "limits", "store", "ingest", "history", "models",
+    "server", "log", "limits", "store", "ingest", "history", "models", "kafka",
 ];
 
 impl Config {
@@ -342,6 +479,7 @@ impl Config {
             "log.partitions",
             "must be 1..=1024",
         )?;
+        self.validate_kafka()?;
         check(
             self.log.segment_bytes >= 4096,
             "log.segment_bytes",
@@ -428,6 +566,110 @@ impl Config {
         // The schema is validated by compiling it.
         let schema = crate::schema::Schema::compile(self)?;
         self.validate_feature_services(&schema)
+    }
+
+    /// Partitions of the log in use: `log.partitions` (embedded) or `kafka.partitions`.
+    pub fn partitions(&self) -> u32 {
+        match self.log.backend {
+            LogBackend::Embedded => self.log.partitions,
+            LogBackend::Kafka => self.kafka.partitions,
+        }
+    }
+
+    fn validate_kafka(&self) -> Result<(), ConfigError> {
+        let kafka = self.log.backend == LogBackend::Kafka;
+        for (i, v) in self.views.iter().enumerate() {
+            let Some(src) = &v.source else { continue };
+            let path = format!("view[{i}].source");
+            if !kafka {
+                return Err(ConfigError::field(
+                    path,
+                    "a Kafka topic source needs log.backend = \"kafka\"",
+                ));
+            }
+            if src.kafka_topic.is_empty() {
+                return Err(ConfigError::field(
+                    format!("{path}.kafka_topic"),
+                    "must be non-empty",
+                ));
+            }
+            if src.format != "json" {
+                return Err(ConfigError::field(
+                    format!("{path}.format"),
+                    "only \"json\" is supported",
+                ));
+            }
+            if src.kafka_topic.starts_with(&self.kafka.topic_prefix)
+                && self
+                    .views
+                    .iter()
+                    .any(|o| src.kafka_topic == format!("{}{}", self.kafka.topic_prefix, o.name))
+            {
+                return Err(ConfigError::field(
+                    format!("{path}.kafka_topic"),
+                    "is the topic of a view Quiver writes",
+                ));
+            }
+            if self.views[..i].iter().any(|o| {
+                o.source
+                    .as_ref()
+                    .is_some_and(|s| s.kafka_topic == src.kafka_topic)
+            }) {
+                return Err(ConfigError::field(
+                    format!("{path}.kafka_topic"),
+                    "feeds another view already",
+                ));
+            }
+        }
+        if !kafka {
+            return Ok(());
+        }
+        let k = &self.kafka;
+        let check = |ok: bool, path: &str, msg: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::field(path, msg))
+            }
+        };
+        for (i, v) in self.views.iter().enumerate() {
+            let topic = match &v.source {
+                Some(src) => src.kafka_topic.clone(),
+                None => format!("{}{}", k.topic_prefix, v.name),
+            };
+            check(
+                topic.len() <= 249 && topic.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+                &format!("view[{i}]"),
+                "its Kafka topic name may hold only ASCII letters, digits, '.', '_' and '-' (at most 249)",
+            )?;
+        }
+        check(
+            (1..=1024).contains(&k.partitions),
+            "kafka.partitions",
+            "must be 1..=1024",
+        )?;
+        check(
+            !k.brokers.trim().is_empty(),
+            "kafka.brokers",
+            "must name at least one broker",
+        )?;
+        check(
+            k.replication_factor >= 1,
+            "kafka.replication_factor",
+            "must be at least 1",
+        )?;
+        check(
+            k.topic_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+            "kafka.topic_prefix",
+            "may hold only ASCII letters, digits, '.', '_' and '-' (Kafka's topic names)",
+        )?;
+        check(
+            k.delivery_timeout.0 >= Duration::from_millis(100),
+            "kafka.delivery_timeout",
+            "must be at least 100ms",
+        )
     }
 
     /// Every feature service has a unique name and names only columns that exist.

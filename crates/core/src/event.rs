@@ -60,6 +60,10 @@ pub enum Reason {
     TooLong,
     BatchTooLarge,
     EmptyBatch,
+    /// A Kafka record's `view` or `key` disagrees with its topic or record key.
+    Mismatch,
+    /// The view is fed by somebody else's Kafka topic; Quiver's ingest does not write it.
+    SourceView,
 }
 
 impl Reason {
@@ -76,6 +80,8 @@ impl Reason {
             Reason::TooLong => "too_long",
             Reason::BatchTooLarge => "batch_too_large",
             Reason::EmptyBatch => "empty_batch",
+            Reason::Mismatch => "mismatch",
+            Reason::SourceView => "source_view",
         }
     }
 }
@@ -217,21 +223,8 @@ pub fn decode_event(
     limits: &EventLimits,
     now_ms: EpochMs,
 ) -> Result<Event, EventError> {
-    let ev: RawEvent<'_> = serde_json::from_str(raw.get()).map_err(|e| {
-        let msg = e.to_string();
-        // serde names the field in its message for unknown fields: surface it as the path.
-        let field = msg
-            .strip_prefix("unknown field `")
-            .and_then(|s| s.split('`').next())
-            .unwrap_or("")
-            .to_string();
-        let reason = if field.is_empty() {
-            Reason::MalformedJson
-        } else {
-            Reason::UnknownField
-        };
-        err(reason, index, field, msg)
-    })?;
+    let ev: RawEvent<'_> =
+        serde_json::from_str(raw.get()).map_err(|e| raw_event_error(&e, index))?;
 
     let view_name: Cow<'_, str> = match ev.view {
         None => return Err(err(Reason::MissingField, index, "view", "missing")),
@@ -246,19 +239,80 @@ pub fn decode_event(
             format!("unknown view {view_name:?}"),
         ));
     };
-    let view = schema.view(view_id);
-
+    if let Some(src) = &schema.view(view_id).source {
+        return Err(err(
+            Reason::SourceView,
+            index,
+            "view",
+            format!(
+                "view {view_name:?} is fed by Kafka topic {:?}; produce to that topic instead",
+                src.topic
+            ),
+        ));
+    }
     let key = match ev.key {
         None => return Err(err(Reason::MissingField, index, "key", "missing")),
-        Some(k) => parse_key(k).ok_or_else(|| {
-            err(
-                Reason::WrongType,
-                index,
-                "key",
-                "must be a non-empty string or an integer",
-            )
-        })?,
+        Some(k) => parse_key(k).ok_or_else(|| bad_key(index))?,
     };
+    let parts = Parts {
+        key,
+        ts: ev.ts,
+        event_id: ev.event_id,
+        numeric_id: false,
+        lenient: false,
+    };
+    finish(view_id, parts, ev.values, index, schema, limits, now_ms)
+}
+
+fn raw_event_error(e: &serde_json::Error, index: usize) -> EventError {
+    let msg = e.to_string();
+    // serde names the field in its message for unknown fields: surface it as the path.
+    let field = msg
+        .strip_prefix("unknown field `")
+        .and_then(|s| s.split('`').next())
+        .unwrap_or("")
+        .to_string();
+    let reason = if field.is_empty() {
+        Reason::MalformedJson
+    } else {
+        Reason::UnknownField
+    };
+    err(reason, index, field, msg)
+}
+
+fn bad_key(index: usize) -> EventError {
+    err(
+        Reason::WrongType,
+        index,
+        "key",
+        "must be a non-empty string or an integer",
+    )
+}
+
+/// An event's parts other than its view and values, as found in whatever shape carried it.
+struct Parts<'a> {
+    key: String,
+    ts: Option<&'a RawValue>,
+    event_id: Option<&'a RawValue>,
+    /// Accept an integer `event_id` (other producers' records), kept as its decimal string.
+    numeric_id: bool,
+    /// Leave out values of features the view no longer has (or of another type) instead of
+    /// refusing the event: replaying a log written under an older config, as the store does.
+    lenient: bool,
+}
+
+/// Validates an event of a known view: key, time, id and values against the schema.
+fn finish(
+    view_id: ViewId,
+    parts: Parts<'_>,
+    raw_values: Option<BTreeMap<Cow<'_, str>, &RawValue>>,
+    index: usize,
+    schema: &Schema,
+    limits: &EventLimits,
+    now_ms: EpochMs,
+) -> Result<Event, EventError> {
+    let view = schema.view(view_id);
+    let key = parts.key;
     if key.len() > limits.key_bytes_max {
         return Err(err(
             Reason::TooLong,
@@ -270,8 +324,7 @@ pub fn decode_event(
             ),
         ));
     }
-
-    let ts_ms = match ev.ts {
+    let ts_ms = match parts.ts {
         None => now_ms,
         Some(t) => parse_ts(t).ok_or_else(|| {
             err(
@@ -282,28 +335,11 @@ pub fn decode_event(
             )
         })?,
     };
-
-    let event_id = match ev.event_id {
+    let event_id = match parts.event_id {
         None => None,
-        Some(id) => {
-            let id: String = serde_json::from_str(id.get())
-                .map_err(|_| err(Reason::WrongType, index, "event_id", "must be a string"))?;
-            if id.is_empty() || id.len() > limits.event_id_bytes_max {
-                return Err(err(
-                    Reason::TooLong,
-                    index,
-                    "event_id",
-                    format!(
-                        "must be 1..={} bytes (limits.event_id_bytes_max)",
-                        limits.event_id_bytes_max
-                    ),
-                ));
-            }
-            Some(id)
-        }
+        Some(id) => Some(parse_event_id(id, parts.numeric_id, index, limits)?),
     };
-
-    let Some(raw_values) = ev.values else {
+    let Some(raw_values) = raw_values else {
         return Err(err(Reason::MissingField, index, "values", "missing"));
     };
     if raw_values.is_empty() {
@@ -317,6 +353,15 @@ pub fn decode_event(
     let mut values = Vec::with_capacity(raw_values.len());
     for (name, raw) in raw_values {
         let field = || format!("values.{name}");
+        if parts.lenient {
+            let idx = view.feature_index(&name);
+            if let Some((i, v)) =
+                idx.and_then(|i| Some((i, parse_value(raw, view.feature(i).ty, limits).ok()?)))
+            {
+                values.push((i, v));
+            }
+            continue;
+        }
         let Some(idx) = view.feature_index(&name) else {
             return Err(err(
                 Reason::UnknownFeature,
@@ -330,6 +375,14 @@ pub fn decode_event(
             parse_value(raw, ty, limits).map_err(|(reason, m)| err(reason, index, field(), m))?;
         values.push((idx, value));
     }
+    if values.is_empty() {
+        return Err(err(
+            Reason::MissingField,
+            index,
+            "values",
+            format!("no value of a feature view {:?} has", view.name),
+        ));
+    }
     // BTreeMap keys are unique, so indices are unique; sort by index for the row layout.
     values.sort_by_key(|(i, _)| *i);
     debug_assert!(values.windows(2).all(|w| w[0].0 < w[1].0));
@@ -341,6 +394,178 @@ pub fn decode_event(
         event_id,
         values,
     })
+}
+
+fn parse_event_id(
+    raw: &RawValue,
+    numeric: bool,
+    index: usize,
+    limits: &EventLimits,
+) -> Result<String, EventError> {
+    let id = if numeric {
+        parse_key(raw)
+    } else {
+        serde_json::from_str::<String>(raw.get()).ok()
+    };
+    let id = id.ok_or_else(|| err(Reason::WrongType, index, "event_id", "must be a string"))?;
+    if id.is_empty() || id.len() > limits.event_id_bytes_max {
+        return Err(err(
+            Reason::TooLong,
+            index,
+            "event_id",
+            format!(
+                "must be 1..={} bytes (limits.event_id_bytes_max)",
+                limits.event_id_bytes_max
+            ),
+        ));
+    }
+    Ok(id)
+}
+
+/// A record of Quiver's own Kafka topic of `view`: the Kafka key is the entity key and the
+/// value is `{"ts", "event_id", "values"}`; `"view"` and `"key"`, when present, must agree
+/// with the topic and the Kafka key. `record_ts_ms` is the event time of a value without `ts`.
+/// Values of features the view does not have (any more) are left out, as the store does when
+/// it replays an older log; an event left with none is refused.
+pub fn decode_topic_event(
+    view: ViewId,
+    record_key: Option<&[u8]>,
+    value: &[u8],
+    schema: &Schema,
+    limits: &EventLimits,
+    record_ts_ms: EpochMs,
+) -> Result<Event, EventError> {
+    let text = std::str::from_utf8(value)
+        .map_err(|_| err(Reason::MalformedJson, 0, "", "value is not UTF-8"))?;
+    let ev: RawEvent<'_> = serde_json::from_str(text).map_err(|e| raw_event_error(&e, 0))?;
+    if let Some(v) = ev.view {
+        let name: Cow<'_, str> = serde_json::from_str(v.get())
+            .map_err(|_| err(Reason::WrongType, 0, "view", "must be a string"))?;
+        if name != schema.view(view).name {
+            return Err(err(
+                Reason::Mismatch,
+                0,
+                "view",
+                format!("names view {name:?}, not the topic's"),
+            ));
+        }
+    }
+    let from_record = record_key.map(|k| std::str::from_utf8(k).ok().filter(|k| !k.is_empty()));
+    let key = match (ev.key.map(parse_key), from_record) {
+        (Some(None), _) | (None, Some(None)) => return Err(bad_key(0)),
+        (Some(Some(k)), Some(Some(rk))) if k != rk => {
+            return Err(err(
+                Reason::Mismatch,
+                0,
+                "key",
+                "differs from the record's Kafka key",
+            ))
+        }
+        (Some(Some(k)), _) => k,
+        (None, Some(Some(rk))) => rk.to_string(),
+        (None, None) => {
+            return Err(err(
+                Reason::MissingField,
+                0,
+                "key",
+                "no Kafka key and no \"key\"",
+            ))
+        }
+    };
+    let parts = Parts {
+        key,
+        ts: ev.ts,
+        event_id: ev.event_id,
+        numeric_id: false,
+        lenient: true,
+    };
+    finish(view, parts, ev.values, 0, schema, limits, record_ts_ms)
+}
+
+/// A record of somebody else's topic feeding `view` (a view's `source`): a flat JSON object
+/// whose fields the source maps to key, time, id and features; other fields are ignored.
+pub fn decode_source_record(
+    view: ViewId,
+    record_key: Option<&[u8]>,
+    value: &[u8],
+    schema: &Schema,
+    limits: &EventLimits,
+    record_ts_ms: EpochMs,
+) -> Result<Event, EventError> {
+    let v = schema.view(view);
+    let source = v
+        .source
+        .as_ref()
+        .expect("decode_source_record is for source views");
+    let text = std::str::from_utf8(value)
+        .map_err(|_| err(Reason::MalformedJson, 0, "", "value is not UTF-8"))?;
+    let fields: std::collections::HashMap<Cow<'_, str>, &RawValue> = serde_json::from_str(text)
+        .map_err(|e| {
+            err(
+                Reason::MalformedJson,
+                0,
+                "",
+                format!("value is not a JSON object: {e}"),
+            )
+        })?;
+    let key = match &source.key_field {
+        Some(name) => match fields.get(name.as_str()) {
+            None => {
+                return Err(err(
+                    Reason::MissingField,
+                    0,
+                    name.clone(),
+                    "missing (the source's key_field)",
+                ))
+            }
+            Some(raw) => parse_key(raw).ok_or_else(|| {
+                err(
+                    Reason::WrongType,
+                    0,
+                    name.clone(),
+                    "must be a non-empty string or an integer",
+                )
+            })?,
+        },
+        None => match record_key.map(std::str::from_utf8) {
+            Some(Ok(k)) if !k.is_empty() => k.to_string(),
+            _ => {
+                return Err(err(
+                    Reason::MissingField,
+                    0,
+                    "key",
+                    "the record has no UTF-8 Kafka key",
+                ))
+            }
+        },
+    };
+    let lookup = |name: &Option<String>| name.as_deref().and_then(|n| fields.get(n).copied());
+    if let Some(name) = &source.ts_field {
+        if !fields.contains_key(name.as_str()) {
+            return Err(err(
+                Reason::MissingField,
+                0,
+                name.clone(),
+                "missing (the source's ts_field)",
+            ));
+        }
+    }
+    let parts = Parts {
+        key,
+        ts: lookup(&source.ts_field),
+        event_id: lookup(&source.event_id_field),
+        numeric_id: true,
+        lenient: false,
+    };
+    let values: BTreeMap<Cow<'_, str>, &RawValue> = source
+        .fields
+        .iter()
+        .filter_map(|(f, field)| {
+            let raw = fields.get(field.as_str())?;
+            Some((Cow::Borrowed(v.feature(*f).name.as_str()), *raw))
+        })
+        .collect();
+    finish(view, parts, Some(values), 0, schema, limits, record_ts_ms)
 }
 
 fn parse_key(raw: &RawValue) -> Option<String> {

@@ -36,6 +36,19 @@ pub struct Aggregation {
     pub window: Window,
 }
 
+/// Where a view fed by somebody else's Kafka topic finds its event in a record's JSON value.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub topic: String,
+    /// `None`: the record's Kafka key.
+    pub key_field: Option<String>,
+    /// `None`: the record's Kafka timestamp.
+    pub ts_field: Option<String>,
+    pub event_id_field: Option<String>,
+    /// Every feature and the JSON field it is read from.
+    pub fields: Vec<(FeatureIdx, String)>,
+}
+
 #[derive(Debug, Clone)]
 pub struct View {
     pub id: ViewId,
@@ -46,6 +59,8 @@ pub struct View {
     pub allowed_lateness_ms: EpochMs,
     pub features: Vec<Feature>,
     pub aggregations: Vec<Aggregation>,
+    /// Fed by somebody else's Kafka topic instead of Quiver's ingest.
+    pub source: Option<Source>,
     by_name: HashMap<String, FeatureIdx>,
 }
 
@@ -219,8 +234,13 @@ impl Schema {
                     "duplicate view name",
                 ));
             }
+            let source = match &v.source {
+                None => None,
+                Some(src) => Some(compile_source(src, &features, &by_name, &path)?),
+            };
             schema.views.push(View {
                 id,
+                source,
                 name: v.name.clone(),
                 entity,
                 ttl_ms: v.ttl.map(|d| d.as_ms()),
@@ -314,4 +334,37 @@ mod tests {
         assert_eq!(v.feature(1).ty, crate::value::FeatureType::F32s(2));
         assert!(v.feature(1).default.is_some());
     }
+}
+
+/// A view's `source`: every feature read from the field of its name unless `fields` says
+/// otherwise, and `fields` naming only features.
+fn compile_source(
+    src: &crate::config::ViewSourceConfig,
+    features: &[Feature],
+    by_name: &HashMap<String, FeatureIdx>,
+    path: &str,
+) -> Result<Source, ConfigError> {
+    for name in src.fields.keys() {
+        if !by_name.contains_key(name) {
+            return Err(ConfigError::field(
+                format!("{path}.source.fields"),
+                format!("{name:?} is not a feature of this view"),
+            ));
+        }
+    }
+    let fields = features
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let field = src.fields.get(&f.name).unwrap_or(&f.name);
+            (i as FeatureIdx, field.clone())
+        })
+        .collect();
+    Ok(Source {
+        topic: src.kafka_topic.clone(),
+        key_field: src.key_field.clone(),
+        ts_field: src.ts_field.clone(),
+        event_id_field: src.event_id_field.clone(),
+        fields,
+    })
 }

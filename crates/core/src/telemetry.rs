@@ -23,6 +23,13 @@ pub const LOG_POISONED: &str = "quiver_log_poisoned";
 /// Label `partition`: records durable in the log but not yet applied to the store.
 pub const MATERIALIZER_LAG_RECORDS: &str = "quiver_materializer_lag_records";
 pub const MATERIALIZER_APPLIED_OFFSET: &str = "quiver_materializer_applied_offset";
+/// Seconds since the partition was last caught up with its log's end as the log confirmed it
+/// (grows while a Kafka broker is away: reads are served from memory, this says how old).
+/// Records of Kafka topics that are not valid events of their view, by topic and reason.
+pub const KAFKA_RECORDS_REJECTED_TOTAL: &str = "quiver_kafka_records_rejected_total";
+/// Producer state: records admitted and not yet acknowledged by Kafka.
+pub const KAFKA_PRODUCER_QUEUED_RECORDS: &str = "quiver_kafka_producer_queued_records";
+pub const MATERIALIZER_STALENESS_SECONDS: &str = "quiver_materializer_staleness_seconds";
 pub const SNAPSHOT_SECONDS: &str = "quiver_snapshot_seconds";
 pub const STORE_ROWS: &str = "quiver_store_rows";
 

@@ -22,6 +22,13 @@ pub enum LogError {
         max: u64,
         held_by: Option<String>,
     },
+    /// The backend cannot take or hand out records right now (a Kafka broker away, a
+    /// producer being rebuilt after a fatal error): retrying later may succeed.
+    #[error("log unavailable: {0}")]
+    Unavailable(String),
+    /// The backend refused to start (a topic with another partition count, a bad setting).
+    #[error("log backend: {0}")]
+    Setup(String),
     #[error("log is shutting down")]
     ShuttingDown,
     #[error("corrupt log: partition {partition} segment {segment}: {reason}")]

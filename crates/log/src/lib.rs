@@ -37,7 +37,9 @@
 //! Offsets are dense per partition: a segment's frames carry `base, base+1, …`. The payload is
 //! opaque here (`quiver_core::record` defines it).
 
+pub mod api;
 pub mod consumers;
+mod embedded;
 mod error;
 pub mod frame;
 pub mod offsets;
@@ -55,6 +57,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+pub use api::{Appended, Done, EventLog, ReadPurpose, StreamId, StreamInfo, StreamReader};
 pub use consumers::{Consumer, Retention};
 pub use error::{LogError, Result};
 pub use offsets::OffsetStore;
@@ -150,36 +153,8 @@ impl RecordBatch {
     }
 }
 
-/// The offsets one append reserved in one partition, and its completion.
-#[derive(Debug)]
-pub struct Appended {
-    pub partition: u32,
-    pub first_offset: u64,
-    pub count: u64,
-    done: Option<oneshot::Receiver<Result<()>>>,
-}
-
-impl Appended {
-    /// Offset after the last record of this append.
-    pub fn next_offset(&self) -> u64 {
-        self.first_offset + self.count
-    }
-
-    /// Waits for the acknowledgement level the append asked for.
-    pub async fn wait(self) -> Result<()> {
-        match self.done {
-            None => Ok(()),
-            Some(rx) => rx.await.unwrap_or(Err(LogError::ShuttingDown)),
-        }
-    }
-
-    pub fn wait_blocking(self) -> Result<()> {
-        match self.done {
-            None => Ok(()),
-            Some(rx) => rx.blocking_recv().unwrap_or(Err(LogError::ShuttingDown)),
-        }
-    }
-}
+/// Opens a reader of one partition at an offset (kept by multi-stream readers to re-seek).
+pub(crate) type ReaderOpener = Box<dyn Fn(u32, u64) -> Result<PartitionReader> + Send>;
 
 /// State shared by every partition: the admission bound and the poison flag.
 pub(crate) struct Shared {
@@ -242,6 +217,8 @@ pub struct Log {
     dir: PathBuf,
     opts: LogOptions,
     parts: Vec<Arc<partition::PartitionShared>>,
+    /// One stream per partition (see [`api`]).
+    streams: Vec<StreamInfo>,
     shared: Arc<Shared>,
     consumers: consumers::Consumers,
     writers: Mutex<Vec<JoinHandle<()>>>,
@@ -303,8 +280,17 @@ impl Log {
             parts.push(part);
             writers.push(handle);
         }
+        let streams = (0..opts.partitions)
+            .map(|p| StreamInfo {
+                log_id: id.clone(),
+                partition: p,
+                name: format!("p-{p:04}"),
+                view: None,
+            })
+            .collect();
         Ok(Log {
             _lock: lock,
+            streams,
             id,
             dir: dir.to_path_buf(),
             opts,
@@ -388,12 +374,7 @@ impl Log {
             });
             drop(q);
             part.wake_writer.notify_one();
-            out.push(Appended {
-                partition: p,
-                first_offset,
-                count,
-                done: rx,
-            });
+            out.push(Appended::reserved(p, first_offset, count, rx));
         }
         Ok(out)
     }
@@ -404,6 +385,14 @@ impl Log {
             .get(partition as usize)
             .ok_or(LogError::NoPartition(partition))?;
         PartitionReader::new(part.clone(), from)
+    }
+
+    pub(crate) fn reader_opener(&self) -> ReaderOpener {
+        let parts = self.parts.clone();
+        Box::new(move |p, from| {
+            let part = parts.get(p as usize).ok_or(LogError::NoPartition(p))?;
+            PartitionReader::new(part.clone(), from)
+        })
     }
 
     /// Offset after the last durable record of `partition`.

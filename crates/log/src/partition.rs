@@ -32,7 +32,7 @@ pub(crate) struct Pending {
     pub first_offset: u64,
     pub batch: RecordBatch,
     pub ack: Ack,
-    pub done: Option<oneshot::Sender<Result<()>>>,
+    pub done: Option<oneshot::Sender<Result<u64>>>,
     pub enqueued: Instant,
 }
 
@@ -291,8 +291,9 @@ pub(crate) fn run_writer(
             metrics::histogram!(quiver_core::telemetry::LOG_APPEND_SECONDS)
                 .record(p.enqueued.elapsed().as_secs_f64());
             if let Some(done) = p.done {
+                let next = p.first_offset + p.batch.len() as u64;
                 let _ = done.send(match &result {
-                    Ok(()) => Ok(()),
+                    Ok(()) => Ok(next),
                     Err(LogError::Poisoned(r)) => Err(LogError::Poisoned(r.clone())),
                     Err(e) => Err(LogError::Poisoned(e.to_string())),
                 });
@@ -341,7 +342,7 @@ fn write_round(
     part.written.store(written, Ordering::Release);
     for p in round.iter_mut().filter(|p| p.ack == Ack::Written) {
         if let Some(done) = p.done.take() {
-            let _ = done.send(Ok(()));
+            let _ = done.send(Ok(p.first_offset + p.batch.len() as u64));
         }
     }
     let started = Instant::now();

@@ -16,12 +16,13 @@ use crate::segment::segment_name;
 #[derive(Debug, Default)]
 pub struct ReadBatch {
     buf: Vec<u8>,
-    /// (offset, append_ms, end of payload in `buf`)
-    entries: Vec<(u64, i64, usize)>,
+    /// (stream, offset, append_ms, end of payload in `buf`)
+    entries: Vec<(u32, u64, i64, usize)>,
 }
 
 #[derive(Debug, Clone, Copy)]
 pub struct LogRecord<'a> {
+    pub stream: u32,
     pub offset: u64,
     pub append_ms: i64,
     pub payload: &'a [u8],
@@ -38,20 +39,55 @@ impl ReadBatch {
 
     pub fn iter(&self) -> impl Iterator<Item = LogRecord<'_>> {
         let mut start = 0;
-        self.entries.iter().map(move |&(offset, append_ms, end)| {
-            let payload = &self.buf[start..end];
-            start = end;
-            LogRecord {
-                offset,
-                append_ms,
-                payload,
-            }
-        })
+        self.entries
+            .iter()
+            .map(move |&(stream, offset, append_ms, end)| {
+                let payload = &self.buf[start..end];
+                start = end;
+                LogRecord {
+                    stream,
+                    offset,
+                    append_ms,
+                    payload,
+                }
+            })
     }
 
-    fn clear(&mut self) {
+    pub fn clear(&mut self) {
         self.buf.clear();
         self.entries.clear();
+    }
+
+    /// Appends one record whose payload `write` puts into the shared buffer (for backends
+    /// outside this crate). Returning false from `write` drops the record.
+    pub fn push_with(
+        &mut self,
+        stream: u32,
+        offset: u64,
+        append_ms: i64,
+        write: impl FnOnce(&mut Vec<u8>) -> bool,
+    ) -> bool {
+        let start = self.buf.len();
+        if !write(&mut self.buf) {
+            self.buf.truncate(start);
+            return false;
+        }
+        self.entries
+            .push((stream, offset, append_ms, self.buf.len()));
+        true
+    }
+
+    /// Moves every record of `other` to the end of this batch.
+    pub fn append(&mut self, other: &mut ReadBatch) {
+        let base = self.buf.len();
+        self.buf.extend_from_slice(&other.buf);
+        self.entries.extend(
+            other
+                .entries
+                .iter()
+                .map(|&(s, o, a, end)| (s, o, a, base + end)),
+        );
+        other.clear();
     }
 }
 
@@ -96,6 +132,18 @@ impl PartitionReader {
     /// Reads up to `records_max` durable records, waiting up to `wait` for the first.
     pub fn poll(&mut self, records_max: usize, wait: Duration, out: &mut ReadBatch) -> Result<()> {
         out.clear();
+        self.poll_more(records_max, wait, out)
+    }
+
+    /// As [`poll`](Self::poll), adding to what `out` holds (`records_max` counts only what
+    /// this call adds).
+    pub fn poll_more(
+        &mut self,
+        records_max: usize,
+        wait: Duration,
+        out: &mut ReadBatch,
+    ) -> Result<()> {
+        let records_max = out.len() + records_max;
         let durable = self.part.wait_durable_beyond(self.next, wait);
         while self.next < durable && out.len() < records_max {
             self.read_one(out)?;
@@ -159,7 +207,7 @@ impl PartitionReader {
             return Err(self.corrupt(format!("checksum mismatch at offset {}", self.next)));
         }
         out.entries
-            .push((header.offset, header.append_ms, out.buf.len()));
+            .push((self.part.id, header.offset, header.append_ms, out.buf.len()));
         self.next += 1;
         Ok(())
     }

@@ -103,8 +103,10 @@ proptest! {
         // And the log goes on: appends after recovery continue the offsets.
         let next = log.next_offset(1);
         let a = log.append(vec![(1, batch(&[b"after".to_vec()]))], Ack::Durable).unwrap();
-        prop_assert_eq!(a[0].first_offset, next);
-        a.into_iter().for_each(|a| a.wait_blocking().unwrap());
+        prop_assert_eq!(a[0].first_offset, Some(next));
+        a.into_iter().for_each(|a| {
+            a.wait_blocking().unwrap();
+        });
         let all = read_all(&log, 1);
         prop_assert_eq!(all.last().unwrap().as_slice(), b"after");
     }

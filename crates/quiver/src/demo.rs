@@ -197,22 +197,15 @@ fn example(dir: &std::path::Path, postgres: Option<&str>) -> Result<quiver_core:
 
 /// Records of the log not yet applied to the store, and not yet in the history sink.
 fn lags(node: &quiver_server::Node) -> (u64, Option<u64>) {
-    let parts = 0..node.log.partitions();
-    let materializer = parts
+    let streams = 0..node.log.streams().len() as u32;
+    let end = |s| node.log.high_watermark(s).unwrap_or(0);
+    let materializer = streams
         .clone()
-        .map(|p| {
-            node.log
-                .durable_offset(p)
-                .saturating_sub(node.store.applied_offset(p))
-        })
+        .map(|s| end(s).saturating_sub(node.store.applied_offset(s)))
         .sum();
     let history = node.history.as_ref().map(|h| {
-        parts
-            .map(|p| {
-                node.log
-                    .durable_offset(p)
-                    .saturating_sub(h.committed_offset(p))
-            })
+        streams
+            .map(|s| end(s).saturating_sub(h.committed_offset(s)))
             .sum()
     });
     (materializer, history)

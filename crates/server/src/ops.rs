@@ -28,9 +28,11 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let node = &state.node;
     metrics::gauge!(t::LOG_QUEUE_RECORDS).set(node.log.queued_records() as f64);
     metrics::gauge!(t::STORE_ROWS).set(node.store.rows() as f64);
-    for p in 0..node.log.partitions() {
-        metrics::gauge!(t::LOG_NEXT_OFFSET, "partition" => p.to_string())
-            .set(node.log.next_offset(p) as f64);
+    if let Some(log) = node.embedded_log() {
+        for p in 0..log.partitions() {
+            metrics::gauge!(t::LOG_NEXT_OFFSET, "partition" => p.to_string())
+                .set(log.next_offset(p) as f64);
+        }
     }
     let Some(handle) = &state.metrics else {
         return (StatusCode::OK, "").into_response();

@@ -79,7 +79,7 @@ fn append(node: &Node, events: &[Ev], now: i64) -> Token {
         )
         .unwrap()
     {
-        token.advance(a.partition, a.next_offset());
+        token.advance(a.stream, a.next_offset().unwrap());
         a.wait_blocking().unwrap();
     }
     token
@@ -122,7 +122,7 @@ proptest! {
             }
         }
         let wanted: HashSet<String> = keys.iter().cloned().collect();
-        let history = pit::collect_from_log(&node.log, "txn", &wanted, &|_| 0).unwrap();
+        let history = pit::collect_from_log(node.log.as_ref(), "txn", &wanted, &|_| 0).unwrap();
         for k in &keys {
             let instants: Vec<(usize, i64)> = served.iter().enumerate().filter(|(_, s)| &s.1 == k).map(|(i, s)| (i, s.0)).collect();
             let records = history.get(k).map(Vec::as_slice).unwrap_or(&[]);

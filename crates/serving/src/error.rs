@@ -65,6 +65,7 @@ codes! {
     QueueFull = "QUEUE_FULL", Unavailable;
     DiskFull = "DISK_FULL", Unavailable;
     LogPoisoned = "LOG_POISONED", Unavailable;
+    LogUnavailable = "LOG_UNAVAILABLE", Unavailable;
     ShuttingDown = "SHUTTING_DOWN", Unavailable;
     ReadAfterTimeout = "READ_AFTER_TIMEOUT", Unavailable;
     HistoryUnavailable = "HISTORY_UNAVAILABLE", Unavailable;
@@ -171,6 +172,7 @@ impl From<quiver_log::LogError> for ServingError {
             L::Full { .. } => ServingError::new(Code::QueueFull, message),
             L::Poisoned(_) => ServingError::new(Code::LogPoisoned, message).retry_after(30),
             L::ShuttingDown => ServingError::new(Code::ShuttingDown, message),
+            L::Unavailable(_) => ServingError::new(Code::LogUnavailable, message),
             L::DiskFull { used, max, held_by } => ServingError::new(Code::DiskFull, message)
                 .detail("disk_bytes", used)
                 .detail("disk_bytes_max", max)

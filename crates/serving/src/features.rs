@@ -324,23 +324,26 @@ type History = HashMap<String, Vec<quiver_store::pit::HistoryRecord>>;
 /// Every record of `wanted`'s entities in `view`, by key, in offset order.
 fn collect_history(node: &Node, view_name: &str, wanted: &HashSet<String>) -> Result<History> {
     let unavailable = |e: String| ServingError::new(Code::HistoryUnavailable, e);
+    let log = node.log.as_ref();
     let (Some(sink), Some(reader)) = (&node.history, &node.history_reader) else {
-        return quiver_store::pit::collect_from_log(&node.log, view_name, wanted, &|_| 0)
+        return quiver_store::pit::collect_from_log(log, view_name, wanted, &|_| 0)
             .map_err(|e| unavailable(e.to_string()));
     };
     // PostgreSQL holds every record below the sink's committed offsets (read first); the log
-    // supplies the rest. Records present in both are merged by offset.
-    let committed: Vec<u64> = (0..node.log.partitions())
-        .map(|p| sink.committed_offset(p))
-        .collect();
+    // supplies the rest. Records present in both are merged by offset. A view's records all
+    // come from streams of one log id (the embedded log, or the view's Kafka topic).
+    let streams = log.view_streams(view_name);
+    let Some(&first) = streams.first() else {
+        return Ok(History::new());
+    };
+    let log_id = log.streams()[first as usize].log_id.clone();
     let keys: Vec<String> = wanted.iter().cloned().collect();
     let pg = reader
-        .collect(node.log.id(), &node.schema, view_name, &keys)
+        .collect(&log_id, &node.schema, view_name, &keys)
         .map_err(|e| unavailable(format!("PostgreSQL history: {e}")))?;
-    let mut merged = quiver_store::pit::collect_from_log(&node.log, view_name, wanted, &|p| {
-        committed[p as usize]
-    })
-    .map_err(|e| unavailable(e.to_string()))?;
+    let mut merged =
+        quiver_store::pit::collect_from_log(log, view_name, wanted, &|s| sink.committed_offset(s))
+            .map_err(|e| unavailable(e.to_string()))?;
     if merged.is_empty() {
         return Ok(pg);
     }

@@ -98,7 +98,7 @@ pub fn prepare(node: &Node, events: &[Event], idem_key: Option<&str>) -> Prepare
 }
 
 /// Appends a prepared batch, admitted whole or refused whole (bounded queue, disk bound).
-/// Returns the token at once; [`Pending::wait`] then waits for the ack level.
+/// [`Pending::wait`] then waits for the ack level and gives the token.
 pub fn submit(node: &Node, prepared: Prepared, ack: Ack) -> Result<Pending> {
     let count = prepared.events;
     let appended = node.log.append(prepared.batches, ack).map_err(|e| {
@@ -119,37 +119,35 @@ pub fn submit(node: &Node, prepared: Prepared, ack: Ack) -> Result<Pending> {
         reject(reason, count);
         ServingError::from(e).retry_after(retry_after_s)
     })?;
-    let mut token = Token::new();
-    for a in &appended {
-        token.advance(a.partition, a.next_offset());
-    }
     Ok(Pending {
-        done: Appended {
-            accepted: count,
-            token,
-        },
+        accepted: count,
         appended,
     })
 }
 
 /// An admitted batch whose acknowledgement may still be on its way.
 pub struct Pending {
-    done: Appended,
+    accepted: usize,
     appended: Vec<quiver_log::Appended>,
 }
 
 impl Pending {
-    pub fn token(&self) -> &Token {
-        &self.done.token
-    }
-
-    /// Waits for every partition's ack (written or durable, as asked).
+    /// Waits for every stream's ack (written or durable, as asked). The token names the
+    /// positions written: all of them, except with `ack=none` on a log whose broker assigns
+    /// offsets (Kafka), where they are not known without waiting.
     pub async fn wait(self) -> Result<Appended> {
+        let mut token = Token::new();
         for a in self.appended {
-            a.wait().await?;
+            let stream = a.stream;
+            if let Some(next) = a.wait().await? {
+                token.advance(stream, next);
+            }
         }
-        metrics::counter!(t::EVENTS_INGESTED_TOTAL).increment(self.done.accepted as u64);
-        Ok(self.done)
+        metrics::counter!(t::EVENTS_INGESTED_TOTAL).increment(self.accepted as u64);
+        Ok(Appended {
+            accepted: self.accepted,
+            token,
+        })
     }
 }
 

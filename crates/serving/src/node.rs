@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 use quiver_core::config::FsyncPolicy;
 use quiver_core::event::EventLimits;
 use quiver_core::{Config, Schema};
-use quiver_log::{Log, LogOptions};
+use quiver_log::{EventLog, Log, LogOptions};
 use quiver_store::materializer::{MaterializerOptions, Materializers};
 use quiver_store::Store;
 
@@ -44,11 +44,26 @@ pub struct Node {
     /// Point-in-time reads of the history table (pooled connections), with the sink.
     pub history_reader: Option<quiver_connect::history::HistoryReader>,
     pub schema: Arc<Schema>,
-    pub log: Arc<Log>,
+    /// The log, embedded or Kafka (`log.backend`): everything below reads it through the trait.
+    pub log: Arc<dyn EventLog>,
     pub store: Arc<Store>,
     pub materializers: Materializers,
     pub idempotency: IdempotencyStore,
     pub limits: EventLimits,
+}
+
+/// Opens the configured log backend: the embedded log in `<data_dir>/log`, or Kafka.
+fn open_log(config: &Config, schema: &Arc<Schema>) -> Result<Arc<dyn EventLog>, NodeError> {
+    match config.log.backend {
+        quiver_core::config::LogBackend::Embedded => Ok(Arc::new(Log::open(
+            &config.server.data_dir.join("log"),
+            LogOptions::from_config(config),
+        )?)),
+        quiver_core::config::LogBackend::Kafka => Ok(quiver_connect::kafka::KafkaLog::open(
+            config,
+            schema.clone(),
+        )?),
+    }
 }
 
 impl Node {
@@ -57,11 +72,12 @@ impl Node {
         let schema = Arc::new(Schema::compile(&config)?);
         let data = &config.server.data_dir;
         std::fs::create_dir_all(data).map_err(|e| NodeError::Io(data.display().to_string(), e))?;
-        let log = Arc::new(Log::open(
-            &data.join("log"),
-            LogOptions::from_config(&config),
-        )?);
-        let store = Arc::new(Store::new(schema.clone(), config.log.partitions));
+        let log = open_log(&config, &schema)?;
+        let store = Arc::new(Store::with_streams(
+            schema.clone(),
+            log.partitions(),
+            log.streams().len() as u32,
+        ));
         let materializers = Materializers::start(
             store.clone(),
             log.clone(),
@@ -132,9 +148,14 @@ impl Node {
         })
     }
 
+    /// The embedded log, when that is the backend (offline tools, tests, `log` metrics).
+    pub fn embedded_log(&self) -> Option<&Log> {
+        self.log.as_any().downcast_ref::<Log>()
+    }
+
     /// Why the node cannot serve reads yet (or any more), if it cannot.
     pub fn not_ready_reason(&self) -> Option<String> {
-        if let Some(p) = self.log.poisoned() {
+        if let Some(p) = self.embedded_log().and_then(Log::poisoned) {
             return Some(format!("log poisoned: {p}"));
         }
         let errors = self.materializers.errors();
@@ -150,10 +171,9 @@ impl Node {
     /// Deletes log segments past retention that no lossless consumer (snapshots, history
     /// sink) still needs. Run every `log.retention_check_interval`.
     pub fn housekeeping(&self) {
-        if let Err(e) = self.log.enforce_retention(quiver_core::time::now_ms()) {
-            tracing::error!(error = %e, "retention failed");
+        if let Some(bytes) = self.log.housekeeping(quiver_core::time::now_ms()) {
+            metrics::gauge!(quiver_core::telemetry::LOG_DISK_BYTES).set(bytes as f64);
         }
-        metrics::gauge!(quiver_core::telemetry::LOG_DISK_BYTES).set(self.log.disk_bytes() as f64);
     }
 
     /// Stops the consumers (history sink, materializers with their final snapshots), then

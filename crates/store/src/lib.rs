@@ -115,7 +115,7 @@ pub struct Store {
     partitions: u32,
     /// `[partition][view]`
     maps: Vec<Vec<RowMap>>,
-    /// Per partition: offset after the last record applied.
+    /// Per log stream (`quiver_log::StreamId`): offset after the last record applied.
     applied: Vec<AtomicU64>,
     applied_changed: Vec<tokio::sync::Notify>,
     recovered: AtomicBool,
@@ -133,8 +133,14 @@ pub enum Applied {
 }
 
 impl Store {
+    /// A store for a log with one stream per partition (the embedded log).
     pub fn new(schema: Arc<Schema>, partitions: u32) -> Store {
-        assert!(partitions > 0);
+        Store::with_streams(schema, partitions, partitions)
+    }
+
+    /// A store for a log of `streams` streams over `partitions` partitions.
+    pub fn with_streams(schema: Arc<Schema>, partitions: u32, streams: u32) -> Store {
+        assert!(partitions > 0 && streams >= partitions);
         let layouts: Vec<Layout> = schema.views.iter().map(Layout::of).collect();
         let maps = (0..partitions)
             .map(|_| schema.views.iter().map(|_| RowMap::new()).collect())
@@ -144,10 +150,8 @@ impl Store {
             layouts,
             partitions,
             maps,
-            applied: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
-            applied_changed: (0..partitions)
-                .map(|_| tokio::sync::Notify::new())
-                .collect(),
+            applied: (0..streams).map(|_| AtomicU64::new(0)).collect(),
+            applied_changed: (0..streams).map(|_| tokio::sync::Notify::new()).collect(),
             recovered: AtomicBool::new(false),
             schema,
         }
@@ -159,6 +163,18 @@ impl Store {
 
     pub fn partitions(&self) -> u32 {
         self.partitions
+    }
+
+    /// How many log streams the applied offsets track.
+    pub fn streams(&self) -> u32 {
+        self.applied.len() as u32
+    }
+
+    /// Drops every row of `partition` (a snapshot that turned out not to belong to this log).
+    pub(crate) fn clear_partition(&self, partition: u32) {
+        for map in &self.maps[partition as usize] {
+            map.pin().clear();
+        }
     }
 
     pub fn partition_of(&self, key: &str) -> u32 {
@@ -346,14 +362,15 @@ impl Store {
         self.maps.iter().flatten().map(|m| m.len()).sum()
     }
 
-    pub fn applied_offset(&self, partition: u32) -> u64 {
-        self.applied[partition as usize].load(Ordering::Acquire)
+    /// Offset after the last record of `stream` applied.
+    pub fn applied_offset(&self, stream: u32) -> u64 {
+        self.applied[stream as usize].load(Ordering::Acquire)
     }
 
-    pub(crate) fn set_applied(&self, partition: u32, offset: u64) {
-        let prev = self.applied[partition as usize].swap(offset, Ordering::AcqRel);
+    pub(crate) fn set_applied(&self, stream: u32, offset: u64) {
+        let prev = self.applied[stream as usize].swap(offset, Ordering::AcqRel);
         debug_assert!(prev <= offset, "applied offsets only move forward");
-        self.applied_changed[partition as usize].notify_waiters();
+        self.applied_changed[stream as usize].notify_waiters();
     }
 
     /// Whether every partition has replayed the log as it was at start.
@@ -370,13 +387,13 @@ impl Store {
         token
             .positions()
             .iter()
-            .all(|&(p, o)| p < self.partitions && self.applied_offset(p) >= o)
+            .all(|&(s, o)| s < self.streams() && self.applied_offset(s) >= o)
     }
 
     /// Waits until everything `token` names is applied, at most `timeout`; false on timeout.
-    /// A token naming a partition this store does not have is never satisfied.
+    /// A token naming a stream this store does not have is never satisfied.
     pub async fn wait_applied(&self, token: &Token, timeout: Duration) -> bool {
-        if token.positions().iter().any(|&(p, _)| p >= self.partitions) {
+        if token.positions().iter().any(|&(s, _)| s >= self.streams()) {
             return false;
         }
         let deadline = tokio::time::Instant::now() + timeout;

@@ -1,10 +1,11 @@
-//! One materializer thread per log partition: reads durable records in log order, applies
-//! them to the store, publishes the applied offset (for `Quiver-Read-After`), and snapshots
-//! the partition periodically and at shutdown.
+//! One materializer thread per partition: reads the partition's streams (one with the
+//! embedded log, one per topic with Kafka) in order, applies their records to the store,
+//! publishes each stream's applied offset (for `Quiver-Read-After`), and snapshots the
+//! partition periodically and at shutdown.
 //!
-//! Start-up recovery, per partition: load the snapshot, replay the log from the snapshot's
-//! offset. The store reports itself recovered once every partition has applied everything
-//! that was durable when the server started.
+//! Start-up recovery, per partition: load the snapshot, replay every stream from the
+//! snapshot's offset in it. The store reports itself recovered once every partition has
+//! applied everything its log held when the server started.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,12 +17,19 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use quiver_core::record;
 use quiver_core::telemetry as t;
-use quiver_log::{Consumer, Log, OffsetStore, PartitionReader, ReadBatch, Retention};
+use quiver_log::{
+    Consumer, EventLog, OffsetStore, ReadBatch, ReadPurpose, Retention, StreamId, StreamReader,
+};
 
+use crate::snapshot::Loaded;
 use crate::{snapshot, Applied, DedupWindow, Result, Store};
 
 /// The materializer's name in the log's consumer offsets.
 pub const CONSUMER: &str = "materializer";
+
+/// How recently the log must have confirmed its end for a caught-up partition to count as
+/// fresh (see the staleness gauge).
+const FRESH_ENDS_AGE_MAX: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct MaterializerOptions {
@@ -38,17 +46,25 @@ pub struct Materializers {
     errors: Arc<Mutex<Vec<String>>>,
 }
 
+/// One stream of a partition as its worker tracks it.
+struct Stream {
+    id: StreamId,
+    log_id: String,
+    /// The log's end when the server started: recovery is done once this is applied.
+    recovery_target: u64,
+}
+
 struct Worker {
     partition: u32,
+    streams: Vec<Stream>,
     store: Arc<Store>,
-    log: Arc<Log>,
+    partitions: u32,
     offsets: OffsetStore,
     committed: Arc<Mutex<BTreeMap<u32, u64>>>,
     consumer: Arc<Consumer>,
-    reader: PartitionReader,
+    reader: Box<dyn StreamReader>,
     dedup: DedupWindow,
     opts: MaterializerOptions,
-    recovery_target: u64,
     recovered: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     errors: Arc<Mutex<Vec<String>>>,
@@ -58,7 +74,7 @@ impl Materializers {
     /// Loads snapshots and starts one thread per partition.
     pub fn start(
         store: Arc<Store>,
-        log: Arc<Log>,
+        log: Arc<dyn EventLog>,
         opts: MaterializerOptions,
     ) -> Result<Materializers> {
         assert_eq!(
@@ -66,93 +82,39 @@ impl Materializers {
             log.partitions(),
             "store and log agree on partitions"
         );
-        let offsets = OffsetStore::open(&log.dir().join("offsets"))?;
+        assert_eq!(store.streams() as usize, log.streams().len());
+        let offsets = OffsetStore::open(&log.local_dir().join("offsets"))?;
         let committed = Arc::new(Mutex::new(offsets.load(CONSUMER)?));
         // Retention keeps everything after each partition's last snapshot: recovery replays it.
-        let consumer = log.register_consumer(CONSUMER, Retention::Protect, |_| 0);
+        let consumer = log.register_consumer(CONSUMER, Retention::Protect, &|_| 0);
         let stop = Arc::new(AtomicBool::new(false));
         let errors = Arc::new(Mutex::new(Vec::new()));
         let recovered = Arc::new(AtomicUsize::new(0));
         let mut workers = Vec::new();
         for p in 0..log.partitions() {
-            let (mut from, dedup) = match snapshot::load(
-                &opts.snapshot_dir,
-                &store,
-                p,
-                opts.dedup_window_events,
-            ) {
-                Ok(Some((offset, dedup))) => (offset, dedup),
-                Ok(None) => (0, DedupWindow::new(opts.dedup_window_events)),
-                Err(e) => {
-                    tracing::error!(partition = p, error = %e, "ignoring a bad snapshot; replaying the whole log");
-                    (0, DedupWindow::new(opts.dedup_window_events))
-                }
-            };
-            let (first, next) = (log.first_offset(p), log.next_offset(p));
-            if from > next {
-                // Only possible with `fsync = never`: the snapshot saw records the crash took
-                // from the log. Offsets will be reused, so the snapshot cannot be trusted.
-                tracing::error!(
-                    partition = p,
-                    snapshot = from,
-                    log_end = next,
-                    "snapshot is ahead of the log; discarding it"
-                );
-                return Err(crate::StoreError::CorruptSnapshot {
-                    path: snapshot::snapshot_path(&opts.snapshot_dir, p),
-                    reason: format!(
-                        "covers offset {from} but the log ends at {next} (records lost with fsync = never?); \
-                         remove the snapshot to rebuild from the log"
-                    ),
-                });
+            let (streams, from, dedup) = recover(&store, log.as_ref(), &opts, p)?;
+            for (s, &o) in streams.iter().zip(&from) {
+                store.set_applied(s.id, o);
+                consumer.commit(s.id, o);
             }
-            if from < first {
-                tracing::error!(
-                    partition = p,
-                    from,
-                    first,
-                    "retention deleted records no snapshot covers; they are lost"
-                );
-                from = first;
-            }
-            store.set_applied(p, from);
-            consumer.commit(p, from);
-            let reader = log.reader(p, from)?;
+            let start: Vec<(StreamId, u64)> = streams.iter().map(|s| s.id).zip(from).collect();
             workers.push(Worker {
                 partition: p,
+                reader: log.open_reader(&start, ReadPurpose::Materialize)?,
+                streams,
                 store: store.clone(),
-                log: log.clone(),
+                partitions: log.partitions(),
                 offsets: offsets.clone(),
                 committed: committed.clone(),
                 consumer: consumer.clone(),
-                reader,
                 dedup,
                 opts: opts.clone(),
-                recovery_target: log.durable_offset(p),
                 recovered: recovered.clone(),
                 stop: stop.clone(),
                 errors: errors.clone(),
             });
         }
-        let mut handles = Vec::new();
-        for w in workers {
-            let name = format!("materializer-{}", w.partition);
-            let (p, errors) = (w.partition, w.errors.clone());
-            // A bug that panics must not leave a dead partition behind a ready server.
-            let run = move || {
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run())).is_err() {
-                    errors
-                        .lock()
-                        .push(format!("partition {p}: materializer panicked"));
-                }
-            };
-            handles.push(
-                std::thread::Builder::new()
-                    .name(name)
-                    .spawn(run)
-                    .expect("spawn a thread"),
-            );
-        }
+        let handles = workers.into_iter().map(spawn).collect();
         Ok(Materializers {
             stop,
             handles: Mutex::new(handles),
@@ -180,26 +142,141 @@ impl Drop for Materializers {
     }
 }
 
+fn spawn(w: Worker) -> JoinHandle<()> {
+    let name = format!("materializer-{}", w.partition);
+    let (p, errors) = (w.partition, w.errors.clone());
+    // A bug that panics must not leave a dead partition behind a ready server.
+    let run = move || {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run())).is_err() {
+            errors
+                .lock()
+                .push(format!("partition {p}: materializer panicked"));
+        }
+    };
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(run)
+        .expect("spawn a thread")
+}
+
+/// Loads partition `p`'s snapshot and decides where each of its streams resumes.
+fn recover(
+    store: &Store,
+    log: &dyn EventLog,
+    opts: &MaterializerOptions,
+    p: u32,
+) -> Result<(Vec<Stream>, Vec<u64>, DedupWindow)> {
+    let ids = log.partition_streams(p);
+    let info = log.streams();
+    let loaded = match snapshot::load(&opts.snapshot_dir, store, p, opts.dedup_window_events) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(partition = p, error = %e, "ignoring a bad snapshot; replaying the whole log");
+            store.clear_partition(p);
+            None
+        }
+    };
+    let loaded = loaded.filter(|l| {
+        let known = ids
+            .iter()
+            .any(|&s| l.offset_of(&info[s as usize].log_id).is_some());
+        if !known {
+            // Offsets of another log (the log was recreated, or the backend changed) mean
+            // nothing here: the rows cannot be placed in this log's history.
+            tracing::warn!(
+                partition = p,
+                "snapshot belongs to another log; replaying the log instead"
+            );
+            store.clear_partition(p);
+        }
+        known
+    });
+    let mut streams = Vec::with_capacity(ids.len());
+    let mut from = Vec::with_capacity(ids.len());
+    for &s in &ids {
+        let log_id = info[s as usize].log_id.clone();
+        let start = start_offset(
+            log,
+            s,
+            loaded.as_ref().and_then(|l| l.offset_of(&log_id)),
+            opts,
+            p,
+        )?;
+        streams.push(Stream {
+            id: s,
+            log_id,
+            recovery_target: log.high_watermark(s)?,
+        });
+        from.push(start);
+    }
+    let dedup = loaded.map_or_else(
+        || DedupWindow::new(opts.dedup_window_events),
+        |l: Loaded| l.dedup,
+    );
+    Ok((streams, from, dedup))
+}
+
+/// Where stream `s` resumes: the snapshot's offset in it, moved up to the oldest record kept.
+fn start_offset(
+    log: &dyn EventLog,
+    s: StreamId,
+    snapshot: Option<u64>,
+    opts: &MaterializerOptions,
+    p: u32,
+) -> Result<u64> {
+    let (first, end) = (log.low_watermark(s)?, log.high_watermark(s)?);
+    let from = snapshot.unwrap_or(0);
+    if from > end {
+        // Only possible with `fsync = never` (or a Kafka topic recreated): the snapshot saw
+        // records the log no longer has. Offsets will be reused, so it cannot be trusted.
+        tracing::error!(
+            partition = p,
+            stream = s,
+            snapshot = from,
+            log_end = end,
+            "snapshot is ahead of the log"
+        );
+        return Err(crate::StoreError::CorruptSnapshot {
+            path: snapshot::snapshot_path(&opts.snapshot_dir, p),
+            reason: format!(
+                "covers offset {from} of stream {} but the log ends at {end} (records lost with \
+                 fsync = never, or a topic recreated?); remove the snapshot to rebuild from the log",
+                log.streams()[s as usize].name
+            ),
+        });
+    }
+    if from < first {
+        if snapshot.is_some() || first > 0 {
+            tracing::error!(
+                partition = p,
+                stream = s,
+                from,
+                first,
+                "retention deleted records no snapshot covers; they are lost"
+            );
+        }
+        return Ok(first);
+    }
+    Ok(from)
+}
+
 impl Worker {
     fn run(mut self) {
         let p = self.partition;
         let label = p.to_string();
         let lag = metrics::gauge!(t::MATERIALIZER_LAG_RECORDS, "partition" => label.clone());
+        let staleness =
+            metrics::gauge!(t::MATERIALIZER_STALENESS_SECONDS, "partition" => label.clone());
         let applied_gauge = metrics::gauge!(t::MATERIALIZER_APPLIED_OFFSET, "partition" => label);
-        let applied_total = metrics::counter!(t::EVENTS_APPLIED_TOTAL);
-        let dup_total = metrics::counter!(t::EVENTS_DUPLICATE_TOTAL);
-        let late_total = metrics::counter!(t::VALUES_LATE_TOTAL);
-        let late_aggs_total = metrics::counter!(t::AGGREGATION_LATE_DROPPED_TOTAL);
         let mut batch = ReadBatch::default();
         let mut last_snapshot = Instant::now();
-        let mut snapshotted = self.reader.position();
+        let mut snapshotted = self.positions();
         let mut recovered = false;
+        let mut fresh_at = Instant::now();
         loop {
-            if !recovered && self.reader.position() >= self.recovery_target {
+            if !recovered && self.caught_up_with_start() {
                 recovered = true;
-                if self.recovered.fetch_add(1, Ordering::AcqRel) + 1
-                    == self.log.partitions() as usize
-                {
+                if self.recovered.fetch_add(1, Ordering::AcqRel) + 1 == self.partitions as usize {
                     self.store.set_recovered();
                     tracing::info!(rows = self.store.rows(), "store recovered");
                 }
@@ -207,78 +284,155 @@ impl Worker {
             if self.stop.load(Ordering::Acquire) {
                 break;
             }
-            if let Err(e) = self.reader.poll(
+            let polled = self.reader.poll(
                 self.opts.poll_records_max,
                 Duration::from_millis(50),
                 &mut batch,
-            ) {
-                self.fail(format!("partition {p}: {e}"));
-                return;
-            }
-            let mut late = crate::LateCounts::default();
-            for rec in batch.iter() {
-                match record::decode(rec.payload) {
-                    Ok(decoded) => {
-                        match self
-                            .store
-                            .apply(p, rec.offset, &decoded, &mut self.dedup, &mut late)
-                        {
-                            Applied::Changed | Applied::Late => applied_total.increment(1),
-                            Applied::Duplicate => dup_total.increment(1),
-                            Applied::Skipped => {}
-                        }
+            );
+            match polled {
+                Ok(()) => {}
+                // Only Kafka's retention can take records from under the materializer (the
+                // embedded log's keeps what the snapshots need): say what is lost, go on.
+                Err(quiver_log::LogError::OffsetOutOfRange {
+                    partition: stream,
+                    offset,
+                    first,
+                    ..
+                }) => {
+                    tracing::error!(
+                        partition = p,
+                        stream,
+                        from = offset,
+                        to = first,
+                        "the log deleted records before they were applied; they are lost"
+                    );
+                    if let Err(e) = self.reader.seek(stream, first) {
+                        self.fail(format!("partition {p}: {e}"));
+                        return;
                     }
-                    // The frame checksum passed, so these bytes are what was written: a record
-                    // this version cannot decode. Skip it loudly rather than stop the partition.
-                    Err(e) => {
-                        tracing::error!(partition = p, offset = rec.offset, error = %e, "undecodable record skipped")
-                    }
+                    continue;
+                }
+                // A broker away: the reader reconnects by itself; the staleness gauge grows.
+                Err(quiver_log::LogError::Unavailable(reason)) => {
+                    tracing::debug!(partition = p, reason, "log unavailable; retrying");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+                Err(e) => {
+                    self.fail(format!("partition {p}: {e}"));
+                    return;
                 }
             }
-            late_total.increment(late.values);
-            late_aggs_total.increment(late.aggregations);
-            let position = self.reader.position();
-            if !batch.is_empty() {
-                self.store.set_applied(p, position);
+            self.apply(&batch);
+            let positions = self.positions();
+            let behind: u64 = self
+                .streams
+                .iter()
+                .zip(&positions)
+                .map(|(s, &o)| self.reader.end(s.id).saturating_sub(o))
+                .sum();
+            if behind == 0 && self.reader.ends_confirmed_at().elapsed() <= FRESH_ENDS_AGE_MAX {
+                fresh_at = Instant::now();
             }
-            applied_gauge.set(position as f64);
-            lag.set(self.reader.durable_offset().saturating_sub(position) as f64);
-            if position > snapshotted && last_snapshot.elapsed() >= self.opts.snapshot_interval {
-                if let Err(e) = self.snapshot(position) {
+            applied_gauge.set(positions.iter().sum::<u64>() as f64);
+            lag.set(behind as f64);
+            staleness.set(fresh_at.elapsed().as_secs_f64());
+            if positions != snapshotted && last_snapshot.elapsed() >= self.opts.snapshot_interval {
+                if let Err(e) = self.snapshot(&positions) {
                     self.fail(format!("partition {p}: snapshot failed: {e}"));
                     return;
                 }
-                snapshotted = position;
+                snapshotted = positions;
                 last_snapshot = Instant::now();
             }
         }
-        let position = self.reader.position();
-        if position > snapshotted {
-            if let Err(e) = self.snapshot(position) {
+        let positions = self.positions();
+        if positions != snapshotted {
+            if let Err(e) = self.snapshot(&positions) {
                 tracing::error!(partition = p, error = %e, "final snapshot failed");
             }
         }
     }
 
-    fn snapshot(&mut self, offset: u64) -> Result<()> {
+    /// Applies one read's records and publishes the streams' applied offsets.
+    fn apply(&mut self, batch: &ReadBatch) {
+        let p = self.partition;
+        let mut late = crate::LateCounts::default();
+        let (mut applied, mut duplicates) = (0, 0);
+        for rec in batch.iter() {
+            match record::decode(rec.payload) {
+                Ok(decoded) => {
+                    match self
+                        .store
+                        .apply(p, rec.offset, &decoded, &mut self.dedup, &mut late)
+                    {
+                        Applied::Changed | Applied::Late => applied += 1,
+                        Applied::Duplicate => duplicates += 1,
+                        Applied::Skipped => {}
+                    }
+                }
+                // The log checked these bytes (frame checksum, or the Kafka backend's
+                // transcoding): a record this version cannot decode. Skip it loudly rather
+                // than stop the partition.
+                Err(e) => {
+                    tracing::error!(partition = p, stream = rec.stream, offset = rec.offset, error = %e, "undecodable record skipped")
+                }
+            }
+        }
+        metrics::counter!(t::EVENTS_APPLIED_TOTAL).increment(applied);
+        metrics::counter!(t::EVENTS_DUPLICATE_TOTAL).increment(duplicates);
+        metrics::counter!(t::VALUES_LATE_TOTAL).increment(late.values);
+        metrics::counter!(t::AGGREGATION_LATE_DROPPED_TOTAL).increment(late.aggregations);
+        for s in &self.streams {
+            let position = self.reader.position(s.id);
+            if position > self.store.applied_offset(s.id) {
+                self.store.set_applied(s.id, position);
+            }
+        }
+    }
+
+    fn positions(&self) -> Vec<u64> {
+        self.streams
+            .iter()
+            .map(|s| self.reader.position(s.id))
+            .collect()
+    }
+
+    fn caught_up_with_start(&self) -> bool {
+        self.streams
+            .iter()
+            .all(|s| self.reader.position(s.id) >= s.recovery_target)
+    }
+
+    fn snapshot(&mut self, positions: &[u64]) -> Result<()> {
         let started = Instant::now();
+        let offsets: Vec<(String, u64)> = self
+            .streams
+            .iter()
+            .zip(positions)
+            .map(|(s, &o)| (s.log_id.clone(), o))
+            .collect();
         let bytes = snapshot::write(
             &self.opts.snapshot_dir,
             &self.store,
             self.partition,
-            offset,
+            &offsets,
             &self.dedup,
         )?;
         let mut committed = self.committed.lock();
-        committed.insert(self.partition, offset);
+        for (s, &o) in self.streams.iter().zip(positions) {
+            committed.insert(s.id, o);
+        }
         self.offsets.commit(CONSUMER, &committed)?;
         drop(committed);
-        // Only once the snapshot and its offset are durable may retention pass it.
-        self.consumer.commit(self.partition, offset);
+        // Only once the snapshot and its offsets are durable may retention pass them.
+        for (s, &o) in self.streams.iter().zip(positions) {
+            self.consumer.commit(s.id, o);
+        }
         metrics::histogram!(t::SNAPSHOT_SECONDS).record(started.elapsed().as_secs_f64());
         tracing::debug!(
             partition = self.partition,
-            offset,
+            ?positions,
             bytes,
             "snapshot written"
         );

@@ -28,7 +28,7 @@ use std::time::Duration;
 use quiver_core::record;
 use quiver_core::schema::{FeatureIdx, Schema, ViewId};
 use quiver_core::time::EpochMs;
-use quiver_log::{Log, ReadBatch};
+use quiver_log::{EventLog, ReadBatch, StreamId};
 
 use crate::{DedupWindow, FeatureRead, LateCounts, Result, Store};
 
@@ -166,41 +166,68 @@ fn by_event_time(records: &[HistoryRecord]) -> Vec<(EpochMs, u64, record::Record
     out
 }
 
-/// Every record of the given (view, key)s in the embedded log from offset `from(partition)`
-/// on (at least the oldest kept), grouped per key, in log order. Reads that part of the log
-/// once (what the embedded default keeps is bounded by its retention).
+/// Every record of the given (view, key)s in the log from offset `from(stream)` on (at least
+/// the oldest kept) to the end as of the call, grouped per key, in log order. Reads only the
+/// streams that can hold them: those carrying `view`, of the partitions of `keys` (what a log
+/// keeps is bounded by its retention).
 pub fn collect_from_log(
-    log: &Log,
+    log: &dyn EventLog,
     view: &str,
     keys: &HashSet<String>,
-    from: &dyn Fn(u32) -> u64,
+    from: &dyn Fn(StreamId) -> u64,
 ) -> Result<HashMap<String, Vec<HistoryRecord>>> {
+    let partitions: HashSet<u32> = keys
+        .iter()
+        .map(|k| quiver_core::partition::partition_for(k.as_bytes(), log.partitions()))
+        .collect();
+    let mut start = Vec::new();
+    let mut ends = HashMap::new();
+    for s in log.view_streams(view) {
+        if !partitions.contains(&log.streams()[s as usize].partition) {
+            continue;
+        }
+        let end = log.high_watermark(s)?;
+        let first = from(s).clamp(log.low_watermark(s)?, end);
+        if first < end {
+            start.push((s, first));
+            ends.insert(s, end);
+        }
+    }
     let mut out: HashMap<String, Vec<HistoryRecord>> = HashMap::new();
+    if start.is_empty() {
+        return Ok(out);
+    }
+    let mut reader = log.open_reader(&start, quiver_log::ReadPurpose::Scan)?;
     let mut batch = ReadBatch::default();
-    for p in 0..log.partitions() {
-        let end = log.durable_offset(p);
-        let start = from(p).clamp(log.first_offset(p), end);
-        let mut reader = log.reader(p, start)?;
-        while reader.position() < end {
-            reader.poll(4096, Duration::from_millis(10), &mut batch)?;
-            for r in batch.iter() {
-                if r.offset >= end {
-                    break;
-                }
-                let Ok(rec) = record::decode(r.payload) else {
-                    continue;
-                };
-                if rec.view == view && keys.contains(rec.key) {
-                    out.entry(rec.key.to_string())
-                        .or_default()
-                        .push(HistoryRecord {
-                            offset: r.offset,
-                            append_ms: r.append_ms,
-                            payload: r.payload.to_vec(),
-                        });
-                }
+    let deadline = std::time::Instant::now() + LOG_SCAN_TIME_MAX;
+    while ends.iter().any(|(&s, &end)| reader.position(s) < end) {
+        if std::time::Instant::now() > deadline {
+            return Err(crate::StoreError::Log(quiver_log::LogError::Unavailable(
+                format!("reading the log tail for point in time took over {LOG_SCAN_TIME_MAX:?}"),
+            )));
+        }
+        reader.poll(4096, Duration::from_millis(10), &mut batch)?;
+        for r in batch.iter() {
+            if r.offset >= ends[&r.stream] {
+                continue;
+            }
+            let Ok(rec) = record::decode(r.payload) else {
+                continue;
+            };
+            if rec.view == view && keys.contains(rec.key) {
+                out.entry(rec.key.to_string())
+                    .or_default()
+                    .push(HistoryRecord {
+                        offset: r.offset,
+                        append_ms: r.append_ms,
+                        payload: r.payload.to_vec(),
+                    });
             }
         }
     }
     Ok(out)
 }
+
+/// Longest a point-in-time read may spend reading the log's tail (a broker that stops
+/// answering must not hold the request forever).
+const LOG_SCAN_TIME_MAX: Duration = Duration::from_secs(30);

@@ -1,5 +1,6 @@
-//! Snapshots of one partition's rows and dedup window, with the log offset they cover.
-//! Restart = load each partition's snapshot, then replay the log from its offset.
+//! Snapshots of one partition's rows and dedup window, with the offset they cover in each of
+//! the partition's streams (one for the embedded log; one per topic with Kafka). Restart =
+//! load each partition's snapshot, then replay every stream from its offset.
 //!
 //! # Design constraints
 //! - Written by the partition's materializer between two records, so a snapshot is exactly
@@ -13,7 +14,7 @@
 //!
 //! Format (little-endian):
 //! ```text
-//! "QVSNAP01" | u32 partition | u64 offset | u32 views
+//! "QVSNAP03" | u32 partition | u16 streams | streams × (str16 log id, u64 offset) | u32 views
 //! per view:  str16 name | u16 features | features × (str16 name, str16 type)
 //!            u16 aggregations | aggregations × (str16 name, str16 spec "fn/window_ms/tile_ms")
 //!            u64 rows | rows × (str16 key | u64 version | features × cell | rings)
@@ -22,6 +23,9 @@
 //! u64 dedup ids | ids × u128 (oldest first)
 //! u32 crc32c of everything before
 //! ```
+//! A stream is named by its log id (`quiver_log::StreamInfo::log_id`): an offset is only
+//! meaningful in the log that gave it. `QVSNAP02` (one offset, no id: the embedded log) still
+//! loads.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -33,7 +37,31 @@ use crate::error::{io, Result, StoreError};
 use crate::row::{Cell, Row};
 use crate::{AggCell, DedupWindow, Store};
 
-const MAGIC: &[u8; 8] = b"QVSNAP02";
+const MAGIC: &[u8; 8] = b"QVSNAP03";
+/// The previous format: one offset of the embedded log, no log id.
+const MAGIC_V2: &[u8; 8] = b"QVSNAP02";
+
+/// Where a snapshot stands in each stream of its partition: (log id, offset).
+pub type StreamOffsets = Vec<(String, u64)>;
+
+/// A loaded snapshot's offsets and dedup window.
+#[derive(Debug)]
+pub struct Loaded {
+    /// `None` for a `QVSNAP02` snapshot: one offset of the embedded log, whatever its id.
+    pub offsets: Option<StreamOffsets>,
+    pub legacy_offset: u64,
+    pub dedup: DedupWindow,
+}
+
+impl Loaded {
+    /// The snapshot's offset in the stream of log `log_id`: `None` if it knows no such stream.
+    pub fn offset_of(&self, log_id: &str) -> Option<u64> {
+        match &self.offsets {
+            None => Some(self.legacy_offset),
+            Some(list) => list.iter().find(|(id, _)| id == log_id).map(|(_, o)| *o),
+        }
+    }
+}
 
 fn agg_spec(w: &quiver_core::window::Window) -> String {
     format!("{}/{}/{}", w.func.name(), w.window_ms, w.tile_ms)
@@ -43,20 +71,29 @@ pub fn snapshot_path(dir: &Path, partition: u32) -> PathBuf {
     dir.join(format!("p-{partition:04}.snap"))
 }
 
-/// Writes the snapshot of `partition` as of `offset`. Returns the bytes written.
+/// Writes the snapshot of `partition` as of `offsets` (one per stream of the partition).
+/// Returns the bytes written.
 pub fn write(
     dir: &Path,
     store: &Store,
     partition: u32,
-    offset: u64,
+    offsets: &[(String, u64)],
     dedup: &DedupWindow,
 ) -> Result<u64> {
+    assert!(
+        !offsets.is_empty() && offsets.len() <= usize::from(u16::MAX),
+        "a partition has 1..=65535 streams"
+    );
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let schema = store.schema().clone();
     let mut buf = Vec::with_capacity(1 << 20);
     buf.extend_from_slice(MAGIC);
     buf.extend_from_slice(&partition.to_le_bytes());
-    buf.extend_from_slice(&offset.to_le_bytes());
+    buf.extend_from_slice(&(offsets.len() as u16).to_le_bytes());
+    for (log_id, offset) in offsets {
+        put_str16(&mut buf, log_id);
+        buf.extend_from_slice(&offset.to_le_bytes());
+    }
     buf.extend_from_slice(&(schema.views.len() as u32).to_le_bytes());
     for view in &schema.views {
         put_str16(&mut buf, &view.name);
@@ -128,14 +165,14 @@ pub fn write(
     Ok(buf.len() as u64)
 }
 
-/// Loads the snapshot of `partition` into `store`; returns its offset and dedup window, or
+/// Loads the snapshot of `partition` into `store`; returns its offsets and dedup window, or
 /// `None` if there is none.
 pub fn load(
     dir: &Path,
     store: &Store,
     partition: u32,
     dedup_capacity: usize,
-) -> Result<Option<(u64, DedupWindow)>> {
+) -> Result<Option<Loaded>> {
     let path = snapshot_path(dir, partition);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -154,104 +191,137 @@ pub fn load(
         return Err(corrupt("checksum mismatch".into()));
     }
     let mut r = Reader::new(body);
-    let parse = |r: &mut Reader<'_>| -> std::result::Result<(u64, DedupWindow), quiver_core::record::CodecError> {
-        if r.take(8)? != MAGIC {
-            return Err(quiver_core::record::CodecError::Version(0));
-        }
-        let _partition = r.u32()?;
-        let offset = u64::from_le_bytes(r.array()?);
-        let views = r.u32()?;
-        for _ in 0..views {
-            let name = r.str16("view")?;
-            let nf = usize::from(r.u16()?);
-            let schema = store.schema().clone();
-            let current = schema.view_by_name(name);
-            // For each stored feature: where it goes in the current view, if anywhere.
-            let mut map: Vec<Option<FeatureIdx>> = Vec::with_capacity(nf);
-            for _ in 0..nf {
-                let fname = r.str16("feature")?;
-                let ftype = r.str16("type")?;
-                map.push(current.and_then(|v| {
-                    let idx = v.feature_index(fname)?;
-                    (v.feature(idx).ty.to_string() == ftype).then_some(idx)
-                }));
+    let parse =
+        |r: &mut Reader<'_>| -> std::result::Result<Loaded, quiver_core::record::CodecError> {
+            let magic = r.take(8)?;
+            if magic != MAGIC && magic != MAGIC_V2 {
+                return Err(quiver_core::record::CodecError::Version(0));
             }
-            // For each stored aggregation: the current one with the same name and tiling.
-            // Another tiling cannot be converted; that aggregation starts empty.
-            let na = usize::from(r.u16()?);
-            let mut agg_map: Vec<Option<usize>> = Vec::with_capacity(na);
-            for _ in 0..na {
-                let aname = r.str16("aggregation")?;
-                let spec = r.str16("spec")?;
-                agg_map.push(current.and_then(|v| v.aggregations.iter().position(|a| a.name == aname && agg_spec(&a.window) == spec)));
-            }
-            let rows = u64::from_le_bytes(r.array()?);
-            for _ in 0..rows {
-                let key = r.str16("key")?;
-                let version = u64::from_le_bytes(r.array()?);
-                let mut cells = current.map(|v| vec![Cell::Absent; v.features.len()]);
-                for target in &map {
-                    let cell = match r.u8()? {
-                        0 => Cell::Absent,
-                        1 => Cell::Null { ts_ms: i64::from_le_bytes(r.array()?) },
-                        2 => {
-                            let ts_ms = i64::from_le_bytes(r.array()?);
-                            Cell::Value { ts_ms, value: r.value()? }
-                        }
-                        t => return Err(quiver_core::record::CodecError::Tag(t)),
-                    };
-                    if let (Some(cells), Some(i)) = (cells.as_mut(), target) {
-                        cells[usize::from(*i)] = cell;
-                    }
+            let _partition = r.u32()?;
+            let (offsets, legacy_offset) = if magic == MAGIC_V2 {
+                (None, u64::from_le_bytes(r.array()?))
+            } else {
+                let n = r.u16()?;
+                let mut list = Vec::with_capacity(usize::from(n));
+                for _ in 0..n {
+                    let id = r.str16("log id")?.to_string();
+                    list.push((id, u64::from_le_bytes(r.array()?)));
                 }
-                // Rings: present when the view aggregated at snapshot time.
-                let mut rings: Vec<(usize, Vec<f64>)> = Vec::new();
-                let mut ring_version = 0;
-                if na > 0 {
-                    ring_version = u64::from_le_bytes(r.array()?);
-                    for target in &agg_map {
-                        let n = r.u32()? as usize;
-                        let bytes = r.take(n.checked_mul(8).ok_or(quiver_core::record::CodecError::TooLong)?)?;
-                        let values = bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
-                        if let Some(a) = target {
-                            rings.push((*a, values));
-                        }
-                    }
+                (Some(list), 0)
+            };
+            let views = r.u32()?;
+            for _ in 0..views {
+                let name = r.str16("view")?;
+                let nf = usize::from(r.u16()?);
+                let schema = store.schema().clone();
+                let current = schema.view_by_name(name);
+                // For each stored feature: where it goes in the current view, if anywhere.
+                let mut map: Vec<Option<FeatureIdx>> = Vec::with_capacity(nf);
+                for _ in 0..nf {
+                    let fname = r.str16("feature")?;
+                    let ftype = r.str16("type")?;
+                    map.push(current.and_then(|v| {
+                        let idx = v.feature_index(fname)?;
+                        (v.feature(idx).ty.to_string() == ftype).then_some(idx)
+                    }));
                 }
-                if let (Some(v), Some(cells)) = (current, cells) {
-                    let layout = store.layout(v.id);
-                    // Types were matched by name above; check the values too, so that no
-                    // snapshot can put a value of the wrong type in a slot.
-                    let fits = cells.iter().enumerate().all(|(i, c)| match c {
-                        Cell::Value { value, .. } => value.fits(layout.feature_type(i as FeatureIdx)),
-                        _ => true,
-                    });
-                    if fits {
-                        let mut row = Row::from_cells(layout, version, cells);
-                        if let Some(al) = store.agg_layout(v.id) {
-                            let cell = AggCell::new(v, al);
-                            for (a, values) in rings {
-                                // A ring of another length belongs to another tiling: skip it.
-                                if values.len() == v.aggregations[a].window.ring_len() {
-                                    cell.restore(v, al, a, &values, ring_version);
+                // For each stored aggregation: the current one with the same name and tiling.
+                // Another tiling cannot be converted; that aggregation starts empty.
+                let na = usize::from(r.u16()?);
+                let mut agg_map: Vec<Option<usize>> = Vec::with_capacity(na);
+                for _ in 0..na {
+                    let aname = r.str16("aggregation")?;
+                    let spec = r.str16("spec")?;
+                    agg_map.push(current.and_then(|v| {
+                        v.aggregations
+                            .iter()
+                            .position(|a| a.name == aname && agg_spec(&a.window) == spec)
+                    }));
+                }
+                let rows = u64::from_le_bytes(r.array()?);
+                for _ in 0..rows {
+                    let key = r.str16("key")?;
+                    let version = u64::from_le_bytes(r.array()?);
+                    let mut cells = current.map(|v| vec![Cell::Absent; v.features.len()]);
+                    for target in &map {
+                        let cell = match r.u8()? {
+                            0 => Cell::Absent,
+                            1 => Cell::Null {
+                                ts_ms: i64::from_le_bytes(r.array()?),
+                            },
+                            2 => {
+                                let ts_ms = i64::from_le_bytes(r.array()?);
+                                Cell::Value {
+                                    ts_ms,
+                                    value: r.value()?,
                                 }
                             }
-                            row = row.with_aggs(std::sync::Arc::new(cell));
+                            t => return Err(quiver_core::record::CodecError::Tag(t)),
+                        };
+                        if let (Some(cells), Some(i)) = (cells.as_mut(), target) {
+                            cells[usize::from(*i)] = cell;
                         }
-                        store.insert_row(partition, v.id, key, row);
+                    }
+                    // Rings: present when the view aggregated at snapshot time.
+                    let mut rings: Vec<(usize, Vec<f64>)> = Vec::new();
+                    let mut ring_version = 0;
+                    if na > 0 {
+                        ring_version = u64::from_le_bytes(r.array()?);
+                        for target in &agg_map {
+                            let n = r.u32()? as usize;
+                            let bytes = r.take(
+                                n.checked_mul(8)
+                                    .ok_or(quiver_core::record::CodecError::TooLong)?,
+                            )?;
+                            let values = bytes
+                                .chunks_exact(8)
+                                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                                .collect();
+                            if let Some(a) = target {
+                                rings.push((*a, values));
+                            }
+                        }
+                    }
+                    if let (Some(v), Some(cells)) = (current, cells) {
+                        let layout = store.layout(v.id);
+                        // Types were matched by name above; check the values too, so that no
+                        // snapshot can put a value of the wrong type in a slot.
+                        let fits = cells.iter().enumerate().all(|(i, c)| match c {
+                            Cell::Value { value, .. } => {
+                                value.fits(layout.feature_type(i as FeatureIdx))
+                            }
+                            _ => true,
+                        });
+                        if fits {
+                            let mut row = Row::from_cells(layout, version, cells);
+                            if let Some(al) = store.agg_layout(v.id) {
+                                let cell = AggCell::new(v, al);
+                                for (a, values) in rings {
+                                    // A ring of another length belongs to another tiling: skip it.
+                                    if values.len() == v.aggregations[a].window.ring_len() {
+                                        cell.restore(v, al, a, &values, ring_version);
+                                    }
+                                }
+                                row = row.with_aggs(std::sync::Arc::new(cell));
+                            }
+                            store.insert_row(partition, v.id, key, row);
+                        }
                     }
                 }
             }
-        }
-        let n = u64::from_le_bytes(r.array()?);
-        let mut dedup = DedupWindow::new(dedup_capacity);
-        for _ in 0..n {
-            dedup.insert(u128::from_le_bytes(r.array()?));
-        }
-        if r.remaining() != 0 {
-            return Err(quiver_core::record::CodecError::Trailing(r.remaining()));
-        }
-        Ok((offset, dedup))
-    };
+            let n = u64::from_le_bytes(r.array()?);
+            let mut dedup = DedupWindow::new(dedup_capacity);
+            for _ in 0..n {
+                dedup.insert(u128::from_le_bytes(r.array()?));
+            }
+            if r.remaining() != 0 {
+                return Err(quiver_core::record::CodecError::Trailing(r.remaining()));
+            }
+            Ok(Loaded {
+                offsets,
+                legacy_offset,
+                dedup,
+            })
+        };
     parse(&mut r).map(Some).map_err(|e| corrupt(e.to_string()))
 }

@@ -101,7 +101,7 @@ fn push(node: &Node, body: &str) {
         )
         .unwrap()
     {
-        token.advance(a.partition, a.next_offset());
+        token.advance(a.stream, a.next_offset().unwrap());
         a.wait_blocking().unwrap();
     }
     let rt = tokio::runtime::Builder::new_current_thread()

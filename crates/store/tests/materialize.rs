@@ -88,7 +88,7 @@ fn push(node: &Node, body: &str) -> Token {
         .collect();
     let mut token = Token::new();
     for a in node.log.append(batches, Ack::Durable).unwrap() {
-        token.advance(a.partition, a.next_offset());
+        token.advance(a.stream, a.next_offset().unwrap());
         a.wait_blocking().unwrap();
     }
     token

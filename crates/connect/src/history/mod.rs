@@ -4,10 +4,13 @@
 //! which errors to retry), `sink` (the per-partition loop), `read` (bulk point-in-time reads).
 //!
 //! # Design constraints
-//! - One thread per partition reads the log from the sink's own committed offset (consumer
-//!   `history` in the log's `OffsetStore`), in log order, and writes batches of at most
-//!   `batch_rows_max` rows, one transaction each. The offset is committed after the
-//!   transaction, so a crash between the two replays the batch.
+//! - One thread per partition reads the partition's streams (one with the embedded log, one
+//!   per topic with Kafka) in order and writes batches of at most `batch_rows_max` rows, one
+//!   transaction each. **The transaction also writes where the batch ends in each stream**
+//!   (`<table>_offsets`, migration 5), so rows and offsets commit together: exactly once
+//!   into PostgreSQL, and whichever node runs the partition's sink next (a cluster) resumes
+//!   there. A local copy (consumer `history` in the log's `OffsetStore`) is written after the
+//!   transaction; it tells retention what the sink still needs before PostgreSQL answers.
 //! - Replays write no duplicates: rows are keyed on (log id, partition, offset), and rows with
 //!   an `event_id` are also unique on (view, key, event_id); the INSERT does nothing on
 //!   conflict. (So a duplicate `event_id` is kept once here however far apart it arrives;
@@ -51,7 +54,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use parking_lot::Mutex;
-use quiver_log::{Consumer, Log, OffsetStore, Retention};
+use quiver_log::{Consumer, EventLog, OffsetStore, Retention};
 
 pub use config::HistoryOptions;
 pub use read::{collect_from_postgres, HistoryReader};
@@ -75,20 +78,26 @@ pub struct HistorySink {
 impl HistorySink {
     /// Registers with the log (before anything can be deleted) and starts one thread per
     /// partition. Never waits for PostgreSQL.
-    pub fn start(log: Arc<Log>, opts: HistoryOptions) -> Result<HistorySink, HistoryError> {
-        let offsets = OffsetStore::open(&log.dir().join("offsets"))?;
+    pub fn start(
+        log: Arc<dyn EventLog>,
+        opts: HistoryOptions,
+    ) -> Result<HistorySink, HistoryError> {
+        let offsets = OffsetStore::open(&log.local_dir().join("offsets"))?;
         let stored = offsets.load(CONSUMER)?;
         // A sink new to this log starts at its oldest record: what was deleted before the sink
         // existed was never its to write.
-        let start_at: Vec<u64> = (0..log.partitions())
-            .map(|p| stored.get(&p).copied().unwrap_or(log.first_offset(p)))
-            .collect();
+        let start_at: Vec<u64> = (0..log.streams().len() as u32)
+            .map(|s| match stored.get(&s) {
+                Some(&o) => Ok(o),
+                None => log.low_watermark(s),
+            })
+            .collect::<Result<_, _>>()?;
         let retention = if opts.lossy {
             Retention::Lossy
         } else {
             Retention::Protect
         };
-        let consumer = log.register_consumer(CONSUMER, retention, |p| start_at[p as usize]);
+        let consumer = log.register_consumer(CONSUMER, retention, &|s| start_at[s as usize]);
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::new(Mutex::new(Vec::new()));
         let shared_offsets = Arc::new(Mutex::new(
@@ -105,27 +114,34 @@ impl HistorySink {
             offsets.commit(CONSUMER, &shared_offsets.lock())?;
         }
         let mut handles = Vec::new();
-        for (p, &from) in start_at.iter().enumerate() {
-            let p = p as u32;
-            let first = log.first_offset(p);
+        for p in 0..log.partitions() {
+            let streams: Vec<sink::Stream> = log
+                .partition_streams(p)
+                .into_iter()
+                .map(|s| sink::Stream {
+                    id: s,
+                    log_id: log.streams()[s as usize].log_id.clone(),
+                    local: start_at[s as usize],
+                })
+                .collect();
             let w = sink::Worker {
                 partition: p,
                 log: log.clone(),
-                reader: log.reader(p, from.max(first))?,
-                service: service::Service::new(&opts.postgres_url, &opts.table, log.id(), p),
+                streams,
+                reader: None,
+                service: service::Service::new(&opts.postgres_url, &opts.table, p),
                 opts: opts.clone(),
                 stop: stop.clone(),
                 consumer: consumer.clone(),
                 offsets: offsets.clone(),
                 shared_offsets: shared_offsets.clone(),
-                initial_gap: (from < first).then_some((from, first)),
                 stopped: stopped.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("history-{p}"))
                 .spawn(move || w.run())
                 .map_err(|e| quiver_log::LogError::Io {
-                    path: log.dir().to_path_buf(),
+                    path: log.local_dir().to_path_buf(),
                     source: e,
                 })?;
             handles.push(handle);
@@ -143,9 +159,9 @@ impl HistorySink {
         self.stopped.lock().clone()
     }
 
-    /// Offset after the last record of `partition` written and committed to PostgreSQL.
-    pub fn committed_offset(&self, partition: u32) -> u64 {
-        self.consumer.committed(partition)
+    /// Offset after the last record of `stream` written and committed to PostgreSQL.
+    pub fn committed_offset(&self, stream: u32) -> u64 {
+        self.consumer.committed(stream)
     }
 
     pub fn shutdown(&self) {

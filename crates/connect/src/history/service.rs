@@ -1,6 +1,7 @@
 //! The PostgreSQL side of the sink: migrations, one batch (rows and gaps) per transaction, and
 //! which errors are worth retrying (Vector's `RetryLogic::is_retriable_error`).
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use quiver_core::telemetry as t;
@@ -49,11 +50,25 @@ const MIGRATIONS: &[(i32, &str)] = &[
         // store applied, without parsing JSON back (rows from before it fall back to JSON).
         r#"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS payload bytea;"#,
     ),
+    (
+        5,
+        // Where the sink stands in each stream, written in the transaction of the rows it
+        // covers: the rows and the offset commit together (exactly once into PostgreSQL), and
+        // whichever node runs a partition's sink next resumes from here.
+        r#"CREATE TABLE IF NOT EXISTS {table}_offsets (
+        log_id text NOT NULL,
+        partition integer NOT NULL,
+        next_offset bigint NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (log_id, partition)
+    );"#,
+    ),
 ];
 
 /// Columns of the rows of one batch, as the INSERT's `unnest` takes them.
 #[derive(Debug, Default)]
 pub(crate) struct Rows {
+    pub log_ids: Vec<String>,
     pub offsets: Vec<i64>,
     pub views: Vec<String>,
     pub keys: Vec<String>,
@@ -71,16 +86,15 @@ impl Rows {
     }
 }
 
-/// What one transaction writes: rows, lost ranges, and the offset the batch ends at.
+/// What one transaction writes: rows, lost ranges, and where the batch ends in each stream.
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
     pub rows: Rows,
-    /// `[from, to)` offset ranges retention deleted before the sink read them.
-    pub gaps: Vec<(u64, u64)>,
-    /// Offset after the last record the batch covers (written, undecodable, or lost).
-    pub end: u64,
-    /// Whether the batch covers any offset (a batch of undecodable records has no rows).
-    pub covers: bool,
+    /// (log id, `[from, to)`): ranges retention deleted before the sink read them.
+    pub gaps: Vec<(String, u64, u64)>,
+    /// Per stream (by log id): the offset after the last record the batch covers (written,
+    /// undecodable, or lost). Committed with the batch.
+    pub ends: BTreeMap<String, u64>,
 }
 
 impl Batch {
@@ -88,10 +102,18 @@ impl Batch {
         self.rows.len() > 0 || !self.gaps.is_empty()
     }
 
+    /// Whether the batch covers any offset (a batch of undecodable records has no rows).
+    pub fn covers(&self) -> bool {
+        !self.ends.is_empty()
+    }
+
+    pub fn covered(&mut self, log_id: &str, end: u64) {
+        let e = self.ends.entry(log_id.to_string()).or_default();
+        *e = (*e).max(end);
+    }
+
     pub fn clear(&mut self) {
-        let end = self.end;
         *self = Batch::default();
-        self.end = end;
     }
 }
 
@@ -99,31 +121,62 @@ impl Batch {
 pub(crate) struct Service {
     url: String,
     table: String,
-    log_id: String,
     partition: i32,
     client: Option<postgres::Client>,
     insert_rows: String,
     insert_gaps: String,
+    upsert_offset: String,
 }
 
 impl Service {
-    pub fn new(url: &str, table: &str, log_id: &str, partition: u32) -> Service {
+    pub fn new(url: &str, table: &str, partition: u32) -> Service {
         Service {
             url: url.to_string(),
             table: table.to_string(),
-            log_id: log_id.to_string(),
             partition: partition as i32,
             client: None,
             insert_rows: format!(
                 "INSERT INTO {table} (log_id, partition, log_offset, view, entity_key, ts_ms, append_ms, event_id, dedup_id, \"values\", payload) \
-                 SELECT $1, $2, o, v, k, ts, a, e, d, j::jsonb, b \
-                 FROM unnest($3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::text[], $11::bytea[]) AS u(o, v, k, ts, a, e, d, j, b) \
+                 SELECT l, $1, o, v, k, ts, a, e, d, j::jsonb, b \
+                 FROM unnest($2::text[], $3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::text[], $11::bytea[]) AS u(l, o, v, k, ts, a, e, d, j, b) \
                  ON CONFLICT DO NOTHING"
             ),
             insert_gaps: format!(
                 "INSERT INTO {table}_gaps (log_id, partition, from_offset, to_offset) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING"
             ),
+            // Offsets only move forward, whoever wrote last (two owners of a partition may
+            // overlap during a handover).
+            upsert_offset: format!(
+                "INSERT INTO {table}_offsets AS t (log_id, partition, next_offset) VALUES ($1, $2, $3) \
+                 ON CONFLICT (log_id, partition) DO UPDATE SET next_offset = GREATEST(t.next_offset, excluded.next_offset), updated_at = now()"
+            ),
         }
+    }
+
+    /// The committed offsets of this partition's streams (by log id), connecting if needed.
+    pub fn offsets(&mut self) -> Result<BTreeMap<String, u64>, postgres::Error> {
+        let result = self.try_offsets();
+        if result.is_err() {
+            self.client = None;
+        }
+        result
+    }
+
+    fn try_offsets(&mut self) -> Result<BTreeMap<String, u64>, postgres::Error> {
+        let query = format!(
+            "SELECT log_id, next_offset FROM {}_offsets WHERE partition = $1",
+            self.table
+        );
+        let partition = self.partition;
+        let rows = self.connected()?.query(&query, &[&partition])?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).max(0) as u64))
+            .collect())
+    }
+
+    fn connected(&mut self) -> Result<&mut postgres::Client, postgres::Error> {
+        connect_once(&mut self.client, &self.url, &self.table)
     }
 
     /// Writes the batch in one transaction (connecting and migrating first if needed). On any
@@ -137,21 +190,19 @@ impl Service {
     }
 
     fn try_write(&mut self, batch: &Batch) -> Result<(), postgres::Error> {
-        if self.client.is_none() {
-            let mut c = postgres::Client::connect(&self.url, postgres::NoTls)?;
-            migrate(&mut c, &self.table)?;
-            self.client = Some(c);
-        }
-        let c = self.client.as_mut().expect("connected above");
+        let partition = self.partition;
+        let (insert_rows, insert_gaps) = (&self.insert_rows, &self.insert_gaps);
+        let upsert_offset = &self.upsert_offset;
+        let c = connect_once(&mut self.client, &self.url, &self.table)?;
         let started = Instant::now();
         let mut tx = c.transaction()?;
         if batch.rows.len() > 0 {
             let r = &batch.rows;
             tx.execute(
-                self.insert_rows.as_str(),
+                insert_rows.as_str(),
                 &[
-                    &self.log_id,
-                    &self.partition,
+                    &partition,
+                    &r.log_ids,
                     &r.offsets,
                     &r.views,
                     &r.keys,
@@ -164,16 +215,36 @@ impl Service {
                 ],
             )?;
         }
-        for &(from, to) in &batch.gaps {
+        for (log_id, from, to) in &batch.gaps {
             tx.execute(
-                self.insert_gaps.as_str(),
-                &[&self.log_id, &self.partition, &(from as i64), &(to as i64)],
+                insert_gaps.as_str(),
+                &[log_id, &partition, &(*from as i64), &(*to as i64)],
+            )?;
+        }
+        for (log_id, end) in &batch.ends {
+            tx.execute(
+                upsert_offset.as_str(),
+                &[log_id, &partition, &(*end as i64)],
             )?;
         }
         tx.commit()?;
         metrics::histogram!(t::HISTORY_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
         Ok(())
     }
+}
+
+/// The connection, opened (and the table migrated) if there is none.
+fn connect_once<'a>(
+    client: &'a mut Option<postgres::Client>,
+    url: &str,
+    table: &str,
+) -> Result<&'a mut postgres::Client, postgres::Error> {
+    if client.is_none() {
+        let mut c = postgres::Client::connect(url, postgres::NoTls)?;
+        migrate(&mut c, table)?;
+        *client = Some(c);
+    }
+    Ok(client.as_mut().expect("connected above"))
 }
 
 /// Whether trying the same batch again may succeed: the server was away or busy, or the

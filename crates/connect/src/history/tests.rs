@@ -20,15 +20,18 @@ fn only_transient_sqlstates_are_retried() {
 }
 
 #[test]
-fn a_cleared_batch_keeps_its_end() {
+fn a_batch_covers_the_furthest_offset_of_each_stream() {
     let mut b = Batch {
-        end: 40,
-        covers: true,
-        gaps: vec![(10, 20)],
+        gaps: vec![("log".into(), 10, 20)],
         ..Batch::default()
     };
     assert!(b.needs_write(), "a gap alone is written");
+    assert!(!b.covers(), "nothing covered yet");
+    b.covered("log", 20);
+    b.covered("log", 15);
+    b.covered("kafka:t", 3);
+    assert_eq!(b.ends["log"], 20, "ends only move forward");
+    assert_eq!(b.ends["kafka:t"], 3);
     b.clear();
-    assert!(!b.needs_write() && !b.covers && b.gaps.is_empty());
-    assert_eq!(b.end, 40, "the next batch starts where this one ended");
+    assert!(!b.needs_write() && !b.covers() && b.gaps.is_empty());
 }

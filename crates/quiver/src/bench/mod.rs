@@ -375,8 +375,9 @@ pub(crate) async fn post_durable_visible(
 
 /// Waits until the store has applied everything durable in the log.
 async fn wait_all_applied(node: &quiver_server::Node) {
-    while (0..node.log.partitions())
-        .any(|p| node.store.applied_offset(p) < node.log.durable_offset(p))
+    let streams = node.log.streams().len() as u32;
+    while (0..streams)
+        .any(|s| node.store.applied_offset(s) < node.log.high_watermark(s).unwrap_or(0))
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -1193,14 +1194,15 @@ fn bench_history(args: &BenchArgs) -> Result<Value> {
         c.history.table = table.clone();
     })?;
     let node = q.node.clone();
-    let partitions = node.log.partitions();
+    let streams = node.log.streams().len() as u32;
     let lag = move |node: &quiver_server::Node| -> u64 {
         let h = node.history.as_ref().expect("history configured");
-        (0..partitions)
-            .map(|p| {
+        (0..streams)
+            .map(|s| {
                 node.log
-                    .durable_offset(p)
-                    .saturating_sub(h.committed_offset(p))
+                    .high_watermark(s)
+                    .unwrap_or(0)
+                    .saturating_sub(h.committed_offset(s))
             })
             .sum()
     };

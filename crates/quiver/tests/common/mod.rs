@@ -225,6 +225,22 @@ impl Server {
             .sum()
     }
 
+    /// The sum of a metric's series whose labels contain `label` (e.g. `reason="mismatch"`).
+    pub fn metric_with(&self, name: &str, label: &str) -> f64 {
+        let text = client()
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        text.lines()
+            .filter(|l| {
+                l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(label)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Resident memory of the server process, from /proc.
     pub fn rss_bytes(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
@@ -324,24 +340,19 @@ pub fn wait_seqs(server: &Server, keys: &[String], want: &[Option<i64>]) {
     }
 }
 
-/// The venv with the real Python clients (Feast SDK, tritonclient), created on first use by
-/// `scripts/python-env.sh` from the pinned `scripts/requirements-clients.txt` (CI creates it
-/// before the tests; `QUIVER_TEST_PYTHON` names another interpreter that has them).
-pub fn client_python() -> PathBuf {
-    if let Ok(python) = std::env::var("QUIVER_TEST_PYTHON") {
-        return PathBuf::from(python);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = Command::new("bash")
-        .arg(root.join("scripts/python-env.sh"))
-        .output()
-        .expect("run scripts/python-env.sh");
-    assert!(
-        out.status.success(),
-        "scripts/python-env.sh failed (needs python3 with venv and the package index):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+pub use quiver_testkit::{client_python, KafkaBroker};
+
+/// `config` with Kafka as the log: `broker`, 4 partitions, topics prefixed `prefix`. The test
+/// broker answers fetches at once when idle (no long poll), so readers pause 20 ms when they
+/// find nothing (`kafka.idle_fetch_backoff`) instead of spinning.
+pub fn kafka_config(config: &str, broker: &KafkaBroker, prefix: &str) -> String {
+    config.replace(
+        "[log]",
+        &format!(
+            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\npartitions = 4\nidle_fetch_backoff = \"20ms\"\n\n[log]\nbackend = \"kafka\"",
+            broker.addr()
+        ),
+    )
 }
 
 /// Runs a client script from `tests/python/` with `args`; panics with its output on failure.

@@ -1,0 +1,528 @@
+//! Kafka as the log, with the real binary and a Kafka-protocol test broker on loopback: the
+//! documented record format and murmur2 placement against an independent librdkafka
+//! producer and consumer, a source topic with field mapping and a dead-letter topic, a
+//! partition-count mismatch refused at start, and no acknowledged event lost or applied twice
+//! across `kill -9` of Quiver or a broker restart under load.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use quiver_core::partition::partition_for;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde_json::{json, Value};
+
+const VIEWS: &str = r#"
+[log]
+partitions = 4
+
+[store]
+snapshot_interval = "500ms"
+
+[server]
+read_after_wait_ms_max = 2000
+
+[[entity]]
+name = "user"
+key = "user_id"
+
+[[view]]
+name = "txn"
+entity = "user"
+ttl = "1h"
+allowed_lateness = "1h"
+features = [
+  { name = "amount", type = "f64" },
+  { name = "seq", type = "i64" },
+]
+aggregations = [{ name = "n_1h", of = "seq", fn = "count", window = "1h" }]
+"#;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn client_config(broker: &KafkaBroker) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", broker.addr());
+    c
+}
+
+/// An independent librdkafka producer, configured as the README tells other producers to be.
+fn producer(broker: &KafkaBroker) -> BaseProducer {
+    client_config(broker)
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "1")
+        .create()
+        .unwrap()
+}
+
+/// Sends (key, value, partition: `None` = the producer's partitioner) and flushes.
+fn produce(p: &BaseProducer, topic: &str, records: &[(Option<&str>, String, Option<i32>)]) {
+    for (key, value, partition) in records {
+        let mut r: BaseRecord<'_, str, str> = BaseRecord::to(topic).payload(value.as_str());
+        if let Some(k) = key {
+            r = r.key(*k);
+        }
+        if let Some(part) = partition {
+            r = r.partition(*part);
+        }
+        p.send(r).map_err(|(e, _)| e).unwrap();
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+}
+
+/// Every record of `topic` (4 partitions) as (partition, key, value, headers).
+fn consume_all(
+    broker: &KafkaBroker,
+    topic: &str,
+    want: usize,
+) -> Vec<(i32, Option<String>, String, HashMap<String, String>)> {
+    let c: BaseConsumer = client_config(broker)
+        .set("group.id", "test-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..4 {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while out.len() < want && Instant::now() < deadline {
+        let Some(Ok(m)) = c.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push((
+            m.partition(),
+            m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+            headers,
+        ));
+    }
+    out
+}
+
+fn wait_for<T: std::fmt::Debug>(what: &str, mut probe: impl FnMut() -> (bool, T)) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, seen) = probe();
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {seen:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn start(dir: &std::path::Path, broker: &KafkaBroker, config: &str, prefix: &str) -> Server {
+    let d = dir.join("quiver");
+    std::fs::create_dir_all(&d).unwrap();
+    Server::start(&d, &kafka_config(config, broker, prefix))
+}
+
+#[test]
+fn an_independent_librdkafka_producer_lands_where_quiver_puts_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = KafkaBroker::start(&dir.path().join("broker"));
+    let server = start(dir.path(), &broker, VIEWS, "ext.");
+    let ts = now_ms();
+    let records: Vec<(String, String)> = (0..200)
+        .map(|i| {
+            (
+                format!("u{i}"),
+                json!({"ts": ts, "event_id": format!("x-{i}"), "values": {"seq": i}}).to_string(),
+            )
+        })
+        .collect();
+    let p = producer(&broker);
+    let sends: Vec<(Option<&str>, String, Option<i32>)> = records
+        .iter()
+        .map(|(k, v)| (Some(k.as_str()), v.clone(), None))
+        .collect();
+    produce(&p, "ext.txn", &sends);
+    // librdkafka's murmur2_random put every key where Quiver's murmur2 says it belongs.
+    let landed = consume_all(&broker, "ext.txn", 200);
+    assert_eq!(landed.len(), 200);
+    for (partition, key, _, _) in &landed {
+        let key = key.as_deref().unwrap();
+        assert_eq!(*partition as u32, partition_for(key.as_bytes(), 4), "{key}");
+    }
+    // And Quiver serves what it did not write itself.
+    wait_for("external records readable", || {
+        let got: Vec<Option<i64>> = (0..200)
+            .step_by(17)
+            .map(|i| {
+                server.get(&format!("/v1/features/txn/u{i}")).1["features"]["seq"]["value"].as_i64()
+            })
+            .collect();
+        let want: Vec<Option<i64>> = (0..200).step_by(17).map(Some).collect();
+        (got == want, got)
+    });
+    // What Quiver writes is the documented format, readable by any Kafka consumer.
+    let (status, v) = server.post(
+        "/v1/events",
+        &format!(
+            r#"[{{"view":"txn","key":"q1","ts":{ts},"event_id":"q-1","values":{{"amount":2.5}}}}]"#
+        ),
+    );
+    assert_eq!(status, 200, "{v}");
+    let all = consume_all(&broker, "ext.txn", 201);
+    let (partition, _, value, _) = all
+        .iter()
+        .find(|r| r.1.as_deref() == Some("q1"))
+        .expect("Quiver's record");
+    assert_eq!(*partition as u32, partition_for(b"q1", 4));
+    let value: Value = serde_json::from_str(value).unwrap();
+    assert_eq!(
+        value,
+        json!({"ts": ts, "event_id": "q-1", "values": {"amount": 2.5}})
+    );
+    assert_eq!(server.metric("quiver_kafka_records_rejected_total"), 0.0);
+}
+
+#[test]
+fn a_source_topic_is_mapped_and_bad_records_are_counted_and_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = KafkaBroker::start(&dir.path().join("broker"));
+    let config = format!(
+        "{VIEWS}\n[[view]]\nname = \"pay\"\nentity = \"user\"\nfeatures = [{{ name = \"amount\", type = \"f64\" }}]\n\
+         source = {{ kafka_topic = \"payments\", key_field = \"user\", ts_field = \"at\", event_id_field = \"id\", fields = {{ amount = \"amt\" }} }}\n"
+    )
+    .replace("[log]", "[kafka]\ndead_letter_topic = \"quiver-dead\"\n\n[log]");
+    // `kafka_config` adds its own [kafka] table: merge ours into it.
+    let config = kafka_config(
+        &config.replace("[kafka]\ndead_letter_topic = \"quiver-dead\"\n\n", ""),
+        &broker,
+        "src.",
+    )
+    .replace(
+        "[kafka]\n",
+        "[kafka]\ndead_letter_topic = \"quiver-dead\"\n",
+    );
+    let d = dir.path().join("quiver");
+    std::fs::create_dir_all(&d).unwrap();
+    let server = Server::start(&d, &config);
+    let good = |user: &str, amt: f64, id: i64| {
+        (Some(user.to_string()), json!({"user": user, "at": now_ms(), "id": id, "amt": amt, "note": "other fields are ignored"}).to_string(), None)
+    };
+    let mut batch: Vec<(Option<String>, String, Option<i32>)> =
+        vec![good("a", 1.5, 1), good("b", 2.5, 2)];
+    // Bad: not JSON, no key field, a string amount, keyed right but written to the wrong partition.
+    batch.push((Some("c".into()), "not json".into(), None));
+    batch.push((
+        Some("c".into()),
+        json!({"at": 1, "amt": 1.0}).to_string(),
+        None,
+    ));
+    batch.push((
+        Some("c".into()),
+        json!({"user": "c", "at": 1, "amt": "lots"}).to_string(),
+        None,
+    ));
+    let wrong = ((partition_for(b"d", 4) + 1) % 4) as i32;
+    batch.push((
+        Some("d".into()),
+        json!({"user": "d", "at": 1, "amt": 1.0}).to_string(),
+        Some(wrong),
+    ));
+    batch.push(good("e", 5.5, 5));
+    let sends: Vec<(Option<&str>, String, Option<i32>)> = batch
+        .iter()
+        .map(|(k, v, p)| (k.as_deref(), v.clone(), *p))
+        .collect();
+    produce(&producer(&broker), "payments", &sends);
+    wait_for("good source records readable, also after bad ones", || {
+        let got: Vec<Option<f64>> = ["a", "b", "e"]
+            .iter()
+            .map(|k| {
+                server.get(&format!("/v1/features/pay/{k}")).1["features"]["amount"]["value"]
+                    .as_f64()
+            })
+            .collect();
+        (got == [Some(1.5), Some(2.5), Some(5.5)], got)
+    });
+    wait_for("bad records counted by reason", || {
+        let by = |r: &str| {
+            server.metric_with(
+                "quiver_kafka_records_rejected_total",
+                &format!("reason=\"{r}\""),
+            )
+        };
+        let seen = [
+            by("malformed_json"),
+            by("missing_field"),
+            by("wrong_type"),
+            by("wrong_partition"),
+        ];
+        (seen == [1.0, 1.0, 1.0, 1.0], seen)
+    });
+    let dead = consume_all(&broker, "quiver-dead", 4);
+    assert_eq!(dead.len(), 4, "{dead:?}");
+    let reasons: Vec<&str> = dead.iter().map(|r| r.3["quiver-reason"].as_str()).collect();
+    for r in [
+        "malformed_json",
+        "missing_field",
+        "wrong_type",
+        "wrong_partition",
+    ] {
+        assert!(reasons.contains(&r), "{reasons:?}");
+    }
+    assert!(dead
+        .iter()
+        .all(|r| r.3["quiver-source-topic"] == "payments"
+            && r.3.contains_key("quiver-source-offset")));
+    assert!(
+        dead.iter().any(|r| r.2 == "not json"),
+        "the original value is kept"
+    );
+    // Quiver's own ingest refuses to write somebody else's topic.
+    let (status, v) = server.post(
+        "/v1/events",
+        r#"[{"view":"pay","key":"a","values":{"amount":1}}]"#,
+    );
+    assert_eq!(
+        (status, v["error"]["details"]["reason"].as_str()),
+        (400, Some("source_view")),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_topic_with_another_partition_count_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = KafkaBroker::start(&dir.path().join("broker"));
+    let admin: AdminClient<DefaultClientContext> = client_config(&broker).create().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let created = rt
+        .block_on(admin.create_topics(
+            &[NewTopic::new("odd.txn", 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        ))
+        .unwrap();
+    assert!(created[0].is_ok(), "{created:?}");
+    let config_path = dir.path().join("quiver.toml");
+    std::fs::write(&config_path, kafka_config(VIEWS, &broker, "odd.")).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config_path)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("\"odd.txn\" has 3 partitions but kafka.partitions = 4"),
+        "the error names the topic and both counts: {stderr}"
+    );
+}
+
+/// Writers that send batches of events with ids, each batch again and again until it is
+/// acknowledged (as a producer that must not lose data does), to whichever URL the server
+/// has now. Every key's count at the end must equal the events sent for it.
+struct Load {
+    url: Arc<Mutex<String>>,
+    stop: Arc<AtomicBool>,
+    writers: Vec<std::thread::JoinHandle<(usize, Vec<(u16, String)>)>>,
+}
+
+const WRITERS: usize = 3;
+const KEYS_PER_WRITER: usize = 10;
+const BATCH: usize = 20;
+
+impl Load {
+    fn start(url: &str) -> Load {
+        let url = Arc::new(Mutex::new(url.to_string()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers = (0..WRITERS)
+            .map(|w| {
+                let (url, stop) = (url.clone(), stop.clone());
+                std::thread::spawn(move || write_until_stopped(w, &url, &stop))
+            })
+            .collect();
+        Load { url, stop, writers }
+    }
+
+    /// Stops after each writer's batch in hand is acknowledged; batches sent per writer, and
+    /// every refusal seen (status, body).
+    fn finish(self) -> (Vec<usize>, Vec<(u16, String)>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut sent = Vec::new();
+        let mut refusals = Vec::new();
+        for w in self.writers {
+            let (n, r) = w.join().unwrap();
+            sent.push(n);
+            refusals.extend(r);
+        }
+        (sent, refusals)
+    }
+}
+
+fn write_until_stopped(
+    w: usize,
+    url: &Mutex<String>,
+    stop: &AtomicBool,
+) -> (usize, Vec<(u16, String)>) {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut refusals = Vec::new();
+    let mut batch_no = 0usize;
+    let ts = now_ms();
+    while !stop.load(Ordering::Relaxed) {
+        let events: Vec<String> = (0..BATCH)
+            .map(|i| {
+                let key = format!("w{w}-k{}", i % KEYS_PER_WRITER);
+                format!(r#"{{"view":"txn","key":"{key}","ts":{ts},"event_id":"w{w}-b{batch_no}-{i}","values":{{"seq":{batch_no}}}}}"#)
+            })
+            .collect();
+        let body = format!("[{}]", events.join(","));
+        loop {
+            let target = format!("{}/v1/events?ack=durable", url.lock().unwrap());
+            match client.post(target).body(body.clone()).send() {
+                Ok(r) if r.status() == 200 => break,
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    refusals.push((status, r.text().unwrap_or_default()));
+                }
+                Err(_) => {} // the server is down or restarting
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        batch_no += 1;
+    }
+    (batch_no, refusals)
+}
+
+/// Each writer's keys must count exactly the events sent for them: none lost, none twice.
+fn assert_counts(server: &Server, sent: &[usize]) {
+    let token_probe = server.post(
+        "/v1/events",
+        r#"[{"view":"txn","key":"probe","values":{"seq":0}}]"#,
+    );
+    let token = token_probe.1["token"].as_str().unwrap().to_string();
+    for (w, &batches) in sent.iter().enumerate() {
+        let per_key = (batches * BATCH / KEYS_PER_WRITER) as i64;
+        for k in 0..KEYS_PER_WRITER {
+            let key = format!("w{w}-k{k}");
+            let (status, v) = server.get_with(
+                &format!("/v1/features/txn/{key}"),
+                &[("Quiver-Read-After", &token)],
+            );
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(
+                v["features"]["n_1h"]["value"], per_key,
+                "{key}: every event exactly once ({v})"
+            );
+        }
+    }
+}
+
+#[test]
+fn kill9_during_durable_ingest_through_kafka_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = KafkaBroker::start(&dir.path().join("broker"));
+    let server = start(dir.path(), &broker, VIEWS, "kill.");
+    let load = Load::start(&server.url);
+    std::thread::sleep(Duration::from_millis(1500));
+    let dir_q = server.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    let server = Server::restart(&dir_q);
+    *load.url.lock().unwrap() = server.url.clone();
+    std::thread::sleep(Duration::from_millis(1000));
+    let (sent, _) = load.finish();
+    assert!(
+        sent.iter().sum::<usize>() >= 10,
+        "under load before and after the kill: {sent:?}"
+    );
+    assert_counts(&server, &sent);
+}
+
+#[test]
+fn a_broker_restart_under_load_loses_and_doubles_nothing_and_reads_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = KafkaBroker::start(&dir.path().join("broker"));
+    let config = VIEWS.replace(
+        "[log]",
+        "[limits]\ningest_queue_events_max = 200\nbatch_events_max = 100\n\n[log]",
+    );
+    let config = kafka_config(&config, &broker, "bounce.")
+        .replace("[kafka]\n", "[kafka]\ndelivery_timeout = \"2s\"\n");
+    let d = dir.path().join("quiver");
+    std::fs::create_dir_all(&d).unwrap();
+    let server = Server::start(&d, &config);
+    let (status, v) = server.post(
+        "/v1/events",
+        r#"[{"view":"txn","key":"steady","values":{"seq":42}}]"#,
+    );
+    assert_eq!(status, 200, "{v}");
+    let token = v["token"].as_str().unwrap().to_string();
+    server.get_with("/v1/features/txn/steady", &[("Quiver-Read-After", &token)]);
+    let load = Load::start(&server.url);
+    std::thread::sleep(Duration::from_millis(1000));
+    broker.stop();
+    // The broker is away: reads are served from memory, and the staleness gauge says how old.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        let (status, v) = server.get("/v1/features/txn/steady");
+        assert_eq!(
+            (status, &v["features"]["seq"]["value"]),
+            (200, &json!(42)),
+            "reads go on: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stale = server.metric("quiver_materializer_staleness_seconds");
+    assert!(
+        stale >= 4.0,
+        "staleness grows while the broker is away (sum over partitions: {stale})"
+    );
+    broker.start_again();
+    std::thread::sleep(Duration::from_millis(3000));
+    let (sent, refusals) = load.finish();
+    assert!(
+        refusals
+            .iter()
+            .any(|(s, b)| *s == 503 && (b.contains("QUEUE_FULL") || b.contains("LOG_UNAVAILABLE"))),
+        "ingest answered 503 while the broker was away: {:?}",
+        &refusals[..refusals.len().min(3)]
+    );
+    assert_counts(&server, &sent);
+    wait_for("staleness back to fresh", || {
+        let s = server.metric("quiver_materializer_staleness_seconds");
+        (s < 4.0, s)
+    });
+}
