@@ -91,7 +91,11 @@ impl KafkaLog {
     pub fn open(config: &Config, schema: Arc<Schema>) -> Result<Arc<KafkaLog>> {
         let k = &config.kafka;
         let mut client_config = ClientConfig::new();
-        client_config.set("bootstrap.servers", &k.brokers);
+        client_config
+            .set("bootstrap.servers", &k.brokers)
+            // librdkafka's default grows to 10 s between reconnects: a broker back from a
+            // restart would wait that long for Quiver. (`kafka.client` may override it.)
+            .set("reconnect.backoff.max.ms", "1000");
         for (name, value) in k.client_properties() {
             client_config.set(name, value);
         }

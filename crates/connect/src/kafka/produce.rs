@@ -11,7 +11,10 @@
 //!   retries; dedup ids make the retry apply once).
 //! - **A fatal producer error** (the idempotent producer's sequence desynchronized, as after a
 //!   broker lost its producer state) fails everything in flight and the next append builds a
-//!   new producer, with a new producer id. Nothing acknowledged is affected.
+//!   new producer, with a new producer id. So does losing every broker (at most one new
+//!   producer a second while they stay away): a broker back without the old session's state
+//!   must never answer a retry with "duplicate" for a batch it did not keep. Nothing
+//!   acknowledged is affected; what the old producer still held fails and is retried.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -84,6 +87,8 @@ pub(crate) struct Shared {
     admitted_max: usize,
     /// Set by a fatal error: the next append builds a new producer.
     fatal: AtomicBool,
+    /// Set when every broker was lost: an append builds a new producer (at most one a second).
+    outage: AtomicBool,
     fatal_reason: Mutex<Option<String>>,
     pub dead_letters: AtomicU64,
 }
@@ -126,13 +131,23 @@ pub(crate) struct Context {
 
 impl ClientContext for Context {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        let fatal = error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::Fatal);
-        if fatal {
-            tracing::error!(%error, reason, "Kafka producer hit a fatal error; the next append builds a new one");
-            *self.shared.fatal_reason.lock() = Some(reason.to_string());
-            self.shared.fatal.store(true, Ordering::Release);
-        } else {
-            tracing::warn!(%error, reason, "Kafka producer");
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        match error.rdkafka_error_code() {
+            Some(Code::Fatal) => {
+                tracing::error!(%error, reason, "Kafka producer hit a fatal error; the next append builds a new one");
+                *self.shared.fatal_reason.lock() = Some(reason.to_string());
+                self.shared.fatal.store(true, Ordering::Release);
+            }
+            // Every broker lost: the next append (at most one a second) starts a new producer
+            // session. A broker that comes back without the old session's state (as some
+            // test brokers do) could otherwise acknowledge a retried batch as a duplicate it
+            // never wrote; what the old session still held fails, and clients retry it.
+            Some(Code::AllBrokersDown) => {
+                tracing::warn!(%error, reason, "Kafka producer lost every broker");
+                *self.shared.fatal_reason.lock() = Some(reason.to_string());
+                self.shared.outage.store(true, Ordering::Release);
+            }
+            _ => tracing::warn!(%error, reason, "Kafka producer"),
         }
     }
 }
@@ -162,10 +177,14 @@ impl ProducerContext for Context {
 
 type Inner = ThreadedProducer<Context>;
 
+/// While every broker stays lost, how often an append may start a new producer session.
+const REBUILD_AFTER_OUTAGE_EVERY: Duration = Duration::from_secs(1);
+
 /// The current producer and how to build the next.
 pub(crate) struct KafkaProducer {
     config: ClientConfig,
     current: RwLock<Arc<Inner>>,
+    built_at: Mutex<std::time::Instant>,
     pub shared: Arc<Shared>,
 }
 
@@ -206,6 +225,7 @@ impl KafkaProducer {
             admitted: AtomicUsize::new(0),
             admitted_max,
             fatal: AtomicBool::new(false),
+            outage: AtomicBool::new(false),
             fatal_reason: Mutex::new(None),
             dead_letters: AtomicU64::new(0),
         });
@@ -213,13 +233,16 @@ impl KafkaProducer {
         Ok(KafkaProducer {
             config,
             current: RwLock::new(Arc::new(first)),
+            built_at: Mutex::new(std::time::Instant::now()),
             shared,
         })
     }
 
     /// Admits `count` records (all or none), then the caller sends them.
     pub fn admit(&self, count: usize) -> Result<Arc<Inner>> {
-        if self.shared.fatal.load(Ordering::Acquire) {
+        let outage = self.shared.outage.load(Ordering::Acquire)
+            && self.built_at.lock().elapsed() >= REBUILD_AFTER_OUTAGE_EVERY;
+        if self.shared.fatal.load(Ordering::Acquire) || outage {
             self.rebuild()?;
         }
         self.shared.admit(count)?;
@@ -258,13 +281,16 @@ impl KafkaProducer {
 
     fn rebuild(&self) -> Result<()> {
         let mut current = self.current.write();
-        if !self.shared.fatal.swap(false, Ordering::AcqRel) {
+        let fatal = self.shared.fatal.swap(false, Ordering::AcqRel);
+        let outage = self.shared.outage.swap(false, Ordering::AcqRel);
+        if !fatal && !outage {
             return Ok(()); // another append rebuilt it meanwhile
         }
         let reason = self.shared.fatal_reason.lock().take().unwrap_or_default();
         let next = Arc::new(build(&self.config, &self.shared)?);
         let old = std::mem::replace(&mut *current, next);
-        tracing::warn!(reason, "built a new Kafka producer after a fatal error");
+        *self.built_at.lock() = std::time::Instant::now();
+        tracing::warn!(reason, fatal, "built a new Kafka producer");
         // Dropping a producer purges and flushes (up to 500 ms): its pending appends fail.
         std::thread::spawn(move || drop(old));
         Ok(())

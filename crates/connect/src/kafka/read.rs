@@ -37,6 +37,9 @@ use rdkafka::ClientContext;
 use super::codec::{self, Incoming, DEDUP_HEADER};
 use super::KafkaLog;
 
+/// Longest a broker may stay silent (µs since it last sent anything) and still count as
+/// answering: a fetch comes back at least every `fetch_wait_max` (500 ms by default).
+const BROKER_SILENCE_MAX_US: i64 = 2_000_000;
 /// Records waiting in one reader's channel.
 const CHANNEL_RECORDS_MAX: usize = 8192;
 /// With `idle_fetch_backoff`: how long the fetch thread looks for records before it pauses.
@@ -60,11 +63,12 @@ pub(crate) struct ReaderContext {
 
 impl ClientContext for ReaderContext {
     fn stats(&self, stats: Statistics) {
-        if stats
-            .brokers
-            .values()
-            .any(|b| b.nodeid >= 0 && b.state == "UP")
-        {
+        // A broker counts as answering if it is up and sent something lately (a frozen
+        // broker keeps its connection "UP" but sends nothing).
+        let answering = stats.brokers.values().any(|b| {
+            b.nodeid >= 0 && b.state == "UP" && (0..=BROKER_SILENCE_MAX_US).contains(&b.rxidle)
+        });
+        if answering {
             *self.health.up_at.lock() = Some(Instant::now());
         }
         let mut ends = self.health.ends.lock();
@@ -97,8 +101,10 @@ struct Owned {
 
 enum Item {
     Record(usize, Owned),
-    /// The consumer reached the end of a partition with this number (of some topic).
-    Eof,
+    /// The consumer reached the end of a partition of this number: the stream's position as
+    /// the consumer has it then (past records it does not hand out, such as transaction
+    /// markers). Sent after every record routed before it.
+    Eof(usize, u64),
     /// Some assigned offset is out of range (the error does not say which).
     OutOfRange,
 }
@@ -127,7 +133,6 @@ struct Routing {
 
 /// One consumer and its fetch thread, shared by the readers of one purpose.
 pub(crate) struct Fetcher {
-    consumer: Arc<KafkaConsumer>,
     routing: Arc<Mutex<Routing>>,
     health: Arc<Health>,
     stop: Arc<AtomicBool>,
@@ -149,7 +154,6 @@ impl Fetcher {
                 .map_err(|e| LogError::Setup(format!("cannot start a fetch thread: {e}")))?
         };
         Ok(Arc::new(Fetcher {
-            consumer,
             routing,
             health,
             stop,
@@ -246,9 +250,7 @@ fn fetch_loop(
                 };
                 send(&tx, Item::Record(index, owned), stop);
             }
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                broadcast(routing, |k| k.1 == p.max(0) as u32, || Item::Eof)
-            }
+            Some(Err(KafkaError::PartitionEOF(p))) => at_end(consumer, routing, p.max(0) as u32),
             Some(Err(KafkaError::MessageConsumption(code)))
                 if matches!(
                     code,
@@ -339,6 +341,23 @@ fn send(tx: &SyncSender<Item>, mut item: Item, stop: &AtomicBool) {
                 item = back;
                 std::thread::sleep(Duration::from_millis(1));
             }
+        }
+    }
+}
+
+/// Tells the readers of partition number `p` (of any topic: the event does not say which)
+/// where the consumer stands in it.
+fn at_end(consumer: &KafkaConsumer, routing: &Mutex<Routing>, p: u32) {
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    let routing = routing.lock();
+    for e in positions.elements() {
+        let key = (e.topic().to_string(), e.partition().max(0) as u32);
+        if let (true, Offset::Offset(o), Some(r)) =
+            (key.1 == p, e.offset(), routing.routes.get(&key))
+        {
+            let _ = r.tx.try_send(Item::Eof(r.index, o.max(0) as u64));
         }
     }
 }
@@ -522,22 +541,6 @@ impl KafkaReader {
         }
     }
 
-    /// Moves positions up to the consumer's own (it steps over records it does not hand out,
-    /// such as transaction markers, and reports them only at the end of a partition).
-    fn catch_up_positions(&mut self) {
-        let Ok(tpl) = self.fetcher.consumer.position() else {
-            return;
-        };
-        for e in tpl.elements() {
-            let key = (e.topic().to_string(), e.partition().max(0) as u32);
-            if let (Offset::Offset(o), Some(s)) =
-                (e.offset(), self.streams.iter_mut().find(|s| s.key == key))
-            {
-                s.position = s.position.max(o.max(0) as u64);
-            }
-        }
-    }
-
     /// After the broker said some offset is out of range: the first of this reader's streams
     /// whose position is below what its topic still keeps, as the error its caller turns
     /// into a gap.
@@ -559,7 +562,10 @@ impl KafkaReader {
     fn handle(&mut self, item: Item, out: &mut ReadBatch) -> Result<()> {
         match item {
             Item::Record(i, m) => self.take(i, m, out),
-            Item::Eof => self.catch_up_positions(),
+            Item::Eof(i, at) => {
+                let s = &mut self.streams[i];
+                s.position = s.position.max(at);
+            }
             Item::OutOfRange => self.out_of_range()?,
         }
         Ok(())
