@@ -293,6 +293,39 @@ fn toml_default(v: &toml::Value, ty: FeatureType) -> Option<Value> {
     value.fits(ty).then_some(value)
 }
 
+/// A view's `source`: every feature read from the field of its name unless `fields` says
+/// otherwise, and `fields` naming only features.
+fn compile_source(
+    src: &crate::config::ViewSourceConfig,
+    features: &[Feature],
+    by_name: &HashMap<String, FeatureIdx>,
+    path: &str,
+) -> Result<Source, ConfigError> {
+    for name in src.fields.keys() {
+        if !by_name.contains_key(name) {
+            return Err(ConfigError::field(
+                format!("{path}.source.fields"),
+                format!("{name:?} is not a feature of this view"),
+            ));
+        }
+    }
+    let fields = features
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let field = src.fields.get(&f.name).unwrap_or(&f.name);
+            (i as FeatureIdx, field.clone())
+        })
+        .collect();
+    Ok(Source {
+        topic: src.kafka_topic.clone(),
+        key_field: src.key_field.clone(),
+        ts_field: src.ts_field.clone(),
+        event_id_field: src.event_id_field.clone(),
+        fields,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::Config;
@@ -334,37 +367,4 @@ mod tests {
         assert_eq!(v.feature(1).ty, crate::value::FeatureType::F32s(2));
         assert!(v.feature(1).default.is_some());
     }
-}
-
-/// A view's `source`: every feature read from the field of its name unless `fields` says
-/// otherwise, and `fields` naming only features.
-fn compile_source(
-    src: &crate::config::ViewSourceConfig,
-    features: &[Feature],
-    by_name: &HashMap<String, FeatureIdx>,
-    path: &str,
-) -> Result<Source, ConfigError> {
-    for name in src.fields.keys() {
-        if !by_name.contains_key(name) {
-            return Err(ConfigError::field(
-                format!("{path}.source.fields"),
-                format!("{name:?} is not a feature of this view"),
-            ));
-        }
-    }
-    let fields = features
-        .iter()
-        .enumerate()
-        .map(|(i, f)| {
-            let field = src.fields.get(&f.name).unwrap_or(&f.name);
-            (i as FeatureIdx, field.clone())
-        })
-        .collect();
-    Ok(Source {
-        topic: src.kafka_topic.clone(),
-        key_field: src.key_field.clone(),
-        ts_field: src.ts_field.clone(),
-        event_id_field: src.event_id_field.clone(),
-        fields,
-    })
 }

@@ -29,6 +29,8 @@ pub const MATERIALIZER_APPLIED_OFFSET: &str = "quiver_materializer_applied_offse
 pub const KAFKA_RECORDS_REJECTED_TOTAL: &str = "quiver_kafka_records_rejected_total";
 /// Producer state: records admitted and not yet acknowledged by Kafka.
 pub const KAFKA_PRODUCER_QUEUED_RECORDS: &str = "quiver_kafka_producer_queued_records";
+/// RabbitMQ source messages by queue and outcome (`appended`, `rejected`, `requeued`).
+pub const RABBITMQ_MESSAGES_TOTAL: &str = "quiver_rabbitmq_messages_total";
 pub const MATERIALIZER_STALENESS_SECONDS: &str = "quiver_materializer_staleness_seconds";
 pub const SNAPSHOT_SECONDS: &str = "quiver_snapshot_seconds";
 pub const STORE_ROWS: &str = "quiver_store_rows";

@@ -85,12 +85,20 @@ fn produce(p: &BaseProducer, topic: &str, records: &[(Option<&str>, String, Opti
     p.flush(Duration::from_secs(10)).unwrap();
 }
 
-/// Every record of `topic` (4 partitions) as (partition, key, value, headers).
-fn consume_all(
-    broker: &KafkaBroker,
-    topic: &str,
-    want: usize,
-) -> Vec<(i32, Option<String>, String, HashMap<String, String>)> {
+/// One record as an independent consumer sees it.
+#[derive(Debug)]
+struct Consumed {
+    partition: i32,
+    key: Option<String>,
+    value: String,
+    headers: HashMap<String, String>,
+}
+
+/// What a writer thread returns: batches acknowledged, and every refusal (status, body).
+type Written = (usize, Vec<(u16, String)>);
+
+/// Every record of `topic` (4 partitions).
+fn consume_all(broker: &KafkaBroker, topic: &str, want: usize) -> Vec<Consumed> {
     let c: BaseConsumer = client_config(broker)
         .set("group.id", "test-reader")
         .set("enable.auto.commit", "false")
@@ -121,12 +129,12 @@ fn consume_all(
                     .collect()
             })
             .unwrap_or_default();
-        out.push((
-            m.partition(),
-            m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-            String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+        out.push(Consumed {
+            partition: m.partition(),
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            value: String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
             headers,
-        ));
+        });
     }
     out
 }
@@ -172,9 +180,13 @@ fn an_independent_librdkafka_producer_lands_where_quiver_puts_a_key() {
     // librdkafka's murmur2_random put every key where Quiver's murmur2 says it belongs.
     let landed = consume_all(&broker, "ext.txn", 200);
     assert_eq!(landed.len(), 200);
-    for (partition, key, _, _) in &landed {
-        let key = key.as_deref().unwrap();
-        assert_eq!(*partition as u32, partition_for(key.as_bytes(), 4), "{key}");
+    for r in &landed {
+        let key = r.key.as_deref().unwrap();
+        assert_eq!(
+            r.partition as u32,
+            partition_for(key.as_bytes(), 4),
+            "{key}"
+        );
     }
     // And Quiver serves what it did not write itself.
     wait_for("external records readable", || {
@@ -196,12 +208,12 @@ fn an_independent_librdkafka_producer_lands_where_quiver_puts_a_key() {
     );
     assert_eq!(status, 200, "{v}");
     let all = consume_all(&broker, "ext.txn", 201);
-    let (partition, _, value, _) = all
+    let mine = all
         .iter()
-        .find(|r| r.1.as_deref() == Some("q1"))
+        .find(|r| r.key.as_deref() == Some("q1"))
         .expect("Quiver's record");
-    assert_eq!(*partition as u32, partition_for(b"q1", 4));
-    let value: Value = serde_json::from_str(value).unwrap();
+    assert_eq!(mine.partition as u32, partition_for(b"q1", 4));
+    let value: Value = serde_json::from_str(&mine.value).unwrap();
     assert_eq!(
         value,
         json!({"ts": ts, "event_id": "q-1", "values": {"amount": 2.5}})
@@ -287,7 +299,10 @@ fn a_source_topic_is_mapped_and_bad_records_are_counted_and_dead_lettered() {
     });
     let dead = consume_all(&broker, "quiver-dead", 4);
     assert_eq!(dead.len(), 4, "{dead:?}");
-    let reasons: Vec<&str> = dead.iter().map(|r| r.3["quiver-reason"].as_str()).collect();
+    let reasons: Vec<&str> = dead
+        .iter()
+        .map(|r| r.headers["quiver-reason"].as_str())
+        .collect();
     for r in [
         "malformed_json",
         "missing_field",
@@ -298,10 +313,10 @@ fn a_source_topic_is_mapped_and_bad_records_are_counted_and_dead_lettered() {
     }
     assert!(dead
         .iter()
-        .all(|r| r.3["quiver-source-topic"] == "payments"
-            && r.3.contains_key("quiver-source-offset")));
+        .all(|r| r.headers["quiver-source-topic"] == "payments"
+            && r.headers.contains_key("quiver-source-offset")));
     assert!(
-        dead.iter().any(|r| r.2 == "not json"),
+        dead.iter().any(|r| r.value == "not json"),
         "the original value is kept"
     );
     // Quiver's own ingest refuses to write somebody else's topic.
@@ -357,7 +372,7 @@ struct Load {
     stop: Arc<AtomicBool>,
     /// While set, writers start no new batch.
     hold: Arc<AtomicBool>,
-    writers: Vec<std::thread::JoinHandle<(usize, Vec<(u16, String)>)>>,
+    writers: Vec<std::thread::JoinHandle<Written>>,
 }
 
 const WRITERS: usize = 3;
@@ -403,7 +418,7 @@ fn write_until_stopped(
     url: &Mutex<String>,
     stop: &AtomicBool,
     hold: &AtomicBool,
-) -> (usize, Vec<(u16, String)>) {
+) -> Written {
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()

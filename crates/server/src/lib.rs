@@ -137,6 +137,9 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let state = Arc::new(AppState::new(node.clone(), metrics));
+    if let Err(e) = node.start_sources() {
+        tracing::error!(error = %e, "an upstream source did not start");
+    }
     let housekeeping = {
         let node = node.clone();
         tokio::spawn(async move {

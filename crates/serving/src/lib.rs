@@ -13,6 +13,7 @@ pub mod infer;
 pub mod ingest;
 pub mod node;
 pub mod predict;
+pub mod sources;
 
 pub use error::{Class, Code, Detail, ServingError};
 pub use node::{Node, NodeError};

@@ -50,6 +50,8 @@ pub struct Node {
     pub materializers: Materializers,
     pub idempotency: IdempotencyStore,
     pub limits: EventLimits,
+    /// Running upstream sources (`[[rabbitmq_source]]`), started by [`Node::start_sources`].
+    sources: Mutex<Vec<quiver_connect::rabbitmq::RabbitSource>>,
 }
 
 /// Opens the configured log backend: the embedded log in `<data_dir>/log`, or Kafka.
@@ -145,7 +147,15 @@ impl Node {
             materializers,
             idempotency,
             limits,
+            sources: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Starts the configured upstream sources (once the node is shared: they append to it).
+    pub fn start_sources(self: &Arc<Self>) -> Result<(), NodeError> {
+        let started = crate::sources::start(self)?;
+        self.sources.lock().extend(started);
+        Ok(())
     }
 
     /// The embedded log, when that is the backend (offline tools, tests, `log` metrics).
@@ -179,6 +189,10 @@ impl Node {
     /// Stops the consumers (history sink, materializers with their final snapshots), then
     /// the log writers.
     pub fn shutdown(&self) {
+        // Upstream first: nothing new is appended while the consumers drain.
+        for mut s in self.sources.lock().drain(..) {
+            s.shutdown();
+        }
         if let Some((stop, handle)) = self.model_poller.lock().take() {
             drop(stop);
             let _ = handle.join();

@@ -251,14 +251,9 @@ fn fetch_loop(
                 send(&tx, Item::Record(index, owned), stop);
             }
             Some(Err(KafkaError::PartitionEOF(p))) => at_end(consumer, routing, p.max(0) as u32),
-            Some(Err(KafkaError::MessageConsumption(code)))
-                if matches!(
-                    code,
-                    RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset
-                ) =>
-            {
-                broadcast(routing, |_| true, || Item::OutOfRange)
-            }
+            Some(Err(KafkaError::MessageConsumption(
+                RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset,
+            ))) => broadcast(routing, |_| true, || Item::OutOfRange),
             Some(Err(e)) => tracing::debug!(error = %e, "Kafka consumer error"),
             None if !backoff.is_zero() && !assigned.is_empty() => {
                 // Nothing new: take every partition away for `backoff`; the next reconcile
