@@ -1,8 +1,8 @@
 //! RabbitMQ as an upstream, with the real binary and the RabbitMQ on 127.0.0.1:5672: messages
 //! published by the lapin client are appended and acked only once durable; `kill -9` of
-//! Quiver mid-stream loses and doubles nothing (redelivered messages are deduplicated by
-//! their events' ids, or by ids derived from the AMQP `message_id`); a bad message is
-//! rejected, counted and not redelivered.
+//! Quiver mid-stream loses and doubles nothing (messages delivered again — redelivered after
+//! the kill, or published twice — are deduplicated by their events' ids, or by ids derived
+//! from the AMQP `message_id`); a bad message is rejected, counted and not redelivered.
 
 mod common;
 
@@ -173,6 +173,12 @@ fn kill9_mid_stream_loses_and_doubles_no_rabbitmq_message() {
         let (body, id) = message(m, ts);
         rabbit.publish(&body, id);
     }
+    // A publisher's own retries (the same bodies and message ids) count once too, as a
+    // redelivery after the kill must.
+    for m in 0..10 {
+        let (body, id) = message(m, ts);
+        rabbit.publish(&body, id);
+    }
     // Kill while the source is mid-stream: some appended and acked, some appended and not.
     let deadline = Instant::now() + Duration::from_secs(20);
     while counts(&server).iter().sum::<i64>() < (KEYS * 20) as i64 {
@@ -202,10 +208,6 @@ fn kill9_mid_stream_loses_and_doubles_no_rabbitmq_message() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(
-        server.metric("quiver_events_duplicate_total") > 0.0,
-        "redelivered messages were deduplicated, not re-applied"
-    );
     assert_eq!(
         server.metric_with("quiver_rabbitmq_messages_total", "outcome=\"rejected\""),
         0.0,
