@@ -149,3 +149,43 @@ fn bench_scenarios_report_real_work() {
         assert!(rate.as_f64().unwrap() > 0.0, "{h}");
     }
 }
+
+#[test]
+fn bench_ingest_measures_kafka_next_to_the_embedded_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::KafkaBroker::start(&dir.path().join("broker"));
+    let out = dir.path().join("bench.json");
+    let (ok, stdout, stderr) = quiver(&[
+        "bench",
+        "ingest",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "1",
+        "--connections",
+        "2",
+        "--batch",
+        "50",
+        "--rate",
+        "2000",
+        "--kafka",
+        &broker.addr(),
+        "--kafka-idle-fetch-backoff",
+        "20ms",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for backend in ["embedded", "kafka"] {
+        let r = &report["results"]["ingest"][backend];
+        assert!(r["events_per_s"].as_f64().unwrap() > 0.0, "{backend}: {r}");
+        assert!(
+            r["freshness_probes"].as_u64().unwrap() > 0,
+            "{backend}: {r}"
+        );
+        assert_eq!(r["rejected_posts"], 0, "{backend}: {r}");
+    }
+    assert!(stdout.contains("Kafka ÷ embedded"), "{stdout}");
+}

@@ -143,6 +143,12 @@ impl KafkaLog {
             k.linger.0,
             k.delivery_timeout.0,
         )?;
+        let own: Vec<&str> = topics
+            .iter()
+            .filter(|t| !t.source)
+            .map(|t| t.name.as_str())
+            .collect();
+        producer.warm_up(&own, SETUP_TIMEOUT);
         let meta: BaseConsumer = client_config
             .clone()
             .set("group.id", "quiver-meta")

@@ -304,6 +304,17 @@ impl KafkaProducer {
             .then(|| self.shared.fatal_reason.lock().clone().unwrap_or_default())
     }
 
+    /// Fetches the producer's metadata for `topics`, so that the first append does not wait
+    /// for it (about a second on a broker just started).
+    pub fn warm_up(&self, topics: &[&str], timeout: Duration) {
+        let p = self.current.read().clone();
+        for t in topics {
+            if let Err(e) = p.client().fetch_metadata(Some(t), timeout) {
+                tracing::warn!(topic = t, error = %e, "Kafka producer metadata not ready yet");
+            }
+        }
+    }
+
     /// Waits up to `timeout` for everything in flight (shutdown).
     pub fn flush(&self, timeout: Duration) {
         let p = self.current.read().clone();

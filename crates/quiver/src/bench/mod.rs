@@ -100,6 +100,14 @@ pub struct BenchArgs {
     /// (1 is always run); each design stops climbing after the first load it fails.
     #[arg(long, default_value = "0.25,0.5,0.75,1,1.5,2,3")]
     pub levels: String,
+    /// `ingest`: also measure with Kafka as the log, on these brokers (topics
+    /// `quiver-bench-<pid>.*` are created), next to the embedded log in the same run.
+    #[arg(long)]
+    pub kafka: Option<String>,
+    /// `ingest` with `--kafka`: `kafka.idle_fetch_backoff` (a test broker that answers empty
+    /// fetches at once needs ~20ms; a Kafka does not).
+    #[arg(long, default_value = "0ms")]
+    pub kafka_idle_fetch_backoff: String,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -548,8 +556,39 @@ fn served_model(node: &quiver_server::Node, name: &str) -> Result<Arc<dyn quiver
 
 /// Durable ingest throughput and freshness, into `view` (`txn`, or `txn_agg`: the same
 /// features with 3 window aggregations).
+/// `ingest` on the embedded log and, with `--kafka`, on Kafka, in the same run.
 fn bench_ingest(args: &BenchArgs, view: &'static str) -> Result<Value> {
-    let q = start_embedded()?;
+    let embedded = ingest_on(args, view, "embedded", start_embedded()?)?;
+    let Some(brokers) = &args.kafka else {
+        return Ok(embedded);
+    };
+    let backoff = humantime::parse_duration(&args.kafka_idle_fetch_backoff)?;
+    let kafka = ingest_on(
+        args,
+        view,
+        "kafka",
+        start_embedded_with(|c| {
+            c.log.backend = quiver_core::config::LogBackend::Kafka;
+            c.kafka.brokers = brokers.clone();
+            c.kafka.topic_prefix = format!("quiver-bench-{}.", std::process::id());
+            c.kafka.partitions = c.log.partitions;
+            c.kafka.idle_fetch_backoff = quiver_core::config::HumanDuration(backoff);
+        })?,
+    )?;
+    let ratio =
+        |k: &str| kafka[k].as_f64().unwrap_or(f64::NAN) / embedded[k].as_f64().unwrap_or(f64::NAN);
+    say!("\n### ingest: Kafka ÷ embedded (same load, same run)\n");
+    say!("| metric | Kafka ÷ embedded |\n|---|---|");
+    say!("| durable events/s | {:.2}× |", ratio("events_per_s"));
+    say!("| POST p99 | {:.2}× |", ratio("post_p99_us"));
+    say!(
+        "| freshness ack→readable p99 | {:.2}× |",
+        ratio("freshness_p99_us")
+    );
+    Ok(json!({"embedded": embedded, "kafka": kafka, "kafka_brokers": brokers}))
+}
+
+fn ingest_on(args: &BenchArgs, view: &'static str, backend: &str, q: Embedded) -> Result<Value> {
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -655,7 +694,7 @@ fn bench_ingest(args: &BenchArgs, view: &'static str) -> Result<Value> {
     })?;
     let (rate, rejected, lat, fresh) = out;
     say!(
-        "\n## ingest into `{view}` (ack=durable, fsync=batch, {} connections × {} events per POST)\n",
+        "\n## ingest into `{view}`, {backend} log (ack=durable, {} connections × {} events per POST)\n",
         args.connections, args.batch
     );
     say!("| metric | value |\n|---|---|");
