@@ -443,7 +443,9 @@ fn write_until_stopped(
                 Ok(r) if r.status() == 200 => break,
                 Ok(r) => {
                     let status = r.status().as_u16();
-                    refusals.push((status, r.text().unwrap_or_default()));
+                    let retry = r.headers().get("retry-after").is_some();
+                    let body = r.text().unwrap_or_default();
+                    refusals.push((status, format!("{body} retry-after:{retry}")));
                 }
                 Err(_) => {} // the server is down or restarting
             }
@@ -558,9 +560,100 @@ fn a_broker_restart_under_load_loses_and_doubles_nothing_and_reads_go_on() {
         "ingest answered 503 while the broker was away: {:?}",
         &refusals[..refusals.len().min(3)]
     );
+    assert!(
+        refusals
+            .iter()
+            .all(|(s, b)| *s != 503 || b.ends_with("retry-after:true")),
+        "every 503 says when to retry: {:?}",
+        &refusals[..refusals.len().min(3)]
+    );
     assert_counts(&server, &sent);
     wait_for("staleness back to fresh", || {
         let s = server.metric("quiver_materializer_staleness_seconds");
         (s < 4.0, s)
     });
+}
+
+#[test]
+fn records_kafka_deletes_before_they_are_read_are_history_gaps_never_silence() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = KafkaBroker::start(&dir.path().join("broker"));
+    let table = format!("qh_kgap_{}", std::process::id());
+    let mut pg = postgres::Client::connect(PG, postgres::NoTls).unwrap();
+    drop_history(&mut pg, &table);
+    pg.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {table}_gaps; DROP TABLE IF EXISTS {table}_offsets;"
+    ))
+    .unwrap();
+    let config = VIEWS.replace(
+        "[store]",
+        &format!("[history]\npostgres_url = \"{PG}\"\ntable = \"{table}\"\n\n[store]"),
+    );
+    let server = start(dir.path(), &broker, &config, "gap.");
+    let ts = now_ms();
+    let batch = |from: usize, n: usize| {
+        let events: Vec<String> = (from..from + n)
+            .map(|i| format!(r#"{{"view":"txn","key":"g{i}","ts":{ts},"event_id":"e{i}","values":{{"seq":{i}}}}}"#))
+            .collect();
+        format!("[{}]", events.join(","))
+    };
+    let (status, v) = server.post("/v1/events", &batch(0, 40));
+    assert_eq!(status, 200, "{v}");
+    let rows = |pg: &mut postgres::Client| history_counts(pg, &table).0;
+    wait_for("the sink wrote the first 40", || {
+        (rows(&mut pg) == 40, rows(&mut pg))
+    });
+    let dir_q = server.stop();
+    // While Quiver is away, other producers write 60 events and Kafka's retention deletes
+    // everything written so far.
+    let records: Vec<(String, String)> = (40..100)
+        .map(|i| {
+            (
+                format!("g{i}"),
+                json!({"ts": ts, "event_id": format!("e{i}"), "values": {"seq": i}}).to_string(),
+            )
+        })
+        .collect();
+    let sends: Vec<(Option<&str>, String, Option<i32>)> = records
+        .iter()
+        .map(|(k, v)| (Some(k.as_str()), v.clone(), None))
+        .collect();
+    produce(&producer(&broker), "gap.txn", &sends);
+    let meta: BaseConsumer = client_config(&broker)
+        .set("group.id", "t")
+        .create()
+        .unwrap();
+    let mut upto = TopicPartitionList::new();
+    for p in 0..4 {
+        let (_, high) = meta
+            .fetch_watermarks("gap.txn", p, Duration::from_secs(5))
+            .unwrap();
+        upto.add_partition_offset("gap.txn", p, Offset::Offset(high))
+            .unwrap();
+    }
+    let admin: AdminClient<DefaultClientContext> = client_config(&broker).create().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(admin.delete_records(&upto, &AdminOptions::new()))
+        .unwrap();
+    // Back: the 60 records nobody read are a gap of 60 offsets, counted; what follows is written.
+    let server = Server::restart(&dir_q);
+    let (status, v) = server.post("/v1/events", &batch(100, 20));
+    assert_eq!(status, 200, "{v}");
+    wait_for("the sink wrote what came after the gap", || {
+        (rows(&mut pg) == 60, rows(&mut pg))
+    });
+    let lost: i64 = pg
+        .query_one(
+            &format!("SELECT coalesce(sum(to_offset - from_offset), 0)::bigint FROM {table}_gaps"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(lost, 60, "every deleted, unread record is in {table}_gaps");
+    assert_eq!(server.metric("quiver_history_lost_records_total"), 60.0);
+    server.stop();
+    drop_history(&mut pg, &table);
 }
