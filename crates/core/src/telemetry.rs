@@ -31,6 +31,12 @@ pub const KAFKA_RECORDS_REJECTED_TOTAL: &str = "quiver_kafka_records_rejected_to
 pub const KAFKA_PRODUCER_QUEUED_RECORDS: &str = "quiver_kafka_producer_queued_records";
 /// RabbitMQ source messages by queue and outcome (`appended`, `rejected`, `requeued`).
 pub const RABBITMQ_MESSAGES_TOTAL: &str = "quiver_rabbitmq_messages_total";
+/// Versions refused because they missed their golden set, by model and version.
+pub const MODEL_GOLDEN_FAILURES_TOTAL: &str = "quiver_model_golden_failures_total";
+/// Rollout decisions by model and action (`start`, `advance`, `promote`, `rollback`).
+pub const ROLLOUT_DECISIONS_TOTAL: &str = "quiver_rollout_decisions_total";
+/// Percent of a model's traffic on its rollout's candidate (0 when none runs).
+pub const ROLLOUT_CANDIDATE_PERCENT: &str = "quiver_rollout_candidate_percent";
 pub const MATERIALIZER_STALENESS_SECONDS: &str = "quiver_materializer_staleness_seconds";
 pub const SNAPSHOT_SECONDS: &str = "quiver_snapshot_seconds";
 pub const STORE_ROWS: &str = "quiver_store_rows";

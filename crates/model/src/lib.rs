@@ -3,9 +3,11 @@
 //! plus the model repository that loads them.
 
 pub mod batcher;
+pub mod golden;
 pub mod onnx;
 pub mod registry;
 pub mod repository;
+pub mod rollout;
 pub mod shadow;
 pub mod trees;
 

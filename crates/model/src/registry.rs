@@ -7,10 +7,20 @@
 //! previous load of that version (or the previous versions) keeps serving, and the error is
 //! reported in the version's status, the log and `quiver_model_load_errors_total`.
 //!
-//! Traffic per model: a default version (`None` follows the newest ready version), an
-//! optional weighted split that is sticky per entity key, an optional shadow version, and the
-//! list of previous defaults that rollback returns to. It is persisted (atomically) so a
-//! restart serves the same way.
+//! Traffic per model: the *stable* version (what answers when nothing else decides), an
+//! optional weighted split that is sticky per entity key, an optional shadow version, the
+//! previous stable versions rollback returns to, and a running rollout, if any. It is
+//! persisted (atomically) so a restart serves — and rolls out — the same way.
+//!
+//! # Stable and candidate
+//! The first ready version a model ever has becomes its stable version; after that a new
+//! version is a *candidate*: it loads, warms, passes its golden set and is ready, yet takes
+//! only the traffic it is given (a pin, a split, a shadow, a rollout's canary steps) until it
+//! is promoted — by an operator (`promote`), by a rollout that walked every step, or at once
+//! with `promote = "auto"`. Rollback always returns to the stable version (a canary or split
+//! is stopped) or, with none running, to the previous stable version. The stable version,
+//! the last previous one and every version traffic names stay loaded whatever the version
+//! policy selects.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -22,7 +32,8 @@ use quiver_core::Schema;
 use serde::{Deserialize, Serialize};
 
 use crate::batcher::Batcher;
-use crate::repository::{self, LoadedVersion, ModelSpec};
+use crate::repository::{self, LoadedVersion, ModelSpec, Promote};
+use crate::rollout::{self, Decision, Outcomes, Phase, RolloutState, Verdict};
 
 /// How many previous defaults rollback can walk back through.
 const HISTORY_MAX: usize = 16;
@@ -72,6 +83,8 @@ pub struct Version {
     pub metrics: VersionMetrics,
     /// The last load error of this version (a later good load clears it).
     pub error: Option<String>,
+    /// What its predictions and shadow comparisons did (for rollouts).
+    pub outcomes: Arc<Outcomes>,
     fingerprint: u64,
 }
 
@@ -87,17 +100,57 @@ impl Version {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Traffic {
-    /// `None`: the newest ready version.
+    /// The stable version. `None` until the model first has a ready version.
     #[serde(default)]
     pub default: Option<u64>,
-    /// (version, weight), sticky per entity key. Empty: everything to the default.
+    /// (version, weight), sticky per entity key. Empty: everything to the stable version.
     #[serde(default)]
     pub split: Vec<(u64, u32)>,
     #[serde(default)]
     pub shadow: Option<u64>,
-    /// Previous defaults, most recent last.
+    /// Previous stable versions, most recent last.
     #[serde(default)]
     pub history: Vec<u64>,
+    /// The current or last rollout.
+    #[serde(default)]
+    pub rollout: Option<RolloutState>,
+    /// Candidates rolled back: neither a rollout nor `promote = "auto"` takes them up again.
+    #[serde(default)]
+    pub rejected: Vec<u64>,
+}
+
+impl Traffic {
+    /// Versions this traffic needs loaded.
+    fn named(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .default
+            .into_iter()
+            .chain(self.history.last().copied())
+            .collect();
+        v.extend(self.split.iter().map(|s| s.0));
+        v.extend(self.shadow);
+        v.extend(
+            self.rollout
+                .as_ref()
+                .filter(|r| r.phase == Phase::Running)
+                .map(|r| r.candidate),
+        );
+        v
+    }
+
+    fn make_stable(&mut self, v: u64) {
+        if let Some(old) = self.default.filter(|&old| old != v) {
+            push_history(&mut self.history, old);
+        }
+        self.default = Some(v);
+    }
+}
+
+/// What a rollback did: the version now answering, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolledBack {
+    pub version: u64,
+    pub reason: String,
 }
 
 /// One model as served.
@@ -128,19 +181,48 @@ impl Served {
         self.versions.get(&v).filter(|x| x.loaded.is_some())
     }
 
-    /// The version that answers when nothing else decides: the configured default if it is
-    /// ready, else the newest ready version.
+    /// The version that answers when nothing else decides: the stable version if it is
+    /// ready; else the latest earlier stable version that is; else the newest ready version
+    /// older than the stable one. Never a version newer than the stable one: an untested
+    /// candidate does not take over because the stable version failed. (No stable version
+    /// yet: the newest ready.)
     pub fn default_version(&self) -> Option<u64> {
+        let newest_ready = |below: u64| {
+            self.versions
+                .range(..below)
+                .rev()
+                .find(|(_, v)| v.loaded.is_some())
+                .map(|(v, _)| *v)
+        };
+        let Some(stable) = self.traffic.default else {
+            return newest_ready(u64::MAX);
+        };
+        if self.ready(stable).is_some() {
+            return Some(stable);
+        }
         self.traffic
-            .default
-            .filter(|v| self.ready(*v).is_some())
-            .or_else(|| {
-                self.versions
-                    .values()
-                    .rev()
-                    .find(|v| v.loaded.is_some())
-                    .map(|v| v.version)
-            })
+            .history
+            .iter()
+            .rev()
+            .find(|v| self.ready(**v).is_some())
+            .copied()
+            .or_else(|| newest_ready(stable))
+    }
+
+    /// The same model in a new snapshot (versions shared, traffic copied).
+    fn copy(&self) -> Served {
+        Served {
+            name: self.name.clone(),
+            spec: self.spec.clone(),
+            versions: self.versions.iter().map(|(v, x)| (*v, x.share())).collect(),
+            traffic: self.traffic.clone(),
+            error: self.error.clone(),
+        }
+    }
+
+    /// Whether `v` is a ready version other than the stable one.
+    pub fn is_candidate(&self, v: u64) -> bool {
+        self.ready(v).is_some() && self.default_version() != Some(v)
     }
 
     /// The version that answers a request: `pin` if given; else the split's pick for
@@ -250,7 +332,15 @@ impl Registry {
             .unwrap_or_default();
         let initial: Snapshot = persisted
             .into_iter()
-            .map(|(name, traffic)| {
+            .map(|(name, mut traffic): (String, Traffic)| {
+                // Nothing was observed while Quiver was down: a running step starts again.
+                if let Some(r) = traffic
+                    .rollout
+                    .as_mut()
+                    .filter(|r| r.phase == Phase::Running)
+                {
+                    r.step_started_ms = quiver_core::time::now_ms();
+                }
                 let served = Served {
                     name: name.clone(),
                     spec: None,
@@ -364,7 +454,15 @@ impl Registry {
             .is_some_and(|s| Arc::ptr_eq(s, &spec));
         let on_disk = repository::version_dirs(dir, spec.runtime);
         let available: Vec<u64> = on_disk.iter().map(|v| v.0).collect();
-        let selected = spec.policy.select(&available);
+        let mut selected = spec.policy.select(&available);
+        // Whatever the policy says, what traffic names stays loaded (the stable version, the
+        // one rollback returns to, a canary, a shadow).
+        selected.extend(
+            traffic
+                .named()
+                .into_iter()
+                .filter(|v| available.contains(v)),
+        );
         let mut versions = BTreeMap::new();
         for (v, file, fingerprint) in on_disk.iter().filter(|v| selected.contains(&v.0)) {
             let before = prev.and_then(|p| p.versions.get(v));
@@ -386,6 +484,7 @@ impl Registry {
                         batcher,
                         metrics: VersionMetrics::new(name, *v),
                         error: None,
+                        outcomes: Arc::default(),
                         fingerprint: *fingerprint,
                     }
                 }
@@ -400,6 +499,7 @@ impl Registry {
                             .filter(|_| keep.is_some())
                             .and_then(|b| b.batcher.clone()),
                         metrics: VersionMetrics::new(name, *v),
+                        outcomes: before.map_or_else(Arc::default, |b| b.outcomes.clone()),
                         loaded: keep,
                         error: Some(message),
                         fingerprint: *fingerprint,
@@ -415,15 +515,7 @@ impl Registry {
             traffic,
             error: None,
         };
-        // A default that moved on its own (a new version under "newest ready") is recorded,
-        // so rollback can return to the version that served before it.
-        let before = prev.and_then(|p| p.default_version());
-        let after = served.default_version();
-        if let (Some(b), Some(a)) = (before, after) {
-            if a != b && served.traffic.history.last() != Some(&b) {
-                push_history(&mut served.traffic.history, b);
-            }
-        }
+        settle(&mut served, quiver_core::time::now_ms());
         served
     }
 
@@ -442,12 +534,7 @@ impl Registry {
             let mut t = m.traffic.clone();
             if let Some(d) = update.default {
                 ready(d, "default")?;
-                if let Some(current) = m.default_version() {
-                    if current != d {
-                        push_history(&mut t.history, current);
-                    }
-                }
-                t.default = Some(d);
+                t.make_stable(d);
             }
             if let Some(split) = update.split {
                 let total: u64 = split.iter().map(|s| u64::from(s.1)).sum();
@@ -474,29 +561,128 @@ impl Registry {
         })
     }
 
-    /// One-call rollback: an active split is dropped (everything back on the default);
-    /// without one, the default returns to the previous default.
-    pub fn rollback(&self, name: &str) -> Result<Traffic, TrafficError> {
-        self.change_traffic(name, |m| {
-            let mut t = m.traffic.clone();
-            if !t.split.is_empty() {
-                t.split.clear();
-            } else {
-                let current = m.default_version();
-                let previous = loop {
-                    match t.history.pop() {
-                        Some(v) if Some(v) != current && m.ready(v).is_some() => break v,
-                        Some(_) => continue,
-                        None => {
-                            return Err(TrafficError::NoRollback(format!(
-                                "{name:?} has no earlier ready default"
-                            )))
-                        }
-                    }
-                };
-                t.default = Some(previous);
+    /// One-call rollback to the stable version: a running rollout or split is stopped (the
+    /// stable version takes all traffic again); with neither, the stable version itself
+    /// returns to the previous stable version. Says which version answers now, and why.
+    pub fn rollback(&self, name: &str) -> Result<(Traffic, RolledBack), TrafficError> {
+        let mut outcome = None;
+        let traffic = self.change_served(name, |m| {
+            let now = quiver_core::time::now_ms();
+            let running = m.traffic.rollout.as_ref().is_some_and(|r| r.phase == Phase::Running);
+            let stable = m.default_version();
+            if running || !m.traffic.split.is_empty() {
+                let canary = m.traffic.split.iter().map(|s| s.0).filter(|&v| Some(v) != stable).collect::<Vec<_>>();
+                if running {
+                    end_rollout(m, Phase::RolledBack, "rolled back by an operator", now);
+                }
+                m.traffic.split.clear();
+                let stable = stable.ok_or_else(|| TrafficError::NoRollback(format!("{name:?} has no ready stable version")))?;
+                outcome = Some(RolledBack {
+                    version: stable,
+                    reason: format!("stopped the canary of {canary:?}: every request goes to stable version {stable}"),
+                });
+                return Ok(());
             }
-            Ok(t)
+            let current = stable;
+            let previous = loop {
+                match m.traffic.history.pop() {
+                    Some(v) if Some(v) != current && m.ready(v).is_some() => break v,
+                    Some(_) => continue,
+                    None => return Err(TrafficError::NoRollback(format!("{name:?} has no earlier ready stable version"))),
+                }
+            };
+            if let Some(c) = current {
+                if !m.traffic.rejected.contains(&c) {
+                    m.traffic.rejected.push(c);
+                }
+            }
+            m.traffic.default = Some(previous);
+            outcome = Some(RolledBack {
+                version: previous,
+                reason: format!("stable version {} rolled back to the previous stable version {previous}", current.map_or("-".into(), |c| c.to_string())),
+            });
+            decided(name, "rollback", previous, 0, "rolled back by an operator");
+            Ok(())
+        })?;
+        Ok((traffic, outcome.expect("set on success")))
+    }
+
+    /// Makes `version` (ready) the stable version; a rollout of it ends promoted, any other
+    /// running rollout or split ends (the new stable version takes all traffic).
+    pub fn promote(&self, name: &str, version: u64) -> Result<Traffic, TrafficError> {
+        self.change_served(name, |m| {
+            if m.ready(version).is_none() {
+                return Err(TrafficError::Invalid(format!(
+                    "version {version} of {name:?} is not ready"
+                )));
+            }
+            let now = quiver_core::time::now_ms();
+            match m
+                .traffic
+                .rollout
+                .as_ref()
+                .filter(|r| r.phase == Phase::Running)
+            {
+                Some(r) if r.candidate == version => {
+                    end_rollout(m, Phase::Promoted, "promoted by an operator", now)
+                }
+                Some(_) => end_rollout(
+                    m,
+                    Phase::RolledBack,
+                    &format!("superseded: version {version} promoted by an operator"),
+                    now,
+                ),
+                None => decided(name, "promote", version, 100, "promoted by an operator"),
+            }
+            m.traffic.make_stable(version);
+            m.traffic.rejected.retain(|&v| v != version);
+            m.traffic.split.clear();
+            if m.traffic.shadow == Some(version) {
+                m.traffic.shadow = None;
+            }
+            Ok(())
+        })
+    }
+
+    /// Advances, promotes or rolls back every running rollout as its canary analysis says.
+    /// Called every `ROLLOUT_TICK` by the node; swaps and persists only when a rollout moved.
+    pub fn rollout_tick(&self, now_ms: i64) {
+        let _w = self.write.lock();
+        let snap = self.snapshot();
+        let mut next: Option<Snapshot> = None;
+        for (name, m) in snap.iter() {
+            if !m
+                .traffic
+                .rollout
+                .as_ref()
+                .is_some_and(|r| r.phase == Phase::Running)
+            {
+                continue;
+            }
+            let mut copy = m.copy();
+            if tick(&mut copy, now_ms) {
+                next.get_or_insert_with(|| (*snap).clone())
+                    .insert(name.clone(), Arc::new(copy));
+            }
+        }
+        if let Some(next) = next {
+            *self.current.write() = Arc::new(next);
+            if let Err(e) = self.persist() {
+                tracing::error!(error = %e, "traffic state not persisted after a rollout step");
+            }
+        }
+    }
+
+    /// [`change_traffic`](Self::change_traffic) for changes that need the whole served model.
+    fn change_served(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut Served) -> Result<(), TrafficError>,
+    ) -> Result<Traffic, TrafficError> {
+        self.change_traffic(name, |m| {
+            let mut copy = m.copy();
+            change(&mut copy)?;
+            Ok(copy.traffic)
         })
     }
 
@@ -567,7 +753,240 @@ impl Version {
             batcher: self.batcher.clone(),
             metrics: self.metrics.clone(),
             error: self.error.clone(),
+            outcomes: self.outcomes.clone(),
             fingerprint: self.fingerprint,
+        }
+    }
+}
+
+/// What a poll decides about who serves: the first stable version, `promote = "auto"`, a
+/// rollout starting for a new candidate or ending because its candidate is gone.
+fn settle(m: &mut Served, now_ms: i64) {
+    let Some(spec) = m.spec.clone() else { return };
+    let newest = m
+        .versions
+        .values()
+        .rev()
+        .find(|v| v.loaded.is_some() && !m.traffic.rejected.contains(&v.version))
+        .map(|v| v.version);
+    let Some(newest) = newest else { return };
+    let Some(stable) = m.traffic.default else {
+        tracing::info!(
+            model = m.name,
+            version = newest,
+            "first ready version is stable"
+        );
+        m.traffic.default = Some(newest);
+        return;
+    };
+    let running = m
+        .traffic
+        .rollout
+        .as_ref()
+        .filter(|r| r.phase == Phase::Running)
+        .cloned();
+    if let Some(r) = &running {
+        if m.ready(r.candidate).is_none() {
+            let reason = format!("candidate {} is no longer ready", r.candidate);
+            end_rollout(m, Phase::RolledBack, &reason, now_ms);
+        }
+        return;
+    }
+    if newest <= stable || m.ready(stable).is_none() {
+        return;
+    }
+    match (spec.promote, &spec.rollout) {
+        (Promote::Auto, _) => {
+            tracing::info!(
+                model = m.name,
+                version = newest,
+                previous = stable,
+                "promote = auto: newest ready version is stable"
+            );
+            m.traffic.make_stable(newest);
+        }
+        (Promote::Manual, Some(cfg)) => {
+            let done = m
+                .traffic
+                .rollout
+                .as_ref()
+                .is_some_and(|r| r.candidate == newest);
+            if !done {
+                start_rollout(m, cfg, newest, stable, now_ms);
+            }
+        }
+        (Promote::Manual, None) => {}
+    }
+}
+
+fn start_rollout(
+    m: &mut Served,
+    cfg: &rollout::RolloutConfig,
+    candidate: u64,
+    stable: u64,
+    now_ms: i64,
+) {
+    let mut state = RolloutState {
+        candidate,
+        stable,
+        phase: Phase::Running,
+        step: 0,
+        step_started_ms: now_ms,
+        history: m
+            .traffic
+            .rollout
+            .take()
+            .map(|r| r.history)
+            .unwrap_or_default(),
+    };
+    let percent = state.percent(cfg);
+    state.record(Decision {
+        at_ms: now_ms,
+        action: "start".into(),
+        version: candidate,
+        percent,
+        reason: format!("version {candidate} is ready; canary of stable {stable}"),
+    });
+    m.traffic.split = canary_split(stable, candidate, percent);
+    m.traffic.shadow = Some(candidate);
+    m.traffic.rollout = Some(state);
+    reset_outcomes(m, &[stable, candidate]);
+    decided(
+        &m.name,
+        "start",
+        candidate,
+        percent,
+        "a new candidate is ready",
+    );
+}
+
+fn canary_split(stable: u64, candidate: u64, percent: u32) -> Vec<(u64, u32)> {
+    vec![
+        (stable, 100 - percent.min(100)),
+        (candidate, percent.min(100)),
+    ]
+    .into_iter()
+    .filter(|s| s.1 > 0)
+    .collect()
+}
+
+fn reset_outcomes(m: &Served, versions: &[u64]) {
+    for v in versions {
+        if let Some(x) = m.versions.get(v) {
+            x.outcomes.reset();
+        }
+    }
+}
+
+/// Ends the running rollout: promoted (the candidate becomes stable) or rolled back (the
+/// stable version takes all traffic again, the candidate is never started again).
+fn end_rollout(m: &mut Served, phase: Phase, reason: &str, now_ms: i64) {
+    let Some(mut r) = m.traffic.rollout.take() else {
+        return;
+    };
+    let candidate = r.candidate;
+    r.phase = phase;
+    let action = match phase {
+        Phase::Promoted => {
+            m.traffic.make_stable(candidate);
+            "promote"
+        }
+        _ => {
+            if !m.traffic.rejected.contains(&candidate) {
+                m.traffic.rejected.push(candidate);
+            }
+            "rollback"
+        }
+    };
+    m.traffic.split.clear();
+    if m.traffic.shadow == Some(candidate) {
+        m.traffic.shadow = None;
+    }
+    let percent = if phase == Phase::Promoted { 100 } else { 0 };
+    r.record(Decision {
+        at_ms: now_ms,
+        action: action.into(),
+        version: candidate,
+        percent,
+        reason: reason.to_string(),
+    });
+    m.traffic.rollout = Some(r);
+    decided(&m.name, action, candidate, percent, reason);
+}
+
+/// Every decision is a metric and a log line.
+fn decided(model: &str, action: &'static str, version: u64, percent: u32, reason: &str) {
+    metrics::counter!(telemetry::ROLLOUT_DECISIONS_TOTAL, "model" => model.to_string(), "action" => action)
+        .increment(1);
+    metrics::gauge!(telemetry::ROLLOUT_CANDIDATE_PERCENT, "model" => model.to_string()).set(
+        if action == "promote" || action == "rollback" {
+            0.0
+        } else {
+            f64::from(percent)
+        },
+    );
+    if action == "rollback" {
+        tracing::warn!(model, version, percent, reason, "rollout {action}");
+    } else {
+        tracing::info!(model, version, percent, reason, "rollout {action}");
+    }
+}
+
+/// One controller step of a running rollout (see `rollout::decide`).
+fn tick(m: &mut Served, now_ms: i64) -> bool {
+    let (Some(spec), Some(r)) = (m.spec.clone(), m.traffic.rollout.clone()) else {
+        return false;
+    };
+    let Some(cfg) = spec.rollout.as_ref().filter(|_| r.phase == Phase::Running) else {
+        return false;
+    };
+    let (Some(c), Some(s)) = (m.versions.get(&r.candidate), m.versions.get(&r.stable)) else {
+        return false;
+    };
+    match rollout::decide(
+        cfg,
+        &r,
+        now_ms,
+        &c.outcomes.summary(),
+        &s.outcomes.summary(),
+    ) {
+        Verdict::Stay => false,
+        Verdict::Rollback(reason) => {
+            end_rollout(m, Phase::RolledBack, &reason, now_ms);
+            true
+        }
+        Verdict::Advance => {
+            let next = r.step + 1;
+            match cfg.steps.get(next).copied().filter(|&p| p < 100) {
+                None => end_rollout(
+                    m,
+                    Phase::Promoted,
+                    "walked every step within bounds",
+                    now_ms,
+                ),
+                Some(percent) => {
+                    let state = m.traffic.rollout.as_mut().expect("running");
+                    state.step = next;
+                    state.step_started_ms = now_ms;
+                    state.record(Decision {
+                        at_ms: now_ms,
+                        action: "advance".into(),
+                        version: r.candidate,
+                        percent,
+                        reason: "the last step stayed within bounds".into(),
+                    });
+                    m.traffic.split = canary_split(r.stable, r.candidate, percent);
+                    reset_outcomes(m, &[r.stable, r.candidate]);
+                    decided(
+                        &m.name,
+                        "advance",
+                        r.candidate,
+                        percent,
+                        "the last step stayed within bounds",
+                    );
+                }
+            }
+            true
         }
     }
 }

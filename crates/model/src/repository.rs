@@ -30,6 +30,24 @@ pub struct ModelConfig {
     pub batching: Option<BatchingConfig>,
     #[serde(default)]
     pub cache: Option<CacheConfig>,
+    /// `manual` (default): a new version is a candidate until promoted. `auto`: the newest
+    /// version takes over once ready (Triton's behaviour).
+    #[serde(default)]
+    pub promote: Promote,
+    /// Automated canary analysis for new versions (needs `promote = "manual"`).
+    #[serde(default)]
+    pub rollout: Option<crate::rollout::RolloutConfig>,
+}
+
+/// Who makes a new version the stable one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Promote {
+    /// An operator (`POST /v1/models/{m}/promote`) or a finished rollout.
+    #[default]
+    Manual,
+    /// The newest ready version, as soon as it is ready.
+    Auto,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -185,6 +203,8 @@ pub struct ModelSpec {
     pub policy: VersionPolicy,
     pub batching: Option<BatchingConfig>,
     pub cache: Option<CacheConfig>,
+    pub promote: Promote,
+    pub rollout: Option<crate::rollout::RolloutConfig>,
     /// Hash of the config text: a changed config reloads every version.
     pub fingerprint: u64,
 }
@@ -248,6 +268,14 @@ pub fn load_spec(dir: &Path, name: &str, schema: &Schema) -> Result<ModelSpec, S
             return Err("cache: entries_max and ttl must be > 0".into());
         }
     }
+    if let Some(r) = &config.rollout {
+        r.validate()?;
+        if config.promote == Promote::Auto {
+            return Err(
+                "rollout needs promote = \"manual\" (auto promotes without a canary)".into(),
+            );
+        }
+    }
     let mut reads: Vec<(ViewId, Vec<FeatureIdx>, Vec<usize>)> = Vec::new();
     for (pos, input) in inputs.iter().enumerate() {
         if let Input::Feature { view, column, .. } = input {
@@ -269,6 +297,8 @@ pub fn load_spec(dir: &Path, name: &str, schema: &Schema) -> Result<ModelSpec, S
         policy,
         batching: config.batching,
         cache: config.cache.filter(|c| c.enabled),
+        promote: config.promote,
+        rollout: config.rollout,
         fingerprint: xxhash_rust::xxh3::xxh3_64(text.as_bytes()),
     })
 }
@@ -350,6 +380,12 @@ pub fn load_version(
     }
     let started = std::time::Instant::now();
     warm_up(spec, model.as_ref(), warmup_rows)?;
+    let dir = file.parent().unwrap_or(Path::new("."));
+    if let Err(reason) = crate::golden::check(dir, model.as_ref()) {
+        metrics::counter!(quiver_core::telemetry::MODEL_GOLDEN_FAILURES_TOTAL, "model" => spec.name.clone(), "version" => version.to_string())
+            .increment(1);
+        return Err(format!("golden set failed: {reason}"));
+    }
     tracing::info!(
         model = spec.name,
         version,

@@ -11,11 +11,15 @@ use std::sync::Arc;
 use quiver_core::telemetry;
 
 use crate::repository::LoadedVersion;
+use crate::rollout::Outcomes;
 
 struct Job {
     model: String,
     version: u64,
     shadow: Arc<LoadedVersion>,
+    /// Where the shadow version's outcomes go (its divergence from the answering version,
+    /// its failures): what a rollout judges a candidate by.
+    outcomes: Option<Arc<Outcomes>>,
     rows: Vec<f64>,
     /// The primary's outputs for `rows` (full output rows).
     primary: Vec<f64>,
@@ -55,6 +59,7 @@ impl ShadowQueue {
         &self,
         model: &str,
         shadow: Arc<LoadedVersion>,
+        outcomes: Option<Arc<Outcomes>>,
         rows: Vec<f64>,
         primary: Vec<f64>,
         primary_width: usize,
@@ -63,6 +68,7 @@ impl ShadowQueue {
             model: model.to_string(),
             version: shadow.version,
             shadow,
+            outcomes,
             rows,
             primary,
             primary_width,
@@ -100,6 +106,9 @@ fn evaluate(job: Job) -> Outcome {
     }));
     if !matches!(ran, Ok(Ok(()))) || k != job.primary_width {
         count(&job, "error");
+        if let Some(o) = &job.outcomes {
+            o.record_shadow(None);
+        }
         return Outcome::Error;
     }
     count(&job, "ok");
@@ -113,6 +122,9 @@ fn evaluate(job: Job) -> Outcome {
             .fold(0.0, f64::max);
         divergence.record(d);
         worst = worst.max(d);
+    }
+    if let Some(o) = &job.outcomes {
+        o.record_shadow(Some(worst));
     }
     Outcome::Compared(worst)
 }
@@ -152,6 +164,7 @@ mod tests {
                 column: None,
                 warmup: std::time::Duration::ZERO,
             }),
+            outcomes: None,
             rows: vec![1.0, 2.0],
             primary: vec![0.25, 0.5],
             primary_width: 1,
@@ -167,7 +180,7 @@ mod tests {
         let q = ShadowQueue::start(4);
         for m in [Fixed(Err("panic")), Fixed(Ok(1.0)), Fixed(Err("bad"))] {
             let j = job(m);
-            q.submit("m", j.shadow, j.rows, j.primary, 1);
+            q.submit("m", j.shadow, None, j.rows, j.primary, 1);
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while q.evaluated() < 3 {

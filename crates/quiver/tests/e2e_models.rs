@@ -90,7 +90,8 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
 #[test]
 fn hot_load_rollback_and_corrupt_files_under_steady_load() {
     let dir = tempfile::tempdir().unwrap();
-    let models = repository(dir.path(), 1, "");
+    // Triton's behaviour, opted into: the newest version takes over once ready.
+    let models = repository(dir.path(), 1, "promote = \"auto\"\n");
     let server = Server::start(dir.path(), &config(&models));
     let (_, reply) = server.post(
         "/v1/events",
@@ -136,7 +137,8 @@ fn hot_load_rollback_and_corrupt_files_under_steady_load() {
         })
         .collect();
 
-    // A new version directory is loaded, warmed and becomes the default without a restart.
+    // A new version directory is loaded, warmed and (promote = "auto") becomes stable without
+    // a restart.
     write_version(&models, 2);
     wait_for("version 2", || predict(&server, "u1").1["version"] == 2);
     let (_, list) = server.get("/v1/models");
@@ -144,11 +146,21 @@ fn hot_load_rollback_and_corrupt_files_under_steady_load() {
     assert_eq!(m["versions"][1]["status"], "READY", "{m}");
     assert!(m["versions"][1]["warmup_ms"].as_f64().is_some(), "{m}");
 
-    // Rollback: one call, back to version 1.
+    // Rollback: one call, back to version 1 — and version 2 is not taken up again.
     let (status, v) = server.post("/v1/models/m/rollback", "");
     assert_eq!(status, 200, "{v}");
-    assert_eq!(v["traffic"]["default"], 1);
+    assert_eq!(
+        (v["traffic"]["default"].clone(), v["version"].clone()),
+        (json!(1), json!(1)),
+        "{v}"
+    );
     assert_eq!(predict(&server, "u1").1["version"], 1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        predict(&server, "u1").1["version"],
+        1,
+        "a rolled-back version stays out"
+    );
 
     // A corrupt rewrite of version 1 leaves the loaded version 1 serving, reported as an error.
     let errors_before = server.metric("quiver_model_load_errors_total");

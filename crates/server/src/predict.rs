@@ -9,8 +9,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use quiver_model::registry::{TrafficError, TrafficUpdate};
-use quiver_model::repository::{Input, ModelSpec};
+use quiver_model::registry::{Served, TrafficError, TrafficUpdate};
+use quiver_model::repository::{Input, ModelSpec, Promote};
 use quiver_serving::predict::{self, Answer, Given, Instance};
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json_};
@@ -93,34 +93,89 @@ fn model_error(message: impl Into<String>) -> ApiError {
 
 pub async fn list_models(State(state): State<Arc<AppState>>) -> Response {
     let snap = state.node.models.snapshot();
-    let models: Vec<Json_> = snap
-        .values()
-        .map(|m| {
-            let spec = m.spec.as_ref();
-            json!({
-                "name": m.name,
-                "runtime": spec.map(|s| s.runtime.name()),
-                "default_version": m.default_version(),
-                "error": m.error,
-                "versions": m.versions.values().map(|v| json!({
-                    "version": v.version,
-                    "status": v.status(),
-                    "engine": v.loaded.as_ref().map(|l| l.model.engine()),
-                    "warmup_ms": v.loaded.as_ref().map(|l| l.warmup.as_secs_f64() * 1e3),
-                    "error": v.error,
-                })).collect::<Vec<_>>(),
-                "traffic": traffic_json(&m.traffic),
-                "inputs": spec.map(|s| s.inputs.iter().map(|i| match i {
-                    Input::Feature { name, .. } => name.clone(),
-                    Input::Request { name, .. } => format!("request:{name}"),
-                }).collect::<Vec<_>>()),
-                "output": spec.map(|s| s.output_name()),
-                "batching": spec.and_then(|s| s.batching.as_ref()).map(|b| json!({"batch_max": b.batch_max, "queue_delay_us_max": b.queue_delay_us_max, "queue_max": b.queue_max})),
-                "cache": spec.and_then(|s| s.cache.as_ref()).map(|c| json!({"entries_max": c.entries_max, "ttl_ms": c.ttl_ms})),
-            })
-        })
-        .collect();
+    let models: Vec<Json_> = snap.values().map(|m| model_json(m)).collect();
     Json(json!({"models": models})).into_response()
+}
+
+/// `GET /v1/models/{m}` — one model: versions and their roles, traffic, the rollout's state
+/// and every decision it made.
+pub async fn get_model(State(state): State<Arc<AppState>>, Path(model): Path<String>) -> Response {
+    match state.node.models.get(&model) {
+        Some(m) => Json(model_json(&m)).into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "UNKNOWN_MODEL",
+            format!("no model {model:?}"),
+        )
+        .into_response(),
+    }
+}
+
+fn model_json(m: &Served) -> Json_ {
+    let spec = m.spec.as_ref();
+    let stable = m.default_version();
+    let role = |v: &quiver_model::registry::Version| {
+        if v.loaded.is_none() {
+            "failed"
+        } else if Some(v.version) == stable {
+            "stable"
+        } else if m.traffic.rejected.contains(&v.version) {
+            "rejected"
+        } else if m.traffic.history.contains(&v.version) {
+            "previous"
+        } else {
+            "candidate"
+        }
+    };
+    json!({
+        "name": m.name,
+        "runtime": spec.map(|s| s.runtime.name()),
+        "default_version": stable,
+        "stable_version": stable,
+        "promote": spec.map(|s| match s.promote { Promote::Manual => "manual", Promote::Auto => "auto" }),
+        "error": m.error,
+        "versions": m.versions.values().map(|v| json!({
+            "version": v.version,
+            "status": v.status(),
+            "role": role(v),
+            "engine": v.loaded.as_ref().map(|l| l.model.engine()),
+            "warmup_ms": v.loaded.as_ref().map(|l| l.warmup.as_secs_f64() * 1e3),
+            "error": v.error,
+        })).collect::<Vec<_>>(),
+        "traffic": traffic_json(&m.traffic),
+        "rollout": rollout_json(m),
+        "inputs": spec.map(|s| s.inputs.iter().map(|i| match i {
+            Input::Feature { name, .. } => name.clone(),
+            Input::Request { name, .. } => format!("request:{name}"),
+        }).collect::<Vec<_>>()),
+        "output": spec.map(|s| s.output_name()),
+        "batching": spec.and_then(|s| s.batching.as_ref()).map(|b| json!({"batch_max": b.batch_max, "queue_delay_us_max": b.queue_delay_us_max, "queue_max": b.queue_max})),
+        "cache": spec.and_then(|s| s.cache.as_ref()).map(|c| json!({"entries_max": c.entries_max, "ttl_ms": c.ttl_ms})),
+    })
+}
+
+/// The rollout's state, its configured bounds, what its candidate did in the current step, and
+/// its decisions.
+fn rollout_json(m: &Served) -> Json_ {
+    let Some(r) = &m.traffic.rollout else {
+        return Json_::Null;
+    };
+    let cfg = m.spec.as_ref().and_then(|s| s.rollout.as_ref());
+    let seen = m.versions.get(&r.candidate).map(|v| v.outcomes.summary());
+    json!({
+        "candidate": r.candidate,
+        "stable": r.stable,
+        "phase": r.phase,
+        "step": r.step,
+        "percent": cfg.map(|c| r.percent(c)),
+        "steps": cfg.map(|c| c.steps.clone()),
+        "step_started_ms": r.step_started_ms,
+        "current_step": seen.map(|s| json!({
+            "requests": s.requests, "errors": s.errors, "p99_us": s.p99_us,
+            "compared": s.compared, "divergence_max": num(s.divergence_max),
+        })),
+        "history": r.history,
+    })
 }
 
 fn traffic_json(t: &quiver_model::registry::Traffic) -> Json_ {
@@ -129,7 +184,7 @@ fn traffic_json(t: &quiver_model::registry::Traffic) -> Json_ {
         .iter()
         .map(|(v, w)| (v.to_string(), json!(w)))
         .collect();
-    json!({"default": t.default, "split": split, "shadow": t.shadow.map(|s| s.to_string()), "previous": t.history})
+    json!({"default": t.default, "stable": t.default, "split": split, "shadow": t.shadow.map(|s| s.to_string()), "previous": t.history, "rejected": t.rejected})
 }
 
 fn parse_version(v: &Json_) -> Option<u64> {
@@ -293,13 +348,51 @@ pub async fn put_traffic(
     result.unwrap_or_else(|e| e.into_response())
 }
 
-/// `POST /v1/models/{m}/rollback` — drop an active split, else return to the previous default.
+/// `POST /v1/models/{m}/rollback` — back to the stable version (a canary or split stops), or
+/// with none running, to the previous stable version. Says which version answers now and why.
 pub async fn rollback(State(state): State<Arc<AppState>>, Path(model): Path<String>) -> Response {
     let registry = state.node.models.clone();
     let name = model.clone();
     match tokio::task::spawn_blocking(move || registry.rollback(&name)).await {
-        Ok(Ok(t)) => Json(json!({"model": model, "traffic": traffic_json(&t)})).into_response(),
+        Ok(Ok((t, done))) => Json(json!({
+            "model": model, "version": done.version, "reason": done.reason, "traffic": traffic_json(&t),
+        }))
+        .into_response(),
         Ok(Err(e)) => traffic_error(e).into_response(),
         Err(e) => model_error(e.to_string()).into_response(),
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromoteRequest {
+    version: Json_,
+}
+
+/// `POST /v1/models/{m}/promote` — `{"version": 4}`: a ready candidate becomes stable.
+pub async fn promote(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    body: Body,
+) -> Response {
+    let result = async {
+        let bytes = crate::body::read_limited(body, 64 * 1024).await?;
+        let req: PromoteRequest = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request("BAD_REQUEST", format!("invalid request: {e}")))?;
+        let version = parse_version(&req.version).ok_or_else(|| {
+            ApiError::bad_request("BAD_TRAFFIC", format!("{} is not a version", req.version))
+        })?;
+        let registry = state.node.models.clone();
+        let name = model.clone();
+        let t = tokio::task::spawn_blocking(move || registry.promote(&name, version))
+            .await
+            .map_err(|e| model_error(e.to_string()))?
+            .map_err(traffic_error)?;
+        Ok::<_, ApiError>(
+            Json(json!({"model": model, "version": version, "traffic": traffic_json(&t)}))
+                .into_response(),
+        )
+    }
+    .await;
+    result.unwrap_or_else(|e| e.into_response())
 }

@@ -39,6 +39,8 @@ pub struct Node {
     pub caches:
         parking_lot::RwLock<std::collections::HashMap<String, Arc<crate::cache::ModelCache>>>,
     model_poller: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
+    /// Steps every running rollout (`ROLLOUT_TICK`).
+    rollouts: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
     /// The PostgreSQL history sink, when `history.postgres_url` is set.
     pub history: Option<quiver_connect::history::HistorySink>,
     /// Point-in-time reads of the history table (pooled connections), with the sink.
@@ -53,6 +55,10 @@ pub struct Node {
     /// Running upstream sources (`[[rabbitmq_source]]`), started by [`Node::start_sources`].
     sources: Mutex<Vec<quiver_connect::rabbitmq::RabbitSource>>,
 }
+
+/// How often running rollouts are judged (a rollback lands at most this long after the
+/// canary crossed a bound).
+const ROLLOUT_TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Opens the configured log backend: the embedded log in `<data_dir>/log`, or Kafka.
 fn open_log(config: &Config, schema: &Arc<Schema>) -> Result<Arc<dyn EventLog>, NodeError> {
@@ -113,6 +119,21 @@ impl Node {
             config.models.warmup_rows,
             Some(data.join("model_traffic.json")),
         ));
+        let rollouts = {
+            let (stop, stopped) = std::sync::mpsc::channel::<()>();
+            let registry = models.clone();
+            let handle = std::thread::Builder::new()
+                .name("quiver-rollouts".into())
+                .spawn(move || {
+                    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                        stopped.recv_timeout(ROLLOUT_TICK)
+                    {
+                        registry.rollout_tick(quiver_core::time::now_ms());
+                    }
+                })
+                .map_err(|e| NodeError::Io("rollout controller".into(), e))?;
+            Mutex::new(Some((stop, handle)))
+        };
         let model_poller = {
             let (stop, stopped) = std::sync::mpsc::channel::<()>();
             let registry = models.clone();
@@ -138,6 +159,7 @@ impl Node {
             shadow: quiver_model::shadow::ShadowQueue::start(config.models.shadow_queue_max),
             caches: Default::default(),
             model_poller,
+            rollouts,
             config,
             models,
             history,
@@ -193,9 +215,11 @@ impl Node {
         for mut s in self.sources.lock().drain(..) {
             s.shutdown();
         }
-        if let Some((stop, handle)) = self.model_poller.lock().take() {
-            drop(stop);
-            let _ = handle.join();
+        for thread in [&self.model_poller, &self.rollouts] {
+            if let Some((stop, handle)) = thread.lock().take() {
+                drop(stop);
+                let _ = handle.join();
+            }
         }
         if let Some(h) = &self.history {
             h.shutdown();

@@ -119,8 +119,8 @@ pub async fn run(
     for (i, inst) in instances.iter().enumerate() {
         keys.clear();
         entity_keys(node, spec, inst, &mut keys).map_err(|e| e.at_instance(i, instances.len()))?;
-        let sticky = keys.first().map_or("", |k| k.1.as_str());
-        let version = m.route(pin, sticky).map_err(route_error)?;
+        let sticky = sticky_key(&keys, inst);
+        let version = m.route(pin, &sticky).map_err(route_error)?;
         let loaded = version.loaded.as_ref().expect("routed versions are loaded");
         if let Some(cache) = &cache {
             let key = probe_key(node, spec, version.version, &keys, inst)
@@ -206,11 +206,36 @@ pub async fn evaluate(
 ) -> Result<Vec<f64>> {
     let loaded = version.loaded.as_ref().expect("routed versions are loaded");
     let k = loaded.model.outputs();
-    let shadow = m.shadow(version.version).and_then(|s| s.loaded.clone());
+    let shadow = m
+        .shadow(version.version)
+        .and_then(|s| Some((s.loaded.clone()?, s.outcomes.clone())));
+    let started = Instant::now();
+    let result = run_version(version, spec, loaded, rows, n, shadow.is_some()).await;
+    // What a rollout judges versions by: every live prediction's latency and outcome.
+    version.outcomes.record(started.elapsed(), result.is_ok());
+    let (out, rows) = result?;
+    if let (Some((s, outcomes)), Some(rows)) = (shadow, rows) {
+        node.shadow
+            .submit(&spec.name, s, Some(outcomes), rows, out.clone(), k);
+    }
+    Ok(out)
+}
+
+/// Runs the rows on the version (batcher or inline); the rows come back when a shadow needs
+/// a copy.
+async fn run_version(
+    version: &Version,
+    spec: &ModelSpec,
+    loaded: &quiver_model::repository::LoadedVersion,
+    rows: Vec<f64>,
+    n: usize,
+    shadow: bool,
+) -> Result<(Vec<f64>, Option<Vec<f64>>)> {
+    let k = loaded.model.outputs();
     let (out, rows) = match &version.batcher {
         Some(b) => {
             // The batcher takes the rows; only a shadow needs a copy of them.
-            let copy = shadow.as_ref().map(|_| rows.clone());
+            let copy = shadow.then(|| rows.clone());
             let rx = b.submit(rows).map_err(|e| {
                 metrics::counter!(t::MODEL_QUEUE_REJECTED_TOTAL, "model" => spec.name.clone())
                     .increment(1);
@@ -234,13 +259,10 @@ pub async fn evaluate(
             vm.batch_size.record(n as f64);
             vm.executions.increment(1);
             vm.inferences.increment(n as u64);
-            (out, Some(rows))
+            (out, shadow.then_some(rows))
         }
     };
-    if let (Some(s), Some(rows)) = (shadow, rows) {
-        node.shadow.submit(&spec.name, s, rows, out.clone(), k);
-    }
-    Ok(out)
+    Ok((out, rows))
 }
 
 struct Group<'a> {
@@ -292,6 +314,19 @@ fn entity_keys(
         out.push((*view, key.to_string()));
     }
     Ok(())
+}
+
+/// What a split keeps a request on one version by: its first entity key; for a model that
+/// reads no entity, an entity the request names anyway, else its request values (the same
+/// inputs always go to the same version).
+fn sticky_key(keys: &[(u16, String)], inst: &Instance) -> String {
+    if let Some(k) = keys.first() {
+        return k.1.clone();
+    }
+    if let Some((_, k)) = inst.entities.first() {
+        return k.clone();
+    }
+    format!("{:?}", inst.values)
 }
 
 /// Request-time value `name` of an instance: `Some(x)`, or `None` if absent and defaulted.
