@@ -45,7 +45,10 @@ impl Entry {
         let mut unhashed = self.clone();
         unhashed.hash = String::new();
         let bytes = serde_json::to_vec(&unhashed).expect("an entry serializes");
-        Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+        Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }
 
@@ -89,17 +92,34 @@ impl AuditLog {
         let io = |e| AuditError::Io(path.to_path_buf(), e);
         let (seq, last) = match verify(path) {
             Ok(r) => (r.entries, r.last_hash),
-            Err(VerifyError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => (0, GENESIS.to_string()),
+            Err(VerifyError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                (0, GENESIS.to_string())
+            }
             Err(VerifyError::Io(e)) => return Err(io(e)),
-            Err(VerifyError::Tampered(problem)) => return Err(AuditError::Tampered { path: path.into(), problem }),
+            Err(VerifyError::Tampered(problem)) => {
+                return Err(AuditError::Tampered {
+                    path: path.into(),
+                    problem,
+                })
+            }
         };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io)?;
         Ok(AuditLog {
             path: path.to_path_buf(),
-            state: Mutex::new(State { file, seq, last, window: (Instant::now(), 0), suppressed: 0 }),
+            state: Mutex::new(State {
+                file,
+                seq,
+                last,
+                window: (Instant::now(), 0),
+                suppressed: 0,
+            }),
         })
     }
 
@@ -123,13 +143,18 @@ impl AuditLog {
             }
             st.window.1 += 1;
             if st.suppressed > 0 {
-                detail = format!("{detail} (and {} denials not recorded before this one)", st.suppressed);
+                detail = format!(
+                    "{detail} (and {} denials not recorded before this one)",
+                    st.suppressed
+                );
                 st.suppressed = 0;
             }
         }
         let mut entry = Entry {
             seq: st.seq + 1,
-            at: time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+            at: time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
             actor: actor.to_string(),
             action: action.to_string(),
             target: target.to_string(),
@@ -142,7 +167,11 @@ impl AuditLog {
         let mut line = serde_json::to_vec(&entry).expect("an entry serializes");
         line.push(b'\n');
         let written = st.file.write_all(&line).and_then(|()| st.file.sync_data());
-        let head = serde_json::to_vec(&Head { seq: entry.seq, hash: entry.hash.clone() }).expect("head serializes");
+        let head = serde_json::to_vec(&Head {
+            seq: entry.seq,
+            hash: entry.hash.clone(),
+        })
+        .expect("head serializes");
         match written.and_then(|()| quiver_fsutil::write_atomic(&head_path(&self.path), &head)) {
             Ok(()) => {
                 st.seq = entry.seq;
@@ -176,10 +205,15 @@ pub fn verify(path: &Path) -> Result<Report, VerifyError> {
         let bad = |what: &str| VerifyError::Tampered(format!("line {}: {what}", i + 1));
         let e: Entry = serde_json::from_str(&line).map_err(|_| bad("not an audit entry"))?;
         if e.seq != seq + 1 {
-            return Err(bad(&format!("entry {} follows entry {seq}: an entry is missing", e.seq)));
+            return Err(bad(&format!(
+                "entry {} follows entry {seq}: an entry is missing",
+                e.seq
+            )));
         }
         if e.prev != prev {
-            return Err(bad("does not link to the entry before it (one was edited or deleted)"));
+            return Err(bad(
+                "does not link to the entry before it (one was edited or deleted)",
+            ));
         }
         if e.digest() != e.hash {
             return Err(bad("its contents do not match its hash (it was edited)"));
@@ -189,7 +223,8 @@ pub fn verify(path: &Path) -> Result<Report, VerifyError> {
     }
     match std::fs::read(head_path(path)) {
         Ok(bytes) => {
-            let head: Head = serde_json::from_slice(&bytes).map_err(|_| VerifyError::Tampered("the head file is unreadable".into()))?;
+            let head: Head = serde_json::from_slice(&bytes)
+                .map_err(|_| VerifyError::Tampered("the head file is unreadable".into()))?;
             if head.seq != seq || head.hash != prev {
                 return Err(VerifyError::Tampered(format!(
                     "the trail ends at entry {seq} but its head says {}: entries were removed from the end",
@@ -203,7 +238,10 @@ pub fn verify(path: &Path) -> Result<Report, VerifyError> {
         }
         Err(e) => return Err(VerifyError::Io(e)),
     }
-    Ok(Report { entries: seq, last_hash: prev })
+    Ok(Report {
+        entries: seq,
+        last_hash: prev,
+    })
 }
 
 #[cfg(test)]
@@ -215,7 +253,13 @@ mod tests {
         let log = AuditLog::open(&path).unwrap();
         log.record("key:ops", "traffic", "model:fraud", "ok", "split 90/10");
         log.record("key:ops", "rollback", "model:fraud", "ok", "to 1");
-        log.record("anonymous", "denied", "POST /v1/events", "401", "no credentials");
+        log.record(
+            "anonymous",
+            "denied",
+            "POST /v1/events",
+            "401",
+            "no credentials",
+        );
         path
     }
 
@@ -224,7 +268,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = trail(dir.path());
         assert_eq!(verify(&path).unwrap().entries, 3);
-        AuditLog::open(&path).unwrap().record("key:ops", "promote", "model:fraud", "ok", "2");
+        AuditLog::open(&path)
+            .unwrap()
+            .record("key:ops", "promote", "model:fraud", "ok", "2");
         assert_eq!(verify(&path).unwrap().entries, 4);
     }
 
@@ -247,6 +293,9 @@ mod tests {
         assert!(problem(deleted).contains("missing"));
         let truncated = format!("{}\n{}\n", lines[0], lines[1]);
         assert!(problem(truncated).contains("removed from the end"));
-        assert!(AuditLog::open(&path).is_err(), "Quiver refuses to extend a tampered trail");
+        assert!(
+            AuditLog::open(&path).is_err(),
+            "Quiver refuses to extend a tampered trail"
+        );
     }
 }

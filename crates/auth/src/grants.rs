@@ -16,7 +16,13 @@ pub enum Role {
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [Role::Producer, Role::Reader, Role::Predictor, Role::Admin, Role::Ops];
+    pub const ALL: [Role; 5] = [
+        Role::Producer,
+        Role::Reader,
+        Role::Predictor,
+        Role::Admin,
+        Role::Ops,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -85,11 +91,17 @@ pub struct Grants {
 impl Grants {
     /// Every role on every resource: what a request gets with `auth.mode = "none"`.
     pub fn everything() -> Grants {
-        Grants { grants: Vec::new(), all: true }
+        Grants {
+            grants: Vec::new(),
+            all: true,
+        }
     }
 
     pub fn parse<'a>(texts: impl IntoIterator<Item = &'a str>) -> Result<Grants, String> {
-        let grants = texts.into_iter().map(Grant::parse).collect::<Result<_, _>>()?;
+        let grants = texts
+            .into_iter()
+            .map(Grant::parse)
+            .collect::<Result<_, _>>()?;
         Ok(Grants { grants, all: false })
     }
 
@@ -120,7 +132,10 @@ mod tests {
         let g = Grants::parse(["producer:txn", "reader:*", "predictor:fraud", "ops"]).unwrap();
         assert!(g.allows(Role::Producer, Some("txn")));
         assert!(!g.allows(Role::Producer, Some("profile")));
-        assert!(g.allows(Role::Producer, None), "the coarse check: some producer grant");
+        assert!(
+            g.allows(Role::Producer, None),
+            "the coarse check: some producer grant"
+        );
         assert!(g.allows(Role::Reader, Some("anything")));
         assert!(g.allows(Role::Predictor, Some("fraud")));
         assert!(!g.allows(Role::Predictor, Some("churn")));

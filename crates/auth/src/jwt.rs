@@ -42,9 +42,15 @@ fn load(path: &Path) -> Result<JwkSet, String> {
 
 impl JwtVerifier {
     pub fn open(opts: JwtOptions) -> Result<JwtVerifier, String> {
-        let modified = std::fs::metadata(&opts.jwks_file).and_then(|m| m.modified()).ok();
+        let modified = std::fs::metadata(&opts.jwks_file)
+            .and_then(|m| m.modified())
+            .ok();
         let set = load(&opts.jwks_file)?;
-        Ok(JwtVerifier { keys: RwLock::new((modified, set)), checked: Mutex::new(Instant::now()), opts })
+        Ok(JwtVerifier {
+            keys: RwLock::new((modified, set)),
+            checked: Mutex::new(Instant::now()),
+            opts,
+        })
     }
 
     fn refresh(&self) {
@@ -55,7 +61,9 @@ impl JwtVerifier {
             }
             *checked = Instant::now();
         }
-        let modified = std::fs::metadata(&self.opts.jwks_file).and_then(|m| m.modified()).ok();
+        let modified = std::fs::metadata(&self.opts.jwks_file)
+            .and_then(|m| m.modified())
+            .ok();
         if modified == self.keys.read().0 {
             return;
         }
@@ -64,14 +72,18 @@ impl JwtVerifier {
                 tracing::info!(keys = set.keys.len(), "JWKS reloaded");
                 *self.keys.write() = (modified, set);
             }
-            Err(e) => tracing::error!(error = e, "JWKS changed but does not load; keeping the last good one"),
+            Err(e) => tracing::error!(
+                error = e,
+                "JWKS changed but does not load; keeping the last good one"
+            ),
         }
     }
 
     /// The identity a token carries, or why it is refused.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         self.refresh();
-        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid("malformed JWT"))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid("malformed JWT"))?;
         if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
             return Err(AuthError::Invalid("JWT algorithm must be RS256 or ES256"));
         }
@@ -114,13 +126,17 @@ impl JwtVerifier {
             Some(Value::String(s)) => s.split_whitespace().collect(),
             _ => Vec::new(),
         };
-        let grants = Grants::parse(roles).map_err(|_| AuthError::Invalid("JWT roles do not parse"))?;
+        let grants =
+            Grants::parse(roles).map_err(|_| AuthError::Invalid("JWT roles do not parse"))?;
         let sub = claims.get("sub").and_then(Value::as_str).unwrap_or("?");
         Ok(Identity {
             name: format!("jwt:{sub}"),
             kind: Kind::Jwt,
             grants,
-            tier: claims.get(&self.opts.tier_claim).and_then(Value::as_str).map(str::to_string),
+            tier: claims
+                .get(&self.opts.tier_claim)
+                .and_then(Value::as_str)
+                .map(str::to_string),
         })
     }
 }
@@ -140,7 +156,10 @@ mod tests {
         let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
         let jwk = json!({"kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
                          "x": b64(&raw[1..33]), "y": b64(&raw[33..])});
-        (EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap(), jwk)
+        (
+            EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap(),
+            jwk,
+        )
     }
 
     fn sign(k: &EncodingKey, kid: &str, claims: Value) -> String {
@@ -150,7 +169,10 @@ mod tests {
     }
 
     fn now() -> i64 {
-        SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+        SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
     }
 
     #[test]
@@ -172,12 +194,19 @@ mod tests {
         let t = now();
         let good = json!({"sub": "svc", "aud": "quiver", "exp": t + 60, "roles": ["reader:txn"], "tier": "gold"});
         let id = v.verify(&sign(&signer, "k1", good.clone())).unwrap();
-        assert_eq!((id.name.as_str(), id.tier.as_deref()), ("jwt:svc", Some("gold")));
-        assert!(id.allows(crate::Role::Reader, Some("txn")) && !id.allows(crate::Role::Reader, Some("x")));
-        let refused = |claims: Value, k: &EncodingKey, kid: &str| match v.verify(&sign(k, kid, claims)) {
-            Err(AuthError::Invalid(why)) => why,
-            other => panic!("accepted: {other:?}"),
-        };
+        assert_eq!(
+            (id.name.as_str(), id.tier.as_deref()),
+            ("jwt:svc", Some("gold"))
+        );
+        assert!(
+            id.allows(crate::Role::Reader, Some("txn"))
+                && !id.allows(crate::Role::Reader, Some("x"))
+        );
+        let refused =
+            |claims: Value, k: &EncodingKey, kid: &str| match v.verify(&sign(k, kid, claims)) {
+                Err(AuthError::Invalid(why)) => why,
+                other => panic!("accepted: {other:?}"),
+            };
         let mut expired = good.clone();
         expired["exp"] = json!(t - 3600);
         assert_eq!(refused(expired, &signer, "k1"), "JWT expired");
@@ -187,12 +216,26 @@ mod tests {
         let mut other = good.clone();
         other["aud"] = json!("someone-else");
         assert_eq!(refused(other, &signer, "k1"), "JWT for another audience");
-        assert_eq!(refused(good.clone(), &forger, "k1"), "JWT signature does not verify");
-        assert_eq!(refused(good.clone(), &stranger, "k9"), "JWT signed by an unknown key");
+        assert_eq!(
+            refused(good.clone(), &forger, "k1"),
+            "JWT signature does not verify"
+        );
+        assert_eq!(
+            refused(good.clone(), &stranger, "k9"),
+            "JWT signed by an unknown key"
+        );
         let mut no_exp = good.clone();
         no_exp.as_object_mut().unwrap().remove("exp");
         assert_eq!(refused(no_exp, &signer, "k1"), "JWT lacks exp or aud");
-        let hs = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &good, &EncodingKey::from_secret(b"guess").unwrap()).unwrap();
-        assert!(v.verify(&hs).is_err(), "a symmetric token is never accepted");
+        let hs = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &good,
+            &EncodingKey::from_secret(b"guess").unwrap(),
+        )
+        .unwrap();
+        assert!(
+            v.verify(&hs).is_err(),
+            "a symmetric token is never accepted"
+        );
     }
 }

@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use std::sync::Arc;
+
+use crate::audit::AuditLog;
 use crate::{AuthError, Grants, Identity, Kind};
 
 pub const TOKEN_PREFIX: &str = "qvk_";
@@ -68,7 +71,9 @@ pub enum KeysError {
 impl KeysFile {
     pub fn load(path: &Path) -> Result<KeysFile, KeysError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| KeysError::Parse(path.into(), e.to_string())),
+            Ok(text) => {
+                toml::from_str(&text).map_err(|e| KeysError::Parse(path.into(), e.to_string()))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(KeysFile::default()),
             Err(e) => Err(KeysError::Io(path.into(), e)),
         }
@@ -77,7 +82,8 @@ impl KeysFile {
     /// Writes the file atomically (temporary file, fsync, rename, fsync of the directory).
     pub fn save(&self, path: &Path) -> Result<(), KeysError> {
         let text = toml::to_string_pretty(self).map_err(|e| KeysError::Invalid(e.to_string()))?;
-        let header = "# Quiver API keys (quiver keys create|list|revoke): hashes only, never keys.\n";
+        let header =
+            "# Quiver API keys (quiver keys create|list|revoke): hashes only, never keys.\n";
         quiver_fsutil::write_atomic(path, format!("{header}{text}").as_bytes())
             .map_err(|e| KeysError::Io(path.into(), e))
     }
@@ -95,7 +101,12 @@ fn now_rfc3339() -> String {
 }
 
 /// Creates a key: returns the key (shown once) and its entry, already saved in `path`.
-pub fn create(path: &Path, name: &str, roles: &[String], tier: Option<&str>) -> Result<(String, KeyEntry), KeysError> {
+pub fn create(
+    path: &Path,
+    name: &str,
+    roles: &[String],
+    tier: Option<&str>,
+) -> Result<(String, KeyEntry), KeysError> {
     Grants::parse(roles.iter().map(String::as_str)).map_err(KeysError::Invalid)?;
     if name.is_empty() {
         return Err(KeysError::Invalid("a key needs a name".into()));
@@ -145,17 +156,23 @@ struct Loaded {
 
 /// The keys file as the server reads it, kept current.
 pub struct KeyStore {
+    /// Where key changes seen on reload are recorded.
+    audit: Option<Arc<AuditLog>>,
     path: PathBuf,
     loaded: RwLock<Loaded>,
     checked: Mutex<Instant>,
 }
 
 impl KeyStore {
-    pub fn open(path: &Path) -> Result<KeyStore, KeysError> {
+    pub fn open(path: &Path, audit: Option<Arc<AuditLog>>) -> Result<KeyStore, KeysError> {
         let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
         Ok(KeyStore {
+            audit,
             path: path.to_path_buf(),
-            loaded: RwLock::new(Loaded { modified, file: KeysFile::load(path)? }),
+            loaded: RwLock::new(Loaded {
+                modified,
+                file: KeysFile::load(path)?,
+            }),
             checked: Mutex::new(Instant::now()),
         })
     }
@@ -169,26 +186,97 @@ impl KeyStore {
             }
             *checked = Instant::now();
         }
-        let modified = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        let modified = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
         if modified == self.loaded.read().modified {
             return;
         }
         match KeysFile::load(&self.path) {
             Ok(file) => {
                 tracing::info!(path = %self.path.display(), keys = file.keys.len(), "keys file reloaded");
-                *self.loaded.write() = Loaded { modified, file };
+                let old = std::mem::replace(
+                    &mut *self.loaded.write(),
+                    Loaded {
+                        modified,
+                        file: file.clone(),
+                    },
+                );
+                self.audit_changes(&old.file, &file);
             }
-            Err(e) => tracing::error!(error = %e, "keys file changed but does not load; keeping the last good one"),
+            Err(e) => {
+                tracing::error!(error = %e, "keys file changed but does not load; keeping the last good one")
+            }
+        }
+    }
+
+    /// Key changes (made by `quiver keys`, seen on reload) go to the audit trail.
+    fn audit_changes(&self, old: &KeysFile, new: &KeysFile) {
+        let Some(audit) = &self.audit else { return };
+        for k in &new.keys {
+            let before = old.keys.iter().find(|o| o.id == k.id);
+            let target = format!("key:{} ({})", k.id, k.name);
+            match before {
+                None => audit.record(
+                    "keys-file",
+                    "key_created",
+                    &target,
+                    "ok",
+                    &format!("roles {:?}, tier {:?}", k.roles, k.tier),
+                ),
+                Some(b) if b.revoked_at.is_none() && k.revoked_at.is_some() => {
+                    audit.record("keys-file", "key_revoked", &target, "ok", "")
+                }
+                Some(b) if b != k => audit.record(
+                    "keys-file",
+                    "key_changed",
+                    &target,
+                    "ok",
+                    &format!("roles {:?}, tier {:?}", k.roles, k.tier),
+                ),
+                Some(_) => {}
+            }
+        }
+        for k in old
+            .keys
+            .iter()
+            .filter(|o| !new.keys.iter().any(|n| n.id == o.id))
+        {
+            audit.record(
+                "keys-file",
+                "key_removed",
+                &format!("key:{} ({})", k.id, k.name),
+                "ok",
+                "",
+            );
+        }
+        if old.certs != new.certs {
+            audit.record(
+                "keys-file",
+                "certs_changed",
+                "client certificates",
+                "ok",
+                &format!("{} mapped", new.certs.len()),
+            );
         }
     }
 
     /// The identity of an API key, or why it is refused.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         self.refresh();
-        let rest = token.strip_prefix(TOKEN_PREFIX).ok_or(AuthError::Invalid("not a Quiver API key"))?;
-        let (id, secret) = rest.split_once('_').ok_or(AuthError::Invalid("malformed API key"))?;
+        let rest = token
+            .strip_prefix(TOKEN_PREFIX)
+            .ok_or(AuthError::Invalid("not a Quiver API key"))?;
+        let (id, secret) = rest
+            .split_once('_')
+            .ok_or(AuthError::Invalid("malformed API key"))?;
         let loaded = self.loaded.read();
-        let entry = loaded.file.keys.iter().find(|k| k.id == id).ok_or(AuthError::Invalid("unknown API key"))?;
+        let entry = loaded
+            .file
+            .keys
+            .iter()
+            .find(|k| k.id == id)
+            .ok_or(AuthError::Invalid("unknown API key"))?;
         let presented = hash_hex(secret);
         if !bool::from(presented.as_bytes().ct_eq(entry.hash.as_bytes())) {
             return Err(AuthError::Invalid("unknown API key"));
@@ -196,7 +284,8 @@ impl KeyStore {
         if entry.revoked_at.is_some() {
             return Err(AuthError::Invalid("revoked API key"));
         }
-        let grants = Grants::parse(entry.roles.iter().map(String::as_str)).map_err(|_| AuthError::Invalid("the key's roles do not parse"))?;
+        let grants = Grants::parse(entry.roles.iter().map(String::as_str))
+            .map_err(|_| AuthError::Invalid("the key's roles do not parse"))?;
         Ok(Identity {
             name: format!("key:{}", entry.name),
             kind: Kind::ApiKey,
@@ -228,10 +317,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.toml");
         let (token, entry) = create(&path, "svc", &["reader:*".into()], Some("gold")).unwrap();
-        assert!(!std::fs::read_to_string(&path).unwrap().contains(token.split('_').nth(2).unwrap()), "only the hash is stored");
-        let store = KeyStore::open(&path).unwrap();
+        assert!(
+            !std::fs::read_to_string(&path)
+                .unwrap()
+                .contains(token.split('_').nth(2).unwrap()),
+            "only the hash is stored"
+        );
+        let audit = Arc::new(AuditLog::open(&dir.path().join("audit.log")).unwrap());
+        let store = KeyStore::open(&path, Some(audit)).unwrap();
         let id = store.verify(&token).unwrap();
-        assert_eq!((id.name.as_str(), id.tier.as_deref()), ("key:svc", Some("gold")));
+        assert_eq!(
+            (id.name.as_str(), id.tier.as_deref()),
+            ("key:svc", Some("gold"))
+        );
         let mut wrong = token.clone();
         wrong.pop();
         wrong.push('x');
@@ -242,8 +340,21 @@ mod tests {
         // The store notices the change (at most a second later).
         *store.checked.lock() = Instant::now() - RECHECK_EVERY;
         let later = std::time::SystemTime::now() + Duration::from_secs(2);
-        std::fs::File::options().write(true).open(&path).unwrap().set_modified(later).unwrap();
-        assert!(matches!(store.verify(&token), Err(AuthError::Invalid("revoked API key"))));
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        assert!(matches!(
+            store.verify(&token),
+            Err(AuthError::Invalid("revoked API key"))
+        ));
+        let trail = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+        assert!(
+            trail.contains("key_revoked") && trail.contains(&entry.id),
+            "{trail}"
+        );
         assert!(create(&path, "bad", &["owner:*".into()], None).is_err());
     }
 }

@@ -38,7 +38,12 @@ pub struct Identity {
 
 impl Identity {
     pub fn anonymous() -> Identity {
-        Identity { name: "anonymous".into(), kind: Kind::Anonymous, grants: Grants::everything(), tier: None }
+        Identity {
+            name: "anonymous".into(),
+            kind: Kind::Anonymous,
+            grants: Grants::everything(),
+            tier: None,
+        }
     }
 
     pub fn allows(&self, role: Role, resource: Option<&str>) -> bool {
@@ -83,7 +88,11 @@ impl Modes {
                 "api_key" => m.api_key = true,
                 "jwt" => m.jwt = true,
                 "mtls" => m.mtls = true,
-                other => return Err(format!("auth.mode: unknown mode {other:?} (none, api_key, jwt, mtls)")),
+                other => {
+                    return Err(format!(
+                        "auth.mode: unknown mode {other:?} (none, api_key, jwt, mtls)"
+                    ))
+                }
             }
         }
         Ok(m)
@@ -102,7 +111,11 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(modes: Modes, keys: Option<Arc<keys::KeyStore>>, jwt: Option<jwt::JwtVerifier>) -> Authenticator {
+    pub fn new(
+        modes: Modes,
+        keys: Option<Arc<keys::KeyStore>>,
+        jwt: Option<jwt::JwtVerifier>,
+    ) -> Authenticator {
         Authenticator { modes, keys, jwt }
     }
 
@@ -135,7 +148,9 @@ impl Authenticator {
         }
         match (&self.jwt, self.modes.jwt) {
             (Some(j), true) => j.verify(token),
-            _ => Err(AuthError::Invalid("bearer tokens other than API keys are not accepted here")),
+            _ => Err(AuthError::Invalid(
+                "bearer tokens other than API keys are not accepted here",
+            )),
         }
     }
 }

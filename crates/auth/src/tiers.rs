@@ -26,7 +26,8 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 
 /// Buckets keyed by credential, telling how many tokens remain after each check.
-type Buckets = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
+type Buckets =
+    RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
 
 /// `[[rate_tier]]` as configured.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,9 +55,17 @@ pub struct Allowance {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refused {
     /// The credential's bucket is empty (429).
-    RateLimited { tier: String, limit: u32, retry_after: Duration },
+    RateLimited {
+        tier: String,
+        limit: u32,
+        retry_after: Duration,
+    },
     /// The node is at this priority's share of in-flight requests (503).
-    Saturated { tier: String, inflight: usize, share: usize },
+    Saturated {
+        tier: String,
+        inflight: usize,
+        share: usize,
+    },
 }
 
 pub struct Limits {
@@ -86,13 +95,17 @@ impl Limits {
         priorities.dedup();
         let mut out = Vec::with_capacity(tiers.len());
         for t in tiers {
-            let rate = NonZeroU32::new(t.rate_per_s).ok_or(format!("rate_tier {:?}: rate_per_s must be > 0", t.name))?;
+            let rate = NonZeroU32::new(t.rate_per_s)
+                .ok_or(format!("rate_tier {:?}: rate_per_s must be > 0", t.name))?;
             let burst = NonZeroU32::new(t.burst.max(1)).expect("max(1)");
             if tiers.iter().filter(|o| o.name == t.name).count() > 1 {
                 return Err(format!("rate_tier {:?} is defined twice", t.name));
             }
             out.push(Tier {
-                rank: priorities.iter().position(|&p| p == t.priority).expect("collected above"),
+                rank: priorities
+                    .iter()
+                    .position(|&p| p == t.priority)
+                    .expect("collected above"),
                 buckets: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
                     .with_middleware::<StateInformationMiddleware>(),
                 config: t.clone(),
@@ -110,15 +123,28 @@ impl Limits {
     /// The tier of `name` (unknown or absent: the lowest priority), if any tier exists.
     fn tier(&self, name: Option<&str>) -> Option<&Tier> {
         name.and_then(|n| self.tiers.iter().find(|t| t.config.name == n))
-            .or_else(|| self.tiers.iter().max_by_key(|t| (t.config.priority, t.config.rate_per_s)))
+            .or_else(|| {
+                self.tiers
+                    .iter()
+                    .max_by_key(|t| (t.config.priority, t.config.rate_per_s))
+            })
     }
 
     /// Takes a token from `credential`'s bucket in its tier.
-    pub fn check_rate(&self, credential: &str, tier: Option<&str>) -> Result<Option<Allowance>, Refused> {
-        let Some(t) = self.tier(tier) else { return Ok(None) };
+    pub fn check_rate(
+        &self,
+        credential: &str,
+        tier: Option<&str>,
+    ) -> Result<Option<Allowance>, Refused> {
+        let Some(t) = self.tier(tier) else {
+            return Ok(None);
+        };
         let limit = t.config.rate_per_s;
         match t.buckets.check_key(&credential.to_string()) {
-            Ok(snapshot) => Ok(Some(Allowance { limit, remaining: snapshot.remaining_burst_capacity() })),
+            Ok(snapshot) => Ok(Some(Allowance {
+                limit,
+                remaining: snapshot.remaining_burst_capacity(),
+            })),
             Err(not_until) => Err(Refused::RateLimited {
                 tier: t.config.name.clone(),
                 limit,
@@ -129,15 +155,32 @@ impl Limits {
 
     /// Admits a request of `tier`'s priority if the node has room for it.
     pub fn admit(&self, tier: Option<&str>) -> Result<Permit, Refused> {
-        let (rank, name) = self.tier(tier).map_or((0, "-".to_string()), |t| (t.rank, t.config.name.clone()));
-        let share = (self.inflight_max * (self.ranks - rank)).div_ceil(self.ranks).max(1);
+        let (rank, name) = self
+            .tier(tier)
+            .map_or((0, "-".to_string()), |t| (t.rank, t.config.name.clone()));
+        let share = (self.inflight_max * (self.ranks - rank))
+            .div_ceil(self.ranks)
+            .max(1);
         let mut cur = self.inflight.load(Ordering::Relaxed);
         loop {
             if cur >= share {
-                return Err(Refused::Saturated { tier: name, inflight: cur, share });
+                return Err(Refused::Saturated {
+                    tier: name,
+                    inflight: cur,
+                    share,
+                });
             }
-            match self.inflight.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return Ok(Permit { inflight: self.inflight.clone() }),
+            match self.inflight.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    return Ok(Permit {
+                        inflight: self.inflight.clone(),
+                    })
+                }
                 Err(actual) => cur = actual,
             }
         }
@@ -161,8 +204,18 @@ mod tests {
 
     fn tiers() -> Vec<TierConfig> {
         vec![
-            TierConfig { name: "gold".into(), priority: 0, rate_per_s: 1000, burst: 1000 },
-            TierConfig { name: "bronze".into(), priority: 2, rate_per_s: 5, burst: 5 },
+            TierConfig {
+                name: "gold".into(),
+                priority: 0,
+                rate_per_s: 1000,
+                burst: 1000,
+            },
+            TierConfig {
+                name: "bronze".into(),
+                priority: 2,
+                rate_per_s: 5,
+                burst: 5,
+            },
         ]
     }
 
@@ -172,15 +225,22 @@ mod tests {
         for _ in 0..5 {
             l.check_rate("b1", Some("bronze")).unwrap();
         }
-        let Err(Refused::RateLimited { retry_after, .. }) = l.check_rate("b1", Some("bronze")) else {
+        let Err(Refused::RateLimited { retry_after, .. }) = l.check_rate("b1", Some("bronze"))
+        else {
             panic!("the sixth request within the burst is refused");
         };
         assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_millis(200));
-        assert!(l.check_rate("b2", Some("bronze")).is_ok(), "another credential has its own bucket");
+        assert!(
+            l.check_rate("b2", Some("bronze")).is_ok(),
+            "another credential has its own bucket"
+        );
         for _ in 0..4 {
             let _ = l.check_rate("nobody", None);
         }
-        assert!(l.check_rate("nobody", None).is_ok(), "no tier: the lowest priority's bucket (5)");
+        assert!(
+            l.check_rate("nobody", None).is_ok(),
+            "no tier: the lowest priority's bucket (5)"
+        );
         assert!(l.check_rate("nobody", None).is_err());
     }
 
@@ -188,7 +248,13 @@ mod tests {
     fn lower_priorities_get_a_smaller_share_of_the_node() {
         let l = Limits::new(&tiers(), 10).unwrap();
         let bronze: Vec<Permit> = (0..5).map(|_| l.admit(Some("bronze")).unwrap()).collect();
-        assert!(matches!(l.admit(Some("bronze")), Err(Refused::Saturated { share: 5, .. })), "bronze may fill half");
+        assert!(
+            matches!(
+                l.admit(Some("bronze")),
+                Err(Refused::Saturated { share: 5, .. })
+            ),
+            "bronze may fill half"
+        );
         let gold: Vec<Permit> = (0..5).map(|_| l.admit(Some("gold")).unwrap()).collect();
         assert!(l.admit(Some("gold")).is_err(), "the node is full");
         drop(bronze);

@@ -62,6 +62,12 @@ pub struct Config {
     /// RabbitMQ queues whose messages are appended to the log as events.
     #[serde(rename = "rabbitmq_source")]
     pub rabbitmq_sources: Vec<RabbitMqSourceConfig>,
+    pub auth: AuthConfig,
+    pub tls: TlsConfig,
+    /// Token buckets per credential, by tier; lower priority is shed first.
+    #[serde(rename = "rate_tier")]
+    pub rate_tiers: Vec<RateTierConfig>,
+    pub storage: StorageConfig,
     #[serde(rename = "entity")]
     pub entities: Vec<EntityConfig>,
     #[serde(rename = "view")]
@@ -89,6 +95,17 @@ pub struct ServerConfig {
     pub read_after_wait_ms_max: u64,
     /// Largest number of entity rows one `POST /v1/features` may ask for.
     pub read_entities_max: usize,
+    /// A connection must send a request's headers within this (slow clients are closed).
+    pub header_read_timeout: HumanDuration,
+    /// A keep-alive connection idle this long is closed.
+    pub idle_timeout: HumanDuration,
+    /// Connections held at once (HTTP and gRPC each); beyond it new ones are closed at once.
+    pub connections_max: usize,
+    /// Requests running at once; lower-priority tiers get a smaller share (see `[[rate_tier]]`).
+    pub inflight_max: usize,
+    /// Longest a request may run (a client's `Quiver-Timeout-Ms` or gRPC deadline may be
+    /// shorter); past it the work is dropped and 503 `DEADLINE_EXCEEDED` answered.
+    pub request_timeout_max: HumanDuration,
 }
 
 impl Default for ServerConfig {
@@ -99,6 +116,11 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("./data"),
             read_after_wait_ms_max: 100,
             read_entities_max: 10_000,
+            header_read_timeout: HumanDuration(Duration::from_secs(5)),
+            idle_timeout: HumanDuration(Duration::from_secs(60)),
+            connections_max: 4096,
+            inflight_max: 1024,
+            request_timeout_max: HumanDuration(Duration::from_secs(30)),
         }
     }
 }
@@ -255,6 +277,96 @@ impl Default for HistoryConfig {
             lossy: false,
         }
     }
+}
+
+/// `[auth]`: who may do what (README "Security").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `none`, or any of `api_key`, `jwt`, `mtls`, comma-separated.
+    pub mode: String,
+    /// Written by `quiver keys create`: hashes and grants, never keys (relative: to data_dir).
+    pub keys_file: PathBuf,
+    /// The JWKS JWTs are verified against (mode `jwt`).
+    pub jwks_file: Option<PathBuf>,
+    /// A JWT's `aud` must contain this.
+    pub jwt_audience: String,
+    /// A JWT's `iss` must be this, if set.
+    pub jwt_issuer: Option<String>,
+    /// The JWT claim holding grants (`role:resource` strings).
+    pub roles_claim: String,
+    /// The JWT claim naming the rate tier.
+    pub tier_claim: String,
+    /// Routes that need no credentials.
+    pub public: Vec<String>,
+    /// The tamper-evident audit trail (relative: to data_dir).
+    pub audit_file: PathBuf,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: "none".into(),
+            keys_file: PathBuf::from("keys.toml"),
+            jwks_file: None,
+            jwt_audience: "quiver".into(),
+            jwt_issuer: None,
+            roles_claim: "roles".into(),
+            tier_claim: "tier".into(),
+            public: [
+                "/healthz",
+                "/readyz",
+                "/health",
+                "/v2/health/live",
+                "/v2/health/ready",
+            ]
+            .map(String::from)
+            .to_vec(),
+            audit_file: PathBuf::from("audit.log"),
+        }
+    }
+}
+
+/// `[tls]`: HTTPS and gRPC over TLS (rustls); mTLS when `client_ca` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Clients must present a certificate signed by this CA.
+    pub client_ca: Option<PathBuf>,
+    /// How often the files are checked for a new certificate (no restart needed).
+    pub reload_interval: HumanDuration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: None,
+            key: None,
+            client_ca: None,
+            reload_interval: HumanDuration(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// `[[rate_tier]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateTierConfig {
+    pub name: String,
+    /// 0 is served first; higher numbers are shed first.
+    pub priority: u8,
+    pub rate_per_s: u32,
+    pub burst: u32,
+}
+
+/// `[storage]`: data at rest.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Encrypts log segments, snapshots and the idempotency journal (README "Encryption at rest").
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 /// `[kafka]`: Kafka as the log (`log.backend = "kafka"`).
@@ -447,7 +559,8 @@ pub struct AggregationConfig {
 
 /// Sections whose keys `QUIVER_<SECTION>_<KEY>` may override.
 const ENV_SECTIONS: &[&str] = &[
-    "server", "log", "limits", "store", "ingest", "history", "models", "kafka",
+    "server", "log", "limits", "store", "ingest", "history", "models", "kafka", "auth", "tls",
+    "storage",
 ];
 
 impl Config {
@@ -480,6 +593,7 @@ impl Config {
             "must be 1..=1024",
         )?;
         self.validate_kafka()?;
+        self.validate_security()?;
         check(
             self.log.segment_bytes >= 4096,
             "log.segment_bytes",
@@ -566,6 +680,55 @@ impl Config {
         // The schema is validated by compiling it.
         let schema = crate::schema::Schema::compile(self)?;
         self.validate_feature_services(&schema)
+    }
+
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        let field = |p: &str, m: &str| Err(ConfigError::field(p, m));
+        let s = &self.server;
+        if s.connections_max == 0 || s.inflight_max == 0 {
+            return field("server", "connections_max and inflight_max must be > 0");
+        }
+        if s.header_read_timeout.0.is_zero() || s.request_timeout_max.0.is_zero() {
+            return field(
+                "server",
+                "header_read_timeout and request_timeout_max must be > 0",
+            );
+        }
+        let modes = &self.auth.mode;
+        for m in modes.split(',').map(str::trim) {
+            if !matches!(m, "none" | "api_key" | "jwt" | "mtls")
+                || (m == "none" && modes.trim() != "none")
+            {
+                return field(
+                    "auth.mode",
+                    "none, or any of api_key, jwt, mtls (comma-separated)",
+                );
+            }
+        }
+        if modes.contains("jwt") && self.auth.jwks_file.is_none() {
+            return field("auth.jwks_file", "mode jwt needs a JWKS file");
+        }
+        if modes.contains("mtls") && self.tls.client_ca.is_none() {
+            return field("tls.client_ca", "mode mtls needs a client CA");
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return field("tls", "cert and key go together");
+        }
+        if self.tls.client_ca.is_some() && self.tls.cert.is_none() {
+            return field("tls.client_ca", "needs tls.cert and tls.key");
+        }
+        for (i, t) in self.rate_tiers.iter().enumerate() {
+            if t.name.is_empty()
+                || t.rate_per_s == 0
+                || self.rate_tiers[..i].iter().any(|o| o.name == t.name)
+            {
+                return field(
+                    &format!("rate_tier[{i}]"),
+                    "a unique name and rate_per_s > 0",
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Partitions of the log in use: `log.partitions` (embedded) or `kafka.partitions`.

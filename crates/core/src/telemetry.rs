@@ -37,6 +37,12 @@ pub const MODEL_GOLDEN_FAILURES_TOTAL: &str = "quiver_model_golden_failures_tota
 pub const ROLLOUT_DECISIONS_TOTAL: &str = "quiver_rollout_decisions_total";
 /// Percent of a model's traffic on its rollout's candidate (0 when none runs).
 pub const ROLLOUT_CANDIDATE_PERCENT: &str = "quiver_rollout_candidate_percent";
+/// Authorization failures not written to the audit trail (over its per-second bound).
+pub const AUDIT_SUPPRESSED_TOTAL: &str = "quiver_audit_suppressed_total";
+/// Requests refused by the security layer, by status and reason.
+pub const REQUESTS_REFUSED_TOTAL: &str = "quiver_requests_refused_total";
+/// Connections closed at once because a listener had `server.connections_max` of them.
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "quiver_connections_refused_total";
 pub const MATERIALIZER_STALENESS_SECONDS: &str = "quiver_materializer_staleness_seconds";
 pub const SNAPSHOT_SECONDS: &str = "quiver_snapshot_seconds";
 pub const STORE_ROWS: &str = "quiver_store_rows";

@@ -300,7 +300,11 @@ pub struct TrafficUpdate {
     pub clear_shadow: bool,
 }
 
+/// Told of every rollout decision once it is in effect (the audit trail listens).
+pub type Observer = Arc<dyn Fn(&str, &Decision) + Send + Sync>;
+
 pub struct Registry {
+    observer: RwLock<Option<Observer>>,
     dir: PathBuf,
     schema: Arc<Schema>,
     warmup_rows: usize,
@@ -352,6 +356,7 @@ impl Registry {
             })
             .collect();
         let registry = Registry {
+            observer: RwLock::new(None),
             dir: dir.to_path_buf(),
             schema,
             warmup_rows,
@@ -365,6 +370,32 @@ impl Registry {
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.read().clone()
+    }
+
+    pub fn set_observer(&self, observer: Observer) {
+        *self.observer.write() = Some(observer);
+    }
+
+    /// Swaps in `next` and tells the observer of every rollout decision it carries that `old`
+    /// did not.
+    fn swap(&self, old: &Snapshot, next: Snapshot) {
+        let news: Vec<(String, Decision)> = next
+            .iter()
+            .filter_map(|(name, m)| Some((name, m.traffic.rollout.as_ref()?)))
+            .flat_map(|(name, r)| {
+                let before = old.get(name).and_then(|o| o.traffic.rollout.as_ref());
+                r.history
+                    .iter()
+                    .filter(move |d| before.is_none_or(|b| !b.history.contains(d)))
+                    .map(move |d| (name.clone(), d.clone()))
+            })
+            .collect();
+        *self.current.write() = Arc::new(next);
+        if let Some(o) = self.observer.read().as_ref() {
+            for (name, d) in &news {
+                o(name, d);
+            }
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Served>> {
@@ -413,7 +444,7 @@ impl Registry {
         let changed_traffic = next
             .iter()
             .any(|(n, m)| old.get(n).is_none_or(|o| o.traffic != m.traffic));
-        *self.current.write() = Arc::new(next);
+        self.swap(&old, next);
         if changed_traffic {
             if let Err(e) = self.persist() {
                 tracing::error!(error = %e, "traffic state not persisted");
@@ -666,7 +697,7 @@ impl Registry {
             }
         }
         if let Some(next) = next {
-            *self.current.write() = Arc::new(next);
+            self.swap(&snap, next);
             if let Err(e) = self.persist() {
                 tracing::error!(error = %e, "traffic state not persisted after a rollout step");
             }
@@ -709,7 +740,7 @@ impl Registry {
         };
         let mut next = (*snap).clone();
         next.insert(name.to_string(), Arc::new(updated));
-        *self.current.write() = Arc::new(next);
+        self.swap(&snap, next);
         self.persist()?;
         Ok(traffic)
     }

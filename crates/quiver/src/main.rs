@@ -8,6 +8,7 @@ mod history;
 mod logcmd;
 mod predict;
 mod push;
+mod security_cmd;
 mod tabular;
 
 use std::net::SocketAddr;
@@ -48,6 +49,16 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run the fraud example live: three upstream services, predictions, a terminal view.
     Demo(demo::DemoArgs),
+    /// API keys: create, list, revoke (the keys file holds hashes, never keys).
+    Keys {
+        #[command(subcommand)]
+        command: security_cmd::KeysCommand,
+    },
+    /// The audit trail: verify its hash chain.
+    Audit {
+        #[command(subcommand)]
+        command: security_cmd::AuditCommand,
+    },
 }
 
 #[derive(clap::Args)]
@@ -111,6 +122,8 @@ fn main() -> Result<()> {
         Command::History(args) => history::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Keys { command } => security_cmd::keys(command),
+        Command::Audit { command } => security_cmd::audit(command),
     }
 }
 
@@ -119,6 +132,12 @@ fn serve(args: ServeArgs) -> Result<()> {
     if let Some(g) = args.grpc_listen {
         config.server.grpc_listen = Some(g);
     }
+    security_cmd::warn_if_open(&config)?;
+    let scheme = if config.tls.cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let metrics = quiver_server::install_metrics();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -147,7 +166,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             }
             None => None,
         };
-        println!("quiver listening on http://{addr}");
+        println!("quiver listening on {scheme}://{addr}");
         quiver_server::serve_with(Arc::new(node), listener, grpc, metrics, shutdown_signal())
             .await?;
         tracing::info!("stopped cleanly");

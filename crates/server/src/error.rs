@@ -37,6 +37,17 @@ impl ApiError {
         self
     }
 
+    /// Adds one detail.
+    pub fn detail(mut self, name: &str, value: impl Into<Value>) -> ApiError {
+        match &mut self.details {
+            Value::Object(m) => {
+                m.insert(name.to_string(), value.into());
+            }
+            other => *other = json!({ name: value.into() }),
+        }
+        self
+    }
+
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, code, message)
     }
@@ -66,6 +77,7 @@ pub fn status_of(class: Class) -> StatusCode {
         Class::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         Class::NotFound => StatusCode::NOT_FOUND,
         Class::Conflict => StatusCode::CONFLICT,
+        Class::Forbidden => StatusCode::FORBIDDEN,
         Class::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         Class::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }

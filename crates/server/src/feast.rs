@@ -16,6 +16,8 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use quiver_auth::Identity;
 use quiver_core::schema::View;
 use quiver_log::Ack;
 use serde::Deserialize;
@@ -47,13 +49,23 @@ fn online() -> String {
 }
 
 /// `POST /write-to-online-store`.
-pub async fn write_to_online_store(State(state): State<Arc<AppState>>, body: Body) -> Response {
-    result(write_inner(&state, body).await)
+pub async fn write_to_online_store(
+    State(state): State<Arc<AppState>>,
+    identity: Option<Extension<Identity>>,
+    body: Body,
+) -> Response {
+    let identity = identity.map(|Extension(i)| i);
+    result(write_inner(&state, identity.as_ref(), body).await)
 }
 
 /// `POST /push`: every view whose `push_source` is the request's takes its columns.
-pub async fn push(State(state): State<Arc<AppState>>, body: Body) -> Response {
-    result(push_inner(&state, body).await)
+pub async fn push(
+    State(state): State<Arc<AppState>>,
+    identity: Option<Extension<Identity>>,
+    body: Body,
+) -> Response {
+    let identity = identity.map(|Extension(i)| i);
+    result(push_inner(&state, identity.as_ref(), body).await)
 }
 
 /// `GET /health`: 200 once the node serves reads, else 503 with the reason.
@@ -72,7 +84,11 @@ fn result(r: Result<(), ApiError>) -> Response {
     }
 }
 
-async fn write_inner(state: &AppState, body: Body) -> Result<(), ApiError> {
+async fn write_inner(
+    state: &AppState,
+    identity: Option<&Identity>,
+    body: Body,
+) -> Result<(), ApiError> {
     let req: WriteRequest = parse(state, body).await?;
     let schema = &state.node.schema;
     let view = schema.view_by_name(&req.feature_view_name).ok_or_else(|| {
@@ -86,10 +102,14 @@ async fn write_inner(state: &AppState, body: Body) -> Result<(), ApiError> {
     let frame = Frame::parse(&req.df)?;
     let mut events = Vec::with_capacity(frame.rows);
     frame.events(schema, view, false, &mut events)?;
-    append(state, events).await
+    append(state, identity, events).await
 }
 
-async fn push_inner(state: &AppState, body: Body) -> Result<(), ApiError> {
+async fn push_inner(
+    state: &AppState,
+    identity: Option<&Identity>,
+    body: Body,
+) -> Result<(), ApiError> {
     let req: PushRequest = parse(state, body).await?;
     if !["online", "offline", "online_and_offline"].contains(&req.to.as_str()) {
         return Err(ApiError::bad_request(
@@ -135,7 +155,7 @@ async fn push_inner(state: &AppState, body: Body) -> Result<(), ApiError> {
     }
     // `offline` too goes to the log: the history sink (Quiver's offline store) consumes it,
     // and so does the online store — there is one write path.
-    append(state, events).await
+    append(state, identity, events).await
 }
 
 async fn parse<T: serde::de::DeserializeOwned>(
@@ -148,12 +168,16 @@ async fn parse<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::bad_request("BAD_REQUEST", format!("invalid request: {e}")))
 }
 
-async fn append(state: &AppState, events: Vec<Value>) -> Result<(), ApiError> {
+async fn append(
+    state: &AppState,
+    identity: Option<&Identity>,
+    events: Vec<Value>,
+) -> Result<(), ApiError> {
     if events.is_empty() {
         return Ok(());
     }
     let bytes = bytes::Bytes::from(serde_json::to_vec(&events).expect("JSON values serialize"));
-    crate::ingest::append(state, &bytes, None, Ack::Durable).await?;
+    crate::ingest::append(state, identity, &bytes, None, Ack::Durable).await?;
     Ok(())
 }
 

@@ -9,6 +9,8 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use quiver_auth::{Identity, Role};
 use quiver_core::telemetry as t;
 use quiver_core::time::now_ms;
 use quiver_core::token::Token;
@@ -219,24 +221,33 @@ enum Mode {
 
 pub async fn post_features(
     State(state): State<Arc<AppState>>,
+    identity: Option<Extension<Identity>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    online_read(state, headers, body, Mode::Online).await
+    online_read(state, identity, headers, body, Mode::Online).await
 }
 
 /// `POST /get-online-features`: Feast's route, which ignores fields it does not know.
 pub async fn get_online_features(
     State(state): State<Arc<AppState>>,
+    identity: Option<Extension<Identity>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    online_read(state, headers, body, Mode::Feast).await
+    online_read(state, identity, headers, body, Mode::Feast).await
 }
 
-async fn online_read(state: Arc<AppState>, headers: HeaderMap, body: Body, mode: Mode) -> Response {
+async fn online_read(
+    state: Arc<AppState>,
+    identity: Option<Extension<Identity>>,
+    headers: HeaderMap,
+    body: Body,
+    mode: Mode,
+) -> Response {
     let started = Instant::now();
-    let result = post_features_inner(&state, &headers, body, mode).await;
+    let identity = identity.map(|Extension(i)| i);
+    let result = post_features_inner(&state, identity.as_ref(), &headers, body, mode).await;
     metrics::histogram!(t::LOOKUP_SECONDS, "path" => "batch")
         .record(started.elapsed().as_secs_f64());
     match result {
@@ -250,10 +261,12 @@ async fn online_read(state: Arc<AppState>, headers: HeaderMap, body: Body, mode:
 /// the default) or as the online store served it then (`as_served`; see `quiver_store::pit`).
 pub async fn post_historical(
     State(state): State<Arc<AppState>>,
+    identity: Option<Extension<Identity>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match post_features_inner(&state, &headers, body, Mode::Historical).await {
+    let identity = identity.map(|Extension(i)| i);
+    match post_features_inner(&state, identity.as_ref(), &headers, body, Mode::Historical).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -261,6 +274,7 @@ pub async fn post_historical(
 
 async fn post_features_inner(
     state: &AppState,
+    identity: Option<&Identity>,
     headers: &HeaderMap,
     body: Body,
     mode: Mode,
@@ -268,8 +282,16 @@ async fn post_features_inner(
     let bytes =
         crate::body::read_limited(body, state.node.config.limits.request_body_bytes_max).await?;
     let req = parse_online_request(&bytes, !matches!(mode, Mode::Feast))?;
-    read_after(state, headers).await?;
     let resolved = resolve(state, &req)?;
+    if identity.is_some() {
+        let schema = &state.node.schema;
+        let views = resolved
+            .refs
+            .iter()
+            .map(|r| schema.view(r.view).name.as_str());
+        crate::security::require(identity, Role::Reader, views)?;
+    }
+    read_after(state, headers).await?;
     let (columns, raw) = entity_columns(&req.entities)?;
     let rows = columns.first().map_or(0, |c| c.keys.len());
     let as_of = as_of(&req, matches!(mode, Mode::Historical), rows)?;

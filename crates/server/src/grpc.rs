@@ -37,6 +37,7 @@ pub(crate) fn status(e: ServingError) -> Status {
         Class::Invalid | Class::TooLarge => Status::invalid_argument(msg),
         Class::NotFound => Status::not_found(msg),
         Class::Conflict => Status::already_exists(msg),
+        Class::Forbidden => Status::permission_denied(msg),
         Class::Unavailable => Status::unavailable(msg),
         Class::Internal => Status::internal(msg),
     }
@@ -206,6 +207,7 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        crate::security::require_grpc(&req, quiver_auth::Role::Predictor, [&req.get_ref().name])?;
         let r = req.into_inner();
         let ready =
             infer::is_ready(&self.state.node, &r.name, version(&r.version)).map_err(status)?;
@@ -227,6 +229,7 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        crate::security::require_grpc(&req, quiver_auth::Role::Predictor, [&req.get_ref().name])?;
         let r = req.into_inner();
         let m =
             infer::model_meta(&self.state.node, &r.name, version(&r.version)).map_err(status)?;
@@ -243,6 +246,11 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        crate::security::require_grpc(
+            &req,
+            quiver_auth::Role::Predictor,
+            [&req.get_ref().model_name],
+        )?;
         infer(&self.state, req.into_inner())
             .await
             .map(Response::new)
@@ -252,23 +260,39 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<tonic::Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<tonic::codegen::BoxStream<pb::ModelStreamInferResponse>>, Status> {
+        let identity = req.extensions().get::<quiver_auth::Identity>().cloned();
         let mut incoming = req.into_inner();
         let state = self.state.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_IN_FLIGHT_MAX);
         tokio::spawn(async move {
             while let Some(next) = incoming.next().await {
+                let allowed = |r: &pb::ModelInferRequest| {
+                    crate::security::require(
+                        identity.as_ref(),
+                        quiver_auth::Role::Predictor,
+                        [&r.model_name],
+                    )
+                    .map_err(|e| Status::permission_denied(e.message))
+                };
                 let reply = match next {
                     Err(e) => Err(e),
-                    Ok(r) => Ok(match infer(&state, r).await {
-                        Ok(resp) => pb::ModelStreamInferResponse {
-                            error_message: String::new(),
-                            infer_response: Some(resp),
+                    Ok(r) => Ok(
+                        match async {
+                            allowed(&r)?;
+                            infer(&state, r).await
+                        }
+                        .await
+                        {
+                            Ok(resp) => pb::ModelStreamInferResponse {
+                                error_message: String::new(),
+                                infer_response: Some(resp),
+                            },
+                            Err(e) => pb::ModelStreamInferResponse {
+                                error_message: e.message().to_string(),
+                                infer_response: None,
+                            },
                         },
-                        Err(e) => pb::ModelStreamInferResponse {
-                            error_message: e.message().to_string(),
-                            infer_response: None,
-                        },
-                    }),
+                    ),
                 };
                 let end = reply.is_err();
                 if tx.send(reply).await.is_err() || end {

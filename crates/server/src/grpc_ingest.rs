@@ -61,7 +61,11 @@ impl Progress {
 
 impl IngestService {
     /// Validates and admits one message; returns its pending ack.
-    async fn admit(&self, msg: pb::PushRequest) -> Result<Pending, ServingError> {
+    async fn admit(
+        &self,
+        msg: pb::PushRequest,
+        identity: Option<&quiver_auth::Identity>,
+    ) -> Result<Pending, ServingError> {
         let node = &self.state.node;
         let ack = ingest::parse_ack((!msg.ack.is_empty()).then_some(msg.ack.as_str()))?;
         let key = (!msg.idempotency_key.is_empty()).then_some(msg.idempotency_key.as_str());
@@ -74,6 +78,14 @@ impl IngestService {
             }
         }
         let prepared = crate::ingest::prepare(node, &Bytes::from(msg.events), key).await?;
+        if let Err(e) =
+            crate::security::require(identity, quiver_auth::Role::Producer, &prepared.views)
+        {
+            return Err(ServingError::new(
+                quiver_serving::Code::Forbidden,
+                e.message,
+            ));
+        }
         ingest::submit(node, prepared, ack)
     }
 }
@@ -84,6 +96,7 @@ impl pb::ingest_server::Ingest for IngestService {
         &self,
         req: Request<tonic::Streaming<pb::PushRequest>>,
     ) -> Result<Response<pb::PushResponse>, Status> {
+        let identity = req.extensions().get::<quiver_auth::Identity>().cloned();
         let mut incoming = req.into_inner();
         let mut progress = Progress::default();
         let mut waiting: VecDeque<Pending> = VecDeque::with_capacity(PUSH_IN_FLIGHT_MAX);
@@ -98,7 +111,7 @@ impl pb::ingest_server::Ingest for IngestService {
             };
             let index = progress.messages;
             progress.messages += 1;
-            match self.admit(msg).await {
+            match self.admit(msg, identity.as_ref()).await {
                 Ok(p) => waiting.push_back(p),
                 Err(e) => {
                     let status = crate::grpc::status(e);

@@ -8,6 +8,8 @@ use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use quiver_auth::{Identity, Role};
 use quiver_core::telemetry as t;
 use quiver_core::time::now_ms;
 use quiver_log::Ack;
@@ -29,12 +31,14 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 pub async fn post_events(
     State(state): State<Arc<AppState>>,
+    identity: Option<Extension<Identity>>,
     Query(q): Query<IngestQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let result = ingest(&state, q, &headers, body).await;
+    let identity = identity.map(|Extension(i)| i);
+    let result = ingest(&state, identity.as_ref(), q, &headers, body).await;
     metrics::histogram!(t::INGEST_SECONDS).record(started.elapsed().as_secs_f64());
     match result {
         Ok(resp) => resp,
@@ -44,6 +48,7 @@ pub async fn post_events(
 
 async fn ingest(
     state: &AppState,
+    identity: Option<&Identity>,
     q: IngestQuery,
     headers: &HeaderMap,
     body: Body,
@@ -70,8 +75,12 @@ async fn ingest(
         .await
         .inspect_err(|_| reject("body_too_large", 1))?;
 
+    // Validated and checked against the caller's grants before anything else, a replay
+    // included: a batch's views are what a producer grant must cover.
+    let prepared = prepare(&state.node, &bytes, idem_key).await?;
+    crate::security::require(identity, Role::Producer, &prepared.views)?;
     let Some(key) = idem_key else {
-        return append(state, &bytes, None, ack)
+        return append_prepared(state, prepared, ack)
             .await
             .map(|reply| json_reply(reply, false));
     };
@@ -92,7 +101,7 @@ async fn ingest(
             "a request with this Idempotency-Key is being processed",
         )
         .retry_after(1)),
-        Lookup::New => match append(state, &bytes, Some(key), ack).await {
+        Lookup::New => match append_prepared(state, prepared, ack).await {
             Ok(reply) => {
                 let durable = ack == Ack::Durable;
                 if let Err(e) = state
@@ -149,14 +158,25 @@ pub(crate) async fn prepare(
         })?
 }
 
-/// Validates, appends and waits; returns the reply body `{"accepted": N, "token": "…"}`.
+/// Validates, checks the caller may write its views, appends and waits; returns the reply
+/// body `{"accepted": N, "token": "…"}`.
 pub(crate) async fn append(
     state: &AppState,
+    identity: Option<&Identity>,
     bytes: &Bytes,
     idem_key: Option<&str>,
     ack: Ack,
 ) -> Result<Vec<u8>, ApiError> {
     let prepared = prepare(&state.node, bytes, idem_key).await?;
+    crate::security::require(identity, Role::Producer, &prepared.views)?;
+    append_prepared(state, prepared, ack).await
+}
+
+async fn append_prepared(
+    state: &AppState,
+    prepared: ingest::Prepared,
+    ack: Ack,
+) -> Result<Vec<u8>, ApiError> {
     let done = ingest::append(&state.node, prepared, ack).await?;
     Ok(
         serde_json::to_vec(&json!({"accepted": done.accepted, "token": done.token.to_string()}))

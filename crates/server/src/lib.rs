@@ -6,11 +6,15 @@ pub mod error;
 mod feast;
 pub mod features;
 pub mod grpc;
+mod grpc_guard;
 mod grpc_ingest;
 mod ingest;
 mod json_out;
+pub mod listen;
 mod ops;
 mod predict;
+pub mod security;
+pub mod tls;
 mod v2;
 mod v2_binary;
 
@@ -22,61 +26,200 @@ use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub use quiver_serving::{Node, NodeError};
+pub use security::{Access, Security};
 
 pub struct AppState {
     pub node: Arc<Node>,
     pub metrics: Option<PrometheusHandle>,
     /// Feature lists of batch reads, resolved (see `features::Resolved`).
     pub resolved: features::ResolvedCache,
+    /// Authentication, grants, rate tiers, the audit trail.
+    pub security: Security,
 }
 
 impl AppState {
-    pub fn new(node: Arc<Node>, metrics: Option<PrometheusHandle>) -> AppState {
-        AppState {
+    pub fn new(node: Arc<Node>, metrics: Option<PrometheusHandle>) -> Result<AppState, String> {
+        let security = Security::from_config(&node.config, node.audit.clone())?;
+        Ok(AppState {
             node,
             metrics,
             resolved: features::ResolvedCache::new(features::RESOLVED_CACHE_ENTRIES),
-        }
+            security,
+        })
     }
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/events", post(ingest::post_events))
-        .route("/v1/features/{view}/{key}", get(features::get_entity))
-        .route("/v1/features", post(features::post_features))
-        .route("/v1/features/historical", post(features::post_historical))
-        .route("/get-online-features", post(features::get_online_features))
-        .route("/write-to-online-store", post(feast::write_to_online_store))
-        .route("/push", post(feast::push))
-        .route("/health", get(feast::health))
-        .route("/v1/models", get(predict::list_models))
-        .route("/v1/models/{model}/predict", post(predict::predict))
-        .route("/v1/models/{model}/traffic", put(predict::put_traffic))
-        .route("/v1/models/{model}", get(predict::get_model))
-        .route("/v1/models/{model}/rollback", post(predict::rollback))
-        .route("/v1/models/{model}/promote", post(predict::promote))
-        .route("/v2", get(v2::server_metadata))
-        .route("/v2/health/live", get(v2::live))
-        .route("/v2/health/ready", get(v2::ready))
-        .route("/v2/models/{model}", get(v2::model_metadata))
-        .route("/v2/models/{model}/ready", get(v2::model_ready))
-        .route("/v2/models/{model}/infer", post(v2::infer))
-        .route(
+/// One route: its method, path and who may call it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub access: Access,
+}
+
+type Handler = axum::routing::MethodRouter<Arc<AppState>>;
+
+/// Every route, with its access: the router is built from this table and the endpoint ×
+/// role test reads it, so a new route cannot go unguarded or untested.
+fn routes() -> Vec<(RouteSpec, Handler)> {
+    use quiver_auth::Role::{Admin, Predictor, Producer, Reader};
+    let r = |method, path, access, h: Handler| {
+        (
+            RouteSpec {
+                method,
+                path,
+                access,
+            },
+            h,
+        )
+    };
+    let role = Access::Role;
+    vec![
+        r(
+            "POST",
+            "/v1/events",
+            role(Producer),
+            post(ingest::post_events),
+        ),
+        r(
+            "GET",
+            "/v1/features/{view}/{key}",
+            role(Reader),
+            get(features::get_entity),
+        ),
+        r(
+            "POST",
+            "/v1/features",
+            role(Reader),
+            post(features::post_features),
+        ),
+        r(
+            "POST",
+            "/v1/features/historical",
+            role(Reader),
+            post(features::post_historical),
+        ),
+        r(
+            "POST",
+            "/get-online-features",
+            role(Reader),
+            post(features::get_online_features),
+        ),
+        r(
+            "POST",
+            "/write-to-online-store",
+            role(Producer),
+            post(feast::write_to_online_store),
+        ),
+        r("POST", "/push", role(Producer), post(feast::push)),
+        r("GET", "/health", Access::Health, get(feast::health)),
+        r(
+            "GET",
+            "/v1/models",
+            role(Predictor),
+            get(predict::list_models),
+        ),
+        r(
+            "GET",
+            "/v1/models/{model}",
+            role(Predictor),
+            get(predict::get_model),
+        ),
+        r(
+            "POST",
+            "/v1/models/{model}/predict",
+            role(Predictor),
+            post(predict::predict),
+        ),
+        r(
+            "PUT",
+            "/v1/models/{model}/traffic",
+            role(Admin),
+            put(predict::put_traffic),
+        ),
+        r(
+            "POST",
+            "/v1/models/{model}/rollback",
+            role(Admin),
+            post(predict::rollback),
+        ),
+        r(
+            "POST",
+            "/v1/models/{model}/promote",
+            role(Admin),
+            post(predict::promote),
+        ),
+        r("GET", "/v2", role(Predictor), get(v2::server_metadata)),
+        r("GET", "/v2/health/live", Access::Health, get(v2::live)),
+        r("GET", "/v2/health/ready", Access::Health, get(v2::ready)),
+        r(
+            "GET",
+            "/v2/models/{model}",
+            role(Predictor),
+            get(v2::model_metadata),
+        ),
+        r(
+            "GET",
+            "/v2/models/{model}/ready",
+            role(Predictor),
+            get(v2::model_ready),
+        ),
+        r(
+            "POST",
+            "/v2/models/{model}/infer",
+            role(Predictor),
+            post(v2::infer),
+        ),
+        r(
+            "GET",
             "/v2/models/{model}/versions/{version}",
+            role(Predictor),
             get(v2::version_metadata),
-        )
-        .route(
+        ),
+        r(
+            "GET",
             "/v2/models/{model}/versions/{version}/ready",
+            role(Predictor),
             get(v2::version_ready),
-        )
-        .route(
+        ),
+        r(
+            "POST",
             "/v2/models/{model}/versions/{version}/infer",
+            role(Predictor),
             post(v2::version_infer),
-        )
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
+        ),
+        r("GET", "/healthz", Access::Health, get(ops::healthz)),
+        r("GET", "/readyz", Access::Health, get(ops::readyz)),
+        r(
+            "GET",
+            "/metrics",
+            Access::Role(quiver_auth::Role::Ops),
+            get(ops::metrics),
+        ),
+    ]
+}
+
+/// The route table (method, path, access), for tests and documentation.
+pub fn route_table() -> Vec<RouteSpec> {
+    routes().into_iter().map(|(spec, _)| spec).collect()
+}
+
+/// The access of a matched route.
+pub fn access_of(method: &axum::http::Method, path: &str) -> Option<Access> {
+    static TABLE: std::sync::OnceLock<Vec<RouteSpec>> = std::sync::OnceLock::new();
+    TABLE
+        .get_or_init(route_table)
+        .iter()
+        .find(|r| r.path == path && r.method == method.as_str())
+        .map(|r| r.access)
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let mut router = Router::new();
+    for (spec, handler) in routes() {
+        router = router.route(spec.path, handler);
+    }
+    router
         .fallback(|| async {
             error::ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,
@@ -84,6 +227,10 @@ pub fn router(state: Arc<AppState>) -> Router {
                 "no such endpoint",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            security::guard,
+        ))
         .with_state(state)
 }
 
@@ -138,16 +285,19 @@ pub async fn serve_with(
     metrics: Option<PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let state = Arc::new(AppState::new(node.clone(), metrics));
+    let state = Arc::new(AppState::new(node.clone(), metrics).map_err(std::io::Error::other)?);
+    let tls = tls::acceptor(&node.config.tls).map_err(std::io::Error::other)?;
+    let bounds = listen::Bounds::from_config(&node.config.server);
     if let Err(e) = node.start_sources() {
         tracing::error!(error = %e, "an upstream source did not start");
     }
     let housekeeping = {
-        let node = node.clone();
+        let (node, state) = (node.clone(), state.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(node.config.log.retention_check_interval.0);
             loop {
                 tick.tick().await;
+                state.security.limits.housekeeping();
                 let node = node.clone();
                 let _ = tokio::task::spawn_blocking(move || node.housekeeping()).await;
             }
@@ -163,18 +313,18 @@ pub async fn serve_with(
         let _ = rx.wait_for(|s| *s).await;
     };
     let grpc_task = grpc.map(|l| {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
+        let incoming = listen::incoming(l, tls.clone(), bounds);
         let routes = grpc::service(state.clone());
         tokio::spawn(
             tonic::transport::Server::builder()
+                .timeout(node.config.server.request_timeout_max.0)
+                .layer(grpc_guard::GuardLayer::new(state.clone()))
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
         )
     });
     let app = router(state);
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(stopped(stop_rx))
-        .await;
+    let result = listen::serve_http(listener, tls, bounds, app, stopped(stop_rx)).await;
     if let Some(t) = grpc_task {
         match t.await {
             Ok(Err(e)) => tracing::error!(error = %e, "gRPC server failed"),

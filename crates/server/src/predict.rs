@@ -8,7 +8,8 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
+use quiver_auth::Identity;
 use quiver_model::registry::{Served, TrafficError, TrafficUpdate};
 use quiver_model::repository::{Input, ModelSpec, Promote};
 use quiver_serving::predict::{self, Answer, Given, Instance};
@@ -91,9 +92,22 @@ fn model_error(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "MODEL_ERROR", message)
 }
 
-pub async fn list_models(State(state): State<Arc<AppState>>) -> Response {
+/// Lists the models the caller may call (every model when auth is off).
+pub async fn list_models(
+    State(state): State<Arc<AppState>>,
+    identity: Option<Extension<Identity>>,
+) -> Response {
     let snap = state.node.models.snapshot();
-    let models: Vec<Json_> = snap.values().map(|m| model_json(m)).collect();
+    let visible = |name: &str| {
+        identity
+            .as_ref()
+            .is_none_or(|Extension(i)| i.allows(quiver_auth::Role::Predictor, Some(name)))
+    };
+    let models: Vec<Json_> = snap
+        .iter()
+        .filter(|(name, _)| visible(name))
+        .map(|(_, m)| model_json(m))
+        .collect();
     Json(json!({"models": models})).into_response()
 }
 
@@ -306,9 +320,11 @@ fn traffic_error(e: TrafficError) -> ApiError {
 /// `PUT /v1/models/{m}/traffic` — `{"split": {"3": 90, "4": 10}, "shadow": "5", "default": 3}`.
 pub async fn put_traffic(
     State(state): State<Arc<AppState>>,
+    identity: Option<Extension<Identity>>,
     Path(model): Path<String>,
     body: Body,
 ) -> Response {
+    let actor = actor(&identity);
     let result = async {
         let bytes = crate::body::read_limited(body, 64 * 1024).await?;
         let req: TrafficRequest = serde_json::from_slice(&bytes)
@@ -336,10 +352,15 @@ pub async fn put_traffic(
         }
         let registry = state.node.models.clone();
         let name = model.clone();
+        let asked = format!("{update:?}");
         let t = tokio::task::spawn_blocking(move || registry.set_traffic(&name, update))
             .await
             .map_err(|e| model_error(e.to_string()))?
-            .map_err(traffic_error)?;
+            .map_err(|e| {
+                audit(&state, &actor, "traffic", &model, "refused", &e.to_string());
+                traffic_error(e)
+            })?;
+        audit(&state, &actor, "traffic", &model, "ok", &asked);
         Ok::<_, ApiError>(
             Json(json!({"model": model, "traffic": traffic_json(&t)})).into_response(),
         )
@@ -348,17 +369,56 @@ pub async fn put_traffic(
     result.unwrap_or_else(|e| e.into_response())
 }
 
+/// The name an admin action is recorded under.
+fn actor(identity: &Option<Extension<Identity>>) -> String {
+    identity
+        .as_ref()
+        .map_or_else(|| "anonymous".into(), |Extension(i)| i.name.clone())
+}
+
+fn audit(state: &AppState, actor: &str, action: &str, model: &str, outcome: &str, detail: &str) {
+    state
+        .node
+        .audit
+        .record(actor, action, &format!("model:{model}"), outcome, detail);
+}
+
 /// `POST /v1/models/{m}/rollback` — back to the stable version (a canary or split stops), or
 /// with none running, to the previous stable version. Says which version answers now and why.
-pub async fn rollback(State(state): State<Arc<AppState>>, Path(model): Path<String>) -> Response {
+pub async fn rollback(
+    State(state): State<Arc<AppState>>,
+    identity: Option<Extension<Identity>>,
+    Path(model): Path<String>,
+) -> Response {
+    let actor = actor(&identity);
     let registry = state.node.models.clone();
     let name = model.clone();
     match tokio::task::spawn_blocking(move || registry.rollback(&name)).await {
-        Ok(Ok((t, done))) => Json(json!({
-            "model": model, "version": done.version, "reason": done.reason, "traffic": traffic_json(&t),
-        }))
-        .into_response(),
-        Ok(Err(e)) => traffic_error(e).into_response(),
+        Ok(Ok((t, done))) => {
+            audit(
+                &state,
+                &actor,
+                "rollback",
+                &model,
+                "ok",
+                &format!("to version {}: {}", done.version, done.reason),
+            );
+            Json(json!({
+                "model": model, "version": done.version, "reason": done.reason, "traffic": traffic_json(&t),
+            }))
+            .into_response()
+        }
+        Ok(Err(e)) => {
+            audit(
+                &state,
+                &actor,
+                "rollback",
+                &model,
+                "refused",
+                &e.to_string(),
+            );
+            traffic_error(e).into_response()
+        }
         Err(e) => model_error(e.to_string()).into_response(),
     }
 }
@@ -372,9 +432,11 @@ struct PromoteRequest {
 /// `POST /v1/models/{m}/promote` — `{"version": 4}`: a ready candidate becomes stable.
 pub async fn promote(
     State(state): State<Arc<AppState>>,
+    identity: Option<Extension<Identity>>,
     Path(model): Path<String>,
     body: Body,
 ) -> Response {
+    let actor = actor(&identity);
     let result = async {
         let bytes = crate::body::read_limited(body, 64 * 1024).await?;
         let req: PromoteRequest = serde_json::from_slice(&bytes)
@@ -387,7 +449,18 @@ pub async fn promote(
         let t = tokio::task::spawn_blocking(move || registry.promote(&name, version))
             .await
             .map_err(|e| model_error(e.to_string()))?
-            .map_err(traffic_error)?;
+            .map_err(|e| {
+                audit(&state, &actor, "promote", &model, "refused", &e.to_string());
+                traffic_error(e)
+            })?;
+        audit(
+            &state,
+            &actor,
+            "promote",
+            &model,
+            "ok",
+            &format!("version {version}"),
+        );
         Ok::<_, ApiError>(
             Json(json!({"model": model, "version": version, "traffic": traffic_json(&t)}))
                 .into_response(),

@@ -18,6 +18,8 @@ pub enum Class {
     Conflict,
     /// Try again later (HTTP 503 + `Retry-After`).
     Unavailable,
+    /// The caller may not do this (HTTP 403).
+    Forbidden,
     /// Quiver failed (HTTP 500).
     Internal,
 }
@@ -69,6 +71,7 @@ codes! {
     ShuttingDown = "SHUTTING_DOWN", Unavailable;
     ReadAfterTimeout = "READ_AFTER_TIMEOUT", Unavailable;
     HistoryUnavailable = "HISTORY_UNAVAILABLE", Unavailable;
+    Forbidden = "FORBIDDEN", Forbidden;
     ModelError = "MODEL_ERROR", Internal;
     LogError = "LOG_ERROR", Internal;
     Internal = "INTERNAL", Internal;

@@ -38,6 +38,8 @@ pub fn parse_ack(name: Option<&str>) -> Result<Ack> {
 pub struct Prepared {
     pub events: usize,
     batches: Vec<(u32, RecordBatch)>,
+    /// The views the batch writes, each once (what a producer grant must cover).
+    pub views: Vec<String>,
 }
 
 /// What an append acknowledged.
@@ -75,8 +77,12 @@ pub fn prepare(node: &Node, events: &[Event], idem_key: Option<&str>) -> Prepare
     let schema = &node.schema;
     let partitions = node.log.partitions();
     let mut batches: Vec<RecordBatch> = (0..partitions).map(|_| RecordBatch::new()).collect();
+    let mut views: Vec<String> = Vec::new();
     for (i, e) in events.iter().enumerate() {
         let view = &schema.view(e.view).name;
+        if !views.contains(view) {
+            views.push(view.clone());
+        }
         let dedup = match (&e.event_id, idem_key) {
             (Some(id), _) => Some(record::dedup_from_event_id(view, &e.key, id)),
             (None, Some(k)) => Some(record::dedup_from_idempotency(k, i)),
@@ -94,6 +100,7 @@ pub fn prepare(node: &Node, events: &[Event], idem_key: Option<&str>) -> Prepare
     Prepared {
         events: events.len(),
         batches,
+        views,
     }
 }
 

@@ -52,6 +52,9 @@ pub struct Node {
     pub materializers: Materializers,
     pub idempotency: IdempotencyStore,
     pub limits: EventLimits,
+    /// The tamper-evident audit trail (`auth.audit_file`): admin actions, key changes,
+    /// rollout decisions, refused credentials and grants.
+    pub audit: Arc<quiver_auth::audit::AuditLog>,
     /// Running upstream sources (`[[rabbitmq_source]]`), started by [`Node::start_sources`].
     sources: Mutex<Vec<quiver_connect::rabbitmq::RabbitSource>>,
 }
@@ -113,12 +116,33 @@ impl Node {
             )?),
             None => None,
         };
+        let audit_path = match &config.auth.audit_file {
+            p if p.is_absolute() => p.clone(),
+            p => data.join(p),
+        };
+        let audit = Arc::new(
+            quiver_auth::audit::AuditLog::open(&audit_path)
+                .map_err(|e| NodeError::Io(e.to_string(), std::io::Error::other("audit trail")))?,
+        );
         let models = Arc::new(quiver_model::registry::Registry::open(
             &config.models.repository,
             schema.clone(),
             config.models.warmup_rows,
             Some(data.join("model_traffic.json")),
         ));
+        {
+            let audit = audit.clone();
+            models.set_observer(Arc::new(move |model, d| {
+                let detail = format!("version {} at {}%: {}", d.version, d.percent, d.reason);
+                audit.record(
+                    "rollout",
+                    &format!("rollout_{}", d.action),
+                    &format!("model:{model}"),
+                    "ok",
+                    &detail,
+                );
+            }));
+        }
         let rollouts = {
             let (stop, stopped) = std::sync::mpsc::channel::<()>();
             let registry = models.clone();
@@ -170,6 +194,7 @@ impl Node {
             idempotency,
             limits,
             sources: Mutex::new(Vec::new()),
+            audit,
         })
     }
 

@@ -30,7 +30,7 @@ impl Appender for NodeAppender {
 
 fn refusal(e: ServingError) -> Refusal {
     match e.code.class() {
-        Class::Invalid | Class::TooLarge | Class::NotFound | Class::Conflict => {
+        Class::Invalid | Class::TooLarge | Class::NotFound | Class::Conflict | Class::Forbidden => {
             Refusal::Invalid(e.to_string())
         }
         Class::Unavailable | Class::Internal => Refusal::Unavailable(e.to_string()),

@@ -84,6 +84,8 @@ pub fn drop_history(client: &mut postgres::Client, table: &str) {
 pub struct Server {
     pub child: Child,
     pub url: String,
+    /// The client every helper sends with (a TLS test gives its own).
+    pub http: reqwest::blocking::Client,
     /// `host:port` of the gRPC listener, when started with `--grpc-listen`.
     pub grpc: Option<String>,
     pub data_dir: PathBuf,
@@ -100,10 +102,22 @@ impl Server {
     pub fn start_args(dir: &Path, config: &str, args: &[&str]) -> Server {
         let config_path = dir.join("quiver.toml");
         std::fs::write(&config_path, config).unwrap();
-        Server::start_with(dir, &config_path, args)
+        Server::start_with(dir, &config_path, args, client())
     }
 
-    fn start_with(dir: &Path, config_path: &Path, args: &[&str]) -> Server {
+    /// [`Server::start`] with the client the helpers send with (HTTPS, credentials…).
+    pub fn start_client(dir: &Path, config: &str, http: reqwest::blocking::Client) -> Server {
+        let config_path = dir.join("quiver.toml");
+        std::fs::write(&config_path, config).unwrap();
+        Server::start_with(dir, &config_path, &[], http)
+    }
+
+    fn start_with(
+        dir: &Path,
+        config_path: &Path,
+        args: &[&str],
+        http: reqwest::blocking::Client,
+    ) -> Server {
         let data_dir = dir.join("data");
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0"])
@@ -137,6 +151,7 @@ impl Server {
         let server = Server {
             child,
             url,
+            http,
             grpc,
             data_dir,
             config_path: config_path.to_path_buf(),
@@ -147,15 +162,16 @@ impl Server {
 
     pub fn wait_ready(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
+        let mut last = String::new();
         while Instant::now() < deadline {
-            if let Ok(r) = client().get(format!("{}/readyz", self.url)).send() {
-                if r.status() == 200 {
-                    return;
-                }
+            match self.http.get(format!("{}/readyz", self.url)).send() {
+                Ok(r) if r.status() == 200 => return,
+                Ok(r) => last = format!("{} {}", r.status(), r.text().unwrap_or_default()),
+                Err(e) => last = format!("{e:?}"),
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("server not ready after {timeout:?}");
+        panic!("server not ready after {timeout:?}: {last}");
     }
 
     /// `kill -9`: no shutdown, no final snapshot, no flush.
@@ -179,7 +195,7 @@ impl Server {
 
     /// Restarts on the same data directory and config (new port).
     pub fn restart(dir: &Path) -> Server {
-        Server::start_with(dir, &dir.join("quiver.toml"), &[])
+        Server::start_with(dir, &dir.join("quiver.toml"), &[], client())
     }
 
     pub fn post(&self, path: &str, body: &str) -> (u16, Value) {
@@ -188,7 +204,7 @@ impl Server {
 
     pub fn post_with(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> (u16, Value) {
         send(
-            client()
+            self.http
                 .post(format!("{}{path}", self.url))
                 .body(body.to_string()),
             headers,
@@ -197,7 +213,7 @@ impl Server {
 
     pub fn put(&self, path: &str, body: &str) -> (u16, Value) {
         send(
-            client()
+            self.http
                 .put(format!("{}{path}", self.url))
                 .body(body.to_string()),
             &[],
@@ -209,11 +225,12 @@ impl Server {
     }
 
     pub fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> (u16, Value) {
-        send(client().get(format!("{}{path}", self.url)), headers)
+        send(self.http.get(format!("{}{path}", self.url)), headers)
     }
 
     pub fn metric(&self, name: &str) -> f64 {
-        let text = client()
+        let text = self
+            .http
             .get(format!("{}/metrics", self.url))
             .send()
             .unwrap()
@@ -227,7 +244,8 @@ impl Server {
 
     /// The sum of a metric's series whose labels contain `label` (e.g. `reason="mismatch"`).
     pub fn metric_with(&self, name: &str, label: &str) -> f64 {
-        let text = client()
+        let text = self
+            .http
             .get(format!("{}/metrics", self.url))
             .send()
             .unwrap()

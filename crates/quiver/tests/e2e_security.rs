@@ -1,0 +1,598 @@
+//! Zero trust with the real binary: every route × every role (the table the router is built
+//! from), API keys made and revoked with `quiver keys`, JWTs (expired, not yet valid, another
+//! audience, forged, unknown key), TLS and mTLS with certificates made here (and a certificate
+//! replaced without a restart), gRPC over mTLS, the audit trail and `quiver audit verify`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use serde_json::{json, Value};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../model/tests/fixtures");
+
+/// `CONFIG` with a push source, model `m` (XGBoost fixture) and `[auth]` as given.
+fn secured(dir: &Path, auth: &str) -> String {
+    let models = dir.join("models");
+    std::fs::create_dir_all(models.join("m/1")).unwrap();
+    std::fs::copy(
+        format!("{FIXTURES}/xgb_binary.json"),
+        models.join("m/1/model.json"),
+    )
+    .unwrap();
+    let mut inputs = vec![r#"{ feature = "txn:amount" }"#.to_string()];
+    inputs.extend((1..32).map(|i| format!(r#"{{ feature = "request:r{i}", default = 0.0 }}"#)));
+    std::fs::write(
+        models.join("m/config.toml"),
+        format!(
+            "runtime = \"xgboost\"\ninputs = [{}]\noutputs = [{{ name = \"p\" }}]\n",
+            inputs.join(", ")
+        ),
+    )
+    .unwrap();
+    CONFIG
+        .replace(
+            "[log]",
+            &format!(
+                "[models]\nrepository = \"{}\"\n\n{auth}\n\n[log]",
+                models.display()
+            ),
+        )
+        .replace(
+            "  { name = \"seq\", type = \"i64\" },\n]",
+            "  { name = \"seq\", type = \"i64\" },\n]\npush_source = \"txn_push\"",
+        )
+}
+
+/// A key made by the real CLI; the key is printed once, on stdout.
+fn key(data: &Path, name: &str, roles: &[&str], tier: Option<&str>) -> String {
+    let keys = data.join("keys.toml");
+    let mut args = vec![
+        "keys",
+        "create",
+        "--keys-file",
+        keys.to_str().unwrap(),
+        "--name",
+        name,
+    ];
+    for r in roles {
+        args.extend(["--role", r]);
+    }
+    if let Some(t) = tier {
+        args.extend(["--tier", t]);
+    }
+    let (ok, stdout, stderr) = quiver(&args);
+    assert!(ok, "{stderr}");
+    stdout.trim().to_string()
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// A request that reaches each route (the test fails on a route it has no request for, so a
+/// new route cannot be added without deciding who may call it).
+fn request_for(method: &str, path: &str) -> (String, Option<String>) {
+    let body = |v: Value| Some(v.to_string());
+    let features = json!({"features": ["txn:seq"], "entities": {"user_id": ["u1"]}});
+    let (path, body) = match (method, path) {
+        ("POST", "/v1/events") => (
+            path.into(),
+            body(json!([{"view": "txn", "key": "u1", "values": {"seq": 1}}])),
+        ),
+        ("GET", "/v1/features/{view}/{key}") => ("/v1/features/txn/u1".into(), None),
+        ("POST", "/v1/features") | ("POST", "/get-online-features") => {
+            (path.into(), body(features))
+        }
+        ("POST", "/v1/features/historical") => {
+            let mut f = features;
+            f["timestamps"] = json!([now_ms()]);
+            (path.into(), body(f))
+        }
+        ("POST", "/write-to-online-store") => (
+            path.into(),
+            body(json!({"feature_view_name": "txn", "df": {"user_id": ["u1"], "seq": [2]}})),
+        ),
+        ("POST", "/push") => (
+            path.into(),
+            body(
+                json!({"push_source_name": "txn_push", "df": {"user_id": ["u1"], "seq": [3]}, "to": "online"}),
+            ),
+        ),
+        ("GET", p) if !p.contains('{') => (p.into(), None),
+        ("GET", "/v1/models/{model}") => ("/v1/models/m".into(), None),
+        ("POST", "/v1/models/{model}/predict") => (
+            "/v1/models/m/predict".into(),
+            body(json!({"entities": {"user_id": "u1"}})),
+        ),
+        ("PUT", "/v1/models/{model}/traffic") => {
+            ("/v1/models/m/traffic".into(), body(json!({"shadow": null})))
+        }
+        ("POST", "/v1/models/{model}/rollback") => {
+            ("/v1/models/m/rollback".into(), Some(String::new()))
+        }
+        ("POST", "/v1/models/{model}/promote") => {
+            ("/v1/models/m/promote".into(), body(json!({"version": 1})))
+        }
+        ("GET", p) if p.starts_with("/v2/models/{model}") => {
+            (p.replace("{model}", "m").replace("{version}", "1"), None)
+        }
+        ("POST", p) if p.starts_with("/v2/models/{model}") => (
+            p.replace("{model}", "m").replace("{version}", "1"),
+            body(
+                json!({"inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 32], "data": vec![0.0; 32]}]}),
+            ),
+        ),
+        _ => panic!("no request for route {method} {path}: add one here, with who may call it"),
+    };
+    (path, body)
+}
+
+fn send(
+    server: &Server,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let url = format!("{}{path}", server.url);
+    let mut req = match method {
+        "GET" => server.http.get(url),
+        "POST" => server.http.post(url),
+        "PUT" => server.http.put(url),
+        other => panic!("method {other}"),
+    };
+    if let Some(b) = body {
+        req = req.body(b.to_string());
+    }
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = req.send().unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[test]
+fn every_route_answers_every_role_as_its_access_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let roles = ["producer", "reader", "predictor", "admin", "ops"];
+    let mut tokens: Vec<(&str, String)> = roles
+        .iter()
+        .map(|r| {
+            let grant = match *r {
+                "producer" | "reader" => format!("{r}:txn"),
+                "predictor" => "predictor:m".into(),
+                other => other.into(),
+            };
+            (*r, key(&data, r, &[&grant], None))
+        })
+        .collect();
+    // Grants on another view: the right role, the wrong resource.
+    let elsewhere = key(
+        &data,
+        "elsewhere",
+        &["producer:profile", "reader:profile", "predictor:other"],
+        None,
+    );
+    let revoked = key(
+        &data,
+        "revoked",
+        &["admin", "reader:*", "producer:*", "predictor:*", "ops"],
+        None,
+    );
+    let revoked_id = revoked.split('_').nth(1).unwrap().to_string();
+    let (ok, _, e) = quiver(&[
+        "keys",
+        "revoke",
+        &revoked_id,
+        "--keys-file",
+        data.join("keys.toml").to_str().unwrap(),
+    ]);
+    assert!(ok, "{e}");
+    tokens.push(("elsewhere", elsewhere));
+    let server = Server::start(
+        dir.path(),
+        &secured(dir.path(), "[auth]\nmode = \"api_key\""),
+    );
+    let table = quiver_server::route_table();
+    assert!(
+        table.len() >= 25,
+        "the table is the router: {} routes",
+        table.len()
+    );
+    let public = [
+        "/healthz",
+        "/readyz",
+        "/health",
+        "/v2/health/live",
+        "/v2/health/ready",
+    ];
+    for route in &table {
+        let (path, body) = request_for(route.method, route.path);
+        let what = format!("{} {}", route.method, route.path);
+        let needed = match route.access {
+            quiver_server::Access::Role(r) => r.as_str(),
+            quiver_server::Access::Health => "ops",
+        };
+        let open = public.contains(&route.path);
+        for (who, token) in [("nobody", None), ("revoked", Some(revoked.as_str()))] {
+            let (status, v) = send(&server, route.method, &path, body.as_deref(), token);
+            if open {
+                assert!(
+                    status != 401 && status != 403,
+                    "{what} is public, {who} got {status}: {v}"
+                );
+            } else {
+                assert_eq!(status, 401, "{what} as {who}: {v}");
+                assert_eq!(v["error"]["code"], "UNAUTHENTICATED", "{what}: {v}");
+            }
+        }
+        for (who, token) in &tokens {
+            let (status, v) = send(&server, route.method, &path, body.as_deref(), Some(token));
+            // A grant on another view or model passes only routes that name none (the list
+            // of models, which it then sees filtered to its own).
+            let unnamed = matches!(route.path, "/v1/models" | "/v2");
+            let allowed =
+                open || *who == needed || (*who == "elsewhere" && needed == "predictor" && unnamed);
+            if allowed {
+                assert!(
+                    status != 401 && status != 403,
+                    "{what} as {who}: {status} {v}"
+                );
+            } else {
+                assert_eq!(status, 403, "{what} as {who}: {v}");
+                assert_eq!(v["error"]["code"], "FORBIDDEN", "{what}: {v}");
+            }
+        }
+    }
+    let elsewhere = &tokens.last().unwrap().1;
+    let (_, v) = send(&server, "GET", "/v1/models", None, Some(elsewhere));
+    assert_eq!(v["models"], json!([]), "only the models it may call");
+    let (_, v) = send(&server, "GET", "/v1/models", None, Some(&tokens[2].1));
+    assert_eq!(v["models"][0]["name"], "m");
+    // The refusals are in the audit trail, and it verifies.
+    let trail = std::fs::read_to_string(data.join("audit.log")).unwrap();
+    assert!(trail.contains("\"action\":\"denied\"") && trail.contains("\"outcome\":\"403\""));
+    let (ok, stdout, _) = quiver(&["audit", "verify", data.join("audit.log").to_str().unwrap()]);
+    assert!(ok, "{stdout}");
+}
+
+#[test]
+fn a_revoked_key_stops_working_without_a_restart_and_the_audit_trail_catches_tampering() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let admin = key(&data, "ops-team", &["admin", "predictor:*"], None);
+    let server = Server::start(
+        dir.path(),
+        &secured(dir.path(), "[auth]\nmode = \"api_key\""),
+    );
+    let (status, v) = send(
+        &server,
+        "PUT",
+        "/v1/models/m/traffic",
+        Some(r#"{"shadow": null}"#),
+        Some(&admin),
+    );
+    assert_eq!(status, 200, "{v}");
+    let id = admin.split('_').nth(1).unwrap().to_string();
+    let (ok, _, e) = quiver(&[
+        "keys",
+        "revoke",
+        &id,
+        "--keys-file",
+        data.join("keys.toml").to_str().unwrap(),
+    ]);
+    assert!(ok, "{e}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _) = send(&server, "GET", "/v1/models/m", None, Some(&admin));
+        if status == 401 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoked key still works"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let audit = data.join("audit.log");
+    let trail = std::fs::read_to_string(&audit).unwrap();
+    for needle in [
+        "\"action\":\"traffic\"",
+        "\"actor\":\"key:ops-team\"",
+        "\"action\":\"key_revoked\"",
+        "\"action\":\"denied\"",
+    ] {
+        assert!(trail.contains(needle), "{needle} in {trail}");
+    }
+    server.stop();
+    let (ok, stdout, _) = quiver(&["audit", "verify", audit.to_str().unwrap()]);
+    assert!(ok && stdout.contains("intact"), "{stdout}");
+    // An edited entry, then a deleted one: each is caught.
+    std::fs::write(
+        &audit,
+        trail.replacen("\"outcome\":\"ok\"", "\"outcome\":\"no\"", 1),
+    )
+    .unwrap();
+    let (ok, stdout, _) = quiver(&["audit", "verify", audit.to_str().unwrap()]);
+    assert!(
+        !ok && stdout.contains("TAMPERED") && stdout.contains("edited"),
+        "{stdout}"
+    );
+    let lines: Vec<&str> = trail.lines().collect();
+    let without_first: String = lines[1..].iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&audit, without_first).unwrap();
+    let (ok, stdout, _) = quiver(&["audit", "verify", audit.to_str().unwrap()]);
+    assert!(!ok && stdout.contains("TAMPERED"), "{stdout}");
+}
+
+/// A P-256 key: its signer and its public JWK.
+fn jwk(kid: &str) -> (jsonwebtoken::EncodingKey, Value) {
+    use base64::Engine;
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let raw = pair.public_key_raw();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwk = json!({"kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "x": b64(&raw[1..33]), "y": b64(&raw[33..])});
+    (
+        jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap(),
+        jwk,
+    )
+}
+
+fn jwt(k: &jsonwebtoken::EncodingKey, kid: &str, claims: Value) -> String {
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    h.kid = Some(kid.into());
+    jsonwebtoken::encode(&h, &claims, k).unwrap()
+}
+
+#[test]
+fn jwts_are_checked_for_time_audience_signature_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (signer, public) = jwk("k1");
+    let (forger, _) = jwk("k1");
+    let (stranger, _) = jwk("k2");
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, json!({"keys": [public]}).to_string()).unwrap();
+    let auth = format!(
+        "[auth]\nmode = \"jwt\"\njwks_file = \"{}\"\njwt_audience = \"quiver-test\"",
+        jwks.display()
+    );
+    let server = Server::start(dir.path(), &secured(dir.path(), &auth));
+    let t = now_ms() / 1000;
+    let claims =
+        json!({"sub": "svc", "aud": "quiver-test", "exp": t + 300, "roles": ["reader:txn"]});
+    let (status, v) = send(
+        &server,
+        "GET",
+        "/v1/features/txn/u1",
+        None,
+        Some(&jwt(&signer, "k1", claims.clone())),
+    );
+    assert_eq!(
+        status, 404,
+        "a reader may read (the entity does not exist): {v}"
+    );
+    let (status, v) = send(
+        &server,
+        "POST",
+        "/v1/events",
+        Some("[]"),
+        Some(&jwt(&signer, "k1", claims.clone())),
+    );
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (403, Some("FORBIDDEN")),
+        "{v}"
+    );
+    let refused = |token: String| {
+        let (status, v) = send(&server, "GET", "/v1/features/txn/u1", None, Some(&token));
+        assert_eq!(status, 401, "{v}");
+        v["error"]["message"].as_str().unwrap().to_string()
+    };
+    let with = |k: &str, val: Value| {
+        let mut c = claims.clone();
+        c[k] = val;
+        c
+    };
+    assert_eq!(
+        refused(jwt(&signer, "k1", with("exp", json!(t - 3600)))),
+        "JWT expired"
+    );
+    assert_eq!(
+        refused(jwt(&signer, "k1", with("nbf", json!(t + 3600)))),
+        "JWT not valid yet (nbf)"
+    );
+    assert_eq!(
+        refused(jwt(&signer, "k1", with("aud", json!("another-service")))),
+        "JWT for another audience"
+    );
+    assert_eq!(
+        refused(jwt(&forger, "k1", claims.clone())),
+        "JWT signature does not verify"
+    );
+    assert_eq!(
+        refused(jwt(&stranger, "k2", claims.clone())),
+        "JWT signed by an unknown key"
+    );
+    assert!(refused("not.a.jwt".into()).contains("JWT"));
+}
+
+/// A CA, and certificates it signs.
+struct Pki {
+    ca: rcgen::Certificate,
+    ca_params: rcgen::CertificateParams,
+    ca_key: rcgen::KeyPair,
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(dir: &Path, name: &str) -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = params.clone().self_signed(&ca_key).unwrap();
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        Pki {
+            ca,
+            ca_params: params,
+            ca_key,
+            dir,
+        }
+    }
+
+    /// A leaf for `sans` (DNS names, IPs or URIs): (cert PEM, key PEM).
+    fn leaf(&self, sans: &[&str], client: bool) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        for s in sans {
+            params.subject_alt_names.push(if let Ok(ip) = s.parse() {
+                rcgen::SanType::IpAddress(ip)
+            } else if s.contains("://") {
+                rcgen::SanType::URI(rcgen::string::Ia5String::try_from(*s).unwrap())
+            } else {
+                rcgen::SanType::DnsName(rcgen::string::Ia5String::try_from(*s).unwrap())
+            });
+        }
+        params.extended_key_usages = vec![if client {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let issuer = rcgen::Issuer::from_params(&self.ca_params, &self.ca_key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+fn https_client(ca: &Pki, identity: Option<&(String, String)>) -> reqwest::blocking::Client {
+    let mut b = reqwest::blocking::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.ca.pem().as_bytes()).unwrap())
+        .tls_info(true)
+        .timeout(Duration::from_secs(10));
+    if let Some((cert, key)) = identity {
+        b = b.identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap());
+    }
+    b.build().unwrap()
+}
+
+fn peer_certificate(client: &reqwest::blocking::Client, url: &str) -> Vec<u8> {
+    let r = client.get(format!("{url}/healthz")).send().unwrap();
+    r.extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .unwrap()
+        .peer_certificate()
+        .unwrap()
+        .to_vec()
+}
+
+#[test]
+fn mtls_admits_only_certificates_of_its_ca_and_a_new_certificate_needs_no_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "ca");
+    let rogue = Pki::new(dir.path(), "rogue");
+    let (server_cert, server_key) = pki.leaf(&["localhost", "127.0.0.1"], false);
+    std::fs::write(pki.dir.join("server.pem"), &server_cert).unwrap();
+    std::fs::write(pki.dir.join("server.key"), &server_key).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("keys.toml"),
+        "[[cert]]\nsan = \"spiffe://quiver/reader\"\nroles = [\"reader:txn\"]\n",
+    )
+    .unwrap();
+    let auth = format!(
+        "[auth]\nmode = \"mtls\"\n\n[tls]\ncert = \"{0}/server.pem\"\nkey = \"{0}/server.key\"\nclient_ca = \"{0}/ca.pem\"\nreload_interval = \"200ms\"",
+        pki.dir.display()
+    );
+    let reader = pki.leaf(&["spiffe://quiver/reader"], true);
+    let stranger = pki.leaf(&["spiffe://quiver/nobody"], true);
+    let good = https_client(&pki, Some(&reader));
+    let server = Server::start_client(dir.path(), &secured(dir.path(), &auth), good.clone());
+    assert!(server.url.starts_with("https://"), "{}", server.url);
+    let (status, v) = server.get("/v1/features/txn/u1");
+    assert_eq!(status, 404, "a mapped certificate reads: {v}");
+    let (status, v) = server.post(
+        "/v1/events",
+        r#"[{"view":"txn","key":"u1","values":{"seq":1}}]"#,
+    );
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (403, Some("FORBIDDEN")),
+        "{v}"
+    );
+    // A certificate of the CA that the keys file does not map: known to TLS, unknown to Quiver.
+    let (status, _) = send_with(
+        &https_client(&pki, Some(&stranger)),
+        &server.url,
+        "/v1/features/txn/u1",
+    );
+    assert_eq!(status, Some(401));
+    // No certificate, or one of another CA: the handshake fails.
+    assert_eq!(
+        send_with(&https_client(&pki, None), &server.url, "/healthz").0,
+        None
+    );
+    let rogue_id = rogue.leaf(&["spiffe://quiver/reader"], true);
+    assert_eq!(
+        send_with(
+            &https_client(&pki, Some(&rogue_id)),
+            &server.url,
+            "/healthz"
+        )
+        .0,
+        None
+    );
+    // Plain HTTP to the TLS port gets nothing it can read.
+    let plain = client()
+        .get(server.url.replace("https://", "http://") + "/healthz")
+        .send();
+    assert!(plain.map(|r| r.status() != 200).unwrap_or(true));
+
+    // A new server certificate, written over the files: new connections get it.
+    let before = peer_certificate(&good, &server.url);
+    let (new_cert, new_key) = pki.leaf(&["localhost", "127.0.0.1"], false);
+    std::fs::write(pki.dir.join("server.key.tmp"), &new_key).unwrap();
+    std::fs::write(pki.dir.join("server.pem.tmp"), &new_cert).unwrap();
+    std::fs::rename(pki.dir.join("server.key.tmp"), pki.dir.join("server.key")).unwrap();
+    std::fs::rename(pki.dir.join("server.pem.tmp"), pki.dir.join("server.pem")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let fresh = https_client(&pki, Some(&reader));
+        if peer_certificate(&fresh, &server.url) != before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new certificate was not picked up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// (status, body) of a GET, or `None` when the connection or handshake failed.
+fn send_with(client: &reqwest::blocking::Client, url: &str, path: &str) -> (Option<u16>, String) {
+    match client.get(format!("{url}{path}")).send() {
+        Ok(r) => (Some(r.status().as_u16()), r.text().unwrap_or_default()),
+        Err(e) => (None, e.to_string()),
+    }
+}

@@ -1,0 +1,372 @@
+//! The listeners: accept loops for HTTP (hyper, HTTP/1.1 and HTTP/2) and gRPC (tonic), over
+//! TCP or TLS, with bounds a hostile client cannot exhaust. (axum's `serve` has no header
+//! timeout, idle timeout or connection cap, which is why this is written here.)
+//!
+//! # Design constraints
+//! - At most `connections_max` connections per listener: one more is closed as soon as it is
+//!   accepted (and counted), so a flood of connections cannot take every file descriptor.
+//! - A TLS handshake must finish within `header_read_timeout`; an HTTP/1 request's headers
+//!   must arrive within it after their first byte (hyper's timer), so half a header is not
+//!   held for longer; a connection with no request running and no bytes moving for
+//!   `idle_timeout` is closed.
+//! - Graceful shutdown: stop accepting, let running requests finish (bounded), then close.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::tls::Tls;
+
+/// What a request knows of its connection: the peer and, with mTLS, its certificate's SANs.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    pub addr: Option<SocketAddr>,
+    pub sans: Option<Arc<[String]>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub connections_max: usize,
+}
+
+impl Bounds {
+    pub fn from_config(c: &quiver_core::config::ServerConfig) -> Bounds {
+        Bounds {
+            header_read_timeout: c.header_read_timeout.0,
+            idle_timeout: c.idle_timeout.0,
+            connections_max: c.connections_max,
+        }
+    }
+}
+
+/// How long running requests get to finish once shutdown begins.
+const DRAIN_MAX: Duration = Duration::from_secs(10);
+
+/// Milliseconds since `START`, for activity stamps.
+fn now_ms() -> i64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as i64
+}
+
+/// One accepted connection: plain or TLS, holding its slot and stamping its activity.
+pub struct Conn {
+    io: Io,
+    peer: Peer,
+    activity: Arc<AtomicI64>,
+    _slot: OwnedSemaphorePermit,
+}
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = match &mut self.io {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        if buf.filled().len() > before {
+            self.activity.store(now_ms(), Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = match &mut self.io {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, data),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
+        };
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.store(now_ms(), Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.io {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.io {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
+    }
+}
+
+/// Accepts TCP connections that get a slot; handshakes are done per connection, on its own
+/// task, so one slow client never holds up accepting the next.
+struct Acceptor {
+    listener: TcpListener,
+    tls: Option<Tls>,
+    slots: Arc<Semaphore>,
+}
+
+/// A TCP connection with a slot, before its TLS handshake.
+struct Accepted {
+    tcp: TcpStream,
+    addr: SocketAddr,
+    slot: OwnedSemaphorePermit,
+}
+
+impl Acceptor {
+    fn new(listener: TcpListener, tls: Option<Tls>, bounds: Bounds) -> Acceptor {
+        Acceptor {
+            listener,
+            tls,
+            slots: Arc::new(Semaphore::new(bounds.connections_max)),
+        }
+    }
+
+    /// The next connection that gets a slot (others are closed at once).
+    async fn accept(&self) -> Accepted {
+        loop {
+            let (tcp, addr) = match self.listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors or the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                metrics::counter!(quiver_core::telemetry::CONNECTIONS_REFUSED_TOTAL).increment(1);
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            return Accepted { tcp, addr, slot };
+        }
+    }
+
+    /// Finishes the TLS handshake in time, or gives up on the connection.
+    async fn handshake(tls: Option<Tls>, bounds: Bounds, a: Accepted) -> Option<Conn> {
+        let (io, sans) = match tls {
+            None => (Io::Plain(a.tcp), None),
+            Some(tls) => {
+                let done =
+                    tokio::time::timeout(bounds.header_read_timeout, tls.acceptor.accept(a.tcp))
+                        .await;
+                let s = done.ok()?.ok()?;
+                let sans = s
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| Arc::from(crate::tls::client_sans(c)));
+                (Io::Tls(Box::new(s)), sans)
+            }
+        };
+        Some(Conn {
+            io,
+            peer: Peer {
+                addr: Some(a.addr),
+                sans,
+            },
+            activity: Arc::new(AtomicI64::new(now_ms())),
+            _slot: a.slot,
+        })
+    }
+}
+
+/// gRPC's incoming connections, as tonic takes them.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Option<Tls>,
+    bounds: Bounds,
+) -> impl tokio_stream::Stream<Item = std::io::Result<Conn>> {
+    let acceptor = Acceptor::new(listener, tls, bounds);
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = acceptor.accept().await;
+            let (sender, tls) = (tx.clone(), acceptor.tls.clone());
+            tokio::spawn(async move {
+                if let Some(conn) = Acceptor::handshake(tls, bounds, accepted).await {
+                    let _ = sender.send(Ok(conn)).await;
+                }
+            });
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves.
+pub async fn serve_http(
+    listener: TcpListener,
+    tls: Option<Tls>,
+    bounds: Bounds,
+    router: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let acceptor = Acceptor::new(listener, tls, bounds);
+    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            a = acceptor.accept() => a,
+            () = &mut shutdown => break,
+        };
+        let (tls, router, graceful) = (acceptor.tls.clone(), router.clone(), graceful.clone());
+        tokio::spawn(async move {
+            if let Some(conn) = Acceptor::handshake(tls, bounds, accepted).await {
+                serve_connection(conn, router, bounds, &graceful).await;
+            }
+        });
+    }
+    let graceful = Arc::try_unwrap(graceful).ok();
+    if let Some(g) = graceful {
+        if tokio::time::timeout(DRAIN_MAX, g.shutdown()).await.is_err() {
+            tracing::warn!(
+                "requests still running after {DRAIN_MAX:?} of shutdown; closing their connections"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Serves one connection with hyper, closing it when idle too long.
+async fn serve_connection(
+    conn: Conn,
+    router: axum::Router,
+    bounds: Bounds,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+) {
+    let activity = conn.activity.clone();
+    let running = Arc::new(AtomicUsize::new(0));
+    let peer = conn.peer.clone();
+    let counted = running.clone();
+    let svc = tower::ServiceBuilder::new()
+        .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(peer.clone());
+            req
+        })
+        .layer(InFlightLayer(counted))
+        .service(router);
+    let svc = hyper_util::service::TowerToHyperService::new(svc);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(bounds.header_read_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256);
+    let connection = builder
+        .serve_connection_with_upgrades(TokioIo::new(conn), svc)
+        .into_owned();
+    let watched = graceful.watch(connection);
+    tokio::pin!(watched);
+    let idle_ms = bounds.idle_timeout.as_millis() as i64;
+    let mut tick = tokio::time::interval(bounds.idle_timeout.min(Duration::from_secs(1)));
+    loop {
+        tokio::select! {
+            _ = &mut watched => return,
+            _ = tick.tick() => {
+                let quiet = now_ms() - activity.load(Ordering::Relaxed);
+                if running.load(Ordering::Acquire) == 0 && quiet >= idle_ms {
+                    return; // dropping the connection closes it
+                }
+            }
+        }
+    }
+}
+
+/// Counts a connection's running requests (the idle timer never closes one mid-request).
+#[derive(Clone)]
+struct InFlightLayer(Arc<AtomicUsize>);
+
+impl<S> tower::Layer<S> for InFlightLayer {
+    type Service = InFlight<S>;
+    fn layer(&self, inner: S) -> InFlight<S> {
+        InFlight {
+            inner,
+            running: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct InFlight<S> {
+    inner: S,
+    running: Arc<AtomicUsize>,
+}
+
+impl<S, R> tower::Service<R> for InFlight<S>
+where
+    S: tower::Service<R>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        let guard = Running::new(self.running.clone());
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let _guard = guard; // released when the request ends, or is dropped mid-way
+            fut.await
+        })
+    }
+}
+
+/// One running request on a connection.
+struct Running(Arc<AtomicUsize>);
+
+impl Running {
+    fn new(count: Arc<AtomicUsize>) -> Running {
+        count.fetch_add(1, Ordering::AcqRel);
+        Running(count)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
