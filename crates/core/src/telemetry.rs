@@ -39,7 +39,7 @@ pub const ROLLOUT_DECISIONS_TOTAL: &str = "quiver_rollout_decisions_total";
 pub const ROLLOUT_CANDIDATE_PERCENT: &str = "quiver_rollout_candidate_percent";
 /// Authorization failures not written to the audit trail (over its per-second bound).
 pub const AUDIT_SUPPRESSED_TOTAL: &str = "quiver_audit_suppressed_total";
-/// Requests refused by the security layer, by status and reason.
+/// Requests refused by the security layer before they ran, by `status` (401, 403, 429, 503).
 pub const REQUESTS_REFUSED_TOTAL: &str = "quiver_requests_refused_total";
 /// Connections closed at once because a listener had `server.connections_max` of them.
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "quiver_connections_refused_total";

@@ -137,6 +137,30 @@ fn bench_scenarios_report_real_work() {
         assert_eq!(&png[1..4], b"PNG", "{chart}");
     }
 
+    // priority: with tiers gold is never refused (its share is every slot, bronze's half);
+    // both runs measured gold and flooded bronze past what the node serves.
+    for run in ["tiered", "one_tier"] {
+        let q = &r["priority"][run];
+        assert!(
+            q["bronze_capacity_per_s"].as_f64().unwrap() > 0.0,
+            "{run}: {q}"
+        );
+        assert!(
+            q["gold_p99_us_unloaded"].as_f64().unwrap() > 0.0,
+            "{run}: {q}"
+        );
+        assert!(
+            q["gold_p99_us_flooded"].as_f64().unwrap() > 0.0,
+            "{run}: {q}"
+        );
+        assert!(q["bronze_refused"].as_u64().unwrap() > 0, "{run}: {q}");
+    }
+    assert_eq!(
+        r["priority"]["tiered"]["gold_refused"], 0,
+        "{}",
+        r["priority"]
+    );
+
     let h = &r["history"];
     assert!(h["drain_rows_per_s"].as_f64().unwrap() > 0.0, "{h}");
     assert!(

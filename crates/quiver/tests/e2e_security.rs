@@ -46,28 +46,6 @@ fn secured(dir: &Path, auth: &str) -> String {
         )
 }
 
-/// A key made by the real CLI; the key is printed once, on stdout.
-fn key(data: &Path, name: &str, roles: &[&str], tier: Option<&str>) -> String {
-    let keys = data.join("keys.toml");
-    let mut args = vec![
-        "keys",
-        "create",
-        "--keys-file",
-        keys.to_str().unwrap(),
-        "--name",
-        name,
-    ];
-    for r in roles {
-        args.extend(["--role", r]);
-    }
-    if let Some(t) = tier {
-        args.extend(["--tier", t]);
-    }
-    let (ok, stdout, stderr) = quiver(&args);
-    assert!(ok, "{stderr}");
-    stdout.trim().to_string()
-}
-
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -595,4 +573,73 @@ fn send_with(client: &reqwest::blocking::Client, url: &str, path: &str) -> (Opti
         Ok(r) => (Some(r.status().as_u16()), r.text().unwrap_or_default()),
         Err(e) => (None, e.to_string()),
     }
+}
+
+/// Writes a leaf's PEMs as `<name>.pem` and `<name>.key` in the CA's directory.
+fn leaf_files(pki: &Pki, issuer: &Pki, name: &str, sans: &[&str]) -> (String, String) {
+    let (cert, key) = issuer.leaf(sans, true);
+    let (c, k) = (
+        pki.dir.join(format!("{name}.pem")),
+        pki.dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&c, cert).unwrap();
+    std::fs::write(&k, key).unwrap();
+    (c.display().to_string(), k.display().to_string())
+}
+
+#[test]
+fn tritonclient_grpc_over_mtls_is_admitted_by_certificate_and_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "ca");
+    let rogue = Pki::new(dir.path(), "rogue");
+    let (server_cert, server_key) = pki.leaf(&["localhost", "127.0.0.1"], false);
+    std::fs::write(pki.dir.join("server.pem"), &server_cert).unwrap();
+    std::fs::write(pki.dir.join("server.key"), &server_key).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("keys.toml"),
+        "[[cert]]\nsan = \"spiffe://quiver/scorer\"\nroles = [\"predictor:m\"]\n\n\
+         [[cert]]\nsan = \"spiffe://quiver/reader\"\nroles = [\"reader:txn\"]\n",
+    )
+    .unwrap();
+    let auth = format!(
+        "[auth]\nmode = \"mtls,api_key\"\n\n[tls]\ncert = \"{0}/server.pem\"\nkey = \"{0}/server.key\"\nclient_ca = \"{0}/ca.pem\"",
+        pki.dir.display()
+    );
+    let token = key(&data, "scorer-key", &["predictor:m"], None);
+    let scorer = leaf_files(&pki, &pki, "scorer", &["spiffe://quiver/scorer"]);
+    let reader = leaf_files(&pki, &pki, "reader", &["spiffe://quiver/reader"]);
+    let stranger = leaf_files(&pki, &pki, "stranger", &["spiffe://quiver/nobody"]);
+    let forged = leaf_files(&pki, &rogue, "forged", &["spiffe://quiver/scorer"]);
+    let config = format!(
+        "[server]\ngrpc_listen = \"127.0.0.1:0\"\n{}",
+        secured(dir.path(), &auth)
+    );
+    // The HTTP helper's client has no certificate, so readiness is probed by certificate.
+    let server = Server::start_client(
+        dir.path(),
+        &config,
+        https_client(&pki, Some(&pki.leaf(&["spiffe://quiver/reader"], true))),
+    );
+    let grpc = server.grpc.clone().expect("gRPC listener");
+    let ca = pki.dir.join("ca.pem").display().to_string();
+    let call = |case: &str, cert: Option<&(String, String)>, bearer: Option<&str>| {
+        let mut args = vec![grpc.as_str(), ca.as_str(), "m", "32", case];
+        if let Some((c, k)) = cert {
+            args.extend([c.as_str(), k.as_str()]);
+        }
+        if let Some(b) = bearer {
+            args.push(b);
+        }
+        run_client_script("triton_grpc_secure.py", &args)
+    };
+    call("ok", Some(&scorer), None);
+    call("denied", Some(&reader), None);
+    call("unauth", Some(&stranger), None);
+    // A certificate the CA did not sign, or none: the handshake is refused.
+    call("handshake", Some(&forged), None);
+    call("handshake", None, None);
+    // Modes combine: a certificate of the CA that maps to nothing, plus an API key.
+    call("ok", Some(&stranger), Some(&token));
 }

@@ -140,11 +140,8 @@ impl Security {
         let allowance = self
             .limits
             .check_rate(&id.name, id.tier.as_deref())
-            .map_err(Denial::Limited)?;
-        let permit = self
-            .limits
-            .admit(id.tier.as_deref())
-            .map_err(Denial::Limited)?;
+            .map_err(limited)?;
+        let permit = self.limits.admit(id.tier.as_deref()).map_err(limited)?;
         Ok((
             id,
             Admission {
@@ -177,6 +174,16 @@ impl Security {
                 Duration::from_millis(ms).min(self.timeout_max)
             })
     }
+}
+
+/// A refusal by rate or load: counted (not audited — a flood would fill the trail).
+fn limited(r: Refused) -> Denial {
+    let status = match r {
+        Refused::RateLimited { .. } => "429",
+        Refused::Saturated { .. } => "503",
+    };
+    metrics::counter!(t::REQUESTS_REFUSED_TOTAL, "status" => status).increment(1);
+    Denial::Limited(r)
 }
 
 /// A request let in: its in-flight slot (held until it ends) and its rate allowance.

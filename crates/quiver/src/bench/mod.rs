@@ -9,6 +9,8 @@
 //! - `predict`: predict (lookup + a 100-tree GBDT) against lookup alone and Redis `HGETALL`;
 //!   the same predict as KServe V2 infer over HTTP (JSON) and over gRPC (`ModelInfer`).
 //! - `decoupling`: Quiver against the database-as-queue design (`decoupling.rs`).
+//! - `priority`: a gold tier's latency while bronze floods the node, with rate tiers and without
+//!   (`priority.rs`).
 //!
 //! Quiver runs in this process on its own 2-thread runtime; the load generator on another.
 //! Every table printed also goes to `--markdown FILE`; `--json FILE` gets the figures with a
@@ -28,6 +30,7 @@ macro_rules! say {
 mod decoupling;
 pub(crate) mod load;
 mod plot;
+mod priority;
 
 /// Everything `say!` printed in this run.
 pub(crate) static REPORT: parking_lot::Mutex<String> = parking_lot::Mutex::new(String::new());
@@ -46,7 +49,7 @@ use serde_json::{json, Value};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// ingest | lookup | memory | aggregations | history | predict | runtimes | decoupling | all,
+    /// ingest | lookup | memory | aggregations | history | predict | runtimes | decoupling | priority | all,
     /// or several, comma-separated (`lookup,predict,decoupling`)
     pub scenario: String,
     /// Seconds each measured phase runs (after warm-up).
@@ -266,12 +269,26 @@ pub(crate) async fn request(
     uri: &str,
     body: Bytes,
 ) -> Result<(u16, Bytes)> {
+    request_with(sender, method, uri, body, &[]).await
+}
+
+/// [`request`] with extra headers (credentials…).
+pub(crate) async fn request_with(
+    sender: &mut Sender,
+    method: &str,
+    uri: &str,
+    body: Bytes,
+    headers: &[(&str, &str)],
+) -> Result<(u16, Bytes)> {
     sender.ready().await?;
-    let req = hyper::Request::builder()
+    let mut req = hyper::Request::builder()
         .method(method)
         .uri(uri)
-        .header("host", "quiver")
-        .body(Full::new(body))?;
+        .header("host", "quiver");
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(Full::new(body))?;
     let resp = sender.send_request(req).await?;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes();
@@ -425,6 +442,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "history" => bench_history(&args)?,
             "runtimes" => crate::bench_runtimes::run(args.duration)?,
             "decoupling" => decoupling::run(&args)?,
+            "priority" => priority::run(&args)?,
             _ => bench_predict(&args)?,
         };
         results.insert(s.to_string(), r);
@@ -455,7 +473,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 /// Every scenario, in the order `all` runs them.
-const ALL: [&str; 8] = [
+const ALL: [&str; 9] = [
     "ingest",
     "lookup",
     "memory",
@@ -464,6 +482,7 @@ const ALL: [&str; 8] = [
     "predict",
     "runtimes",
     "decoupling",
+    "priority",
 ];
 
 /// The verdict a script reads: Quiver ÷ peer for each headline figure the run measured.
@@ -504,6 +523,14 @@ fn ratios(results: &Value) -> serde_json::Map<String, Value> {
             "/decoupling/predict_throughput_vs_postgres",
         ),
         ("decoupling_p99_vs_postgres", "/decoupling/p99_vs_postgres"),
+        (
+            "priority_gold_p99_flooded_vs_unloaded",
+            "/priority/tiered/gold_p99_flooded_vs_unloaded",
+        ),
+        (
+            "priority_gold_p99_flooded_vs_unloaded_one_tier",
+            "/priority/one_tier/gold_p99_flooded_vs_unloaded",
+        ),
     ];
     pick.iter()
         .filter_map(|(name, at)| results.pointer(at).map(|v| (name.to_string(), v.clone())))

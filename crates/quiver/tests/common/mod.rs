@@ -391,3 +391,25 @@ pub fn run_client_script(script: &str, args: &[&str]) -> String {
     assert!(out.status.success(), "{script} failed:\n{text}");
     text
 }
+
+/// A key made by the real CLI; the key is printed once, on stdout.
+pub fn key(data: &Path, name: &str, roles: &[&str], tier: Option<&str>) -> String {
+    let keys = data.join("keys.toml");
+    let mut args = vec![
+        "keys",
+        "create",
+        "--keys-file",
+        keys.to_str().unwrap(),
+        "--name",
+        name,
+    ];
+    for r in roles {
+        args.extend(["--role", r]);
+    }
+    if let Some(t) = tier {
+        args.extend(["--tier", t]);
+    }
+    let (ok, stdout, stderr) = quiver(&args);
+    assert!(ok, "{stderr}");
+    stdout.trim().to_string()
+}

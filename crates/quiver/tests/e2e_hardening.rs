@@ -1,0 +1,318 @@
+//! Hostile clients against the real binary: slowloris (thousands of half-sent headers and
+//! silent connections), a connection flood over the cap, an oversized body announced by its
+//! Content-Length, requests past their deadline, and load shed by priority (a bronze flood is
+//! refused while gold is served). No timing is asserted beyond "closed within the timeout plus
+//! slack"; latency under a flood is measured by `quiver bench priority` (BENCHMARKS.md).
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// `CONFIG` with `[server]` bounds as given (and whatever else `extra` holds).
+fn bounded(server: &str, extra: &str) -> String {
+    format!("[server]\n{server}\n\n{extra}\n{CONFIG}")
+}
+
+fn addr(server: &Server) -> String {
+    server.url.trim_start_matches("http://").to_string()
+}
+
+/// Whether the server has closed `s` (EOF or reset), reading without blocking. Bytes the server
+/// sent before closing (an error response) are drained.
+fn closed(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Waits until every stream in `open` is closed by the server or `limit` passes; returns how
+/// many are still open.
+fn wait_all_closed(open: &mut Vec<TcpStream>, limit: Duration) -> usize {
+    let deadline = Instant::now() + limit;
+    loop {
+        open.retain_mut(|s| !closed(s));
+        if open.is_empty() || Instant::now() >= deadline {
+            return open.len();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn connect(server: &Server) -> TcpStream {
+    let s = TcpStream::connect(addr(server)).unwrap();
+    s.set_nonblocking(true).unwrap();
+    s
+}
+
+#[test]
+fn slowloris_connections_are_closed_within_the_header_timeout_while_requests_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &bounded("header_read_timeout = \"1s\"\nidle_timeout = \"2s\"", ""),
+    );
+    // The review's attack: 3,000 connections that each send half a request header, plus
+    // connections that send nothing at all.
+    let started = Instant::now();
+    let mut half: Vec<TcpStream> = (0..3000)
+        .map(|_| {
+            let mut s = connect(&server);
+            s.write_all(b"GET /v1/features/txn/u1 HTTP/1.1\r\nHost: quiver\r\nX-Slow: ")
+                .unwrap();
+            s
+        })
+        .collect();
+    let mut silent: Vec<TcpStream> = (0..200).map(|_| connect(&server)).collect();
+    let opened = started.elapsed();
+
+    // Normal requests are served all the while.
+    for _ in 0..20 {
+        let (status, _) = server.get("/healthz");
+        assert_eq!(status, 200);
+        let (status, body) = server.post(
+            "/v1/events",
+            r#"[{"view":"txn","key":"u1","values":{"amount":1.0}}]"#,
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+
+    // header_read_timeout (1 s) after the first byte; the silent ones at idle_timeout (2 s).
+    let slack = Duration::from_secs(4);
+    let still_half = wait_all_closed(&mut half, opened + Duration::from_secs(1) + slack);
+    assert_eq!(still_half, 0, "half-header connections still open");
+    let still_silent = wait_all_closed(&mut silent, Duration::from_secs(2) + slack);
+    assert_eq!(still_silent, 0, "silent connections still open");
+    let (status, _) = server.get("/healthz");
+    assert_eq!(status, 200, "the server serves after the attack");
+}
+
+#[test]
+fn connections_over_the_cap_are_closed_at_once_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &bounded("connections_max = 40\nidle_timeout = \"30s\"", ""),
+    );
+    // Keep-alive connections from the test's own client may hold slots: hold the rest.
+    let mut held: Vec<TcpStream> = Vec::new();
+    let mut refused = Vec::new();
+    for _ in 0..60 {
+        let s = connect(&server);
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for s in held.iter_mut() {
+        if closed(s) {
+            refused.push(());
+        }
+    }
+    assert!(
+        refused.len() >= 20,
+        "at least the 20 connections over the cap are closed at once, {} were",
+        refused.len()
+    );
+    assert!(refused.len() < 60, "connections under the cap stay open");
+    drop(held);
+    // Slots come back once connections close; the count of refusals is a metric.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused_metric = loop {
+        if let Ok(r) = server
+            .http
+            .get(format!("{}/metrics", server.url))
+            .send()
+            .and_then(|r| r.text())
+        {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no slot came back");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let counted = refused_metric
+        .lines()
+        .find(|l| l.starts_with("quiver_connections_refused_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(counted >= 20.0, "refusals counted: {counted}");
+}
+
+#[test]
+fn an_oversized_body_is_refused_by_its_content_length_before_it_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), CONFIG);
+    let mut s = TcpStream::connect(addr(&server)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // A gigabyte is announced and not one byte of it sent: the answer cannot wait for it.
+    s.write_all(
+        b"POST /v1/events HTTP/1.1\r\nHost: quiver\r\nContent-Type: application/json\r\n\
+          Content-Length: 1073741824\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = [0u8; 512];
+    let n = s.read(&mut head).expect("an answer before the body");
+    let text = String::from_utf8_lossy(&head[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("BODY_TOO_LARGE"), "{text}");
+}
+
+#[test]
+fn a_request_past_its_deadline_is_dropped_with_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &bounded(
+            "read_after_wait_ms_max = 20000\nrequest_timeout_max = \"2s\"",
+            "",
+        ),
+    );
+    // A token far past the log's end makes the read wait; the deadline ends the wait.
+    let far = [("quiver-read-after", "0:1000000000")];
+    for (timeout, bound) in [
+        (Some("300"), Duration::from_secs(2)),
+        (None, Duration::from_secs(5)),
+    ] {
+        let mut headers = far.to_vec();
+        if let Some(t) = timeout {
+            headers.push(("quiver-timeout-ms", t));
+        }
+        let started = Instant::now();
+        let (status, body) = server.get_with("/v1/features/txn/u1", &headers);
+        let took = started.elapsed();
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "DEADLINE_EXCEEDED", "{body}");
+        assert!(
+            took < bound,
+            "answered after {took:?} (timeout {timeout:?})"
+        );
+    }
+    let (status, _) = server.get("/healthz");
+    assert_eq!(status, 200);
+}
+
+/// Keys: `gold` and `bronze` readers, a `tin` reader with a 2/s bucket, a gold producer.
+fn tiered(dir: &Path) -> (String, [String; 4]) {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let keys = [
+        key(&data, "gold-reader", &["reader"], Some("gold")),
+        key(&data, "bronze-reader", &["reader"], Some("bronze")),
+        key(&data, "tin-reader", &["reader"], Some("tin")),
+        key(&data, "producer", &["producer"], Some("gold")),
+    ];
+    let config = bounded(
+        "inflight_max = 4\nread_after_wait_ms_max = 1500",
+        "[auth]\nmode = \"api_key\"\npublic = [\"/healthz\", \"/readyz\", \"/metrics\"]\n\n\
+         [[rate_tier]]\nname = \"gold\"\npriority = 0\nrate_per_s = 100000\nburst = 100000\n\n\
+         [[rate_tier]]\nname = \"bronze\"\npriority = 1\nrate_per_s = 100000\nburst = 100000\n\n\
+         [[rate_tier]]\nname = \"tin\"\npriority = 1\nrate_per_s = 2\nburst = 2\n",
+    );
+    (config, keys)
+}
+
+#[test]
+fn a_bronze_flood_is_shed_while_gold_is_served_and_buckets_answer_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, [gold, bronze, tin, producer]) = tiered(dir.path());
+    let server = Server::start(dir.path(), &config);
+    let auth = |k: &str| format!("Bearer {k}");
+    let (status, body) = server.post_with(
+        "/v1/events",
+        r#"[{"view":"txn","key":"u1","values":{"amount":1.0}}]"#,
+        &[("authorization", &auth(&producer))],
+    );
+    assert_eq!(status, 200, "{body}");
+    let token = body["token"].as_str().unwrap();
+    let (status, body) = server.get_with(
+        "/v1/features/txn/u1",
+        &[
+            ("authorization", &auth(&gold)),
+            ("quiver-read-after", token),
+        ],
+    );
+    assert_eq!(status, 200, "{body}");
+
+    // Bronze: 12 clients whose reads each hold an in-flight slot for 1.5 s (a token past the
+    // log's end). Bronze's share of the 4 slots is 2, so most are refused at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (waited, shed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let flood: Vec<_> = (0..12)
+        .map(|_| {
+            let (url, key, stop) = (server.url.clone(), auth(&bronze), stop.clone());
+            let (waited, shed) = (waited.clone(), shed.clone());
+            std::thread::spawn(move || {
+                let http = client();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = http
+                        .get(format!("{url}/v1/features/txn/u1"))
+                        .header("authorization", &key)
+                        .header("quiver-read-after", "0:1000000000")
+                        .send()
+                        .unwrap();
+                    let body: serde_json::Value = r.json().unwrap();
+                    match body["error"]["code"].as_str() {
+                        Some("SATURATED") => shed.fetch_add(1, Ordering::Relaxed),
+                        Some("READ_AFTER_TIMEOUT") => waited.fetch_add(1, Ordering::Relaxed),
+                        other => panic!("bronze got {other:?}: {body}"),
+                    };
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Gold is served every time during the flood: its share is all 4 slots.
+    let gold_reads = 200;
+    for _ in 0..gold_reads {
+        let (status, body) =
+            server.get_with("/v1/features/txn/u1", &[("authorization", &auth(&gold))]);
+        assert_eq!(status, 200, "gold refused during a bronze flood: {body}");
+    }
+    std::thread::sleep(Duration::from_millis(1600));
+    stop.store(true, Ordering::Relaxed);
+    for t in flood {
+        t.join().unwrap();
+    }
+    let (waited, shed) = (waited.load(Ordering::Relaxed), shed.load(Ordering::Relaxed));
+    assert!(shed > 0, "bronze was shed");
+    assert!(waited >= 2, "bronze's share ran ({waited} waits)");
+    assert!(
+        server.metric_with("quiver_requests_refused_total", "status=\"503\"") >= shed as f64,
+        "each shed request is counted"
+    );
+
+    // A bucket: 2 requests/s with a burst of 2 → the third at once is 429, with its headers.
+    let mut limited = None;
+    for _ in 0..5 {
+        let r = server
+            .http
+            .get(format!("{}/v1/features/txn/u1", server.url))
+            .header("authorization", auth(&tin))
+            .send()
+            .unwrap();
+        if r.status() == 429 {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status(), 200);
+    }
+    let r = limited.expect("the tin tier's bucket ran out");
+    let h = r.headers();
+    assert!(h.get("retry-after").is_some());
+    assert_eq!(h.get("ratelimit-limit").unwrap(), "2");
+    assert_eq!(h.get("ratelimit-remaining").unwrap(), "0");
+    let body: serde_json::Value = r.json().unwrap();
+    assert_eq!(body["error"]["code"], "RATE_LIMITED");
+}
