@@ -7,18 +7,26 @@
 //!   without a tier gets the lowest-priority tier.
 //! - **Shed lower priorities first**: at most `inflight_max` requests run at once, and a
 //!   priority may fill only its share of them: with R priorities in use, the r-th best may
-//!   start a request while fewer than `inflight_max × (R − r) / R` run. A flood of the lowest
-//!   priority can take at most `1/R` of the node; the best priority always finds room unless
-//!   the node is full of its own requests. A request over its share gets 503 + `Retry-After`
-//!   at once, before any work.
+//!   start a request while fewer than `share(r) = inflight_max × (R − r) / R` run. A flood of
+//!   the lowest priority can take at most `1/R` of the node; the best priority always finds
+//!   room unless the node is full of its own requests.
+//! - **Queue by priority, briefly**: a request that may not start yet waits in its priority's
+//!   queue (FIFO), bounded by `QUEUE_PER_SLOT × share(r)` and by the request's deadline; a
+//!   freed slot goes to the best priority waiting. A request finding its queue full gets 503 +
+//!   `Retry-After` at once, before any work. Why queues at all: handlers are CPU-bound and
+//!   do not yield, so on a small runtime the requests past the limit would otherwise wait in
+//!   the scheduler's queue — unseen, unordered — instead of here, where gold goes first.
 //! - In a cluster each node enforces its own buckets (a credential may get up to N × its rate
 //!   over N nodes); the two-tier design — local buckets topped up from a shared Redis budget —
 //!   is the way to a global limit and is not built.
 
+use std::collections::VecDeque;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
@@ -60,7 +68,7 @@ pub enum Refused {
         limit: u32,
         retry_after: Duration,
     },
-    /// The node is at this priority's share of in-flight requests (503).
+    /// The node is at this priority's share of in-flight requests and its queue is full (503).
     Saturated {
         tier: String,
         inflight: usize,
@@ -70,20 +78,78 @@ pub enum Refused {
 
 pub struct Limits {
     tiers: Vec<Tier>,
-    ranks: usize,
-    inflight: Arc<AtomicUsize>,
-    inflight_max: usize,
+    slots: Arc<Slots>,
     clock: DefaultClock,
 }
 
-/// A running request's slot; released on drop.
+/// Requests a priority may have waiting, per running slot of its share.
+const QUEUE_PER_SLOT: usize = 4;
+
+/// The running requests and the queues of those waiting, by rank.
+struct Slots {
+    inflight_max: usize,
+    ranks: usize,
+    state: Mutex<SlotState>,
+}
+
+struct SlotState {
+    running: usize,
+    /// Per rank, FIFO: each waiter is told `()` when it has been given a slot.
+    queues: Vec<VecDeque<oneshot::Sender<()>>>,
+}
+
+impl Slots {
+    fn share(&self, rank: usize) -> usize {
+        (self.inflight_max * (self.ranks - rank))
+            .div_ceil(self.ranks)
+            .max(1)
+    }
+
+    /// A slot came free: hand it to the best waiting priority that may run, else keep it.
+    fn release(&self) {
+        let mut st = self.state.lock();
+        assert!(st.running > 0, "a slot is released once");
+        st.running -= 1;
+        for rank in 0..self.ranks {
+            while st.running < self.share(rank) {
+                let Some(waiter) = st.queues[rank].pop_front() else {
+                    break;
+                };
+                if waiter.send(()).is_ok() {
+                    st.running += 1; // handed over: the waiter's Permit releases it
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A running request's slot; released on drop (to the best waiting priority).
 pub struct Permit {
-    inflight: Arc<AtomicUsize>,
+    slots: Arc<Slots>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.inflight.fetch_sub(1, Ordering::AcqRel);
+        self.slots.release();
+    }
+}
+
+/// A queued request: if it is dropped (its deadline passed) after a slot was handed to it
+/// but before it saw it, the slot is released instead of lost.
+struct Waiter {
+    rx: Option<oneshot::Receiver<()>>,
+    slots: Arc<Slots>,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if rx.try_recv().is_ok() {
+                self.slots.release();
+            }
+        }
     }
 }
 
@@ -111,11 +177,17 @@ impl Limits {
                 config: t.clone(),
             });
         }
+        let ranks = priorities.len().max(1);
         Ok(Limits {
-            ranks: priorities.len().max(1),
             tiers: out,
-            inflight: Arc::new(AtomicUsize::new(0)),
-            inflight_max,
+            slots: Arc::new(Slots {
+                inflight_max,
+                ranks,
+                state: Mutex::new(SlotState {
+                    running: 0,
+                    queues: (0..ranks).map(|_| VecDeque::new()).collect(),
+                }),
+            }),
             clock: DefaultClock::default(),
         })
     }
@@ -153,41 +225,58 @@ impl Limits {
         }
     }
 
-    /// Admits a request of `tier`'s priority if the node has room for it.
-    pub fn admit(&self, tier: Option<&str>) -> Result<Permit, Refused> {
+    /// Admits a request of `tier`'s priority: at once if its share has room and none of its
+    /// priority waits, else after waiting in its queue (refused if the queue is full). The
+    /// caller bounds the wait (the request's deadline).
+    pub async fn admit(&self, tier: Option<&str>) -> Result<Permit, Refused> {
         let (rank, name) = self
             .tier(tier)
-            .map_or((0, "-".to_string()), |t| (t.rank, t.config.name.clone()));
-        let share = (self.inflight_max * (self.ranks - rank))
-            .div_ceil(self.ranks)
-            .max(1);
-        let mut cur = self.inflight.load(Ordering::Relaxed);
-        loop {
-            if cur >= share {
+            .map_or((0, "-"), |t| (t.rank, t.config.name.as_str()));
+        let slots = &self.slots;
+        let share = slots.share(rank);
+        let rx = {
+            let mut st = slots.state.lock();
+            let queue = &mut st.queues[rank];
+            queue.retain(|w| !w.is_closed()); // waiters whose deadline passed
+            if st.running < share && st.queues[rank].is_empty() {
+                st.running += 1;
+                return Ok(Permit {
+                    slots: slots.clone(),
+                });
+            }
+            if st.queues[rank].len() >= QUEUE_PER_SLOT * share {
                 return Err(Refused::Saturated {
-                    tier: name,
-                    inflight: cur,
+                    tier: name.to_string(),
+                    inflight: st.running,
                     share,
                 });
             }
-            match self.inflight.compare_exchange_weak(
-                cur,
-                cur + 1,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => {
-                    return Ok(Permit {
-                        inflight: self.inflight.clone(),
-                    })
-                }
-                Err(actual) => cur = actual,
-            }
+            let (tx, rx) = oneshot::channel();
+            st.queues[rank].push_back(tx);
+            rx
+        };
+        let mut waiter = Waiter {
+            rx: Some(rx),
+            slots: slots.clone(),
+        };
+        let given = waiter.rx.as_mut().expect("set above").await;
+        waiter.rx = None; // seen: the Permit owns the slot now
+        match given {
+            Ok(()) => Ok(Permit {
+                slots: slots.clone(),
+            }),
+            // Only when the limits themselves go away (shutdown).
+            Err(_) => Err(Refused::Saturated {
+                tier: name.to_string(),
+                inflight: 0,
+                share,
+            }),
         }
     }
 
+    /// Requests running now.
     pub fn inflight(&self) -> usize {
-        self.inflight.load(Ordering::Relaxed)
+        self.slots.state.lock().running
     }
 
     /// Forgets buckets of credentials not seen lately (bounds memory).
@@ -244,31 +333,98 @@ mod tests {
         assert!(l.check_rate("nobody", None).is_err());
     }
 
+    /// Admits at once, or fails the test (a wait here would hang).
+    fn now(l: &Limits, tier: Option<&str>) -> Result<Permit, Refused> {
+        use std::future::Future;
+        let mut fut = std::pin::pin!(l.admit(tier));
+        let waker = std::task::Waker::noop();
+        match fut
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(waker))
+        {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => panic!("admission waited"),
+        }
+    }
+
     #[test]
     fn lower_priorities_get_a_smaller_share_of_the_node() {
         let l = Limits::new(&tiers(), 10).unwrap();
-        let bronze: Vec<Permit> = (0..5).map(|_| l.admit(Some("bronze")).unwrap()).collect();
-        assert!(
-            matches!(
-                l.admit(Some("bronze")),
-                Err(Refused::Saturated { share: 5, .. })
-            ),
-            "bronze may fill half"
-        );
-        let gold: Vec<Permit> = (0..5).map(|_| l.admit(Some("gold")).unwrap()).collect();
-        assert!(l.admit(Some("gold")).is_err(), "the node is full");
+        let bronze: Vec<Permit> = (0..5).map(|_| now(&l, Some("bronze")).unwrap()).collect();
+        let gold: Vec<Permit> = (0..5).map(|_| now(&l, Some("gold")).unwrap()).collect();
+        assert_eq!(l.inflight(), 10, "bronze filled its half, gold the rest");
         drop(bronze);
         assert_eq!(l.inflight(), 5);
-        assert!(l.admit(Some("gold")).is_ok());
+        assert!(now(&l, Some("gold")).is_ok());
         drop(gold);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn waiters_are_served_best_priority_first_and_queues_are_bounded() {
+        let l = Arc::new(Limits::new(&tiers(), 2).unwrap());
+        // Bronze's share is 1 slot, its queue 4 requests; gold's share 2, its queue 8.
+        let running = now(&l, Some("bronze")).unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut waiting = Vec::new();
+        for i in 0..4 {
+            let (l, order) = (l.clone(), order.clone());
+            waiting.push(tokio::spawn(async move {
+                let p = l.admit(Some("bronze")).await.unwrap();
+                order.lock().push(format!("bronze{i}"));
+                p
+            }));
+        }
+        tokio::task::yield_now().await;
+        assert!(
+            matches!(
+                now(&l, Some("bronze")),
+                Err(Refused::Saturated { share: 1, .. })
+            ),
+            "bronze's queue is full: the fifth waits no more, it is refused"
+        );
+        let gold_running = now(&l, Some("gold")).unwrap(); // gold's share still has room
+        let gold = {
+            let (l, order) = (l.clone(), order.clone());
+            tokio::spawn(async move {
+                let p = l.admit(Some("gold")).await.unwrap();
+                order.lock().push("gold".to_string());
+                p
+            })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(l.inflight(), 2);
+        drop(running); // the freed slot goes to gold, queued after the bronzes
+        let gold = gold.await.unwrap();
+        assert_eq!(order.lock().clone(), vec!["gold"]);
+        drop(gold_running);
+        drop(gold);
+        for w in waiting {
+            drop(w.await.unwrap()); // one at a time: bronze's share is 1
+        }
+        assert_eq!(l.inflight(), 0, "every slot came back");
+        assert_eq!(order.lock().len(), 5);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_waiter_dropped_by_its_deadline_loses_no_slot() {
+        let l = Arc::new(Limits::new(&[], 1).unwrap());
+        let running = now(&l, None).unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(20), l.admit(None)).await;
+        assert!(waited.is_err(), "no slot within the deadline");
+        drop(running);
+        assert_eq!(l.inflight(), 0);
+        assert!(
+            now(&l, None).is_ok(),
+            "the slot was not lost to the dropped waiter"
+        );
     }
 
     #[test]
     fn without_tiers_nothing_is_limited_but_the_bound() {
         let l = Limits::new(&[], 2).unwrap();
         assert_eq!(l.check_rate("a", None), Ok(None));
-        let _a = l.admit(None).unwrap();
-        let _b = l.admit(None).unwrap();
-        assert!(l.admit(None).is_err());
+        let _a = now(&l, None).unwrap();
+        let _b = now(&l, None).unwrap();
+        assert_eq!(l.inflight(), 2);
     }
 }

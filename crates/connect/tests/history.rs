@@ -36,6 +36,7 @@ fn open_log_with(dir: &std::path::Path, segment_bytes: u64, retention_ms: i64) -
         retention_ms,
         retention_bytes: None,
         disk_bytes_max: None,
+        sealer: None,
     };
     Arc::new(Log::open(dir, opts).unwrap())
 }

@@ -1,7 +1,10 @@
-//! The one way Quiver replaces a small file (keys, traffic state, offsets, audit head…):
-//! write a temporary file beside it, fsync it, rename it over the old one, fsync the
-//! directory. A reader (or a crash) sees the old contents or the new, never a mix, and a
-//! completed call survives power loss.
+//! Data at rest. [`write_atomic`] is the one way Quiver replaces a file (snapshots, keys,
+//! traffic state, offsets, the audit head…): write a temporary file beside it, fsync it,
+//! rename it over the old one, fsync the directory. A reader (or a crash) sees the old
+//! contents or the new, never a mix, and a completed call survives power loss. [`seal`]
+//! encrypts what Quiver stores when `[storage] encryption_key_file` is set.
+
+pub mod seal;
 
 use std::io::Write;
 use std::path::Path;

@@ -9,6 +9,17 @@ pub const SEGMENT_MAGIC: &[u8; 8] = b"QVRLOG01";
 /// Largest payload one frame may carry. Ingest bodies are far smaller; the bound keeps a
 /// corrupt length field from making recovery allocate gigabytes.
 pub const FRAME_PAYLOAD_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Largest record an append takes: what a frame holds, less what sealing may add.
+pub const RECORD_BYTES_MAX: usize = FRAME_PAYLOAD_BYTES_MAX - quiver_fsutil::seal::OVERHEAD_BYTES;
+
+/// What a sealed record is bound to: its partition and offset, so a sealed payload copied to
+/// another place does not open (the CRC alone could be recomputed by whoever moved it).
+pub fn seal_aad(partition: u32, offset: u64) -> [u8; 12] {
+    let mut aad = [0u8; 12];
+    aad[..4].copy_from_slice(&partition.to_le_bytes());
+    aad[4..].copy_from_slice(&offset.to_le_bytes());
+    aad
+}
 
 pub fn segment_header(base_offset: u64) -> [u8; SEGMENT_HEADER_BYTES] {
     let mut h = [0u8; SEGMENT_HEADER_BYTES];

@@ -55,6 +55,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use parking_lot::Mutex;
+use quiver_fsutil::seal::KeyRing;
 use tokio::sync::oneshot;
 
 pub use api::{Appended, Done, EventLog, ReadPurpose, StreamId, StreamInfo, StreamReader};
@@ -81,6 +82,9 @@ pub struct LogOptions {
     /// Bound on the whole log's bytes on disk: an append that would pass it is refused with
     /// [`LogError::DiskFull`] (retention cannot free what a lossless consumer still needs).
     pub disk_bytes_max: Option<u64>,
+    /// `[storage] encryption_key_file`: every record written is sealed with the ring's newest
+    /// key; sealed records are opened as they are read (see `frame::seal_aad`).
+    pub sealer: Option<Arc<KeyRing>>,
 }
 
 impl LogOptions {
@@ -94,6 +98,7 @@ impl LogOptions {
             retention_ms: c.log.retention.as_ms(),
             retention_bytes: c.log.retention_bytes,
             disk_bytes_max: c.log.disk_bytes_max,
+            sealer: None,
         }
     }
 }
@@ -269,7 +274,8 @@ impl Log {
         let mut parts = Vec::new();
         let mut writers = Vec::new();
         for p in 0..opts.partitions {
-            let (part, active) = partition::open(p, &segment::partition_dir(dir, p))?;
+            let (part, active) =
+                partition::open(p, &segment::partition_dir(dir, p), opts.sealer.clone())?;
             let bytes: u64 = part.segments.read().iter().map(|s| s.bytes).sum();
             shared.disk_bytes.fetch_add(bytes, Ordering::AcqRel);
             let (part2, opts2, shared2) = (part.clone(), opts.clone(), shared.clone());
@@ -330,7 +336,7 @@ impl Log {
             if let Some(big) = b
                 .iter()
                 .map(<[u8]>::len)
-                .find(|&l| l > frame::FRAME_PAYLOAD_BYTES_MAX)
+                .find(|&l| l > frame::RECORD_BYTES_MAX)
             {
                 return Err(LogError::RecordTooLarge(big));
             }

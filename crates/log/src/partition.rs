@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
+use quiver_fsutil::seal::KeyRing;
 use tokio::sync::oneshot;
 
 use crate::error::{io, LogError, Result};
@@ -55,6 +56,8 @@ pub struct PartitionShared {
     pub(crate) progress_lock: Mutex<()>,
     pub(crate) progress: Condvar,
     pub(crate) segments: RwLock<Vec<SegmentMeta>>,
+    /// Seals records as they are written and opens them as they are read (`[storage]`).
+    pub(crate) sealer: Option<Arc<KeyRing>>,
 }
 
 impl PartitionShared {
@@ -105,7 +108,11 @@ pub(crate) struct ActiveSegment {
 }
 
 /// Opens (recovering) or creates the partition in `dir`.
-pub(crate) fn open(id: u32, dir: &Path) -> Result<(Arc<PartitionShared>, ActiveSegment)> {
+pub(crate) fn open(
+    id: u32,
+    dir: &Path,
+    sealer: Option<Arc<KeyRing>>,
+) -> Result<(Arc<PartitionShared>, ActiveSegment)> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mut bases = segment::list_segments(dir)?;
     let mut metas = Vec::with_capacity(bases.len() + 1);
@@ -143,6 +150,7 @@ pub(crate) fn open(id: u32, dir: &Path) -> Result<(Arc<PartitionShared>, ActiveS
         progress_lock: Mutex::new(()),
         progress: Condvar::new(),
         segments: RwLock::new(metas),
+        sealer,
     });
     Ok((shared, active.0))
 }
@@ -316,12 +324,21 @@ fn write_round(
     let now = crate::now_ms();
     buf.clear();
     let mut next = part.written.load(Ordering::Acquire);
+    let mut sealed = Vec::new();
     for p in round.iter() {
         assert_eq!(
             p.first_offset, next,
             "offsets are reserved and written in queue order"
         );
         for payload in p.batch.iter() {
+            let payload = match &part.sealer {
+                None => payload,
+                Some(ring) => {
+                    sealed.clear();
+                    ring.seal_into(&frame::seal_aad(part.id, next), payload, &mut sealed);
+                    &sealed[..]
+                }
+            };
             let frame_len = (FRAME_HEADER_BYTES + payload.len()) as u64;
             let used = active.len + buf.len() as u64;
             if used + frame_len > opts.segment_bytes && used > SEGMENT_HEADER_BYTES as u64 {

@@ -206,10 +206,36 @@ impl PartitionReader {
             out.buf.truncate(start);
             return Err(self.corrupt(format!("checksum mismatch at offset {}", self.next)));
         }
+        if quiver_fsutil::seal::is_sealed(&out.buf[start..]) {
+            self.open_sealed(out, start)?;
+        }
         out.entries
             .push((self.part.id, header.offset, header.append_ms, out.buf.len()));
         self.next += 1;
         Ok(())
+    }
+
+    /// Replaces the sealed payload at `out.buf[start..]` with its plain text.
+    fn open_sealed(&self, out: &mut ReadBatch, start: usize) -> Result<()> {
+        let Some(ring) = &self.part.sealer else {
+            out.buf.truncate(start);
+            return Err(self.corrupt(format!(
+                "record {} is encrypted and [storage] encryption_key_file is not set",
+                self.next
+            )));
+        };
+        let aad = crate::frame::seal_aad(self.part.id, self.next);
+        match ring.open(&aad, &out.buf[start..]) {
+            Ok(plain) => {
+                out.buf.truncate(start);
+                out.buf.extend_from_slice(&plain);
+                Ok(())
+            }
+            Err(e) => {
+                out.buf.truncate(start);
+                Err(self.corrupt(format!("record {}: {e}", self.next)))
+            }
+        }
     }
 
     /// Opens the segment holding `offset` and skips to it (headers only; payloads are seeked over).

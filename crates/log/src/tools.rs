@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use quiver_fsutil::seal::{self, KeyRing};
+
 use crate::error::{io, Result};
 use crate::frame::{FRAME_HEADER_BYTES, SEGMENT_HEADER_BYTES};
 use crate::segment::{self, segment_name};
@@ -37,6 +39,8 @@ pub struct SegmentReport {
     pub error: Option<String>,
     /// A torn tail that recovery truncates (only ever in the last segment after a crash).
     pub torn_tail_bytes: u64,
+    /// Records stored encrypted (`[storage] encryption_key_file`).
+    pub sealed_records: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -78,8 +82,9 @@ pub fn resolve_log_dir(dir: &Path) -> PathBuf {
     }
 }
 
-/// Reads and checks every frame of every segment.
-pub fn verify(log_dir: &Path) -> Result<Vec<PartitionReport>> {
+/// Reads and checks every frame of every segment; with `keys`, also opens every sealed record
+/// (a record that does not open is damage: wrong key, or bytes changed and the CRC redone).
+pub fn verify(log_dir: &Path, keys: Option<&KeyRing>) -> Result<Vec<PartitionReport>> {
     let mut reports = Vec::new();
     for (partition, dir) in partition_dirs(log_dir)? {
         let bases = segment::list_segments(&dir)?;
@@ -96,6 +101,7 @@ pub fn verify(log_dir: &Path) -> Result<Vec<PartitionReport>> {
                 last_append_ms: None,
                 error: None,
                 torn_tail_bytes: 0,
+                sealed_records: 0,
             };
             match segment::scan(&bytes, *base) {
                 Err(_) if last && bytes.len() < SEGMENT_HEADER_BYTES => {
@@ -106,6 +112,9 @@ pub fn verify(log_dir: &Path) -> Result<Vec<PartitionReport>> {
                     report.records = scan.records;
                     report.first_append_ms = scan.first_append_ms;
                     report.last_append_ms = scan.last_append_ms;
+                    let (sealed, unopened) = check_sealed(&bytes, partition, &scan, keys);
+                    report.sealed_records = sealed;
+                    report.error = unopened;
                     if let Some((at, problem)) = scan.stop {
                         if last && !scan.valid_after_stop {
                             report.torn_tail_bytes = bytes.len() as u64 - scan.valid_len;
@@ -133,11 +142,39 @@ pub fn verify(log_dir: &Path) -> Result<Vec<PartitionReport>> {
     Ok(reports)
 }
 
-/// The last `limit` valid records of a partition as (offset, append_ms, payload), oldest first.
+/// Counts the sealed records among a scanned segment's valid frames and, with `keys`, opens
+/// each: the first that does not open is reported.
+fn check_sealed(
+    bytes: &[u8],
+    partition: u32,
+    scan: &segment::Scan,
+    keys: Option<&KeyRing>,
+) -> (u64, Option<String>) {
+    let (mut pos, mut sealed) = (SEGMENT_HEADER_BYTES, 0);
+    for offset in scan.base_offset..scan.next_offset() {
+        let Ok((_, total)) = crate::frame::check_frame(&bytes[pos..], offset) else {
+            break;
+        };
+        let payload = &bytes[pos + FRAME_HEADER_BYTES..pos + total];
+        if seal::is_sealed(payload) {
+            sealed += 1;
+            let aad = crate::frame::seal_aad(partition, offset);
+            if let Some(Err(e)) = keys.map(|k| k.open(&aad, payload)) {
+                return (sealed, Some(format!("record {offset} does not open: {e}")));
+            }
+        }
+        pos += total;
+    }
+    (sealed, None)
+}
+
+/// The last `limit` valid records of a partition as (offset, append_ms, payload), oldest first;
+/// sealed records are opened with `keys` when given (else left sealed).
 pub fn tail_records(
     log_dir: &Path,
     partition: u32,
     limit: usize,
+    keys: Option<&KeyRing>,
 ) -> Result<Vec<(u64, i64, Vec<u8>)>> {
     let dir = segment::partition_dir(log_dir, partition);
     let mut out: std::collections::VecDeque<(u64, i64, Vec<u8>)> =
@@ -150,11 +187,15 @@ pub fn tail_records(
         while let Ok((h, total)) =
             crate::frame::check_frame(bytes.get(pos..).unwrap_or(&[]), expected)
         {
-            out.push_back((
-                h.offset,
-                h.append_ms,
-                bytes[pos + FRAME_HEADER_BYTES..pos + total].to_vec(),
-            ));
+            let payload = &bytes[pos + FRAME_HEADER_BYTES..pos + total];
+            let aad = crate::frame::seal_aad(partition, h.offset);
+            let payload = match keys {
+                Some(k) if seal::is_sealed(payload) => {
+                    k.open(&aad, payload).unwrap_or_else(|_| payload.to_vec())
+                }
+                _ => payload.to_vec(),
+            };
+            out.push_back((h.offset, h.append_ms, payload));
             if out.len() > limit {
                 out.pop_front();
             }

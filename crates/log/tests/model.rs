@@ -21,6 +21,7 @@ fn opts(fsync: FsyncPolicy) -> LogOptions {
         retention_ms: i64::MAX,
         retention_bytes: None,
         disk_bytes_max: None,
+        sealer: None,
     }
 }
 
@@ -136,7 +137,7 @@ fn damage_inside_synced_data_refuses_to_open() {
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("a damaged segment must not open silently"),
     }
-    let reports = quiver_log::tools::verify(dir.path()).unwrap();
+    let reports = quiver_log::tools::verify(dir.path(), None).unwrap();
     assert_eq!(reports[0].errors().count(), 1);
 }
 

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use quiver_core::time::format_rfc3339_ms;
+use quiver_fsutil::seal::KeyRing;
 use quiver_log::tools::{self, PartitionReport};
 
 #[derive(Subcommand)]
@@ -16,22 +17,40 @@ pub enum LogCommand {
         /// Also print the last N records of each partition, decoded.
         #[arg(long, default_value_t = 0)]
         records: usize,
+        /// `[storage] encryption_key_file`, to decode encrypted records.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
-    /// Check every frame's checksum and offset; exit 1 on damage recovery would not repair.
-    Verify { dir: PathBuf },
+    /// Check every frame's checksum and offset (and, with `--key-file`, that every encrypted
+    /// record opens); exit 1 on damage recovery would not repair.
+    Verify {
+        dir: PathBuf,
+        /// `[storage] encryption_key_file`: also open every encrypted record.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+}
+
+fn key_ring(path: Option<&std::path::Path>) -> Result<Option<KeyRing>> {
+    Ok(path.map(KeyRing::load).transpose()?)
 }
 
 pub fn run(cmd: LogCommand) -> Result<()> {
     match cmd {
-        LogCommand::Inspect { dir, records } => {
+        LogCommand::Inspect {
+            dir,
+            records,
+            key_file,
+        } => {
             let log_dir = tools::resolve_log_dir(&dir);
-            let reports = tools::verify(&log_dir)?;
+            let keys = key_ring(key_file.as_deref())?;
+            let reports = tools::verify(&log_dir, keys.as_ref())?;
             print_summary(&reports);
             if records > 0 {
                 for r in &reports {
                     println!("\npartition {} — last {records} records:", r.partition);
                     for (offset, append_ms, payload) in
-                        tools::tail_records(&log_dir, r.partition, records)?
+                        tools::tail_records(&log_dir, r.partition, records, keys.as_ref())?
                     {
                         let text = match quiver_core::record::decode(&payload) {
                             Ok(rec) => format!(
@@ -42,6 +61,9 @@ pub fn run(cmd: LogCommand) -> Result<()> {
                                 rec.event_id.unwrap_or("-"),
                                 rec.values
                             ),
+                            Err(_) if quiver_fsutil::seal::is_sealed(&payload) => {
+                                "encrypted (give --key-file to decode)".to_string()
+                            }
                             Err(e) => format!("undecodable payload ({e})"),
                         };
                         println!(
@@ -53,10 +75,24 @@ pub fn run(cmd: LogCommand) -> Result<()> {
             }
             Ok(())
         }
-        LogCommand::Verify { dir } => {
+        LogCommand::Verify { dir, key_file } => {
             let log_dir = tools::resolve_log_dir(&dir);
-            let reports = tools::verify(&log_dir)?;
+            let keys = key_ring(key_file.as_deref())?;
+            let reports = tools::verify(&log_dir, keys.as_ref())?;
             print_summary(&reports);
+            let sealed: u64 = reports
+                .iter()
+                .flat_map(|r| &r.segments)
+                .map(|s| s.sealed_records)
+                .sum();
+            if sealed > 0 {
+                let how = if keys.is_some() {
+                    "each opened with the key file"
+                } else {
+                    "not opened: give --key-file to check them too"
+                };
+                println!("encrypted: {sealed} records ({how})");
+            }
             let errors: Vec<String> = reports.iter().flat_map(PartitionReport::errors).collect();
             let torn: u64 = reports
                 .iter()

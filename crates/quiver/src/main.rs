@@ -59,6 +59,11 @@ enum Command {
         #[command(subcommand)]
         command: security_cmd::AuditCommand,
     },
+    /// Keys for data at rest (`[storage] encryption_key_file`).
+    Storage {
+        #[command(subcommand)]
+        command: security_cmd::StorageCommand,
+    },
 }
 
 #[derive(clap::Args)]
@@ -124,6 +129,7 @@ fn main() -> Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Keys { command } => security_cmd::keys(command),
         Command::Audit { command } => security_cmd::audit(command),
+        Command::Storage { command } => security_cmd::storage(command),
     }
 }
 

@@ -1,5 +1,6 @@
 //! `quiver keys create|list|revoke` (the API keys file: hashes only, the key shown once) and
-//! `quiver audit verify` (the audit trail's hash chain and head).
+//! `quiver audit verify` (the audit trail's hash chain and head), `quiver storage keygen` (keys
+//! for data at rest).
 
 use std::path::PathBuf;
 
@@ -114,6 +115,26 @@ pub fn keys(cmd: KeysCommand) -> Result<()> {
             println!("revoked key {} ({})", entry.id, entry.name);
         }
     }
+    Ok(())
+}
+
+#[derive(clap::Subcommand)]
+pub enum StorageCommand {
+    /// Appends a new random key to the key file (created, mode 0600, if missing). It seals
+    /// everything written after the next start; older keys keep opening what they sealed.
+    Keygen {
+        /// The key file (`[storage] encryption_key_file`).
+        file: PathBuf,
+    },
+}
+
+pub fn storage(cmd: StorageCommand) -> Result<()> {
+    let StorageCommand::Keygen { file } = cmd;
+    let id = quiver_fsutil::seal::add_key(&file)?;
+    println!(
+        "key {id} added to {}; it seals from the next start",
+        file.display()
+    );
     Ok(())
 }
 

@@ -161,6 +161,18 @@ fn bench_scenarios_report_real_work() {
         r["priority"]
     );
 
+    let e = &r["encryption"];
+    for side in ["plain", "encrypted"] {
+        assert!(
+            e[side]["events_per_s"].as_f64().unwrap() > 0.0,
+            "{side}: {e}"
+        );
+    }
+    assert!(
+        e["events_per_s_encrypted_vs_plain"].as_f64().unwrap() > 0.0,
+        "{e}"
+    );
+
     let h = &r["history"];
     assert!(h["drain_rows_per_s"].as_f64().unwrap() > 0.0, "{h}");
     assert!(

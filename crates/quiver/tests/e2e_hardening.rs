@@ -244,11 +244,12 @@ fn a_bronze_flood_is_shed_while_gold_is_served_and_buckets_answer_429() {
     );
     assert_eq!(status, 200, "{body}");
 
-    // Bronze: 12 clients whose reads each hold an in-flight slot for 1.5 s (a token past the
-    // log's end). Bronze's share of the 4 slots is 2, so most are refused at once.
+    // Bronze: 20 clients whose reads each hold an in-flight slot for 1.5 s (a token past the
+    // log's end). Bronze's share of the 4 slots is 2 and its queue 8: the rest are refused at
+    // once.
     let stop = Arc::new(AtomicBool::new(false));
     let (waited, shed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let flood: Vec<_> = (0..12)
+    let flood: Vec<_> = (0..20)
         .map(|_| {
             let (url, key, stop) = (server.url.clone(), auth(&bronze), stop.clone());
             let (waited, shed) = (waited.clone(), shed.clone());

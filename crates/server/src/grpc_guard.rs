@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use quiver_auth::{Credentials, Role};
 
 use crate::listen::Peer;
-use crate::security::{Admission, Denial};
+use crate::security::Denial;
 use crate::AppState;
 
 /// The role each gRPC method needs (health is public unless `auth.public` drops it).
@@ -91,7 +91,8 @@ where
     fn call(&mut self, mut req: axum::http::Request<B>) -> Self::Future {
         let path = req.uri().path().to_string();
         let sec = &self.state.security;
-        let admission: Option<Admission> = match method_role(&path) {
+        // `Some(tier)`: the call needs an in-flight slot of that tier's priority.
+        let admission: Option<Option<String>> = match method_role(&path) {
             None => None,
             Some(_) if sec_is_public(sec, &path) => None,
             Some(role) => {
@@ -110,9 +111,10 @@ where
                     certificate_sans: sans.as_deref(),
                 };
                 match sec.check(&format!("gRPC {path}"), &cred, role, None) {
-                    Ok((identity, admission)) => {
+                    Ok((identity, _allowance)) => {
+                        let tier = identity.tier.clone();
                         req.extensions_mut().insert(identity);
-                        Some(admission)
+                        Some(tier)
                     }
                     Err(d) => {
                         let resp = status(d).into_http();
@@ -122,8 +124,17 @@ where
             }
         };
         let fut = self.inner.call(req);
+        let state = self.state.clone();
         Box::pin(async move {
-            let _admission = admission; // the in-flight slot is held until the call is answered
+            // The slot is held until the call is answered; the wait for it is bounded by the
+            // call's deadline (tonic's timeout around this service).
+            let _permit = match admission {
+                None => None,
+                Some(tier) => match state.security.admit(tier.as_deref()).await {
+                    Ok(p) => Some(p),
+                    Err(d) => return Ok(status(d).into_http()),
+                },
+            };
             fut.await
         })
     }

@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::RequestExt;
 use quiver_auth::audit::AuditLog;
 use quiver_auth::keys::KeyStore;
-use quiver_auth::tiers::{Limits, Permit, Refused, TierConfig};
+use quiver_auth::tiers::{Allowance, Limits, Permit, Refused, TierConfig};
 use quiver_auth::{AuthError, Authenticator, Credentials, Identity, Modes, Role};
 use quiver_core::telemetry as t;
 
@@ -117,14 +117,14 @@ impl Security {
     }
 
     /// Authenticates and authorizes a call of a route needing `role` (on `resource` if the
-    /// route names one), then takes its rate token and in-flight slot.
+    /// route names one), then takes its rate token. The in-flight slot is [`admit`](Self::admit).
     pub fn check(
         &self,
         what: &str,
         cred: &Credentials<'_>,
         role: Role,
         resource: Option<&str>,
-    ) -> Result<(Identity, Admission), Denial> {
+    ) -> Result<(Identity, Option<Allowance>), Denial> {
         let id = self.auth.authenticate(cred).map_err(|e| {
             self.denied("anonymous", what, "401", &e.to_string());
             Denial::Unauthenticated(e)
@@ -141,14 +141,13 @@ impl Security {
             .limits
             .check_rate(&id.name, id.tier.as_deref())
             .map_err(limited)?;
-        let permit = self.limits.admit(id.tier.as_deref()).map_err(limited)?;
-        Ok((
-            id,
-            Admission {
-                _permit: permit,
-                allowance,
-            },
-        ))
+        Ok((id, allowance))
+    }
+
+    /// An in-flight slot for a request of `tier`, waiting in its priority's queue if the node
+    /// is busy (the caller bounds the wait by the request's deadline).
+    pub async fn admit(&self, tier: Option<&str>) -> Result<Permit, Denial> {
+        self.limits.admit(tier).await.map_err(limited)
     }
 
     fn denied(&self, who: &str, what: &str, status: &str, why: &str) {
@@ -184,12 +183,6 @@ fn limited(r: Refused) -> Denial {
     };
     metrics::counter!(t::REQUESTS_REFUSED_TOTAL, "status" => status).increment(1);
     Denial::Limited(r)
-}
-
-/// A request let in: its in-flight slot (held until it ends) and its rate allowance.
-pub struct Admission {
-    _permit: Permit,
-    pub allowance: Option<quiver_auth::tiers::Allowance>,
 }
 
 /// Why a request was refused before it ran.
@@ -292,23 +285,30 @@ pub async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: N
         role,
         resource.as_deref(),
     );
-    let (identity, admission) = match checked {
+    let (identity, allowance) = match checked {
         Ok(ok) => ok,
         Err(d) => return d.into_response(),
     };
     let deadline = sec.deadline(req.headers());
+    let tier = identity.tier.clone();
     let span = tracing::info_span!("request", identity = %identity.name, method = %req.method(), path = %path);
     req.extensions_mut().insert(identity);
     let run = tracing::Instrument::instrument(next.run(req), span);
-    let mut resp = match tokio::time::timeout(deadline, run).await {
-        Ok(r) => r,
+    // The deadline covers the wait for a slot as well as the work.
+    let admitted = async {
+        let _permit = sec.admit(tier.as_deref()).await?; // held until the handler is done
+        Ok::<_, Denial>(run.await)
+    };
+    let mut resp = match tokio::time::timeout(deadline, admitted).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(d)) => return d.into_response(),
         Err(_) => ApiError::unavailable(
             "DEADLINE_EXCEEDED",
             format!("the request ran past its {deadline:?} deadline; its work was dropped"),
         )
         .into_response(),
     };
-    if let Some(a) = admission.allowance {
+    if let Some(a) = allowance {
         let h = resp.headers_mut();
         h.insert("ratelimit-limit", HeaderValue::from(a.limit));
         h.insert("ratelimit-remaining", HeaderValue::from(a.remaining));

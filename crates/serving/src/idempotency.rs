@@ -11,16 +11,23 @@
 //!    skips every event it already applied.
 //!
 //! Journal entries: `u32 len | u32 crc32c | payload`, payload = `i64 created_ms | u128 body
-//! hash | str16 key | u32 len, reply bytes`. A torn tail is ignored at load; the file is
-//! rewritten with only live entries when it holds more than twice as many entries as live ones.
+//! hash | str16 key | u32 len, reply bytes` — sealed (`quiver_fsutil::seal`) when `[storage]
+//! encryption_key_file` is set. A torn tail is ignored at load; the file is rewritten (at
+//! start, so a journal written plain is sealed from then on, and when it holds more than twice
+//! as many entries as live ones) with only live entries.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use quiver_core::record::{put_str16, Reader};
+use quiver_fsutil::seal::{self, KeyRing};
+
+/// What a sealed journal entry is bound to.
+const SEAL_AAD: &[u8] = b"QVIDEMPOTENCY";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
@@ -58,6 +65,7 @@ pub struct IdempotencyStore {
     path: Option<PathBuf>,
     keys_max: usize,
     ttl_ms: i64,
+    sealer: Option<Arc<KeyRing>>,
     sync: bool,
 }
 
@@ -73,6 +81,7 @@ impl IdempotencyStore {
         ttl_ms: i64,
         sync: bool,
         now_ms: i64,
+        sealer: Option<Arc<KeyRing>>,
     ) -> std::io::Result<IdempotencyStore> {
         let mut inner = Inner {
             entries: HashMap::new(),
@@ -82,7 +91,7 @@ impl IdempotencyStore {
         };
         if let Some(path) = path {
             if let Ok(bytes) = std::fs::read(path) {
-                for (created_ms, hash, key, reply) in decode_journal(&bytes) {
+                for (created_ms, hash, key, reply) in decode_journal(&bytes, sealer.as_deref()) {
                     inner.journal_entries += 1;
                     if now_ms - created_ms <= ttl_ms {
                         inner.entries.insert(
@@ -104,6 +113,7 @@ impl IdempotencyStore {
             keys_max,
             ttl_ms,
             sync,
+            sealer,
         };
         {
             let mut inner = store.inner.lock();
@@ -163,16 +173,8 @@ impl IdempotencyStore {
         };
         let body_hash = *body_hash;
         if durable && inner.journal.is_some() {
-            let mut payload = Vec::with_capacity(64 + key.len() + reply.len());
-            payload.extend_from_slice(&now_ms.to_le_bytes());
-            payload.extend_from_slice(&body_hash.to_le_bytes());
-            put_str16(&mut payload, key);
-            payload.extend_from_slice(&(reply.len() as u32).to_le_bytes());
-            payload.extend_from_slice(&reply);
-            let mut frame = Vec::with_capacity(8 + payload.len());
-            frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            frame.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
-            frame.extend_from_slice(&payload);
+            let mut frame = Vec::with_capacity(128 + key.len() + reply.len());
+            self.encode_entry(&mut frame, now_ms, body_hash, key, &reply);
             let journal = inner.journal.as_mut().expect("checked");
             journal.write_all(&frame)?;
             if self.sync {
@@ -217,12 +219,34 @@ impl IdempotencyStore {
         }
     }
 
-    /// Rewrites the journal with the live entries only (write, fsync, rename).
+    /// Appends one journal entry (`u32 len | u32 crc32c | payload`) to `out`.
+    fn encode_entry(
+        &self,
+        out: &mut Vec<u8>,
+        created_ms: i64,
+        hash: u128,
+        key: &str,
+        reply: &[u8],
+    ) {
+        let mut payload = Vec::with_capacity(64 + key.len() + reply.len());
+        payload.extend_from_slice(&created_ms.to_le_bytes());
+        payload.extend_from_slice(&hash.to_le_bytes());
+        put_str16(&mut payload, key);
+        payload.extend_from_slice(&(reply.len() as u32).to_le_bytes());
+        payload.extend_from_slice(reply);
+        if let Some(ring) = &self.sealer {
+            payload = ring.seal(SEAL_AAD, &payload);
+        }
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+    }
+
+    /// Rewrites the journal with the live entries only (atomically).
     fn rewrite(&self, inner: &mut Inner) -> std::io::Result<()> {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let tmp = path.with_extension("journal.tmp");
         let mut out = Vec::new();
         for (key, _) in &inner.order {
             if let Some(Entry::Done {
@@ -231,31 +255,17 @@ impl IdempotencyStore {
                 created_ms,
             }) = inner.entries.get(key)
             {
-                let mut payload = Vec::new();
-                payload.extend_from_slice(&created_ms.to_le_bytes());
-                payload.extend_from_slice(&body_hash.to_le_bytes());
-                put_str16(&mut payload, key);
-                payload.extend_from_slice(&(reply.len() as u32).to_le_bytes());
-                payload.extend_from_slice(reply);
-                out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-                out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
-                out.extend_from_slice(&payload);
+                self.encode_entry(&mut out, *created_ms, *body_hash, key, reply);
             }
         }
-        let mut f = File::create(&tmp)?;
-        f.write_all(&out)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
+        quiver_fsutil::write_atomic(path, &out)?;
         inner.journal = Some(OpenOptions::new().append(true).open(path)?);
         inner.journal_entries = inner.order.len();
         Ok(())
     }
 }
 
-fn decode_journal(bytes: &[u8]) -> Vec<(i64, u128, String, Vec<u8>)> {
+fn decode_journal(bytes: &[u8], sealer: Option<&KeyRing>) -> Vec<(i64, u128, String, Vec<u8>)> {
     let mut out = Vec::new();
     let mut pos = 0;
     while let Some(head) = bytes.get(pos..pos + 8) {
@@ -267,6 +277,16 @@ fn decode_journal(bytes: &[u8]) -> Vec<(i64, u128, String, Vec<u8>)> {
         if crc32c::crc32c(payload) != crc {
             break;
         }
+        // A plain entry (written before the key was set) may start with the sealed tag by
+        // chance: what does not open is read as plain.
+        let opened = match sealer {
+            Some(ring) if seal::is_sealed(payload) => ring.open(SEAL_AAD, payload).ok(),
+            _ => None,
+        };
+        if opened.is_none() && sealer.is_none() && seal::is_sealed(payload) {
+            tracing::warn!("the idempotency journal looks encrypted and [storage] encryption_key_file is not set");
+        }
+        let payload = opened.as_deref().unwrap_or(payload);
         let mut r = Reader::new(payload);
         let parsed = (|| {
             let created = i64::from_le_bytes(r.array().ok()?);
@@ -293,7 +313,7 @@ mod tests {
     fn replays_mismatches_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("idempotency.journal");
-        let s = IdempotencyStore::open(Some(&path), 10, 1000, true, 0).unwrap();
+        let s = IdempotencyStore::open(Some(&path), 10, 1000, true, 0, None).unwrap();
         assert_eq!(s.begin("k", 1, 0), Lookup::New);
         assert_eq!(s.begin("k", 1, 0), Lookup::InFlight);
         s.complete("k", b"reply".to_vec(), 0, true).unwrap();
@@ -310,7 +330,7 @@ mod tests {
         // A torn tail after the good entry is ignored.
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&[9, 0, 0, 0, 1]).unwrap();
-        let s = IdempotencyStore::open(Some(&path), 10, 1000, true, 500).unwrap();
+        let s = IdempotencyStore::open(Some(&path), 10, 1000, true, 500, None).unwrap();
         assert_eq!(s.begin("k", 1, 500), Lookup::Done(b"reply".to_vec()));
         assert_eq!(
             s.begin("soft", 1, 500),
@@ -322,7 +342,7 @@ mod tests {
 
     #[test]
     fn bounded() {
-        let s = IdempotencyStore::open(None, 3, i64::MAX, false, 0).unwrap();
+        let s = IdempotencyStore::open(None, 3, i64::MAX, false, 0, None).unwrap();
         for i in 0..10 {
             let k = format!("k{i}");
             assert_eq!(s.begin(&k, 0, 0), Lookup::New);

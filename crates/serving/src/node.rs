@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 use quiver_core::config::FsyncPolicy;
 use quiver_core::event::EventLimits;
 use quiver_core::{Config, Schema};
+use quiver_fsutil::seal::KeyRing;
 use quiver_log::{EventLog, Log, LogOptions};
 use quiver_store::materializer::{MaterializerOptions, Materializers};
 use quiver_store::Store;
@@ -27,6 +28,8 @@ pub enum NodeError {
     History(#[from] quiver_connect::history::HistoryError),
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
+    #[error("storage.encryption_key_file: {0}")]
+    Seal(#[from] quiver_fsutil::seal::SealError),
 }
 
 pub struct Node {
@@ -64,11 +67,18 @@ pub struct Node {
 const ROLLOUT_TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Opens the configured log backend: the embedded log in `<data_dir>/log`, or Kafka.
-fn open_log(config: &Config, schema: &Arc<Schema>) -> Result<Arc<dyn EventLog>, NodeError> {
+fn open_log(
+    config: &Config,
+    schema: &Arc<Schema>,
+    sealer: Option<Arc<KeyRing>>,
+) -> Result<Arc<dyn EventLog>, NodeError> {
     match config.log.backend {
         quiver_core::config::LogBackend::Embedded => Ok(Arc::new(Log::open(
             &config.server.data_dir.join("log"),
-            LogOptions::from_config(config),
+            LogOptions {
+                sealer,
+                ..LogOptions::from_config(config)
+            },
         )?)),
         quiver_core::config::LogBackend::Kafka => Ok(quiver_connect::kafka::KafkaLog::open(
             config,
@@ -77,13 +87,42 @@ fn open_log(config: &Config, schema: &Arc<Schema>) -> Result<Arc<dyn EventLog>, 
     }
 }
 
+/// Marks a data directory whose files are sealed: a node started on it without the key
+/// refuses to start rather than replay nothing.
+const SEALED_MARKER: &str = "ENCRYPTED";
+
+/// The keys that seal data at rest (`[storage] encryption_key_file`; relative: to data_dir).
+fn key_ring(config: &Config) -> Result<Option<Arc<KeyRing>>, NodeError> {
+    let data = &config.server.data_dir;
+    let marker = data.join(SEALED_MARKER);
+    let Some(path) = &config.storage.encryption_key_file else {
+        if marker.exists() {
+            return Err(NodeError::Io(
+                data.display().to_string(),
+                std::io::Error::other(
+                    "its data is encrypted at rest: set [storage] encryption_key_file",
+                ),
+            ));
+        }
+        return Ok(None);
+    };
+    let path = data.join(path); // an absolute path stays as it is
+    let ring = KeyRing::load(&path)?;
+    let note = b"Files here are sealed with [storage] encryption_key_file (README).\n";
+    quiver_fsutil::write_atomic(&marker, note)
+        .map_err(|e| NodeError::Io(marker.display().to_string(), e))?;
+    tracing::info!(key = ring.sealing_id(), "data at rest is encrypted");
+    Ok(Some(Arc::new(ring)))
+}
+
 impl Node {
     pub fn open(config: Config) -> Result<Node, NodeError> {
         config.validate()?;
         let schema = Arc::new(Schema::compile(&config)?);
         let data = &config.server.data_dir;
         std::fs::create_dir_all(data).map_err(|e| NodeError::Io(data.display().to_string(), e))?;
-        let log = open_log(&config, &schema)?;
+        let sealer = key_ring(&config)?;
+        let log = open_log(&config, &schema, sealer.clone())?;
         let store = Arc::new(Store::with_streams(
             schema.clone(),
             log.partitions(),
@@ -97,6 +136,7 @@ impl Node {
                 snapshot_interval: config.store.snapshot_interval.0,
                 dedup_window_events: config.store.dedup_window_events,
                 poll_records_max: 4096,
+                sealer: sealer.clone(),
             },
         )?;
         let journal = data.join("idempotency.journal");
@@ -106,6 +146,7 @@ impl Node {
             config.ingest.idempotency_ttl.as_ms(),
             config.log.fsync != FsyncPolicy::Never,
             quiver_core::time::now_ms(),
+            sealer,
         )
         .map_err(|e| NodeError::Io(journal.display().to_string(), e))?;
         let limits = EventLimits::from_config(&config);

@@ -38,6 +38,8 @@ pub struct MaterializerOptions {
     pub dedup_window_events: usize,
     /// Records applied per read from the log (bounds the read buffer).
     pub poll_records_max: usize,
+    /// Seals snapshots (`[storage] encryption_key_file`).
+    pub sealer: Option<Arc<quiver_fsutil::seal::KeyRing>>,
 }
 
 pub struct Materializers {
@@ -168,7 +170,13 @@ fn recover(
 ) -> Result<(Vec<Stream>, Vec<u64>, DedupWindow)> {
     let ids = log.partition_streams(p);
     let info = log.streams();
-    let loaded = match snapshot::load(&opts.snapshot_dir, store, p, opts.dedup_window_events) {
+    let loaded = match snapshot::load(
+        &opts.snapshot_dir,
+        store,
+        p,
+        opts.dedup_window_events,
+        opts.sealer.as_deref(),
+    ) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(partition = p, error = %e, "ignoring a bad snapshot; replaying the whole log");
@@ -418,6 +426,7 @@ impl Worker {
             self.partition,
             &offsets,
             &self.dedup,
+            self.opts.sealer.as_deref(),
         )?;
         let mut committed = self.committed.lock();
         for (s, &o) in self.streams.iter().zip(positions) {

@@ -5,8 +5,11 @@
 //! # Design constraints
 //! - Written by the partition's materializer between two records, so a snapshot is exactly
 //!   the state after applying everything below its offset.
-//! - Atomic: written to `p-NNNN.snap.tmp`, fsynced, renamed over `p-NNNN.snap`, directory
-//!   fsynced. A crash leaves the old snapshot or the new, never a torn one.
+//! - Atomic (`quiver_fsutil::write_atomic`): a crash leaves the old snapshot or the new,
+//!   never a torn one.
+//! - Sealed when `[storage] encryption_key_file` is set: the whole file below is then one
+//!   `quiver_fsutil::seal` blob bound to the partition (a plain snapshot still loads, and the
+//!   next snapshot is written sealed).
 //! - Self-describing: features are stored by name and type, so a snapshot taken under one
 //!   config loads under another (dropped or retyped features are left out).
 //! - Checked: a CRC32C of the whole file ends it; a snapshot that fails it is ignored (with
@@ -27,11 +30,11 @@
 //! meaningful in the log that gave it. `QVSNAP02` (one offset, no id: the embedded log) still
 //! loads.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use quiver_core::record::{put_str16, put_value, Reader};
 use quiver_core::schema::FeatureIdx;
+use quiver_fsutil::seal::KeyRing;
 
 use crate::error::{io, Result, StoreError};
 use crate::row::{Cell, Row};
@@ -79,6 +82,7 @@ pub fn write(
     partition: u32,
     offsets: &[(String, u64)],
     dedup: &DedupWindow,
+    sealer: Option<&KeyRing>,
 ) -> Result<u64> {
     assert!(
         !offsets.is_empty() && offsets.len() <= usize::from(u16::MAX),
@@ -154,15 +158,18 @@ pub fn write(
     buf.extend_from_slice(&crc.to_le_bytes());
 
     let path = snapshot_path(dir, partition);
-    let tmp = path.with_extension("snap.tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(&buf).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
+    if let Some(ring) = sealer {
+        buf = ring.seal(&seal_aad(partition), &buf);
+    }
+    quiver_fsutil::write_atomic(&path, &buf).map_err(io(&path))?;
     Ok(buf.len() as u64)
+}
+
+/// What a sealed snapshot is bound to: its partition.
+fn seal_aad(partition: u32) -> [u8; 12] {
+    let mut aad = *b"QVSNAP\0\0\0\0\0\0";
+    aad[8..].copy_from_slice(&partition.to_le_bytes());
+    aad
 }
 
 /// Loads the snapshot of `partition` into `store`; returns its offsets and dedup window, or
@@ -172,9 +179,10 @@ pub fn load(
     store: &Store,
     partition: u32,
     dedup_capacity: usize,
+    sealer: Option<&KeyRing>,
 ) -> Result<Option<Loaded>> {
     let path = snapshot_path(dir, partition);
-    let bytes = match std::fs::read(&path) {
+    let mut bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io(&path)(e)),
@@ -183,6 +191,14 @@ pub fn load(
         path: path.clone(),
         reason,
     };
+    if quiver_fsutil::seal::is_sealed(&bytes) {
+        let ring = sealer.ok_or_else(|| {
+            corrupt("encrypted, and [storage] encryption_key_file is not set".into())
+        })?;
+        bytes = ring
+            .open(&seal_aad(partition), &bytes)
+            .map_err(|e| corrupt(e.to_string()))?;
+    }
     if bytes.len() < MAGIC.len() + 4 {
         return Err(corrupt("too short".into()));
     }

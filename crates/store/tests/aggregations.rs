@@ -60,6 +60,7 @@ fn start(dir: &std::path::Path) -> Node {
         retention_ms: i64::MAX,
         retention_bytes: None,
         disk_bytes_max: None,
+        sealer: None,
     };
     let log = Arc::new(Log::open(&dir.join("log"), opts).unwrap());
     let store = Arc::new(Store::new(schema, P));
@@ -71,6 +72,7 @@ fn start(dir: &std::path::Path) -> Node {
             snapshot_interval: Duration::from_secs(3600),
             dedup_window_events: 1000,
             poll_records_max: 512,
+            sealer: None,
         },
     )
     .unwrap();

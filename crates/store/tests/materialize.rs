@@ -51,6 +51,7 @@ fn start(dir: &std::path::Path, snapshot_interval: Duration) -> Node {
         retention_ms: i64::MAX,
         retention_bytes: None,
         disk_bytes_max: None,
+        sealer: None,
     };
     let log = Arc::new(Log::open(&dir.join("log"), opts).unwrap());
     let store = Arc::new(Store::new(schema, 4));
@@ -62,6 +63,7 @@ fn start(dir: &std::path::Path, snapshot_interval: Duration) -> Node {
             snapshot_interval,
             dedup_window_events: 1000,
             poll_records_max: 256,
+            sealer: None,
         },
     )
     .unwrap();

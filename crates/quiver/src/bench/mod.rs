@@ -11,6 +11,7 @@
 //! - `decoupling`: Quiver against the database-as-queue design (`decoupling.rs`).
 //! - `priority`: a gold tier's latency while bronze floods the node, with rate tiers and without
 //!   (`priority.rs`).
+//! - `encryption`: durable ingest with `[storage] encryption_key_file` against the same without.
 //!
 //! Quiver runs in this process on its own 2-thread runtime; the load generator on another.
 //! Every table printed also goes to `--markdown FILE`; `--json FILE` gets the figures with a
@@ -49,8 +50,8 @@ use serde_json::{json, Value};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// ingest | lookup | memory | aggregations | history | predict | runtimes | decoupling | priority | all,
-    /// or several, comma-separated (`lookup,predict,decoupling`)
+    /// ingest | lookup | memory | aggregations | history | predict | runtimes | decoupling |
+    /// priority | encryption | all, or several, comma-separated (`lookup,predict,decoupling`)
     pub scenario: String,
     /// Seconds each measured phase runs (after warm-up).
     #[arg(long, default_value_t = 10.0)]
@@ -443,6 +444,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "runtimes" => crate::bench_runtimes::run(args.duration)?,
             "decoupling" => decoupling::run(&args)?,
             "priority" => priority::run(&args)?,
+            "encryption" => bench_encryption(&args)?,
             _ => bench_predict(&args)?,
         };
         results.insert(s.to_string(), r);
@@ -473,7 +475,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 /// Every scenario, in the order `all` runs them.
-const ALL: [&str; 9] = [
+const ALL: [&str; 10] = [
     "ingest",
     "lookup",
     "memory",
@@ -483,6 +485,7 @@ const ALL: [&str; 9] = [
     "runtimes",
     "decoupling",
     "priority",
+    "encryption",
 ];
 
 /// The verdict a script reads: Quiver ÷ peer for each headline figure the run measured.
@@ -613,6 +616,37 @@ fn bench_ingest(args: &BenchArgs, view: &'static str) -> Result<Value> {
         ratio("freshness_p99_us")
     );
     Ok(json!({"embedded": embedded, "kafka": kafka, "kafka_brokers": brokers}))
+}
+
+/// `encryption`: the same durable ingest on the embedded log plain and sealed
+/// (`[storage] encryption_key_file`), in one run: what encryption at rest costs.
+fn bench_encryption(args: &BenchArgs) -> Result<Value> {
+    let keys = tempfile::tempdir()?;
+    let key_file = keys.path().join("storage.keys");
+    quiver_fsutil::seal::add_key(&key_file)?;
+    let plain = ingest_on(args, "txn", "embedded", start_embedded()?)?;
+    let sealed = ingest_on(
+        args,
+        "txn",
+        "embedded, encrypted",
+        start_embedded_with(|c| c.storage.encryption_key_file = Some(key_file.clone()))?,
+    )?;
+    let ratio =
+        |k: &str| sealed[k].as_f64().unwrap_or(f64::NAN) / plain[k].as_f64().unwrap_or(f64::NAN);
+    say!("\n### encryption at rest: encrypted ÷ plain (same load, same run)\n");
+    say!("| metric | encrypted ÷ plain |\n|---|---|");
+    say!("| durable events/s | {:.2}× |", ratio("events_per_s"));
+    say!("| POST p99 | {:.2}× |", ratio("post_p99_us"));
+    say!(
+        "| freshness ack→readable p99 | {:.2}× |",
+        ratio("freshness_p99_us")
+    );
+    Ok(json!({
+        "plain": plain,
+        "encrypted": sealed,
+        "events_per_s_encrypted_vs_plain": ratio("events_per_s"),
+        "freshness_p99_encrypted_vs_plain": ratio("freshness_p99_us"),
+    }))
 }
 
 fn ingest_on(args: &BenchArgs, view: &'static str, backend: &str, q: Embedded) -> Result<Value> {

@@ -20,7 +20,9 @@ use crate::bench::load::{self, Window, Worker};
 const ENTITIES: usize = 10_000;
 const BATCH: usize = 64;
 /// Requests the node runs at once (bronze's share with two tiers: half).
-const INFLIGHT_MAX: usize = 8;
+const INFLIGHT_MAX: usize = 2;
+/// Connections measuring capacity (closed loop).
+const CAPACITY_CONNECTIONS: usize = 8;
 /// Gold's paced rate (requests/s) and connections.
 const GOLD_RATE: f64 = 200.0;
 const GOLD_CONNECTIONS: usize = 4;
@@ -101,7 +103,8 @@ struct Run {
     bronze: load::Outcome,
 }
 
-fn run_node(args: &BenchArgs, tiered: bool) -> Result<Run> {
+/// One node's phases; the flood offers 3 × `flood_capacity` (or its own capacity if `None`).
+fn run_node(args: &BenchArgs, tiered: bool, flood_capacity: Option<f64>) -> Result<Run> {
     let keys_dir = tempfile::tempdir()?;
     let [gold, bronze, loader] = make_keys(keys_dir.path(), tiered)?;
     let q = start_embedded_with(|c| {
@@ -118,10 +121,11 @@ fn run_node(args: &BenchArgs, tiered: bool) -> Result<Run> {
     let (warmup, duration) = (args.warmup, args.duration);
     let run = client_rt.block_on(async move {
         load_keyed_rows(addr, &node, &loader).await?;
-        let bronze_workers = predictors(addr, &bronze, BATCH, INFLIGHT_MAX).await?;
+        let bronze_workers = predictors(addr, &bronze, BATCH, CAPACITY_CONNECTIONS).await?;
         let (capacity, _) =
             load::drive(bronze_workers, None, &Window::new(warmup, duration)).await?;
         let capacity = capacity.ops_per_s();
+        let flood_rate = 3.0 * flood_capacity.unwrap_or(capacity).max(1.0);
         let gold_workers = predictors(addr, &gold, 1, GOLD_CONNECTIONS).await?;
         let (unloaded, _) = load::drive(
             gold_workers,
@@ -133,7 +137,7 @@ fn run_node(args: &BenchArgs, tiered: bool) -> Result<Run> {
         let flood = predictors(addr, &bronze, BATCH, FLOOD_CONNECTIONS).await?;
         let flood = tokio::spawn({
             let window = window.clone();
-            async move { load::drive(flood, Some(3.0 * capacity), &window).await }
+            async move { load::drive(flood, Some(flood_rate), &window).await }
         });
         let gold_workers = predictors(addr, &gold, 1, GOLD_CONNECTIONS).await?;
         let (flooded, _) = load::drive(gold_workers, Some(GOLD_RATE), &window).await?;
@@ -190,9 +194,9 @@ async fn load_keyed_rows(
 }
 
 pub(super) fn run(args: &BenchArgs) -> Result<Value> {
-    let tiered = run_node(args, true)?;
-    let flat = run_node(args, false)?;
-    say!("\n## priority: gold single predicts at {GOLD_RATE}/s while bronze floods batch predicts ({BATCH} entities) at 3 × capacity; inflight_max = {INFLIGHT_MAX}\n");
+    let flat = run_node(args, false, None)?;
+    let tiered = run_node(args, true, Some(flat.capacity))?;
+    say!("\n## priority: gold single predicts at {GOLD_RATE}/s while bronze floods batch predicts ({BATCH} entities) at 3 × the node's capacity (the peer's); inflight_max = {INFLIGHT_MAX}\n");
     say!("| node | bronze capacity req/s | gold p50 µs unloaded | gold p99 µs unloaded | gold p50 µs flooded | gold p99 µs flooded | gold refused | gold p99 flooded ÷ unloaded | bronze served/s | bronze refused/s |\n|---|---|---|---|---|---|---|---|---|---|");
     let mut out = serde_json::Map::new();
     for (name, r) in [
