@@ -278,6 +278,7 @@ fn opts(url: &str, table: &Table) -> HistoryOptions {
         batch_rows_max: 300,
         retry_delay_ms_max: 300,
         lossy: false,
+        ca_file: None,
     }
 }
 

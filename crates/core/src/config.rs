@@ -265,6 +265,10 @@ pub struct HistoryConfig {
     /// PostgreSQL is away (bounded by `log.disk_bytes_max`). `true`: retention does not wait
     /// for the sink; every range it loses is counted, logged and recorded in `<table>_gaps`.
     pub lossy: bool,
+    /// PEM CA(s) PostgreSQL's certificate must lead to, with its host name checked (libpq's
+    /// `verify-full`). Unset: with `sslmode=require` (or `prefer`, the default, when the server
+    /// offers TLS) the channel is encrypted but the server not authenticated.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for HistoryConfig {
@@ -275,6 +279,7 @@ impl Default for HistoryConfig {
             batch_rows_max: 5_000,
             retry_delay_ms_max: 5_000,
             lossy: false,
+            ca_file: None,
         }
     }
 }

@@ -543,13 +543,7 @@ fn log_id(dir: &Path, new: bool) -> Result<String> {
         dir.display()
     );
     let id = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(seed.as_bytes()));
-    let tmp = dir.join("ID.tmp");
-    std::fs::write(&tmp, &id).map_err(error::io(&tmp))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(error::io(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(error::io(&path))?;
-    segment::sync_dir(dir)?;
+    quiver_fsutil::write_atomic(&path, id.as_bytes()).map_err(error::io(&path))?;
     Ok(id)
 }
 

@@ -7,11 +7,9 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{io, LogError, Result};
-use crate::segment::sync_dir;
 
 const MAGIC: &[u8; 8] = b"QVOFF001";
 
@@ -49,12 +47,7 @@ impl OffsetStore {
         let crc = crc32c::crc32c(&bytes);
         bytes.extend_from_slice(&crc.to_le_bytes());
         let path = self.path(consumer);
-        let tmp = path.with_extension("offsets.tmp");
-        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io(&path))?;
-        sync_dir(&self.dir)
+        quiver_fsutil::write_atomic(&path, &bytes).map_err(io(&path))
     }
 
     /// The committed offsets, or an empty map if the consumer never committed.

@@ -758,20 +758,7 @@ impl Registry {
             .collect();
         let fail = |e: std::io::Error| TrafficError::Persist(e.to_string());
         let bytes = serde_json::to_vec_pretty(&all).expect("traffic serializes");
-        let tmp = path.with_extension("tmp");
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(fail)?;
-            f.write_all(&bytes).map_err(fail)?;
-            f.sync_all().map_err(fail)?;
-        }
-        std::fs::rename(&tmp, path).map_err(fail)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(fail)?;
-        }
-        Ok(())
+        quiver_fsutil::write_atomic(path, &bytes).map_err(fail)
     }
 }
 

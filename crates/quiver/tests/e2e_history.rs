@@ -480,3 +480,69 @@ fn a_parquet_backfill_reads_back_point_in_time_by_event_time() {
     drop(server);
     drop_all(&table);
 }
+
+/// Whether the backends of `app` are over TLS: (connections, all of them TLS).
+fn tls_of(app: &str) -> (i64, bool) {
+    let row = pg()
+        .query_one(
+            "SELECT count(*), coalesce(bool_and(s.ssl), false) FROM pg_stat_ssl s \
+             JOIN pg_stat_activity a USING (pid) WHERE a.application_name = $1",
+            &[&app],
+        )
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[test]
+fn the_history_sink_speaks_tls_to_postgresql_and_checks_the_ca_it_is_given() {
+    let ssl: String = pg().query_one("SHOW ssl", &[]).unwrap().get(0);
+    assert_eq!(
+        ssl, "on",
+        "the test PostgreSQL serves TLS (CI's and this machine's do)"
+    );
+    for (mode, tls) in [("disable", false), ("require", true)] {
+        let table = format!("qv_tls_{mode}_{}", std::process::id());
+        drop_all(&table);
+        let app = format!("quiver-tls-{mode}-{}", std::process::id());
+        let url = format!("{PG} sslmode={mode} application_name={app}");
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start(dir.path(), &outage_config(&url, &table, "", ""));
+        ingest(&server, 0, 200, 100);
+        wait_rows(&table, 200, Duration::from_secs(20));
+        let (connections, all_tls) = tls_of(&app);
+        assert!(connections > 0, "{mode}: the sink's connections are seen");
+        assert_eq!(all_tls, tls, "sslmode={mode}");
+        server.stop();
+        drop_all(&table);
+    }
+
+    // A CA that did not sign PostgreSQL's certificate: the sink refuses the server (and
+    // says so), nothing is written, and ingest goes on.
+    let table = format!("qv_tls_ca_{}", std::process::id());
+    drop_all(&table);
+    let dir = tempfile::tempdir().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = params
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let app = format!("quiver-tls-ca-{}", std::process::id());
+    let url = format!("{PG} sslmode=require application_name={app}");
+    let extra = format!("ca_file = \"{}\"", ca_file.display());
+    let server = Server::start(dir.path(), &outage_config(&url, &table, "", &extra));
+    ingest(&server, 0, 50, 50);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.metric("quiver_history_errors_total") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the refused certificate is an error"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(tls_of(&app).0, 0, "no session was opened");
+    assert_eq!(history_counts(&mut pg(), &table), (0, 0));
+    server.stop();
+    drop_all(&table);
+}

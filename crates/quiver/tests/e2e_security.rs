@@ -643,3 +643,31 @@ fn tritonclient_grpc_over_mtls_is_admitted_by_certificate_and_grant() {
     // Modes combine: a certificate of the CA that maps to nothing, plus an API key.
     call("ok", Some(&stranger), Some(&token));
 }
+
+/// `[kafka] client` reaches librdkafka as given: that is how Kafka's TLS and SASL are set.
+/// (The test broker speaks neither, so what is checked is that the properties are librdkafka's
+/// own: a misspelt one stops the server at start, named.)
+#[test]
+fn kafka_client_properties_reach_librdkafka() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CONFIG.replace(
+        "[log]",
+        "[kafka]\nbrokers = \"127.0.0.1:1\"\npartitions = 4\n\n\
+         [kafka.client]\n\"security.protocol\" = \"sasl_ssl\"\n\"sasl.mechanisms\" = \"SCRAM-SHA-512\"\n\
+         \"ssl.ca.locatoin\" = \"ca.pem\"\n\n[log]\nbackend = \"kafka\"",
+    );
+    std::fs::write(dir.path().join("quiver.toml"), config).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(dir.path().join("quiver.toml"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("ssl.ca.locatoin"),
+        "the misspelt property is named: {text}"
+    );
+}

@@ -215,10 +215,20 @@ impl Node {
                 .map_err(|e| NodeError::Io("model poller".into(), e))?;
             Mutex::new(Some((stop, handle)))
         };
-        let history_reader = history
-            .as_ref()
-            .and(config.history.postgres_url.as_ref())
-            .map(|url| quiver_connect::history::HistoryReader::new(url, &config.history.table));
+        let history_reader = match history.as_ref().and(config.history.postgres_url.as_ref()) {
+            None => None,
+            Some(url) => {
+                let pg = quiver_connect::history::PgEndpoint::new(
+                    url,
+                    config.history.ca_file.as_deref(),
+                )
+                .map_err(quiver_connect::history::HistoryError::Setup)?;
+                Some(quiver_connect::history::HistoryReader::new(
+                    pg,
+                    &config.history.table,
+                ))
+            }
+        };
         Ok(Node {
             history_reader,
             shadow: quiver_model::shadow::ShadowQueue::start(config.models.shadow_queue_max),

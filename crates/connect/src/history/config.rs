@@ -12,6 +12,8 @@ pub struct HistoryOptions {
     pub retry_delay_ms_max: u64,
     /// Retention does not wait for a lossy sink; it reports every range it loses instead.
     pub lossy: bool,
+    /// The CA PostgreSQL's certificate must lead to (unset: TLS unverified, as `sslmode`).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl HistoryOptions {
@@ -23,6 +25,7 @@ impl HistoryOptions {
             batch_rows_max: c.batch_rows_max,
             retry_delay_ms_max: c.retry_delay_ms_max,
             lossy: c.lossy,
+            ca_file: c.ca_file.clone(),
         })
     }
 }

@@ -42,6 +42,7 @@
 //! `<table>_gaps (log_id, partition, from_offset, to_offset, detected_at)` table.
 
 mod config;
+mod pg;
 mod read;
 mod service;
 mod sink;
@@ -57,6 +58,7 @@ use parking_lot::Mutex;
 use quiver_log::{Consumer, EventLog, OffsetStore, Retention};
 
 pub use config::HistoryOptions;
+pub use pg::PgEndpoint;
 pub use read::{collect_from_postgres, HistoryReader};
 
 /// The sink's name among the log's consumers.
@@ -66,6 +68,8 @@ pub const CONSUMER: &str = "history";
 pub enum HistoryError {
     #[error(transparent)]
     Log(#[from] quiver_log::LogError),
+    #[error("history: {0}")]
+    Setup(String),
 }
 
 pub struct HistorySink {
@@ -113,6 +117,8 @@ impl HistorySink {
             // for "before the sink existed".
             offsets.commit(CONSUMER, &shared_offsets.lock())?;
         }
+        let endpoint = PgEndpoint::new(&opts.postgres_url, opts.ca_file.as_deref())
+            .map_err(HistoryError::Setup)?;
         let mut handles = Vec::new();
         for p in 0..log.partitions() {
             let streams: Vec<sink::Stream> = log
@@ -129,7 +135,7 @@ impl HistorySink {
                 log: log.clone(),
                 streams,
                 reader: None,
-                service: service::Service::new(&opts.postgres_url, &opts.table, p),
+                service: service::Service::new(endpoint.clone(), &opts.table, p),
                 opts: opts.clone(),
                 stop: stop.clone(),
                 consumer: consumer.clone(),

@@ -15,6 +15,8 @@ use quiver_core::schema::View;
 use quiver_core::value::{FeatureType, Value};
 use quiver_store::pit::HistoryRecord;
 
+use super::PgEndpoint;
+
 /// Connections kept open between point-in-time requests (each request takes one).
 const IDLE_CONNECTIONS_MAX: usize = 4;
 
@@ -22,15 +24,15 @@ const IDLE_CONNECTIONS_MAX: usize = 4;
 /// set is retrieved in many chunks, and a new connection per chunk (a PostgreSQL backend
 /// forked, catalogs warmed) cost more than the chunk's rows.
 pub struct HistoryReader {
-    url: String,
+    pg: PgEndpoint,
     table: String,
     idle: parking_lot::Mutex<Vec<postgres::Client>>,
 }
 
 impl HistoryReader {
-    pub fn new(url: &str, table: &str) -> HistoryReader {
+    pub fn new(pg: PgEndpoint, table: &str) -> HistoryReader {
         HistoryReader {
-            url: url.to_string(),
+            pg,
             table: table.to_string(),
             idle: parking_lot::Mutex::new(Vec::new()),
         }
@@ -53,7 +55,7 @@ impl HistoryReader {
         let mut client = match pooled {
             Some(c) => c,
             None => {
-                let mut c = postgres::Client::connect(&self.url, postgres::NoTls)?;
+                let mut c = self.pg.connect()?;
                 // Lives as long as the connection; emptied by every commit.
                 c.batch_execute(
                     "CREATE TEMPORARY TABLE quiver_pit_keys (k text PRIMARY KEY) ON COMMIT DELETE ROWS",
@@ -93,7 +95,8 @@ pub fn collect_from_postgres(
     view: &str,
     keys: &[String],
 ) -> Result<HashMap<String, Vec<HistoryRecord>>, postgres::Error> {
-    HistoryReader::new(url, table).collect(log_id, schema, view, keys)
+    let pg = PgEndpoint::new(url, None).expect("TLS without a CA file always builds");
+    HistoryReader::new(pg, table).collect(log_id, schema, view, keys)
 }
 
 fn collect_with(

@@ -6,6 +6,8 @@ use std::time::Instant;
 
 use quiver_core::telemetry as t;
 
+use super::PgEndpoint;
+
 /// The numbered migrations; `{table}` is replaced by the configured table name.
 const MIGRATIONS: &[(i32, &str)] = &[
     (
@@ -119,7 +121,7 @@ impl Batch {
 
 /// One connection's worth of writing for one partition.
 pub(crate) struct Service {
-    url: String,
+    pg: PgEndpoint,
     table: String,
     partition: i32,
     client: Option<postgres::Client>,
@@ -129,9 +131,9 @@ pub(crate) struct Service {
 }
 
 impl Service {
-    pub fn new(url: &str, table: &str, partition: u32) -> Service {
+    pub fn new(pg: PgEndpoint, table: &str, partition: u32) -> Service {
         Service {
-            url: url.to_string(),
+            pg,
             table: table.to_string(),
             partition: partition as i32,
             client: None,
@@ -176,7 +178,7 @@ impl Service {
     }
 
     fn connected(&mut self) -> Result<&mut postgres::Client, postgres::Error> {
-        connect_once(&mut self.client, &self.url, &self.table)
+        connect_once(&mut self.client, &self.pg, &self.table)
     }
 
     /// Writes the batch in one transaction (connecting and migrating first if needed). On any
@@ -193,7 +195,7 @@ impl Service {
         let partition = self.partition;
         let (insert_rows, insert_gaps) = (&self.insert_rows, &self.insert_gaps);
         let upsert_offset = &self.upsert_offset;
-        let c = connect_once(&mut self.client, &self.url, &self.table)?;
+        let c = connect_once(&mut self.client, &self.pg, &self.table)?;
         let started = Instant::now();
         let mut tx = c.transaction()?;
         if batch.rows.len() > 0 {
@@ -236,11 +238,11 @@ impl Service {
 /// The connection, opened (and the table migrated) if there is none.
 fn connect_once<'a>(
     client: &'a mut Option<postgres::Client>,
-    url: &str,
+    pg: &PgEndpoint,
     table: &str,
 ) -> Result<&'a mut postgres::Client, postgres::Error> {
     if client.is_none() {
-        let mut c = postgres::Client::connect(url, postgres::NoTls)?;
+        let mut c = pg.connect()?;
         migrate(&mut c, table)?;
         *client = Some(c);
     }
