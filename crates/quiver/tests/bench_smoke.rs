@@ -137,8 +137,9 @@ fn bench_scenarios_report_real_work() {
         assert_eq!(&png[1..4], b"PNG", "{chart}");
     }
 
-    // priority: with tiers gold is never refused (its share is every slot, bronze's half);
-    // both runs measured gold and flooded bronze past what the node serves.
+    // priority: both nodes measured capacity and gold unloaded; with tiers the flood was
+    // refused in part while gold was served and never refused (its share is every slot,
+    // bronze's half). (The one-tier peer may serve no gold at all in a window this short.)
     for run in ["tiered", "one_tier"] {
         let q = &r["priority"][run];
         assert!(
@@ -149,17 +150,11 @@ fn bench_scenarios_report_real_work() {
             q["gold_p99_us_unloaded"].as_f64().unwrap() > 0.0,
             "{run}: {q}"
         );
-        assert!(
-            q["gold_p99_us_flooded"].as_f64().unwrap() > 0.0,
-            "{run}: {q}"
-        );
-        assert!(q["bronze_refused"].as_u64().unwrap() > 0, "{run}: {q}");
     }
-    assert_eq!(
-        r["priority"]["tiered"]["gold_refused"], 0,
-        "{}",
-        r["priority"]
-    );
+    let t = &r["priority"]["tiered"];
+    assert!(t["gold_served_flooded"].as_u64().unwrap() > 0, "{t}");
+    assert!(t["bronze_refused"].as_u64().unwrap() > 0, "{t}");
+    assert_eq!(t["gold_refused"], 0, "{t}");
 
     let e = &r["encryption"];
     for side in ["plain", "encrypted"] {

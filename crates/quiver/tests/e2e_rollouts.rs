@@ -356,6 +356,16 @@ fn a_canary_that_fails_at_run_time_is_rolled_back_within_one_interval() {
     assert!(versions_of(&server, "sh", 50).iter().all(|&v| v == 1));
     assert_eq!(model(&server, "sh")["traffic"]["rejected"], json!([2]));
     assert!(server.metric_with("quiver_rollout_decisions_total", "action=\"rollback\"") >= 1.0);
+    // Every decision is also in the tamper-evident audit trail, which verifies.
+    let trail = server.data_dir.join("audit.log");
+    let text = std::fs::read_to_string(&trail).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("\"rollout_rollback\"") && l.contains("model:sh")),
+        "{text}"
+    );
+    let (ok, stdout, _) = quiver(&["audit", "verify", trail.to_str().unwrap()]);
+    assert!(ok, "{stdout}");
 }
 
 #[test]
