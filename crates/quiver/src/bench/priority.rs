@@ -1,15 +1,19 @@
 //! `quiver bench priority`: does a gold tier keep its latency while bronze floods the node?
 //!
-//! One node with API keys in two tiers (gold priority 0, bronze priority 1) and a small
-//! `inflight_max`; bronze sends expensive batch predicts (64 entities each), gold single-entity
-//! predicts at a modest paced rate. Phases, each `--duration` seconds after `--warmup`:
+//! API keys for gold and bronze; bronze sends expensive batch predicts (64 entities each), gold
+//! single-entity predicts at a modest paced rate. Phases, each `--duration` seconds after
+//! `--warmup`:
 //! 1. bronze alone, closed loop: the node's capacity C for bronze's requests;
 //! 2. gold alone, open loop: gold's unloaded latency;
 //! 3. gold as in 2 while bronze offers 3 × C, open loop: gold's latency under the flood.
 //!
-//! The peer, in the same run: the same node with both keys in one tier, so nothing tells
-//! gold from bronze when the node sheds. The load generator shares this machine's 2 cores with
-//! the server: the figures include that interference in both runs alike.
+//! Two nodes in the same run: the peer puts both keys in one tier (nothing tells gold from
+//! bronze, so gold queues behind the flood); then two tiers (gold priority 0, bronze 1),
+//! flooded at 3 × the peer's C. Gold runs on a runtime of its own (another client than the
+//! flood). `inflight_max` = 2, the server runtime's worker threads: handlers are CPU-bound and
+//! do not yield, so slots beyond the threads would only move the queue into the scheduler,
+//! where priority is not seen. The load generator shares the machine's 2 cores with the
+//! server: the figures include that interference in both runs alike.
 
 use std::path::Path;
 
@@ -117,7 +121,21 @@ fn run_node(args: &BenchArgs, tiered: bool, flood_capacity: Option<f64>) -> Resu
         .worker_threads(2)
         .enable_all()
         .build()?;
+    // Gold is another client than the flood: its own runtime, so its requests do not queue
+    // behind the flood's in the generator (they still share the machine's cores).
+    let gold_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
     let (addr, node) = (q.addr, q.node.clone());
+    let gold_handle = gold_rt.handle().clone();
+    let gold_phase = move |window: Window| {
+        let key = gold.clone();
+        gold_handle.spawn(async move {
+            let workers = predictors(addr, &key, 1, GOLD_CONNECTIONS).await?;
+            load::drive(workers, Some(GOLD_RATE), &window).await
+        })
+    };
     let (warmup, duration) = (args.warmup, args.duration);
     let run = client_rt.block_on(async move {
         load_keyed_rows(addr, &node, &loader).await?;
@@ -126,21 +144,14 @@ fn run_node(args: &BenchArgs, tiered: bool, flood_capacity: Option<f64>) -> Resu
             load::drive(bronze_workers, None, &Window::new(warmup, duration)).await?;
         let capacity = capacity.ops_per_s();
         let flood_rate = 3.0 * flood_capacity.unwrap_or(capacity).max(1.0);
-        let gold_workers = predictors(addr, &gold, 1, GOLD_CONNECTIONS).await?;
-        let (unloaded, _) = load::drive(
-            gold_workers,
-            Some(GOLD_RATE),
-            &Window::new(warmup, duration),
-        )
-        .await?;
+        let (unloaded, _) = gold_phase(Window::new(warmup, duration)).await??;
         let window = Window::new(warmup, duration);
         let flood = predictors(addr, &bronze, BATCH, FLOOD_CONNECTIONS).await?;
         let flood = tokio::spawn({
             let window = window.clone();
             async move { load::drive(flood, Some(flood_rate), &window).await }
         });
-        let gold_workers = predictors(addr, &gold, 1, GOLD_CONNECTIONS).await?;
-        let (flooded, _) = load::drive(gold_workers, Some(GOLD_RATE), &window).await?;
+        let (flooded, _) = gold_phase(window).await??;
         let (bronze, _) = flood.await??;
         anyhow::Ok(Run {
             capacity,
@@ -150,6 +161,7 @@ fn run_node(args: &BenchArgs, tiered: bool, flood_capacity: Option<f64>) -> Resu
         })
     })?;
     q.node.shutdown();
+    drop(gold_rt);
     Ok(run)
 }
 
