@@ -9,8 +9,9 @@
 //!   of a repeat is negligible for any number of records one key will ever seal.
 //! - Associated data binds a blob to its place (a log record to its partition and offset, a
 //!   snapshot to its partition), so a sealed record moved elsewhere does not open.
-//! - The first byte `0xE5` tells a sealed blob from Quiver's plain formats (a log record starts
-//!   with its version, 1), so a log that was plain and is sealed from some point on reads both.
+//! - The first byte `0xE5` marks a sealed blob; where a plain format could start with any byte
+//!   (a log record's payload is the log's caller's), the container says what is sealed (a log
+//!   frame's flag), so data written plain before a key was set still reads.
 //! - Key rotation: the key file lists every key that may still be needed to read; the last one
 //!   seals. Adding a key (`quiver storage keygen`) and restarting seals new data with it; old
 //!   data opens while its key is listed.

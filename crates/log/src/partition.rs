@@ -345,7 +345,7 @@ fn write_round(
                 flush(part, active, buf, next, now, shared)?;
                 roll(part, active, opts, next, shared)?;
             }
-            frame::encode_frame(buf, next, now, payload);
+            frame::encode_frame(buf, next, now, part.sealer.is_some(), payload);
             next += 1;
         }
     }

@@ -206,7 +206,7 @@ impl PartitionReader {
             out.buf.truncate(start);
             return Err(self.corrupt(format!("checksum mismatch at offset {}", self.next)));
         }
-        if quiver_fsutil::seal::is_sealed(&out.buf[start..]) {
+        if header.sealed {
             self.open_sealed(out, start)?;
         }
         out.entries

@@ -125,6 +125,7 @@ mod tests {
                 &mut b,
                 base + i,
                 1000 + i as i64,
+                false,
                 format!("record {i}").as_bytes(),
             );
         }

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use quiver_fsutil::seal::{self, KeyRing};
+use quiver_fsutil::seal::KeyRing;
 
 use crate::error::{io, Result};
 use crate::frame::{FRAME_HEADER_BYTES, SEGMENT_HEADER_BYTES};
@@ -152,11 +152,11 @@ fn check_sealed(
 ) -> (u64, Option<String>) {
     let (mut pos, mut sealed) = (SEGMENT_HEADER_BYTES, 0);
     for offset in scan.base_offset..scan.next_offset() {
-        let Ok((_, total)) = crate::frame::check_frame(&bytes[pos..], offset) else {
+        let Ok((h, total)) = crate::frame::check_frame(&bytes[pos..], offset) else {
             break;
         };
         let payload = &bytes[pos + FRAME_HEADER_BYTES..pos + total];
-        if seal::is_sealed(payload) {
+        if h.sealed {
             sealed += 1;
             let aad = crate::frame::seal_aad(partition, offset);
             if let Some(Err(e)) = keys.map(|k| k.open(&aad, payload)) {
@@ -190,9 +190,7 @@ pub fn tail_records(
             let payload = &bytes[pos + FRAME_HEADER_BYTES..pos + total];
             let aad = crate::frame::seal_aad(partition, h.offset);
             let payload = match keys {
-                Some(k) if seal::is_sealed(payload) => {
-                    k.open(&aad, payload).unwrap_or_else(|_| payload.to_vec())
-                }
+                Some(k) if h.sealed => k.open(&aad, payload).unwrap_or_else(|_| payload.to_vec()),
                 _ => payload.to_vec(),
             };
             out.push_back((h.offset, h.append_ms, payload));
