@@ -314,6 +314,7 @@ fn a_bronze_flood_is_shed_while_gold_is_served_and_buckets_answer_429() {
     assert!(h.get("retry-after").is_some());
     assert_eq!(h.get("ratelimit-limit").unwrap(), "2");
     assert_eq!(h.get("ratelimit-remaining").unwrap(), "0");
+    assert!(h.get("ratelimit-reset").is_some());
     let body: serde_json::Value = r.json().unwrap();
     assert_eq!(body["error"]["code"], "RATE_LIMITED");
 }

@@ -265,7 +265,30 @@ fn a_revoked_key_stops_working_without_a_restart_and_the_audit_trail_catches_tam
         Some(&admin),
     );
     assert_eq!(status, 200, "{v}");
+    // `X-Api-Key` carries a key as well as `Authorization: Bearer`.
+    let r = server
+        .http
+        .get(format!("{}/v1/models/m", server.url))
+        .header("x-api-key", &admin)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let id = admin.split('_').nth(1).unwrap().to_string();
+    let keys_file = data.join("keys.toml");
+    let list = |file: &std::path::Path| {
+        let (ok, stdout, e) = quiver(&["keys", "list", "--keys-file", file.to_str().unwrap()]);
+        assert!(ok, "{e}");
+        stdout
+    };
+    let listed = list(&keys_file);
+    assert!(
+        listed.contains(&id) && listed.contains("ops-team"),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains(&admin),
+        "the list never shows a key: {listed}"
+    );
     let (ok, _, e) = quiver(&[
         "keys",
         "revoke",
@@ -274,6 +297,7 @@ fn a_revoked_key_stops_working_without_a_restart_and_the_audit_trail_catches_tam
         data.join("keys.toml").to_str().unwrap(),
     ]);
     assert!(ok, "{e}");
+    assert!(list(&keys_file).contains("revoked"), "{}", list(&keys_file));
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let (status, _) = send(&server, "GET", "/v1/models/m", None, Some(&admin));
