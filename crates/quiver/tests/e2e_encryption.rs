@@ -179,15 +179,6 @@ fn a_node_without_the_key_refuses_sealed_data_instead_of_serving_nothing() {
     fill(&server);
     server.stop();
     // The same data directory, the key file forgotten in the config.
-    std::fs::write(dir.path().join("quiver.toml"), CONFIG).unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(dir.path().join("quiver.toml"))
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{text}");
+    let text = serve_refused(dir.path(), CONFIG);
     assert!(text.contains("encryption_key_file"), "{text}");
 }

@@ -680,16 +680,7 @@ fn kafka_client_properties_reach_librdkafka() {
          [kafka.client]\n\"security.protocol\" = \"sasl_ssl\"\n\"sasl.mechanisms\" = \"SCRAM-SHA-512\"\n\
          \"ssl.ca.locatoin\" = \"ca.pem\"\n\n[log]\nbackend = \"kafka\"",
     );
-    std::fs::write(dir.path().join("quiver.toml"), config).unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(dir.path().join("quiver.toml"))
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{text}");
+    let text = serve_refused(dir.path(), &config);
     assert!(
         text.contains("ssl.ca.locatoin"),
         "the misspelt property is named: {text}"

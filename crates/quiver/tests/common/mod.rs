@@ -413,3 +413,19 @@ pub fn key(data: &Path, name: &str, roles: &[&str], tier: Option<&str>) -> Strin
     assert!(ok, "{stderr}");
     stdout.trim().to_string()
 }
+
+/// `quiver serve` with `config` (written to `dir/quiver.toml`, data in `dir/data`), expected
+/// to refuse to start: its stderr.
+pub fn serve_refused(dir: &Path, config: &str) -> String {
+    std::fs::write(dir.join("quiver.toml"), config).unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(dir.join("quiver.toml"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "the server started: {text}");
+    text
+}
