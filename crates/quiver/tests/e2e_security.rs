@@ -686,3 +686,30 @@ fn kafka_client_properties_reach_librdkafka() {
         "the misspelt property is named: {text}"
     );
 }
+
+/// `quiver keys … --config`: the keys file is the config's `auth.keys_file` under its data_dir.
+#[test]
+fn the_keys_cli_finds_the_keys_file_from_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("quiver.toml");
+    std::fs::write(
+        &config,
+        format!("[server]\ndata_dir = \"{}\"\n{CONFIG}", data.display()),
+    )
+    .unwrap();
+    let (ok, stdout, e) = quiver(&[
+        "keys",
+        "create",
+        "--config",
+        config.to_str().unwrap(),
+        "--name",
+        "payments",
+        "--role",
+        "producer:txn",
+    ]);
+    assert!(ok, "{e}");
+    let written = std::fs::read_to_string(data.join("keys.toml")).unwrap();
+    assert!(written.contains("payments"), "{written}");
+    assert!(!written.contains(stdout.trim()), "only the hash is stored");
+}
