@@ -20,6 +20,17 @@ fn keygen(file: &Path) {
     assert!(stdout.contains("added"), "{stdout}");
 }
 
+/// A key file made by `quiver storage keygen` in `dir`, and `CONFIG` sealing with it.
+fn encrypted(dir: &Path) -> (std::path::PathBuf, String) {
+    let keys = dir.join("storage.keys");
+    keygen(&keys);
+    let config = format!(
+        "[storage]\nencryption_key_file = \"{}\"\n{CONFIG}",
+        keys.display()
+    );
+    (keys, config)
+}
+
 /// Ingests 200 events carrying [`MARK`], one batch under an `Idempotency-Key`; waits until a
 /// snapshot covers them.
 fn fill(server: &Server) -> String {
@@ -85,12 +96,7 @@ fn nothing_readable_at_rest_and_everything_recovers_across_a_rotation() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("storage.keys");
-    keygen(&keys);
-    let config = format!(
-        "[storage]\nencryption_key_file = \"{}\"\n{CONFIG}",
-        keys.display()
-    );
+    let (keys, config) = encrypted(dir.path());
     let server = Server::start(dir.path(), &config);
     let keyed = fill(&server);
     let (_, first_reply) = server.post_with("/v1/events", &keyed, &[("idempotency-key", IDEM)]);
@@ -169,12 +175,7 @@ fn nothing_readable_at_rest_and_everything_recovers_across_a_rotation() {
 #[test]
 fn a_node_without_the_key_refuses_sealed_data_instead_of_serving_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("storage.keys");
-    keygen(&keys);
-    let config = format!(
-        "[storage]\nencryption_key_file = \"{}\"\n{CONFIG}",
-        keys.display()
-    );
+    let (_, config) = encrypted(dir.path());
     let server = Server::start(dir.path(), &config);
     fill(&server);
     server.stop();

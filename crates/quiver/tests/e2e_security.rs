@@ -484,6 +484,27 @@ impl Pki {
     }
 }
 
+/// A CA (with the server's certificate for localhost and 127.0.0.1 in its directory), a
+/// rogue CA, and the data directory.
+fn mtls_setup(dir: &Path) -> (Pki, Pki, PathBuf) {
+    let pki = Pki::new(dir, "ca");
+    let rogue = Pki::new(dir, "rogue");
+    let (server_cert, server_key) = pki.leaf(&["localhost", "127.0.0.1"], false);
+    std::fs::write(pki.dir.join("server.pem"), &server_cert).unwrap();
+    std::fs::write(pki.dir.join("server.key"), &server_key).unwrap();
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    (pki, rogue, data)
+}
+
+/// `[auth]` in `mode` and `[tls]` with the CA's server certificate, clients of the CA only.
+fn mtls_auth(pki: &Pki, mode: &str) -> String {
+    format!(
+        "[auth]\nmode = \"{mode}\"\n\n[tls]\ncert = \"{0}/server.pem\"\nkey = \"{0}/server.key\"\nclient_ca = \"{0}/ca.pem\"",
+        pki.dir.display()
+    )
+}
+
 fn https_client(ca: &Pki, identity: Option<&(String, String)>) -> reqwest::blocking::Client {
     let mut b = reqwest::blocking::Client::builder()
         .use_rustls_tls()
@@ -510,22 +531,13 @@ fn peer_certificate(client: &reqwest::blocking::Client, url: &str) -> Vec<u8> {
 #[test]
 fn mtls_admits_only_certificates_of_its_ca_and_a_new_certificate_needs_no_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path(), "ca");
-    let rogue = Pki::new(dir.path(), "rogue");
-    let (server_cert, server_key) = pki.leaf(&["localhost", "127.0.0.1"], false);
-    std::fs::write(pki.dir.join("server.pem"), &server_cert).unwrap();
-    std::fs::write(pki.dir.join("server.key"), &server_key).unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
+    let (pki, rogue, data) = mtls_setup(dir.path());
     std::fs::write(
         data.join("keys.toml"),
         "[[cert]]\nsan = \"spiffe://quiver/reader\"\nroles = [\"reader:txn\"]\n",
     )
     .unwrap();
-    let auth = format!(
-        "[auth]\nmode = \"mtls\"\n\n[tls]\ncert = \"{0}/server.pem\"\nkey = \"{0}/server.key\"\nclient_ca = \"{0}/ca.pem\"\nreload_interval = \"200ms\"",
-        pki.dir.display()
-    );
+    let auth = format!("{}\nreload_interval = \"200ms\"", mtls_auth(&pki, "mtls"));
     let reader = pki.leaf(&["spiffe://quiver/reader"], true);
     let stranger = pki.leaf(&["spiffe://quiver/nobody"], true);
     let good = https_client(&pki, Some(&reader));
@@ -614,23 +626,14 @@ fn leaf_files(pki: &Pki, issuer: &Pki, name: &str, sans: &[&str]) -> (String, St
 #[test]
 fn tritonclient_grpc_over_mtls_is_admitted_by_certificate_and_grant() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path(), "ca");
-    let rogue = Pki::new(dir.path(), "rogue");
-    let (server_cert, server_key) = pki.leaf(&["localhost", "127.0.0.1"], false);
-    std::fs::write(pki.dir.join("server.pem"), &server_cert).unwrap();
-    std::fs::write(pki.dir.join("server.key"), &server_key).unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
+    let (pki, rogue, data) = mtls_setup(dir.path());
     std::fs::write(
         data.join("keys.toml"),
         "[[cert]]\nsan = \"spiffe://quiver/scorer\"\nroles = [\"predictor:m\"]\n\n\
          [[cert]]\nsan = \"spiffe://quiver/reader\"\nroles = [\"reader:txn\"]\n",
     )
     .unwrap();
-    let auth = format!(
-        "[auth]\nmode = \"mtls,api_key\"\n\n[tls]\ncert = \"{0}/server.pem\"\nkey = \"{0}/server.key\"\nclient_ca = \"{0}/ca.pem\"",
-        pki.dir.display()
-    );
+    let auth = mtls_auth(&pki, "mtls,api_key");
     let token = key(&data, "scorer-key", &["predictor:m"], None);
     let scorer = leaf_files(&pki, &pki, "scorer", &["spiffe://quiver/scorer"]);
     let reader = leaf_files(&pki, &pki, "reader", &["spiffe://quiver/reader"]);
