@@ -308,6 +308,9 @@ fn a_bronze_flood_is_shed_while_gold_is_served_and_buckets_answer_429() {
             break;
         }
         assert_eq!(r.status(), 200);
+        // An answer that passes says what is left of the bucket.
+        assert_eq!(r.headers().get("ratelimit-limit").unwrap(), "2");
+        assert!(r.headers().get("ratelimit-remaining").is_some());
     }
     let r = limited.expect("the tin tier's bucket ran out");
     let h = r.headers();
