@@ -121,6 +121,21 @@ pub fn moved(before: &[Vec<String>], after: &[Vec<String>]) -> usize {
         .count()
 }
 
+/// Owner slots (a partition's place on a node) that `after` gives to a node `before` did
+/// not: what a membership change makes nodes bootstrap.
+pub fn slots_moved(before: &[Vec<String>], after: &[Vec<String>]) -> usize {
+    assert_eq!(
+        before.len(),
+        after.len(),
+        "placements of the same partitions"
+    );
+    before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| a.iter().filter(|o| !b.contains(o)).count())
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

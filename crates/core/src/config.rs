@@ -68,6 +68,8 @@ pub struct Config {
     #[serde(rename = "rate_tier")]
     pub rate_tiers: Vec<RateTierConfig>,
     pub storage: StorageConfig,
+    /// Several nodes over one Kafka log (DESIGN.md §6); absent: a single node.
+    pub cluster: Option<ClusterConfig>,
     #[serde(rename = "entity")]
     pub entities: Vec<EntityConfig>,
     #[serde(rename = "view")]
@@ -366,6 +368,59 @@ pub struct RateTierConfig {
     pub burst: u32,
 }
 
+/// `[cluster]`: the members of a cluster over one Kafka log and how partitions are placed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id (one of `nodes`).
+    #[serde(rename = "self")]
+    pub self_id: String,
+    pub nodes: Vec<ClusterNode>,
+    /// Nodes that consume and serve each partition (capped at the number of nodes).
+    #[serde(default = "default_replication")]
+    pub replication: usize,
+    /// Ring positions per node.
+    #[serde(default = "default_vnodes")]
+    pub vnodes: u32,
+    /// How often each peer is probed.
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval: HumanDuration,
+    /// A peer with no successful probe for this long is down (its partitions go to replicas).
+    #[serde(default = "default_down_after")]
+    pub down_after: HumanDuration,
+    /// Bound on one forwarded request (connect + answer).
+    #[serde(default = "default_forward_timeout")]
+    pub forward_timeout: HumanDuration,
+}
+
+fn default_replication() -> usize {
+    2
+}
+fn default_vnodes() -> u32 {
+    256
+}
+fn default_probe_interval() -> HumanDuration {
+    HumanDuration(Duration::from_millis(200))
+}
+fn default_down_after() -> HumanDuration {
+    HumanDuration(Duration::from_millis(1000))
+}
+fn default_forward_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}
+
+/// One member of `[cluster] nodes`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterNode {
+    pub id: String,
+    /// `host:port` of its HTTP listener (peers forward and probe there).
+    pub http: String,
+    /// `host:port` of its gRPC listener, if it has one.
+    #[serde(default)]
+    pub grpc: Option<String>,
+}
+
 /// `[storage]`: data at rest.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -598,6 +653,7 @@ impl Config {
             "must be 1..=1024",
         )?;
         self.validate_kafka()?;
+        self.validate_cluster()?;
         self.validate_security()?;
         check(
             self.log.segment_bytes >= 4096,
@@ -742,6 +798,54 @@ impl Config {
             LogBackend::Embedded => self.log.partitions,
             LogBackend::Kafka => self.kafka.partitions,
         }
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let Some(c) = &self.cluster else {
+            return Ok(());
+        };
+        let err = |path: &str, msg: String| Err(ConfigError::field(format!("cluster.{path}"), msg));
+        if self.log.backend != LogBackend::Kafka {
+            return err(
+                "self",
+                "a cluster needs log.backend = \"kafka\" (the embedded log is single-node)".into(),
+            );
+        }
+        if c.nodes.is_empty() || c.nodes.len() > 1024 {
+            return err("nodes", "must list 1..=1024 nodes".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, n) in c.nodes.iter().enumerate() {
+            if n.id.is_empty() || !seen.insert(n.id.as_str()) {
+                return err(
+                    &format!("nodes[{i}].id"),
+                    "must be non-empty and unique".into(),
+                );
+            }
+            if n.http.parse::<SocketAddr>().is_err() && !n.http.contains(':') {
+                return err(&format!("nodes[{i}].http"), "must be host:port".into());
+            }
+        }
+        if !seen.contains(c.self_id.as_str()) {
+            return err(
+                "self",
+                format!("{:?} is not one of cluster.nodes", c.self_id),
+            );
+        }
+        if c.replication == 0 {
+            return err("replication", "must be at least 1".into());
+        }
+        if !(1..=4096).contains(&c.vnodes) {
+            return err("vnodes", "must be 1..=4096".into());
+        }
+        if c.probe_interval.0.is_zero() || c.down_after.0 < c.probe_interval.0 * 2 {
+            return err(
+                "down_after",
+                "must be at least twice cluster.probe_interval (one lost probe is not a death)"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     fn validate_kafka(&self) -> Result<(), ConfigError> {

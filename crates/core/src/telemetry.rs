@@ -89,3 +89,5 @@ pub const PREDICTION_CACHE_TOTAL: &str = "quiver_prediction_cache_total";
 pub const SHADOW_PREDICTIONS_TOTAL: &str = "quiver_shadow_predictions_total";
 /// Largest absolute difference between shadow and primary outputs, per row.
 pub const SHADOW_DIVERGENCE: &str = "quiver_shadow_divergence";
+/// Requests forwarded to a peer in a cluster (labels `peer`, `ok`).
+pub const CLUSTER_FORWARDED_TOTAL: &str = "quiver_cluster_forwarded_total";

@@ -46,6 +46,7 @@ pub mod offsets;
 mod partition;
 mod reader;
 pub mod segment;
+pub mod threads;
 pub mod tools;
 
 use std::path::{Path, PathBuf};

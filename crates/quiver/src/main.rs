@@ -134,6 +134,7 @@ fn main() -> Result<()> {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
+    let config_path = args.config.clone();
     let mut config = load_config(args.config.as_deref(), args.data_dir, args.listen)?;
     if let Some(g) = args.grpc_listen {
         config.server.grpc_listen = Some(g);
@@ -173,11 +174,55 @@ fn serve(args: ServeArgs) -> Result<()> {
             None => None,
         };
         println!("quiver listening on {scheme}://{addr}");
-        quiver_server::serve_with(Arc::new(node), listener, grpc, metrics, shutdown_signal())
-            .await?;
+        let node = Arc::new(node);
+        if node.cluster.is_some() {
+            tokio::spawn(reload_on_sighup(node.clone(), config_path));
+        }
+        quiver_server::serve_with(node, listener, grpc, metrics, shutdown_signal()).await?;
         tracing::info!("stopped cleanly");
         Ok(())
     })
+}
+
+/// SIGHUP rereads the config file and applies its `[cluster]` (members added or removed; no
+/// restart): partitions gained are served once caught up, partitions lost once their new
+/// owners serve them. Anything else in the file needs a restart.
+async fn reload_on_sighup(node: Arc<quiver_server::Node>, path: Option<PathBuf>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::error!("cannot install the SIGHUP handler: no config reload");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let node = node.clone();
+            let path = path.clone();
+            let applied = tokio::task::spawn_blocking(move || -> Result<String> {
+                let text = match &path {
+                    Some(p) => std::fs::read_to_string(p)
+                        .with_context(|| format!("reading config {}", p.display()))?,
+                    None => anyhow::bail!("no --config file to reread"),
+                };
+                let config = Config::from_toml_with_env(&text, std::env::vars())?;
+                config.validate()?;
+                let cluster = config.cluster.context("the config has no [cluster]")?;
+                let change = node.reload_cluster(&cluster)?;
+                Ok(format!(
+                    "gained {:?}, lost {:?}, {} partitions moved",
+                    change.gained, change.lost, change.moved
+                ))
+            })
+            .await;
+            match applied {
+                Ok(Ok(what)) => tracing::info!(%what, "cluster config reloaded"),
+                Ok(Err(e)) => tracing::error!(error = %e, "config reload refused"),
+                Err(e) => tracing::error!(error = %e, "config reload failed"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (node, path);
 }
 
 async fn shutdown_signal() {

@@ -50,9 +50,28 @@ pub async fn read_after(state: &AppState, headers: &HeaderMap) -> Result<(), Api
 pub async fn get_entity(
     State(state): State<Arc<AppState>>,
     Path((view, key)): Path<(String, String)>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Response {
     let started = Instant::now();
+    if state.peers.is_some() {
+        let p = state.node.store.partition_of(&key);
+        let path = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+        let forwarded = crate::cluster::forward_if_remote(
+            &state,
+            p,
+            axum::http::Method::GET,
+            path,
+            &headers,
+            bytes::Bytes::new(),
+        )
+        .await;
+        match forwarded {
+            Ok(None) => {}
+            Ok(Some(r)) => return r,
+            Err(e) => return e.into_response(),
+        }
+    }
     let result = get_entity_inner(&state, &view, &key, &headers).await;
     metrics::histogram!(t::LOOKUP_SECONDS, "path" => "single")
         .record(started.elapsed().as_secs_f64());
@@ -294,6 +313,24 @@ async fn post_features_inner(
     read_after(state, headers).await?;
     let (columns, raw) = entity_columns(&req.entities)?;
     let rows = columns.first().map_or(0, |c| c.keys.len());
+    if let (Some(_), Some(first), false) = (
+        &state.peers,
+        columns.first(),
+        matches!(mode, Mode::Historical),
+    ) {
+        // Rows are placed by their first entity column's key.
+        let at = crate::cluster::placement(headers)?;
+        let plan = crate::cluster::plan_rows(state, first.keys.iter().map(|k| k.as_deref()), at)?;
+        if !plan.remote.is_empty() {
+            let split = SplitRead {
+                refs: &resolved.refs,
+                columns: &columns,
+                raw: &raw,
+                mode,
+            };
+            return split.run(state, &bytes, headers, plan).await;
+        }
+    }
     let as_of = as_of(&req, matches!(mode, Mode::Historical), rows)?;
     let reads = match &as_of {
         // Point in time reads the log (and maybe PostgreSQL) synchronously: `block_in_place`
@@ -311,6 +348,71 @@ async fn post_features_inner(
         .collect();
     let reply = feast_reply(&entity_columns, &resolved.refs, &reads);
     Ok(([(header::CONTENT_TYPE, "application/json")], reply).into_response())
+}
+
+/// A batch read whose rows are served by several nodes: the peers' shares are fetched at
+/// once, this node's share read here, and the answers merged in request order.
+struct SplitRead<'a> {
+    refs: &'a [FeatureRef],
+    columns: &'a [EntityColumn],
+    raw: &'a [&'a Vec<Json_>],
+    mode: Mode,
+}
+
+impl SplitRead<'_> {
+    async fn run(
+        self,
+        state: &AppState,
+        bytes: &[u8],
+        headers: &HeaderMap,
+        plan: crate::cluster::Plan,
+    ) -> Result<Response, ApiError> {
+        let rows = self.columns.first().map_or(0, |c| c.keys.len());
+        let body: Json_ = serde_json::from_slice(bytes)
+            .map_err(|e| ApiError::bad_request("BAD_REQUEST", format!("invalid request: {e}")))?;
+        let path = match self.mode {
+            Mode::Feast => "/get-online-features",
+            _ => "/v1/features",
+        };
+        let fetched = crate::cluster::fetch_groups(state, plan.remote, path, headers, |rows| {
+            crate::cluster::entities_subset(&body, "entities", rows)
+        })
+        .await;
+        let mut parts = match fetched {
+            Ok(parts) => parts,
+            Err(answer) => return Ok(answer),
+        };
+        if !plan.local.is_empty() {
+            let columns: Vec<EntityColumn> = self
+                .columns
+                .iter()
+                .map(|c| EntityColumn {
+                    name: c.name.clone(),
+                    keys: plan.local.iter().map(|&r| c.keys[r].clone()).collect(),
+                })
+                .collect();
+            let raw: Vec<Vec<Json_>> = self
+                .raw
+                .iter()
+                .map(|r| plan.local.iter().map(|&i| r[i].clone()).collect())
+                .collect();
+            let reads = features::read_batch(&state.node, self.refs, &columns, None)?;
+            let entities: Vec<(&str, &[Json_])> = columns
+                .iter()
+                .zip(&raw)
+                .map(|(c, r)| (c.name.as_str(), r.as_slice()))
+                .collect();
+            let reply = feast_reply(&entities, self.refs, &reads);
+            let reply: Json_ = serde_json::from_slice(&reply).expect("our own reply is JSON");
+            parts.insert(0, (plan.local, reply));
+        }
+        let merged = crate::cluster::merge_feast(rows, parts);
+        Ok((
+            [(header::CONTENT_TYPE, "application/json")],
+            merged.to_string(),
+        )
+            .into_response())
+    }
 }
 
 /// The request's entity columns: each an array, all of one length; a value that is not a

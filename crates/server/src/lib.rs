@@ -2,6 +2,7 @@
 //! The only crate that knows HTTP, gRPC, JSON shapes and status codes.
 
 mod body;
+pub mod cluster;
 pub mod error;
 mod feast;
 pub mod features;
@@ -35,16 +36,22 @@ pub struct AppState {
     pub resolved: features::ResolvedCache,
     /// Authentication, grants, rate tiers, the audit trail.
     pub security: Security,
+    /// Connections to the other nodes, in a cluster.
+    pub peers: Option<cluster::Peers>,
 }
 
 impl AppState {
     pub fn new(node: Arc<Node>, metrics: Option<PrometheusHandle>) -> Result<AppState, String> {
         let security = Security::from_config(&node.config, node.audit.clone())?;
         Ok(AppState {
-            node,
             metrics,
             resolved: features::ResolvedCache::new(features::RESOLVED_CACHE_ENTRIES),
             security,
+            peers: node
+                .cluster
+                .as_ref()
+                .map(|c| cluster::Peers::new(c.forward_timeout)),
+            node,
         })
     }
 }
@@ -188,6 +195,18 @@ fn routes() -> Vec<(RouteSpec, Handler)> {
             role(Predictor),
             post(v2::version_infer),
         ),
+        r(
+            "GET",
+            "/v1/cluster",
+            Access::Role(quiver_auth::Role::Ops),
+            get(cluster::cluster_view),
+        ),
+        r(
+            "GET",
+            "/v1/cluster/node",
+            Access::Health,
+            get(cluster::node_status),
+        ),
         r("GET", "/healthz", Access::Health, get(ops::healthz)),
         r("GET", "/readyz", Access::Health, get(ops::readyz)),
         r(
@@ -218,6 +237,12 @@ pub fn router(state: Arc<AppState>) -> Router {
     let mut router = Router::new();
     for (spec, handler) in routes() {
         router = router.route(spec.path, handler);
+    }
+    if state.node.cluster.is_some() {
+        router = router.layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            cluster::served_by,
+        ));
     }
     router
         .fallback(|| async {
@@ -303,6 +328,7 @@ pub async fn serve_with(
             }
         })
     };
+    let probes = tokio::spawn(cluster::probe_loop(state.clone()));
     // One shutdown for both surfaces.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -333,6 +359,7 @@ pub async fn serve_with(
         }
     }
     housekeeping.abort();
+    probes.abort();
     tokio::task::spawn_blocking(move || node.shutdown())
         .await
         .ok();

@@ -212,10 +212,11 @@ fn parse_version(v: &Json_) -> Option<u64> {
 pub async fn predict(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match predict_inner(&state, &model, &headers, body).await {
+    match predict_inner(&state, &model, uri.path(), &headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -224,6 +225,7 @@ pub async fn predict(
 async fn predict_inner(
     state: &AppState,
     name: &str,
+    path: &str,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -238,7 +240,6 @@ async fn predict_inner(
             ApiError::bad_request("BAD_REQUEST", "version must be a positive integer")
         })?),
     };
-    crate::features::read_after(state, headers).await?;
     let (instances, single) = match (req.instances, req.entities, req.features) {
         (Some(list), None, None) => (
             list.iter()
@@ -268,19 +269,121 @@ async fn predict_inner(
             format!("1..={max} instances per request"),
         ));
     }
+    if state.peers.is_some() {
+        let routed = Routed {
+            state,
+            spec: &spec,
+            path,
+            headers,
+            bytes: &bytes,
+        };
+        if let Some(answer) = routed.forward(&instances, single).await? {
+            return Ok(answer);
+        }
+    }
+    crate::features::read_after(state, headers).await?;
     let answers = predict::run(&state.node, &m, &spec, pin, &instances).await?;
+    Ok(Json(answers_json(name, &spec, &answers, single)).into_response())
+}
+
+/// A predict in a cluster: instances are placed by the key of the model's first entity; a
+/// request whose instances are all served elsewhere goes there whole, one spread over
+/// several nodes is split and its predictions merged in request order.
+struct Routed<'a> {
+    state: &'a AppState,
+    spec: &'a ModelSpec,
+    path: &'a str,
+    headers: &'a HeaderMap,
+    bytes: &'a [u8],
+}
+
+impl Routed<'_> {
+    /// The answer when (part of) the request is answered elsewhere; `None`: all here.
+    async fn forward(
+        &self,
+        instances: &[Instance],
+        single: bool,
+    ) -> Result<Option<Response>, ApiError> {
+        let node = &self.state.node;
+        let Some((view, _, _)) = self.spec.reads.first() else {
+            return Ok(None); // reads no feature: any node answers
+        };
+        let key_col = &node.schema.entity_of(node.schema.view(*view)).key;
+        let keys = instances.iter().map(|i| i.entity(key_col));
+        let at = crate::cluster::placement(self.headers)?;
+        let plan = crate::cluster::plan_rows(self.state, keys, at)?;
+        if plan.remote.is_empty() {
+            return Ok(None);
+        }
+        if plan.local.is_empty() && plan.remote.len() == 1 {
+            let (candidates, _) = &plan.remote[0];
+            let peers = self.state.peers.as_ref().expect("a cluster has peers");
+            let body = bytes::Bytes::copy_from_slice(self.bytes);
+            let reply = peers
+                .forward(
+                    self.state,
+                    candidates,
+                    axum::http::Method::POST,
+                    self.path,
+                    self.headers,
+                    body,
+                )
+                .await?;
+            return Ok(Some(reply.into_response()));
+        }
+        debug_assert!(!single, "one instance has one place");
+        self.split(instances, plan).await.map(Some)
+    }
+
+    async fn split(
+        &self,
+        instances: &[Instance],
+        plan: crate::cluster::Plan,
+    ) -> Result<Response, ApiError> {
+        let body: Json_ = serde_json::from_slice(self.bytes)
+            .map_err(|e| ApiError::bad_request("BAD_REQUEST", format!("invalid request: {e}")))?;
+        let subset = |rows: &[usize]| {
+            let mut b = body.clone();
+            if let Some(Json_::Array(list)) = b.get_mut("instances") {
+                *list = rows.iter().map(|&r| list[r].take()).collect();
+            }
+            bytes::Bytes::from(b.to_string())
+        };
+        let fetched =
+            crate::cluster::fetch_groups(self.state, plan.remote, self.path, self.headers, subset)
+                .await;
+        let mut parts = match fetched {
+            Ok(p) => p,
+            Err(answer) => return Ok(answer),
+        };
+        if !plan.local.is_empty() {
+            let local: Vec<Instance> = plan.local.iter().map(|&i| instances[i].clone()).collect();
+            let (m, spec) = predict::served(&self.state.node, &self.spec.name)?;
+            crate::features::read_after(self.state, self.headers).await?;
+            let pin = body.get("version").and_then(parse_version);
+            let answers = predict::run(&self.state.node, &m, &spec, pin, &local).await?;
+            parts.insert(
+                0,
+                (plan.local, answers_json(&spec.name, &spec, &answers, false)),
+            );
+        }
+        Ok(Json(crate::cluster::merge_predictions(instances.len(), parts)).into_response())
+    }
+}
+
+/// The predict answer: one prediction's fields, or `predictions` for a list of instances.
+fn answers_json(name: &str, spec: &ModelSpec, answers: &[Answer], single: bool) -> Json_ {
     let cache = |hit: bool| if hit { "hit" } else { "miss" };
-    let body = if single {
+    if single {
         let a = &answers[0];
-        json!({"model": name, "version": a.version, "outputs": outputs_json(a, &spec), "missing": missing_json(a), "cache": cache(a.cache_hit)})
+        json!({"model": name, "version": a.version, "outputs": outputs_json(a, spec), "missing": missing_json(a), "cache": cache(a.cache_hit)})
     } else {
         let predictions: Vec<Json_> = answers
             .iter()
-            .map(|a| json!({"version": a.version, "outputs": outputs_json(a, &spec), "missing": missing_json(a), "cache": cache(a.cache_hit)}))
+            .map(|a| json!({"version": a.version, "outputs": outputs_json(a, spec), "missing": missing_json(a), "cache": cache(a.cache_hit)}))
             .collect();
         json!({"model": name, "version": answers[0].version, "predictions": predictions, "cache": cache(answers.iter().all(|a| a.cache_hit))})
-    };
-    Ok(Json(body).into_response())
+    }
 }
 
 #[derive(Deserialize)]

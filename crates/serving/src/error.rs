@@ -71,6 +71,10 @@ codes! {
     ShuttingDown = "SHUTTING_DOWN", Unavailable;
     ReadAfterTimeout = "READ_AFTER_TIMEOUT", Unavailable;
     HistoryUnavailable = "HISTORY_UNAVAILABLE", Unavailable;
+    PartitionUnavailable = "PARTITION_UNAVAILABLE", Unavailable;
+    ReplicaLagging = "REPLICA_LAGGING", Unavailable;
+    ForwardLoop = "FORWARD_LOOP", Unavailable;
+    PeerFailed = "PEER_FAILED", Unavailable;
     Forbidden = "FORBIDDEN", Forbidden;
     ModelError = "MODEL_ERROR", Internal;
     LogError = "LOG_ERROR", Internal;

@@ -18,6 +18,13 @@ use crate::Node;
 /// Waits (bounded by `server.read_after_wait_ms_max`) until the materializer has applied
 /// every position `token` names.
 pub async fn read_after(node: &Node, token: &Token) -> Result<()> {
+    let local;
+    let token = if node.cluster.is_some() {
+        local = node.local_token(token);
+        &local
+    } else {
+        token
+    };
     if node.store.has_applied(token) {
         return Ok(());
     }

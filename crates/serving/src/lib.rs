@@ -6,6 +6,7 @@
 //! Every failure is a [`ServingError`] with a code from one closed table ([`Code`]).
 
 pub mod cache;
+pub mod cluster;
 pub mod error;
 pub mod features;
 pub mod idempotency;

@@ -58,6 +58,10 @@ pub struct Node {
     /// The tamper-evident audit trail (`auth.audit_file`): admin actions, key changes,
     /// rollout decisions, refused credentials and grants.
     pub audit: Arc<quiver_auth::audit::AuditLog>,
+    /// Membership, placement and peer health when `[cluster]` is set.
+    pub cluster: Option<Arc<quiver_cluster::Cluster>>,
+    /// When the node was opened (the failure detector settles after it).
+    pub(crate) started: std::time::Instant,
     /// Running upstream sources (`[[rabbitmq_source]]`), started by [`Node::start_sources`].
     sources: Mutex<Vec<quiver_connect::rabbitmq::RabbitSource>>,
 }
@@ -128,7 +132,16 @@ impl Node {
             log.partitions(),
             log.streams().len() as u32,
         ));
-        let materializers = Materializers::start(
+        let cluster = config
+            .cluster
+            .as_ref()
+            .map(|c| Arc::new(quiver_cluster::Cluster::new(c, log.partitions())));
+        // A cluster node materializes only the partitions it owns; a single node, all.
+        let owned: Vec<u32> = match &cluster {
+            Some(c) => c.membership().owned(),
+            None => (0..log.partitions()).collect(),
+        };
+        let materializers = Materializers::start_for(
             store.clone(),
             log.clone(),
             MaterializerOptions {
@@ -138,6 +151,7 @@ impl Node {
                 poll_records_max: 4096,
                 sealer: sealer.clone(),
             },
+            &owned,
         )?;
         let journal = data.join("idempotency.journal");
         let idempotency = IdempotencyStore::open(
@@ -151,9 +165,11 @@ impl Node {
         .map_err(|e| NodeError::Io(journal.display().to_string(), e))?;
         let limits = EventLimits::from_config(&config);
         let history = match quiver_connect::history::HistoryOptions::from_config(&config.history) {
-            Some(opts) => Some(quiver_connect::history::HistorySink::start(
+            // In a cluster the sinks start once the peers are known (`cluster_tick`).
+            Some(opts) => Some(quiver_connect::history::HistorySink::start_for(
                 log.clone(),
                 opts,
+                if cluster.is_some() { &[] } else { &owned },
             )?),
             None => None,
         };
@@ -246,6 +262,8 @@ impl Node {
             limits,
             sources: Mutex::new(Vec::new()),
             audit,
+            cluster,
+            started: std::time::Instant::now(),
         })
     }
 

@@ -36,7 +36,7 @@ pub struct Instance {
 }
 
 impl Instance {
-    fn entity(&self, column: &str) -> Option<&str> {
+    pub fn entity(&self, column: &str) -> Option<&str> {
         self.entities
             .iter()
             .find(|(c, _)| c == column)

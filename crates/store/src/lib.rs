@@ -119,6 +119,12 @@ pub struct Store {
     applied: Vec<AtomicU64>,
     applied_changed: Vec<tokio::sync::Notify>,
     recovered: AtomicBool,
+    /// Per partition: its materializer has caught up with the log as it was when it started
+    /// (a cluster serves a partition only then).
+    ready: Vec<AtomicBool>,
+    /// Per partition: records between what is applied and the log's end as its reader last
+    /// saw it (what `Quiver-Max-Lag` is checked against, without asking the log).
+    lag: Vec<AtomicU64>,
 }
 
 /// What applying one record did.
@@ -153,6 +159,8 @@ impl Store {
             applied: (0..streams).map(|_| AtomicU64::new(0)).collect(),
             applied_changed: (0..streams).map(|_| tokio::sync::Notify::new()).collect(),
             recovered: AtomicBool::new(false),
+            ready: (0..partitions).map(|_| AtomicBool::new(false)).collect(),
+            lag: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
             schema,
         }
     }
@@ -380,6 +388,24 @@ impl Store {
 
     pub(crate) fn set_recovered(&self) {
         self.recovered.store(true, Ordering::Release);
+    }
+
+    /// Whether `partition` is materialized here and caught up.
+    pub fn partition_ready(&self, partition: u32) -> bool {
+        self.ready[partition as usize].load(Ordering::Acquire)
+    }
+
+    /// Records `partition`'s materializer is behind the log's end (as last seen).
+    pub fn partition_lag(&self, partition: u32) -> u64 {
+        self.lag[partition as usize].load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_partition_lag(&self, partition: u32, records: u64) {
+        self.lag[partition as usize].store(records, Ordering::Release);
+    }
+
+    pub(crate) fn set_partition_ready(&self, partition: u32, ready: bool) {
+        self.ready[partition as usize].store(ready, Ordering::Release);
     }
 
     /// Whether everything `token` names has been applied.

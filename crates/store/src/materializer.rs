@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use quiver_core::record;
 use quiver_core::telemetry as t;
+use quiver_log::threads::PartitionThreads;
 use quiver_log::{
     Consumer, EventLog, OffsetStore, ReadBatch, ReadPurpose, Retention, StreamId, StreamReader,
 };
@@ -43,9 +44,23 @@ pub struct MaterializerOptions {
 }
 
 pub struct Materializers {
-    stop: Arc<AtomicBool>,
-    handles: Mutex<Vec<JoinHandle<()>>>,
+    shared: Shared,
+    /// One worker per partition materialized here.
+    workers: PartitionThreads,
     errors: Arc<Mutex<Vec<String>>>,
+}
+
+/// What every worker, started now or later, is built from.
+struct Shared {
+    store: Arc<Store>,
+    log: Arc<dyn EventLog>,
+    opts: MaterializerOptions,
+    offsets: OffsetStore,
+    committed: Arc<Mutex<BTreeMap<u32, u64>>>,
+    consumer: Arc<Consumer>,
+    /// Partitions of the start-up set that have caught up, and how many there are.
+    recovered: Arc<AtomicUsize>,
+    initial: usize,
 }
 
 /// One stream of a partition as its worker tracks it.
@@ -60,14 +75,14 @@ struct Worker {
     partition: u32,
     streams: Vec<Stream>,
     store: Arc<Store>,
-    partitions: u32,
     offsets: OffsetStore,
     committed: Arc<Mutex<BTreeMap<u32, u64>>>,
     consumer: Arc<Consumer>,
     reader: Box<dyn StreamReader>,
     dedup: DedupWindow,
     opts: MaterializerOptions,
-    recovered: Arc<AtomicUsize>,
+    /// Counts towards the store's recovery (a partition of the start-up set).
+    initial: Option<(Arc<AtomicUsize>, usize)>,
     stop: Arc<AtomicBool>,
     errors: Arc<Mutex<Vec<String>>>,
 }
@@ -79,6 +94,18 @@ impl Materializers {
         log: Arc<dyn EventLog>,
         opts: MaterializerOptions,
     ) -> Result<Materializers> {
+        let all: Vec<u32> = (0..log.partitions()).collect();
+        Materializers::start_for(store, log, opts, &all)
+    }
+
+    /// [`Materializers::start`] for `partitions` only (a cluster node's share); the store is
+    /// recovered once they have all caught up.
+    pub fn start_for(
+        store: Arc<Store>,
+        log: Arc<dyn EventLog>,
+        opts: MaterializerOptions,
+        partitions: &[u32],
+    ) -> Result<Materializers> {
         assert_eq!(
             store.partitions(),
             log.partitions(),
@@ -89,39 +116,84 @@ impl Materializers {
         let committed = Arc::new(Mutex::new(offsets.load(CONSUMER)?));
         // Retention keeps everything after each partition's last snapshot: recovery replays it.
         let consumer = log.register_consumer(CONSUMER, Retention::Protect, &|_| 0);
-        let stop = Arc::new(AtomicBool::new(false));
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let recovered = Arc::new(AtomicUsize::new(0));
-        let mut workers = Vec::new();
-        for p in 0..log.partitions() {
-            let (streams, from, dedup) = recover(&store, log.as_ref(), &opts, p)?;
-            for (s, &o) in streams.iter().zip(&from) {
-                store.set_applied(s.id, o);
-                consumer.commit(s.id, o);
-            }
-            let start: Vec<(StreamId, u64)> = streams.iter().map(|s| s.id).zip(from).collect();
-            workers.push(Worker {
-                partition: p,
-                reader: log.open_reader(&start, ReadPurpose::Materialize)?,
-                streams,
-                store: store.clone(),
-                partitions: log.partitions(),
-                offsets: offsets.clone(),
-                committed: committed.clone(),
-                consumer: consumer.clone(),
-                dedup,
-                opts: opts.clone(),
-                recovered: recovered.clone(),
-                stop: stop.clone(),
-                errors: errors.clone(),
-            });
+        if partitions.is_empty() {
+            store.set_recovered();
         }
-        let handles = workers.into_iter().map(spawn).collect();
-        Ok(Materializers {
-            stop,
-            handles: Mutex::new(handles),
-            errors,
-        })
+        let m = Materializers {
+            shared: Shared {
+                store,
+                log,
+                opts,
+                offsets,
+                committed,
+                consumer,
+                recovered: Arc::new(AtomicUsize::new(0)),
+                initial: partitions.len(),
+            },
+            workers: PartitionThreads::default(),
+            errors: Arc::new(Mutex::new(Vec::new())),
+        };
+        for &p in partitions {
+            m.spawn_worker(p, true)?;
+        }
+        Ok(m)
+    }
+
+    /// Starts materializing partition `p` (no-op if it runs): snapshot, then the log. The
+    /// store says the partition is ready once it has caught up (make-before-break).
+    pub fn add(&self, p: u32) -> Result<()> {
+        if self.workers.contains(p) {
+            return Ok(());
+        }
+        self.spawn_worker(p, false)
+    }
+
+    /// Stops materializing partition `p` (after a final snapshot) and drops its rows.
+    pub fn remove(&self, p: u32) {
+        if !self.workers.contains(p) {
+            return;
+        }
+        // Not ready first: new requests go elsewhere, while reads already past the check
+        // finish during the final snapshot, before the rows go.
+        self.shared.store.set_partition_ready(p, false);
+        self.workers.stop(p);
+        self.shared.store.clear_partition(p);
+    }
+
+    /// The partitions materialized here.
+    pub fn partitions(&self) -> Vec<u32> {
+        self.workers.partitions()
+    }
+
+    fn spawn_worker(&self, p: u32, initial: bool) -> Result<()> {
+        let sh = &self.shared;
+        let (streams, from, dedup) = recover(&sh.store, sh.log.as_ref(), &sh.opts, p)?;
+        for (s, &o) in streams.iter().zip(&from) {
+            // A partition handed back to this node resumes from its last snapshot, which
+            // covers what it applied before: offsets never go back.
+            if o > sh.store.applied_offset(s.id) {
+                sh.store.set_applied(s.id, o);
+            }
+            sh.consumer.commit(s.id, o);
+        }
+        let start: Vec<(StreamId, u64)> = streams.iter().map(|s| s.id).zip(from).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = Worker {
+            partition: p,
+            reader: sh.log.open_reader(&start, ReadPurpose::Materialize)?,
+            streams,
+            store: sh.store.clone(),
+            offsets: sh.offsets.clone(),
+            committed: sh.committed.clone(),
+            consumer: sh.consumer.clone(),
+            dedup,
+            opts: sh.opts.clone(),
+            initial: initial.then(|| (sh.recovered.clone(), sh.initial)),
+            stop: stop.clone(),
+            errors: self.errors.clone(),
+        };
+        self.workers.insert(p, stop, spawn(worker));
+        Ok(())
     }
 
     /// Problems that stopped a partition (a corrupt record, an unwritable snapshot).
@@ -131,10 +203,7 @@ impl Materializers {
 
     /// Stops every thread after a final snapshot.
     pub fn shutdown(&self) {
-        self.stop.store(true, Ordering::Release);
-        for h in self.handles.lock().drain(..) {
-            let _ = h.join();
-        }
+        self.workers.stop_all();
     }
 }
 
@@ -284,9 +353,12 @@ impl Worker {
         loop {
             if !recovered && self.caught_up_with_start() {
                 recovered = true;
-                if self.recovered.fetch_add(1, Ordering::AcqRel) + 1 == self.partitions as usize {
-                    self.store.set_recovered();
-                    tracing::info!(rows = self.store.rows(), "store recovered");
+                self.store.set_partition_ready(p, true);
+                if let Some((count, of)) = &self.initial {
+                    if count.fetch_add(1, Ordering::AcqRel) + 1 == *of {
+                        self.store.set_recovered();
+                        tracing::info!(rows = self.store.rows(), "store recovered");
+                    }
                 }
             }
             if self.stop.load(Ordering::Acquire) {
@@ -344,6 +416,7 @@ impl Worker {
             }
             applied_gauge.set(positions.iter().sum::<u64>() as f64);
             lag.set(behind as f64);
+            self.store.set_partition_lag(p, behind);
             staleness.set(fresh_at.elapsed().as_secs_f64());
             if positions != snapshotted && last_snapshot.elapsed() >= self.opts.snapshot_interval {
                 if let Err(e) = self.snapshot(&positions) {

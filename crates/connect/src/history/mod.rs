@@ -50,11 +50,11 @@ mod sink;
 mod tests;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use parking_lot::Mutex;
+use quiver_log::threads::PartitionThreads;
 use quiver_log::{Consumer, EventLog, OffsetStore, Retention};
 
 pub use config::HistoryOptions;
@@ -73,10 +73,21 @@ pub enum HistoryError {
 }
 
 pub struct HistorySink {
-    stop: Arc<AtomicBool>,
-    handles: Mutex<Vec<JoinHandle<()>>>,
+    shared: Shared,
+    /// One sink per partition whose history is written from here (a cluster moves them).
+    workers: PartitionThreads,
     consumer: Arc<Consumer>,
     stopped: Arc<Mutex<Vec<(u32, String)>>>,
+}
+
+/// What every partition's sink, started now or later, is built from.
+struct Shared {
+    log: Arc<dyn EventLog>,
+    opts: HistoryOptions,
+    endpoint: PgEndpoint,
+    offsets: OffsetStore,
+    shared_offsets: Arc<Mutex<BTreeMap<u32, u64>>>,
+    start_at: Vec<u64>,
 }
 
 impl HistorySink {
@@ -85,6 +96,17 @@ impl HistorySink {
     pub fn start(
         log: Arc<dyn EventLog>,
         opts: HistoryOptions,
+    ) -> Result<HistorySink, HistoryError> {
+        let all: Vec<u32> = (0..log.partitions()).collect();
+        HistorySink::start_for(log, opts, &all)
+    }
+
+    /// [`HistorySink::start`] for `partitions` only (in a cluster, those this node is the
+    /// acting primary of; [`HistorySink::add`] and [`HistorySink::remove`] move them).
+    pub fn start_for(
+        log: Arc<dyn EventLog>,
+        opts: HistoryOptions,
+        partitions: &[u32],
     ) -> Result<HistorySink, HistoryError> {
         let offsets = OffsetStore::open(&log.local_dir().join("offsets"))?;
         let stored = offsets.load(CONSUMER)?;
@@ -102,8 +124,6 @@ impl HistorySink {
             Retention::Protect
         };
         let consumer = log.register_consumer(CONSUMER, retention, &|s| start_at[s as usize]);
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = Arc::new(Mutex::new(Vec::new()));
         let shared_offsets = Arc::new(Mutex::new(
             start_at
                 .iter()
@@ -119,45 +139,75 @@ impl HistorySink {
         }
         let endpoint = PgEndpoint::new(&opts.postgres_url, opts.ca_file.as_deref())
             .map_err(HistoryError::Setup)?;
-        let mut handles = Vec::new();
-        for p in 0..log.partitions() {
-            let streams: Vec<sink::Stream> = log
-                .partition_streams(p)
-                .into_iter()
-                .map(|s| sink::Stream {
-                    id: s,
-                    log_id: log.streams()[s as usize].log_id.clone(),
-                    local: start_at[s as usize],
-                })
-                .collect();
-            let w = sink::Worker {
-                partition: p,
-                log: log.clone(),
-                streams,
-                reader: None,
-                service: service::Service::new(endpoint.clone(), &opts.table, p),
-                opts: opts.clone(),
-                stop: stop.clone(),
-                consumer: consumer.clone(),
-                offsets: offsets.clone(),
-                shared_offsets: shared_offsets.clone(),
-                stopped: stopped.clone(),
-            };
-            let handle = std::thread::Builder::new()
-                .name(format!("history-{p}"))
-                .spawn(move || w.run())
-                .map_err(|e| quiver_log::LogError::Io {
-                    path: log.local_dir().to_path_buf(),
-                    source: e,
-                })?;
-            handles.push(handle);
-        }
-        Ok(HistorySink {
-            stop,
-            handles: Mutex::new(handles),
+        let sink = HistorySink {
+            shared: Shared {
+                log,
+                opts,
+                endpoint,
+                offsets,
+                shared_offsets,
+                start_at,
+            },
+            workers: PartitionThreads::default(),
             consumer,
-            stopped,
-        })
+            stopped: Arc::new(Mutex::new(Vec::new())),
+        };
+        for &p in partitions {
+            sink.add(p)?;
+        }
+        Ok(sink)
+    }
+
+    /// Starts partition `p`'s sink (no-op if it runs). It resumes where PostgreSQL says the
+    /// partition stands, so a sink moved between nodes writes every row once.
+    pub fn add(&self, p: u32) -> Result<(), HistoryError> {
+        if self.workers.contains(p) {
+            return Ok(());
+        }
+        let sh = &self.shared;
+        let log = &sh.log;
+        let streams: Vec<sink::Stream> = log
+            .partition_streams(p)
+            .into_iter()
+            .map(|s| sink::Stream {
+                id: s,
+                log_id: log.streams()[s as usize].log_id.clone(),
+                local: sh.start_at[s as usize],
+            })
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let w = sink::Worker {
+            partition: p,
+            log: log.clone(),
+            streams,
+            reader: None,
+            service: service::Service::new(sh.endpoint.clone(), &sh.opts.table, p),
+            opts: sh.opts.clone(),
+            stop: stop.clone(),
+            consumer: self.consumer.clone(),
+            offsets: sh.offsets.clone(),
+            shared_offsets: sh.shared_offsets.clone(),
+            stopped: self.stopped.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("history-{p}"))
+            .spawn(move || w.run())
+            .map_err(|e| quiver_log::LogError::Io {
+                path: log.local_dir().to_path_buf(),
+                source: e,
+            })?;
+        self.workers.insert(p, stop, handle);
+        Ok(())
+    }
+
+    /// Stops partition `p`'s sink (its last batch committed or rolled back).
+    pub fn remove(&self, p: u32) {
+        self.workers.stop(p);
+    }
+
+    /// The partitions whose sink runs here.
+    pub fn partitions(&self) -> Vec<u32> {
+        self.workers.partitions()
     }
 
     /// Partitions whose sink stopped on an error retrying cannot fix, and why.
@@ -171,10 +221,7 @@ impl HistorySink {
     }
 
     pub fn shutdown(&self) {
-        self.stop.store(true, Ordering::Release);
-        for h in self.handles.lock().drain(..) {
-            let _ = h.join();
-        }
+        self.workers.stop_all();
     }
 }
 

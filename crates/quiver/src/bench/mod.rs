@@ -28,6 +28,7 @@ macro_rules! say {
     }};
 }
 
+mod cluster;
 mod decoupling;
 pub(crate) mod load;
 mod plot;
@@ -51,7 +52,7 @@ use serde_json::{json, Value};
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// ingest | lookup | memory | aggregations | history | predict | runtimes | decoupling |
-    /// priority | encryption | all, or several, comma-separated (`lookup,predict,decoupling`)
+    /// priority | encryption | cluster | all, or several, comma-separated (`lookup,predict,decoupling`)
     pub scenario: String,
     /// Seconds each measured phase runs (after warm-up).
     #[arg(long, default_value_t = 10.0)]
@@ -106,6 +107,7 @@ pub struct BenchArgs {
     pub levels: String,
     /// `ingest`: also measure with Kafka as the log, on these brokers (topics
     /// `quiver-bench-<pid>.*` are created), next to the embedded log in the same run.
+    /// `cluster`: the brokers of the live cluster (without: only the computed part).
     #[arg(long)]
     pub kafka: Option<String>,
     /// `ingest` with `--kafka`: `kafka.idle_fetch_backoff` (a test broker that answers empty
@@ -126,13 +128,21 @@ pub struct BenchArgs {
 const FEATURES: usize = 32;
 
 fn bench_config(dir: &std::path::Path) -> Result<quiver_core::Config> {
+    Ok(quiver_core::Config::from_toml_with_env(
+        &bench_config_text(dir),
+        Vec::<(String, String)>::new(),
+    )?)
+}
+
+/// The benchmarks' config as TOML (`cluster` writes it for its child processes).
+fn bench_config_text(dir: &std::path::Path) -> String {
     let features = |range: std::ops::Range<usize>| -> String {
         range
             .map(|i| format!("{{ name = \"f{i}\", type = \"f64\" }}"))
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let text = format!(
+    format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
@@ -192,11 +202,7 @@ aggregations = [{{ name = "amount_sum_24h", of = "amount", fn = "sum", window = 
         sess = features(11..22),
         dev = features(22..FEATURES),
         models = concat!(env!("CARGO_MANIFEST_DIR"), "/../../benchmarks/models"),
-    );
-    Ok(quiver_core::Config::from_toml_with_env(
-        &text,
-        Vec::<(String, String)>::new(),
-    )?)
+    )
 }
 
 /// A Quiver node serving HTTP on its own runtime, in this process.
@@ -445,6 +451,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "decoupling" => decoupling::run(&args)?,
             "priority" => priority::run(&args)?,
             "encryption" => bench_encryption(&args)?,
+            "cluster" => cluster::run(&args)?,
             _ => bench_predict(&args)?,
         };
         results.insert(s.to_string(), r);
@@ -475,7 +482,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 /// Every scenario, in the order `all` runs them.
-const ALL: [&str; 10] = [
+const ALL: [&str; 11] = [
     "ingest",
     "lookup",
     "memory",
@@ -486,6 +493,7 @@ const ALL: [&str; 10] = [
     "decoupling",
     "priority",
     "encryption",
+    "cluster",
 ];
 
 /// The verdict a script reads: Quiver ÷ peer for each headline figure the run measured.

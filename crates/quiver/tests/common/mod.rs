@@ -119,8 +119,15 @@ impl Server {
         http: reqwest::blocking::Client,
     ) -> Server {
         let data_dir = dir.join("data");
+        // A test that names its address (a cluster member) gives `--listen` itself.
+        let listen: &[&str] = if args.contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
         let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .arg("serve")
+            .args(listen)
             .args(args)
             .arg("--config")
             .arg(config_path)
@@ -196,6 +203,20 @@ impl Server {
     /// Restarts on the same data directory and config (new port).
     pub fn restart(dir: &Path) -> Server {
         Server::start_with(dir, &dir.join("quiver.toml"), &[], client())
+    }
+
+    /// Restarts on the same data directory and config with `args` (e.g. the same `--listen`).
+    pub fn restart_args(dir: &Path, args: &[&str]) -> Server {
+        Server::start_with(dir, &dir.join("quiver.toml"), args, client())
+    }
+
+    /// Sends SIGHUP (the config is reread).
+    pub fn hup(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
     }
 
     pub fn post(&self, path: &str, body: &str) -> (u16, Value) {

@@ -1,0 +1,591 @@
+//! A cluster of real `quiver` processes over the test Kafka broker (DESIGN.md §6): any node
+//! answers any key (one hop to an owner, loops refused), many-key reads and predicts split
+//! by owner and merged in order, read-your-writes across nodes, a node killed under load
+//! costs no request past one client retry and no event, a restarted node rejoins, and a
+//! fourth node joins by SIGHUP with about 1/N of the partitions moving and no read missing.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use quiver_core::partition::partition_for;
+use quiver_testkit::free_port;
+use serde_json::{json, Value};
+
+const PARTITIONS: u32 = 12;
+
+const VIEWS: &str = r#"
+[store]
+snapshot_interval = "500ms"
+
+[server]
+read_after_wait_ms_max = 3000
+
+[[entity]]
+name = "user"
+key = "user_id"
+
+[[view]]
+name = "txn"
+entity = "user"
+ttl = "1h"
+allowed_lateness = "1h"
+features = [
+  { name = "amount", type = "f64" },
+  { name = "seq", type = "i64" },
+]
+"#;
+
+/// A model over `txn:amount` and `txn:seq` (the XGBoost fixture, 32 inputs).
+fn repository(dir: &Path) -> PathBuf {
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../model/tests/fixtures/xgb_binary.json"
+    );
+    let models = dir.join("models");
+    std::fs::create_dir_all(models.join("fraud/1")).unwrap();
+    std::fs::copy(fixture, models.join("fraud/1/model.json")).unwrap();
+    let mut inputs = vec![
+        r#"{ feature = "txn:amount", default = -7.0 }"#.to_string(),
+        r#"{ feature = "txn:seq", default = -1.0 }"#.to_string(),
+    ];
+    inputs.extend((2..32).map(|i| format!(r#"{{ feature = "request:r{i}", default = 0.0 }}"#)));
+    let config = format!(
+        "runtime = \"xgboost\"\ninputs = [{}]\noutputs = [{{ name = \"probability\" }}]\n",
+        inputs.join(", ")
+    );
+    std::fs::write(models.join("fraud/config.toml"), config).unwrap();
+    models
+}
+
+/// The members of a test cluster: ids and fixed loopback ports.
+struct Members {
+    ids: Vec<String>,
+    ports: Vec<u16>,
+}
+
+impl Members {
+    fn new(n: usize) -> Members {
+        Members {
+            ids: (1..=n).map(|i| format!("n{i}")).collect(),
+            ports: (0..n).map(|_| free_port()).collect(),
+        }
+    }
+
+    fn add(&mut self) {
+        self.ids.push(format!("n{}", self.ids.len() + 1));
+        self.ports.push(free_port());
+    }
+
+    /// Node `i`'s config: Kafka as the log, `[cluster]` with every member.
+    fn config(&self, i: usize, broker: &KafkaBroker, models: &Path) -> String {
+        let nodes: Vec<String> = self
+            .ids
+            .iter()
+            .zip(&self.ports)
+            .map(|(id, port)| format!("  {{ id = \"{id}\", http = \"127.0.0.1:{port}\" }},"))
+            .collect();
+        format!(
+            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"cl.\"\npartitions = {PARTITIONS}\n\
+             idle_fetch_backoff = \"20ms\"\n\n[log]\nbackend = \"kafka\"\n\n\
+             [models]\nrepository = \"{}\"\n\n\
+             [cluster]\nself = \"{}\"\nreplication = 2\nvnodes = 64\n\
+             probe_interval = \"100ms\"\ndown_after = \"600ms\"\nforward_timeout = \"1s\"\n\
+             nodes = [\n{}\n]\n{VIEWS}",
+            broker.addr(),
+            models.display(),
+            self.ids[i],
+            nodes.join("\n"),
+        )
+    }
+
+    fn listen(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.ports[i])
+    }
+}
+
+/// Starts member `i` in `root/<id>`.
+fn start(root: &Path, m: &Members, i: usize, broker: &KafkaBroker, models: &Path) -> Server {
+    let dir = root.join(&m.ids[i]);
+    std::fs::create_dir_all(&dir).unwrap();
+    let listen = m.listen(i);
+    Server::start_args(&dir, &m.config(i, broker, models), &["--listen", &listen])
+}
+
+/// Waits until every node sees every other as up and every partition served by its owners.
+fn wait_converged(nodes: &[&Server], timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let views: Vec<Value> = nodes.iter().map(|n| n.get("/v1/cluster").1).collect();
+        let converged = views.iter().all(|v| {
+            let serving: HashMap<&str, Vec<u64>> = v["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| {
+                    let s = n["serving"]
+                        .as_array()
+                        .map_or(vec![], |a| a.iter().filter_map(Value::as_u64).collect());
+                    (n["id"].as_str().unwrap(), s)
+                })
+                .collect();
+            v["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["up"] == true)
+                && v["draining"] == json!([])
+                && v["partitions"].as_array().unwrap().iter().all(|p| {
+                    let part = p["partition"].as_u64().unwrap();
+                    p["owners"].as_array().unwrap().iter().all(|o| {
+                        serving
+                            .get(o.as_str().unwrap())
+                            .is_some_and(|s| s.contains(&part))
+                    })
+                })
+        });
+        if converged {
+            return views.into_iter().next().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cluster did not converge: {views:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn owners_of(view: &Value, partition: u32) -> Vec<String> {
+    view["partitions"][partition as usize]["owners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn ingest(server: &Server, events: &[(String, i64)]) -> String {
+    let body: Vec<String> = events.iter().map(|(k, s)| event(k, *s, None)).collect();
+    let (status, reply) = server.post("/v1/events", &body.join("\n"));
+    assert_eq!(status, 200, "{reply}");
+    reply["token"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn any_node_answers_any_key_one_hop_reads_your_writes_and_refuses_loops() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = KafkaBroker::start(&dir.path().join("broker"));
+    let models = repository(dir.path());
+    let m = Members::new(3);
+    let nodes: Vec<Server> = (0..3)
+        .map(|i| start(dir.path(), &m, i, &broker, &models))
+        .collect();
+    let refs: Vec<&Server> = nodes.iter().collect();
+    let view = wait_converged(&refs, Duration::from_secs(30));
+    for p in 0..PARTITIONS {
+        let owners = owners_of(&view, p);
+        assert_eq!(owners.len(), 2, "replication 2");
+        assert_ne!(owners[0], owners[1]);
+    }
+
+    // Each node ingests a third; every node then reads every key after the writer's token.
+    let keys: Vec<String> = (0..60).map(|i| format!("user-{i}")).collect();
+    let mut tokens = Vec::new();
+    for (i, chunk) in keys.chunks(20).enumerate() {
+        let events: Vec<(String, i64)> = chunk.iter().map(|k| (k.clone(), 10 + i as i64)).collect();
+        tokens.push(ingest(&nodes[i], &events));
+    }
+    let mut forwarded = 0;
+    for (i, node) in nodes.iter().enumerate() {
+        for (j, k) in keys.iter().enumerate() {
+            let token = &tokens[j / 20];
+            let r = node
+                .http
+                .get(format!("{}/v1/features/txn/{k}", node.url))
+                .header("Quiver-Read-After", token)
+                .send()
+                .unwrap();
+            let by = r.headers()["quiver-served-by"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            assert_eq!(r.status(), 200, "{k} on n{}", i + 1);
+            let v: Value = r.json().unwrap();
+            assert_eq!(
+                v["features"]["seq"]["value"],
+                json!(10 + (j / 20) as i64),
+                "{v}"
+            );
+            let p = partition_for(k.as_bytes(), PARTITIONS);
+            let owners = owners_of(&view, p);
+            assert!(
+                owners.contains(&by),
+                "{k} (partition {p}) answered by {by}, owners {owners:?}"
+            );
+            if by != m.ids[i] {
+                forwarded += 1;
+            }
+        }
+    }
+    assert!(forwarded > 0, "some reads were forwarded");
+
+    // A batch read from one node: split by owner, merged in request order.
+    let mut batch_keys: Vec<Value> = keys.iter().map(|k| json!(k)).collect();
+    batch_keys.insert(7, json!("nobody"));
+    let body = json!({"features": ["txn:seq"], "entities": {"user_id": batch_keys}});
+    let (status, v) = nodes[1].post("/v1/features", &body.to_string());
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["results"][0]["values"], json!(batch_keys));
+    let seqs = v["results"][1]["values"].as_array().unwrap();
+    let statuses = v["results"][1]["statuses"].as_array().unwrap();
+    for (row, k) in batch_keys.iter().enumerate() {
+        match keys.iter().position(|x| x == k) {
+            Some(j) => {
+                assert_eq!(seqs[row], json!(10 + (j / 20) as i64), "row {row}");
+                assert_eq!(statuses[row], "PRESENT");
+            }
+            None => assert_eq!(statuses[row], "NOT_FOUND"),
+        }
+    }
+    // Feast's route splits alike.
+    let (status, f) = nodes[2].post("/get-online-features", &body.to_string());
+    assert_eq!(status, 200, "{f}");
+    assert_eq!(f["results"], v["results"]);
+
+    // Predicts: one instance goes whole to an owner; a list is split and merged in order.
+    for k in keys.iter().take(12) {
+        let body = json!({"entities": {"user_id": k}}).to_string();
+        let (status, p) = nodes[0].post("/v1/models/fraud/predict", &body);
+        assert_eq!(status, 200, "{p}");
+        assert_eq!(p["missing"], json!([]), "features found on the owner: {p}");
+    }
+    let instances: Vec<Value> = keys
+        .iter()
+        .take(24)
+        .map(|k| json!({"entities": {"user_id": k}}))
+        .collect();
+    let (status, batch) = nodes[0].post(
+        "/v1/models/fraud/predict",
+        &json!({"instances": instances}).to_string(),
+    );
+    assert_eq!(status, 200, "{batch}");
+    let predictions = batch["predictions"].as_array().unwrap();
+    assert_eq!(predictions.len(), 24);
+    for (k, p) in keys.iter().zip(predictions) {
+        let body = json!({"entities": {"user_id": k}}).to_string();
+        let (_, one) = nodes[2].post("/v1/models/fraud/predict", &body);
+        assert_eq!(
+            p["outputs"], one["outputs"],
+            "{k}: same answer split or whole"
+        );
+        assert_eq!(p["missing"], json!([]));
+    }
+
+    // A forwarded request is answered or refused, never forwarded again.
+    let p_not_on_n1 = (0..PARTITIONS)
+        .find(|&p| !owners_of(&view, p).contains(&"n1".to_string()))
+        .expect("n1 does not own every partition");
+    let k = keys
+        .iter()
+        .find(|k| partition_for(k.as_bytes(), PARTITIONS) == p_not_on_n1)
+        .expect("a key in that partition");
+    let (status, e) = nodes[0].get_with(&format!("/v1/features/txn/{k}"), &[("Quiver-Hop", "1")]);
+    assert_eq!(status, 503, "{e}");
+    assert_eq!(e["error"]["code"], "FORWARD_LOOP");
+    let (status, _) = nodes[0].get(&format!("/v1/features/txn/{k}"));
+    assert_eq!(status, 200, "without the hop header it is forwarded");
+    let (status, v) =
+        nodes[1].get_with(&format!("/v1/features/txn/{k}"), &[("Quiver-Max-Lag", "0")]);
+    assert_eq!(status, 200, "caught-up owners are within any bound: {v}");
+    let (status, e) =
+        nodes[0].get_with(&format!("/v1/features/txn/{k}"), &[("Quiver-Max-Lag", "x")]);
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (400, Some("BAD_PARAMETER"))
+    );
+    for n in nodes {
+        n.stop();
+    }
+}
+
+/// Reads `key` from node `first`, retrying once on the next node (what a client does).
+fn read_with_one_retry(
+    http: &reqwest::blocking::Client,
+    urls: &[String],
+    first: usize,
+    key: &str,
+) -> Result<Value, String> {
+    let mut last = String::new();
+    for attempt in 0..2 {
+        let url = &urls[(first + attempt) % urls.len()];
+        match http
+            .get(format!("{url}/v1/features/txn/{key}"))
+            .timeout(Duration::from_secs(3))
+            .send()
+        {
+            Ok(r) if r.status() == 200 => return Ok(r.json().unwrap()),
+            Ok(r) if r.status() == 404 => return Ok(Value::Null),
+            Ok(r) => last = format!("{} {}", r.status(), r.text().unwrap_or_default()),
+            Err(e) => last = format!("{e}"),
+        }
+    }
+    Err(last)
+}
+
+#[test]
+fn killing_one_of_three_nodes_under_load_fails_nothing_past_one_retry_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = KafkaBroker::start(&dir.path().join("broker"));
+    let models = repository(dir.path());
+    let m = Members::new(3);
+    let mut nodes: Vec<Option<Server>> = (0..3)
+        .map(|i| Some(start(dir.path(), &m, i, &broker, &models)))
+        .collect();
+    let view = {
+        let refs: Vec<&Server> = nodes.iter().flatten().collect();
+        wait_converged(&refs, Duration::from_secs(30))
+    };
+    let urls: Vec<String> = nodes.iter().flatten().map(|n| n.url.clone()).collect();
+    let keys: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    // The last acknowledged seq per key; writers go round the nodes, retrying once.
+    let acked: Arc<Mutex<BTreeMap<String, i64>>> = Arc::default();
+    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+    let reads = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, acked, failures, urls, keys) = (
+            stop.clone(),
+            acked.clone(),
+            failures.clone(),
+            urls.clone(),
+            keys.clone(),
+        );
+        std::thread::spawn(move || {
+            let http = client();
+            let mut seq = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                seq += 1;
+                let k = &keys[seq as usize % keys.len()];
+                let body = event(k, seq, Some(&format!("e{seq}")));
+                let mut ok = false;
+                for attempt in 0..2 {
+                    let url = &urls[(seq as usize + attempt) % urls.len()];
+                    let sent = http
+                        .post(format!("{url}/v1/events"))
+                        .body(body.clone())
+                        .timeout(Duration::from_secs(5))
+                        .send();
+                    if sent.is_ok_and(|r| r.status() == 200) {
+                        ok = true;
+                        break;
+                    }
+                }
+                if ok {
+                    acked.lock().unwrap().insert(k.clone(), seq);
+                } else {
+                    failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("write {k} seq {seq}"));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let reader = {
+        let (stop, failures, urls, keys, reads) = (
+            stop.clone(),
+            failures.clone(),
+            urls.clone(),
+            keys.clone(),
+            reads.clone(),
+        );
+        std::thread::spawn(move || {
+            let http = client();
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let k = &keys[i % keys.len()];
+                if let Err(e) = read_with_one_retry(&http, &urls, i, k) {
+                    failures.lock().unwrap().push(format!("read {k}: {e}"));
+                }
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    // n3 dies; a key whose primary was n3 must be served by its replica within 2 s.
+    let p3 = (0..PARTITIONS)
+        .find(|&p| owners_of(&view, p)[0] == "n3")
+        .expect("n3 is the primary of some partition");
+    let k3 = (0..)
+        .map(|i| format!("probe-{i}"))
+        .find(|k| partition_for(k.as_bytes(), PARTITIONS) == p3)
+        .unwrap();
+    let token = ingest(nodes[0].as_ref().unwrap(), &[(k3.clone(), 1)]);
+    let victim = nodes[2].take().unwrap();
+    let killed = Instant::now();
+    victim.kill9();
+    let survivor = nodes[0].as_ref().unwrap();
+    let failover = loop {
+        let (status, _) = survivor.get_with(
+            &format!("/v1/features/txn/{k3}"),
+            &[("Quiver-Read-After", &token)],
+        );
+        if status == 200 {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "no failover: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        failover <= Duration::from_secs(2),
+        "failover took {failover:?}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    // n3 restarts on its data (snapshot + Kafka) and rejoins.
+    let dir3 = dir.path().join("n3");
+    let listen = m.listen(2);
+    nodes[2] = Some(Server::restart_args(&dir3, &["--listen", &listen]));
+    {
+        let refs: Vec<&Server> = nodes.iter().flatten().collect();
+        wait_converged(&refs, Duration::from_secs(30));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    reader.join().unwrap();
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} failed past one retry: {failures:?}",
+        failures.len()
+    );
+    assert!(reads.load(Ordering::Relaxed) > 100, "the readers read");
+
+    // Nothing acknowledged is lost: every node has every key's last acknowledged seq.
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() == keys.len(), "every key was written");
+    for n in nodes.iter().flatten() {
+        for (k, seq) in &acked {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let (status, v) = n.get(&format!("/v1/features/txn/{k}"));
+                if status == 200 && v["features"]["seq"]["value"] == json!(seq) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{k}: want seq {seq}, got {status} {v}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    eprintln!("failover (kill -9 → first replica read): {failover:?}");
+    for n in nodes.into_iter().flatten() {
+        n.stop();
+    }
+}
+
+#[test]
+fn a_fourth_node_joins_by_sighup_moving_about_a_quarter_with_no_read_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = KafkaBroker::start(&dir.path().join("broker"));
+    let models = repository(dir.path());
+    let mut m = Members::new(3);
+    let mut nodes: Vec<Server> = (0..3)
+        .map(|i| start(dir.path(), &m, i, &broker, &models))
+        .collect();
+    let before = {
+        let refs: Vec<&Server> = nodes.iter().collect();
+        wait_converged(&refs, Duration::from_secs(30))
+    };
+    let keys: Vec<String> = (0..48).map(|i| format!("j{i}")).collect();
+    let events: Vec<(String, i64)> = keys.iter().map(|k| (k.clone(), 5)).collect();
+    let token = ingest(&nodes[0], &events);
+    for k in &keys {
+        let (status, _) = nodes[1].get_with(
+            &format!("/v1/features/txn/{k}"),
+            &[("Quiver-Read-After", &token)],
+        );
+        assert_eq!(status, 200);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let misses: Arc<Mutex<Vec<String>>> = Arc::default();
+    let reader = {
+        let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+        let (stop, misses, keys) = (stop.clone(), misses.clone(), keys.clone());
+        std::thread::spawn(move || {
+            let http = client();
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let k = &keys[i % keys.len()];
+                match read_with_one_retry(&http, &urls, i, k) {
+                    Ok(v) if v["features"]["seq"]["value"] == json!(5) => {}
+                    other => misses.lock().unwrap().push(format!("{k}: {other:?}")),
+                }
+            }
+        })
+    };
+    m.add();
+    nodes.push(start(dir.path(), &m, 3, &broker, &models));
+    for (i, n) in nodes.iter().enumerate().take(3) {
+        std::fs::write(
+            dir.path().join(&m.ids[i]).join("quiver.toml"),
+            m.config(i, &broker, &models),
+        )
+        .unwrap();
+        n.hup();
+    }
+    let after = {
+        let refs: Vec<&Server> = nodes.iter().collect();
+        wait_converged(&refs, Duration::from_secs(60))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    let misses = misses.lock().unwrap().clone();
+    assert!(
+        misses.is_empty(),
+        "reads missed during the move: {misses:?}"
+    );
+    // About 1/N of the owner slots moved, all of them to the new node.
+    let mut moved = 0;
+    for p in 0..PARTITIONS {
+        let (b, a) = (owners_of(&before, p), owners_of(&after, p));
+        for o in &a {
+            if !b.contains(o) {
+                assert_eq!(o, "n4", "partition {p}: only the joiner gains");
+                moved += 1;
+            }
+        }
+    }
+    let slots = (PARTITIONS * 2) as f64;
+    let share = moved as f64 / slots;
+    assert!(
+        (0.1..=0.45).contains(&share),
+        "{moved} of {slots} owner slots moved ({share:.2}; ideal 0.25)"
+    );
+    for k in &keys {
+        let (status, v) = nodes[3].get(&format!("/v1/features/txn/{k}"));
+        assert_eq!(
+            (status, &v["features"]["seq"]["value"]),
+            (200, &json!(5)),
+            "{k}"
+        );
+    }
+    for n in nodes {
+        n.stop();
+    }
+}
