@@ -186,6 +186,7 @@ mod tests {
             probe_interval: HumanDuration(Duration::from_millis(100)),
             down_after: HumanDuration(Duration::from_millis(500)),
             forward_timeout: HumanDuration(Duration::from_secs(1)),
+            ca: None,
         }
     }
 

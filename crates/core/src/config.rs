@@ -326,6 +326,7 @@ impl Default for AuthConfig {
                 "/health",
                 "/v2/health/live",
                 "/v2/health/ready",
+                "/v1/cluster/node",
             ]
             .map(String::from)
             .to_vec(),
@@ -391,6 +392,10 @@ pub struct ClusterConfig {
     /// Bound on one forwarded request (connect + answer).
     #[serde(default = "default_forward_timeout")]
     pub forward_timeout: HumanDuration,
+    /// With `[tls]`: the CA that signed the peers' certificates (default `tls.client_ca`).
+    /// Nodes then reach each other over mutual TLS, each presenting its `[tls]` certificate.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
 }
 
 fn default_replication() -> usize {
@@ -837,6 +842,20 @@ impl Config {
         }
         if !(1..=4096).contains(&c.vnodes) {
             return err("vnodes", "must be 1..=4096".into());
+        }
+        if self.auth.mode != "none" && !self.auth.public.iter().any(|p| p == "/v1/cluster/node") {
+            return Err(ConfigError::field(
+                "auth.public",
+                "must keep \"/v1/cluster/node\" in a cluster: peers probe it without credentials",
+            ));
+        }
+        if self.tls.cert.is_some() && c.ca.is_none() && self.tls.client_ca.is_none() {
+            return err(
+                "ca",
+                "with [tls], nodes reach each other over mutual TLS: set cluster.ca (or \
+                 tls.client_ca) to the CA of the nodes' certificates"
+                    .into(),
+            );
         }
         if c.probe_interval.0.is_zero() || c.down_after.0 < c.probe_interval.0 * 2 {
             return err(

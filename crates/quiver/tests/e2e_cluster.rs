@@ -67,6 +67,8 @@ fn repository(dir: &Path) -> PathBuf {
 struct Members {
     ids: Vec<String>,
     ports: Vec<u16>,
+    /// More config for every node (e.g. `[history]`).
+    extra: String,
 }
 
 impl Members {
@@ -74,6 +76,7 @@ impl Members {
         Members {
             ids: (1..=n).map(|i| format!("n{i}")).collect(),
             ports: (0..n).map(|_| free_port()).collect(),
+            extra: String::new(),
         }
     }
 
@@ -96,11 +99,12 @@ impl Members {
              [models]\nrepository = \"{}\"\n\n\
              [cluster]\nself = \"{}\"\nreplication = 2\nvnodes = 64\n\
              probe_interval = \"100ms\"\ndown_after = \"600ms\"\nforward_timeout = \"1s\"\n\
-             nodes = [\n{}\n]\n{VIEWS}",
+             nodes = [\n{}\n]\n{}\n{VIEWS}",
             broker.addr(),
             models.display(),
             self.ids[i],
             nodes.join("\n"),
+            self.extra,
         )
     }
 
@@ -585,6 +589,292 @@ fn a_fourth_node_joins_by_sighup_moving_about_a_quarter_with_no_read_missing() {
             "{k}"
         );
     }
+    for n in nodes {
+        n.stop();
+    }
+}
+
+/// Which node runs each partition's history sink, from every node's cluster view.
+fn sink_places(nodes: &[&Server]) -> BTreeMap<u64, Vec<String>> {
+    let mut places: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for n in nodes {
+        let (_, v) = n.get("/v1/cluster");
+        for p in v["history_sink"].as_array().cloned().unwrap_or_default() {
+            places
+                .entry(p.as_u64().unwrap())
+                .or_default()
+                .push(v["self"].as_str().unwrap().to_string());
+        }
+    }
+    places
+}
+
+/// Waits until every partition's sink runs on exactly one node: `want(p)`.
+fn wait_sinks(nodes: &[&Server], want: impl Fn(u32) -> String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let places = sink_places(nodes);
+        let ok = (0..PARTITIONS).all(|p| places.get(&u64::from(p)) == Some(&vec![want(p)]));
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "sinks are at {places:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_history(pg: &mut postgres::Client, table: &str, events: i64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts = history_counts(pg, table);
+        if counts == (events, events) {
+            return;
+        }
+        assert!(counts.0 <= events, "more rows than events: {counts:?}");
+        assert!(
+            Instant::now() < deadline,
+            "history holds {counts:?}, want {events}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn each_partitions_history_sink_runs_on_one_owner_and_hands_over_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = KafkaBroker::start(&dir.path().join("broker"));
+    let models = repository(dir.path());
+    let table = format!("qv_cluster_hist_{}", std::process::id());
+    let mut pg = postgres::Client::connect(PG, postgres::NoTls).unwrap();
+    drop_history(&mut pg, &table);
+    let mut m = Members::new(3);
+    m.extra = format!("[history]\npostgres_url = \"{PG}\"\ntable = \"{table}\"\n");
+    let mut nodes: Vec<Option<Server>> = (0..3)
+        .map(|i| Some(start(dir.path(), &m, i, &broker, &models)))
+        .collect();
+    let view = {
+        let refs: Vec<&Server> = nodes.iter().flatten().collect();
+        let view = wait_converged(&refs, Duration::from_secs(30));
+        wait_sinks(&refs, |p| owners_of(&view, p)[0].clone());
+        view
+    };
+    let batch = |from: i64, n: i64| -> Vec<(String, i64)> {
+        (from..from + n).map(|i| (format!("h{i}"), i)).collect()
+    };
+    ingest(nodes[1].as_ref().unwrap(), &batch(0, 300));
+    wait_history(&mut pg, &table, 300);
+
+    // The primary of some partitions dies: their replicas take the sinks over from where
+    // PostgreSQL says they stand.
+    nodes[2].take().unwrap().kill9();
+    {
+        let refs: Vec<&Server> = nodes.iter().flatten().collect();
+        wait_sinks(&refs, |p| {
+            let owners = owners_of(&view, p);
+            if owners[0] == "n3" {
+                owners[1].clone()
+            } else {
+                owners[0].clone()
+            }
+        });
+    }
+    ingest(nodes[0].as_ref().unwrap(), &batch(300, 300));
+    wait_history(&mut pg, &table, 600);
+
+    // Back again: the sinks return to it, still once per row.
+    let listen = m.listen(2);
+    nodes[2] = Some(Server::restart_args(
+        &dir.path().join("n3"),
+        &["--listen", &listen],
+    ));
+    {
+        let refs: Vec<&Server> = nodes.iter().flatten().collect();
+        wait_converged(&refs, Duration::from_secs(30));
+        wait_sinks(&refs, |p| owners_of(&view, p)[0].clone());
+    }
+    ingest(nodes[2].as_ref().unwrap(), &batch(600, 100));
+    wait_history(&mut pg, &table, 700);
+    for n in nodes.into_iter().flatten() {
+        n.stop();
+    }
+    drop_history(&mut pg, &table);
+}
+
+/// A CA and one certificate for every node (SAN 127.0.0.1, usable as server and client),
+/// one for a client, and a rogue CA: PEM files in `dir`.
+fn cluster_pki(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ca_of = |name: &str| {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.clone().self_signed(&key).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        (params, key)
+    };
+    let (ca, ca_key) = ca_of("ca");
+    ca_of("rogue");
+    let issuer = rcgen::Issuer::from_params(&ca, &ca_key);
+    for (name, san) in [
+        ("node", "spiffe://quiver/node"),
+        ("client", "spiffe://quiver/client"),
+    ] {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![
+            rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()),
+            rcgen::SanType::URI(rcgen::string::Ia5String::try_from(san).unwrap()),
+        ];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+fn https_client(pki: &Path) -> reqwest::blocking::Client {
+    let read = |f: &str| std::fs::read(pki.join(f)).unwrap();
+    let identity = [read("client.pem"), read("client.key")].concat();
+    reqwest::blocking::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&read("ca.pem")).unwrap())
+        .identity(reqwest::Identity::from_pem(&identity).unwrap())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn nodes_reach_each_other_over_mutual_tls_and_a_peer_of_another_ca_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = KafkaBroker::start(&dir.path().join("broker"));
+    let models = repository(dir.path());
+    let pki = dir.path().join("pki");
+    cluster_pki(&pki);
+    let keys_dir = dir.path().join("keys");
+    std::fs::create_dir_all(&keys_dir).unwrap();
+    let reader = key(&keys_dir, "reader", &["reader"], None);
+    let producer = key(&keys_dir, "producer", &["producer"], None);
+    let ops = key(&keys_dir, "ops", &["ops"], None);
+    let mut m = Members::new(3);
+    m.extra = format!(
+        "[auth]\nmode = \"api_key\"\nkeys_file = \"{}\"\n\n[tls]\ncert = \"{p}/node.pem\"\n\
+         key = \"{p}/node.key\"\nclient_ca = \"{p}/ca.pem\"\n",
+        keys_dir.join("keys.toml").display(),
+        p = pki.display()
+    );
+    let http = https_client(&pki);
+    let start_tls = |i: usize, config: &str| {
+        let home = dir.path().join(&m.ids[i]);
+        std::fs::create_dir_all(&home).unwrap();
+        let listen = m.listen(i);
+        Server::start_args_client(&home, config, &["--listen", &listen], http.clone())
+    };
+    let mut nodes: Vec<Server> = (0..3)
+        .map(|i| start_tls(i, &m.config(i, &broker, &models)))
+        .collect();
+    assert!(nodes[0].url.starts_with("https://"));
+    // Converging means every probe between the nodes went over mutual TLS.
+    let ops_view = |n: &Server| {
+        let r = n
+            .http
+            .get(format!("{}/v1/cluster", n.url))
+            .bearer_auth(&ops)
+            .send()
+            .unwrap();
+        r.json::<Value>().unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !nodes.iter().all(|n| {
+        let (_, v) = n.get("/v1/cluster/node");
+        v["serving"].as_array().is_some_and(|s| !s.is_empty())
+    }) {
+        assert!(Instant::now() < deadline, "nodes did not serve");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let keys: Vec<String> = (0..30).map(|i| format!("tls-{i}")).collect();
+    let body: Vec<String> = keys.iter().map(|k| event(k, 3, None)).collect();
+    let r = http
+        .post(format!("{}/v1/events", nodes[0].url))
+        .bearer_auth(&producer)
+        .body(body.join("\n"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let token = r.json::<Value>().unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut by = std::collections::HashSet::new();
+        let mut ok = 0;
+        for k in &keys {
+            let r = http
+                .get(format!("{}/v1/features/txn/{k}", nodes[0].url))
+                .bearer_auth(&reader)
+                .header("Quiver-Read-After", &token)
+                .send()
+                .unwrap();
+            if r.status() == 200 {
+                ok += 1;
+                by.insert(
+                    r.headers()["quiver-served-by"]
+                        .to_str()
+                        .unwrap()
+                        .to_string(),
+                );
+            }
+        }
+        if ok == keys.len() && by.len() > 1 {
+            break; // some reads went to a peer over mutual TLS, with the caller's key
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ok} of {} read, served by {by:?}",
+            keys.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = http
+        .get(format!("{}/v1/features/txn/tls-1", nodes[1].url))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401, "no key, no read, forwarded or not");
+
+    // A node told to trust another CA cannot verify its peers: they stay down to it.
+    let third = nodes.pop().unwrap();
+    third.stop();
+    let rogue = m.config(2, &broker, &models).replace(
+        "[cluster]\n",
+        &format!("[cluster]\nca = \"{}/rogue.pem\"\n", pki.display()),
+    );
+    let third = start_tls(2, &rogue);
+    std::thread::sleep(Duration::from_secs(1));
+    let v = ops_view(&third);
+    let peers: Vec<&Value> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["self"] != true)
+        .collect();
+    assert_eq!(peers.len(), 2);
+    for p in peers {
+        assert_eq!(p["up"], false, "{p}");
+        let e = p["last_error"].as_str().unwrap_or_default().to_lowercase();
+        assert!(
+            e.contains("certificate") || e.contains("unknownissuer"),
+            "{e}"
+        );
+    }
+    third.stop();
     for n in nodes {
         n.stop();
     }

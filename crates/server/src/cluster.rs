@@ -40,9 +40,11 @@ const FORWARDED_HEADERS: &[&str] = &[
     "quiver-timeout-ms",
 ];
 
-/// Pooled HTTP/1.1 keep-alive connections to the peers.
+/// Pooled HTTP/1.1 keep-alive connections to the peers (HTTPS with mutual TLS when the
+/// node has `[tls]`).
 pub struct Peers {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    scheme: &'static str,
     timeout: Duration,
 }
 
@@ -54,15 +56,36 @@ pub struct PeerReply {
 }
 
 impl Peers {
-    pub fn new(timeout: Duration) -> Peers {
+    pub fn new(timeout: Duration, tls: Option<rustls::ClientConfig>) -> Peers {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeout));
+        connector.enforce_http(false);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        // Without TLS the connector is never asked for HTTPS (every URI is http://).
+        let tls = tls.unwrap_or_else(|| {
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default versions")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+        });
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(POOL_IDLE_PER_PEER)
             .build(connector);
-        Peers { client, timeout }
+        Peers {
+            client,
+            scheme,
+            timeout,
+        }
     }
 
     /// One request to `peer`, bounded by `timeout` from connect to the last body byte.
@@ -77,7 +100,7 @@ impl Peers {
     ) -> Result<PeerReply, String> {
         let mut req = hyper::Request::builder()
             .method(method)
-            .uri(format!("http://{}{path}", peer.http));
+            .uri(format!("{}://{}{path}", self.scheme, peer.http));
         for name in FORWARDED_HEADERS {
             if let Some(v) = headers.get(*name) {
                 req = req.header(*name, v);

@@ -47,10 +47,13 @@ impl AppState {
             metrics,
             resolved: features::ResolvedCache::new(features::RESOLVED_CACHE_ENTRIES),
             security,
-            peers: node
-                .cluster
-                .as_ref()
-                .map(|c| cluster::Peers::new(c.forward_timeout)),
+            peers: match &node.cluster {
+                None => None,
+                Some(c) => {
+                    let tls = tls::peer_client(&node.config).map_err(|e| e.to_string())?;
+                    Some(cluster::Peers::new(c.forward_timeout, tls))
+                }
+            },
             node,
         })
     }

@@ -86,6 +86,64 @@ impl Reloading {
     }
 }
 
+impl rustls::client::ResolvesClientCert for Reloading {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().1.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The certificate of `cert`/`key`, checked again every `every` (no restart needed).
+fn reloading(cert: &Path, key_path: &Path, every: Duration) -> Result<Arc<Reloading>, TlsError> {
+    let mut resolver = Reloading {
+        cert: cert.to_path_buf(),
+        key: key_path.to_path_buf(),
+        current: RwLock::new((None, certified(cert, key_path)?)),
+    };
+    resolver.current.get_mut().0 = resolver.modified();
+    let resolver = Arc::new(resolver);
+    let every = every.max(Duration::from_millis(100));
+    let weak = Arc::downgrade(&resolver);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let Some(r) = weak.upgrade() else { return };
+            tokio::task::spawn_blocking(move || r.reload()).await.ok();
+        }
+    });
+    Ok(resolver)
+}
+
+/// How a cluster node reaches its peers when `[tls]` is set: HTTPS, verifying the peer's
+/// certificate against `cluster.ca` (or `tls.client_ca`), presenting this node's own
+/// `[tls]` certificate (reloaded like the server's). `None` without `[tls]`.
+pub fn peer_client(config: &quiver_core::Config) -> Result<Option<rustls::ClientConfig>, TlsError> {
+    let (Some(cert), Some(key_path), Some(cluster)) =
+        (&config.tls.cert, &config.tls.key, &config.cluster)
+    else {
+        return Ok(None);
+    };
+    let Some(ca) = cluster.ca.as_ref().or(config.tls.client_ca.as_ref()) else {
+        return Err(TlsError("cluster.ca: needed to verify the peers".into()));
+    };
+    let mut roots = RootCertStore::empty();
+    for c in certs(ca)? {
+        roots.add(c).map_err(|e| err(ca, e))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let identity = reloading(cert, key_path, config.tls.reload_interval.0)?;
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(identity);
+    Ok(Some(client))
+}
+
 /// A TLS acceptor whose certificate follows its files.
 #[derive(Clone)]
 pub struct Tls {
@@ -99,13 +157,7 @@ pub fn acceptor(config: &quiver_core::config::TlsConfig) -> Result<Option<Tls>, 
     let (Some(cert), Some(key_path)) = (&config.cert, &config.key) else {
         return Ok(None);
     };
-    let mut resolver = Reloading {
-        cert: cert.clone(),
-        key: key_path.clone(),
-        current: RwLock::new((None, certified(cert, key_path)?)),
-    };
-    resolver.current.get_mut().0 = resolver.modified();
-    let resolver = Arc::new(resolver);
+    let resolver = reloading(cert, key_path, config.reload_interval.0)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -123,18 +175,8 @@ pub fn acceptor(config: &quiver_core::config::TlsConfig) -> Result<Option<Tls>, 
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut server = builder.with_cert_resolver(resolver.clone());
+    let mut server = builder.with_cert_resolver(resolver);
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let every = config.reload_interval.0.max(Duration::from_millis(100));
-    let weak = Arc::downgrade(&resolver);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tick.tick().await;
-            let Some(r) = weak.upgrade() else { return };
-            tokio::task::spawn_blocking(move || r.reload()).await.ok();
-        }
-    });
     Ok(Some(Tls {
         acceptor: TlsAcceptor::from(Arc::new(server)),
         mutual: config.client_ca.is_some(),

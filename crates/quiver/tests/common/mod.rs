@@ -76,7 +76,8 @@ pub fn history_counts(client: &mut postgres::Client, table: &str) -> (i64, i64) 
 pub fn drop_history(client: &mut postgres::Client, table: &str) {
     client
         .batch_execute(&format!(
-            "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {table}_migrations;"
+            "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {table}_migrations; \
+             DROP TABLE IF EXISTS {table}_offsets; DROP TABLE IF EXISTS {table}_gaps;"
         ))
         .unwrap();
 }
@@ -110,6 +111,18 @@ impl Server {
         let config_path = dir.join("quiver.toml");
         std::fs::write(&config_path, config).unwrap();
         Server::start_with(dir, &config_path, &[], http)
+    }
+
+    /// [`Server::start_args`] with the client the helpers send with.
+    pub fn start_args_client(
+        dir: &Path,
+        config: &str,
+        args: &[&str],
+        http: reqwest::blocking::Client,
+    ) -> Server {
+        let config_path = dir.join("quiver.toml");
+        std::fs::write(&config_path, config).unwrap();
+        Server::start_with(dir, &config_path, args, http)
     }
 
     fn start_with(
