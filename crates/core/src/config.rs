@@ -625,7 +625,7 @@ pub struct AggregationConfig {
 /// Sections whose keys `QUIVER_<SECTION>_<KEY>` may override.
 const ENV_SECTIONS: &[&str] = &[
     "server", "log", "limits", "store", "ingest", "history", "models", "kafka", "auth", "tls",
-    "storage",
+    "storage", "cluster",
 ];
 
 impl Config {

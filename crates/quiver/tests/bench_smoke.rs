@@ -110,6 +110,16 @@ fn bench_scenarios_report_real_work() {
         "{stdout}"
     );
 
+    // cluster without --kafka: the computed placement only.
+    let c = &r["cluster"];
+    let ring = c["ring"].as_array().unwrap();
+    assert_eq!(ring.len(), 7, "{c}");
+    for row in ring {
+        assert!(row["max_over_mean"].as_f64().unwrap() >= 1.0, "{row}");
+        assert!(row["join_moved"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    assert!(c["live"].is_null(), "{c}");
+
     // The verdict a script reads, Quiver ÷ peer.
     for name in [
         "lookup_throughput_vs_redis",
@@ -219,4 +229,45 @@ fn bench_ingest_measures_kafka_next_to_the_embedded_log() {
         assert_eq!(r["rejected_posts"], 0, "{backend}: {r}");
     }
     assert!(stdout.contains("Kafka ÷ embedded"), "{stdout}");
+}
+
+/// `quiver bench cluster --kafka`: real `quiver serve` processes over the test broker; every
+/// call it reports succeeded, and the failover was observed.
+#[test]
+fn bench_cluster_runs_real_nodes_over_kafka() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::KafkaBroker::start(&dir.path().join("broker"));
+    let out = dir.path().join("cluster.json");
+    let (ok, stdout, stderr) = quiver(&[
+        "bench",
+        "cluster",
+        "--kafka",
+        &broker.addr(),
+        "--duration",
+        "0.3",
+        "--warmup",
+        "0.1",
+        "--connections",
+        "2",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let live = &report["results"]["cluster"]["live"];
+    let calls = live["calls"].as_array().unwrap();
+    assert_eq!(
+        calls.len(),
+        2 + 4 + 4,
+        "1 node: local only; 2 and 3: local and forwarded: {live}"
+    );
+    for c in calls {
+        assert!(c["ops_per_s"].as_f64().unwrap() > 0.0, "{c}");
+        assert_eq!(c["errors"].as_u64(), Some(0), "{c}");
+    }
+    assert!(
+        live["failover"]["first_replica_read_ms"].as_f64().is_some(),
+        "{live}"
+    );
 }

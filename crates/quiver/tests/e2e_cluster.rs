@@ -317,6 +317,21 @@ fn any_node_answers_any_key_one_hop_reads_your_writes_and_refuses_loops() {
     }
 }
 
+/// `quiver_cluster_forwarded_total{ok="true"}` of a node, over its peers.
+fn forwarded_total(n: &Server) -> f64 {
+    let text = n
+        .http
+        .get(format!("{}/metrics", n.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("quiver_cluster_forwarded_total{") && l.contains("ok=\"true\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Reads `key` from node `first`, retrying once on the next node (what a client does).
 fn read_with_one_retry(
     http: &reqwest::blocking::Client,
@@ -436,6 +451,24 @@ fn killing_one_of_three_nodes_under_load_fails_nothing_past_one_retry_and_loses_
     let killed = Instant::now();
     victim.kill9();
     let survivor = nodes[0].as_ref().unwrap();
+    let watcher = {
+        let url = survivor.url.clone();
+        std::thread::spawn(move || {
+            let http = client();
+            loop {
+                let v: Value = http
+                    .get(format!("{url}/v1/cluster"))
+                    .send()
+                    .unwrap()
+                    .json()
+                    .unwrap();
+                if v["nodes"][2]["up"] == false {
+                    return killed.elapsed();
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
     let failover = loop {
         let (status, _) = survivor.get_with(
             &format!("/v1/features/txn/{k3}"),
@@ -453,6 +486,12 @@ fn killing_one_of_three_nodes_under_load_fails_nothing_past_one_retry_and_loses_
     assert!(
         failover <= Duration::from_secs(2),
         "failover took {failover:?}"
+    );
+    let detected = watcher.join().unwrap();
+    // down_after 600 ms + probe_interval 100 ms, with room for a loaded 2-core machine.
+    assert!(
+        detected <= Duration::from_secs(2),
+        "marked down after {detected:?}"
     );
     std::thread::sleep(Duration::from_secs(2));
 
@@ -495,7 +534,13 @@ fn killing_one_of_three_nodes_under_load_fails_nothing_past_one_retry_and_loses_
             }
         }
     }
-    eprintln!("failover (kill -9 → first replica read): {failover:?}");
+    eprintln!(
+        "failover (kill -9 → first replica read): {failover:?}; marked down after {detected:?}"
+    );
+    assert!(
+        forwarded_total(nodes[0].as_ref().unwrap()) > 0.0,
+        "quiver_cluster_forwarded_total counts the hops"
+    );
     for n in nodes.into_iter().flatten() {
         n.stop();
     }
@@ -848,6 +893,12 @@ fn nodes_reach_each_other_over_mutual_tls_and_a_peer_of_another_ca_is_refused() 
         .send()
         .unwrap();
     assert_eq!(r.status(), 401, "no key, no read, forwarded or not");
+    let r = http
+        .get(format!("{}/v1/features/txn/tls-1", nodes[1].url))
+        .header("Quiver-Hop", "1")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401, "a hop header bypasses nothing");
 
     // A node told to trust another CA cannot verify its peers: they stay down to it.
     let third = nodes.pop().unwrap();
@@ -877,5 +928,30 @@ fn nodes_reach_each_other_over_mutual_tls_and_a_peer_of_another_ca_is_refused() 
     third.stop();
     for n in nodes {
         n.stop();
+    }
+}
+
+/// The README's cluster example: one file for every node, `QUIVER_CLUSTER_SELF` picking the
+/// member, each member's address the `--listen` the README gives it.
+#[test]
+fn the_example_cluster_config_serves_each_member_where_the_readme_says() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/cluster/quiver.toml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    assert!(
+        readme.contains("--listen 127.0.0.1:70${n}0"),
+        "the README starts the members so"
+    );
+    for n in 1..=3 {
+        let env = [("QUIVER_CLUSTER_SELF".to_string(), format!("n{n}"))];
+        let config = quiver_core::Config::from_toml_with_env(&text, env).unwrap();
+        let c = config.cluster.as_ref().unwrap();
+        assert_eq!(c.self_id, format!("n{n}"));
+        let me = c.nodes.iter().find(|m| m.id == c.self_id).unwrap();
+        assert_eq!(me.http, format!("127.0.0.1:70{n}0"));
     }
 }

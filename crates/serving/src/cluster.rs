@@ -12,6 +12,53 @@ use quiver_core::token::Token;
 use crate::error::{Code, Result, ServingError};
 use crate::Node;
 
+/// Whether a partition that is `ready` and `lag` records behind satisfies `max_lag`.
+fn within(ready: bool, lag: u64, max_lag: Option<u64>) -> bool {
+    ready && max_lag.is_none_or(|n| lag <= n)
+}
+
+/// The routing decision for one partition, given this node's state (`ready`, `lag`), the
+/// caller's placement headers, and the cluster's choice of peers (`peers(local)`).
+fn decide(
+    partition: u32,
+    ready: bool,
+    lag: u64,
+    at: Placement,
+    peers: impl FnOnce(bool) -> Route,
+) -> Result<Route> {
+    let local = within(ready, lag, at.max_lag);
+    if at.hops > 0 {
+        return if local {
+            Ok(Route::Local)
+        } else {
+            Err(ServingError::new(
+                Code::ForwardLoop,
+                format!(
+                    "forwarded here for partition {partition}, which this node does not serve \
+                     (within the lag bound); a request is forwarded at most once"
+                ),
+            )
+            .detail("partition", u64::from(partition)))
+        };
+    }
+    match peers(local) {
+        Route::Unavailable if ready => Err(ServingError::new(
+            Code::ReplicaLagging,
+            format!(
+                "partition {partition} is {lag} records behind here, more than Quiver-Max-Lag, \
+                 and no other owner serves it"
+            ),
+        )
+        .detail("partition", u64::from(partition))),
+        Route::Unavailable => Err(ServingError::new(
+            Code::PartitionUnavailable,
+            format!("no node serving partition {partition} is reachable"),
+        )
+        .detail("partition", u64::from(partition))),
+        r => Ok(r),
+    }
+}
+
 /// A caller's staleness bound (`Quiver-Max-Lag`) and hops so far (`Quiver-Hop`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Placement {
@@ -23,8 +70,11 @@ impl Node {
     /// Whether this node answers for `partition` now: materialized, caught up and, when
     /// the caller bounds it, at most `max_lag` records behind.
     pub fn serves(&self, partition: u32, max_lag: Option<u64>) -> bool {
-        self.store.partition_ready(partition)
-            && max_lag.is_none_or(|n| self.store.partition_lag(partition) <= n)
+        within(
+            self.store.partition_ready(partition),
+            self.store.partition_lag(partition),
+            max_lag,
+        )
     }
 
     /// Where a request for `partition` goes. A forwarded request (hops > 0) is answered here
@@ -33,40 +83,11 @@ impl Node {
         let Some(cluster) = &self.cluster else {
             return Ok(Route::Local);
         };
-        let local = self.serves(partition, at.max_lag);
-        if at.hops > 0 {
-            return if local {
-                Ok(Route::Local)
-            } else {
-                Err(ServingError::new(
-                    Code::ForwardLoop,
-                    format!(
-                        "forwarded here for partition {partition}, which this node does not serve \
-                         (within the lag bound); a request is forwarded at most once"
-                    ),
-                )
-                .detail("partition", u64::from(partition)))
-            };
-        }
-        match cluster.route(partition, local, Instant::now()) {
-            Route::Unavailable if self.store.partition_ready(partition) => {
-                // Lagging beyond the caller's bound with no better replica: say so.
-                Err(ServingError::new(
-                    Code::ReplicaLagging,
-                    format!(
-                        "partition {partition} is {} records behind here and no other owner serves it",
-                        self.store.partition_lag(partition)
-                    ),
-                )
-                .detail("partition", u64::from(partition)))
-            }
-            Route::Unavailable => Err(ServingError::new(
-                Code::PartitionUnavailable,
-                format!("no node serving partition {partition} is reachable"),
-            )
-            .detail("partition", u64::from(partition))),
-            r => Ok(r),
-        }
+        let ready = self.store.partition_ready(partition);
+        let lag = self.store.partition_lag(partition);
+        decide(partition, ready, lag, at, |local| {
+            cluster.route(partition, local, Instant::now())
+        })
     }
 
     /// `token` restricted to the partitions this node serves: in a cluster a node answers
@@ -154,5 +175,74 @@ impl Node {
             "cluster membership changed"
         );
         Ok(change)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quiver_core::config::ClusterNode;
+
+    fn peer() -> Route {
+        Route::Forward(vec![ClusterNode {
+            id: "n2".into(),
+            http: "127.0.0.1:1".into(),
+            grpc: None,
+        }])
+    }
+
+    fn code(r: Result<Route>) -> Code {
+        r.expect_err("refused").code
+    }
+
+    #[test]
+    fn a_replica_beyond_the_callers_lag_bound_passes_the_request_on_or_says_it_lags() {
+        let bound = |n| Placement {
+            max_lag: Some(n),
+            hops: 0,
+        };
+        // Caught up enough: answered here (the peers are not even asked).
+        let r = decide(3, true, 5, bound(5), |local| {
+            assert!(local);
+            Route::Local
+        });
+        assert!(matches!(r, Ok(Route::Local)));
+        // Too far behind: another owner that serves it takes the request…
+        let r = decide(3, true, 6, bound(5), |local| {
+            assert!(!local, "beyond the bound is not local");
+            peer()
+        });
+        assert!(matches!(r, Ok(Route::Forward(_))));
+        // …or, with none, the caller hears why.
+        assert_eq!(
+            code(decide(3, true, 6, bound(5), |_| Route::Unavailable)),
+            Code::ReplicaLagging
+        );
+        assert_eq!(
+            code(decide(3, false, 0, Placement::default(), |_| {
+                Route::Unavailable
+            })),
+            Code::PartitionUnavailable
+        );
+    }
+
+    #[test]
+    fn a_forwarded_request_is_answered_here_or_refused_never_sent_on() {
+        let hop = Placement {
+            max_lag: None,
+            hops: 1,
+        };
+        let r = decide(1, true, 100, hop, |_| unreachable!("never routed again"));
+        assert!(matches!(r, Ok(Route::Local)));
+        let refused = decide(1, false, 0, hop, |_| unreachable!("never routed again"));
+        assert_eq!(code(refused), Code::ForwardLoop);
+        let lagging = Placement {
+            max_lag: Some(0),
+            hops: 1,
+        };
+        assert_eq!(
+            code(decide(1, true, 1, lagging, |_| peer())),
+            Code::ForwardLoop
+        );
     }
 }
