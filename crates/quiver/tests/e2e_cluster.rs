@@ -39,6 +39,16 @@ features = [
   { name = "amount", type = "f64" },
   { name = "seq", type = "i64" },
 ]
+
+[[entity]]
+name = "device"
+key = "device_id"
+
+[[view]]
+name = "dev"
+entity = "device"
+features = [{ name = "risk", type = "f64" }, { name = "os", type = "string" }]
+aggregations = [{ name = "risk_n", of = "risk", fn = "count", window = "1h" }]
 "#;
 
 /// A model over `txn:amount` and `txn:seq` (the XGBoost fixture, 32 inputs).
@@ -60,6 +70,19 @@ fn repository(dir: &Path) -> PathBuf {
         inputs.join(", ")
     );
     std::fs::write(models.join("fraud/config.toml"), config).unwrap();
+    // A model over two entities: the user's amount and the device's risk.
+    std::fs::create_dir_all(models.join("two/1")).unwrap();
+    std::fs::copy(fixture, models.join("two/1/model.json")).unwrap();
+    let mut inputs = vec![
+        r#"{ feature = "txn:amount", default = -7.0 }"#.to_string(),
+        r#"{ feature = "dev:risk", default = -9.0 }"#.to_string(),
+    ];
+    inputs.extend((2..32).map(|i| format!(r#"{{ feature = "request:r{i}", default = 0.0 }}"#)));
+    let config = format!(
+        "runtime = \"xgboost\"\ninputs = [{}]\noutputs = [{{ name = \"probability\" }}]\n",
+        inputs.join(", ")
+    );
+    std::fs::write(models.join("two/config.toml"), config).unwrap();
     models
 }
 
@@ -808,6 +831,8 @@ fn nodes_reach_each_other_over_mutual_tls_and_a_peer_of_another_ca_is_refused() 
     let reader = key(&keys_dir, "reader", &["reader"], None);
     let producer = key(&keys_dir, "producer", &["producer"], None);
     let ops = key(&keys_dir, "ops", &["ops"], None);
+    let predictor = key(&keys_dir, "predictor", &["predictor:two"], None);
+    let predictor_reader = key(&keys_dir, "both", &["predictor:two", "reader:dev"], None);
     let mut m = Members::new(3);
     m.extra = format!(
         "[auth]\nmode = \"api_key\"\nkeys_file = \"{}\"\n\n[tls]\ncert = \"{p}/node.pem\"\n\
@@ -893,6 +918,48 @@ fn nodes_reach_each_other_over_mutual_tls_and_a_peer_of_another_ca_is_refused() 
         .send()
         .unwrap();
     assert_eq!(r.status(), 401, "no key, no read, forwarded or not");
+
+    // A predict over two entities on different nodes: the device's row is read from its
+    // owner with the caller's key, which must therefore also read that view.
+    let view = ops_view(&nodes[0]);
+    let (u, d, n) = (0..200)
+        .find_map(|i| {
+            let (u, d) = (format!("tu{i}"), format!("td{i}"));
+            owner_of_one(&view, &m, &u, &d).map(|n| (u, d, n))
+        })
+        .unwrap();
+    let events = [
+        json!({"view": "txn", "key": u, "values": {"amount": 3.0}}).to_string(),
+        json!({"view": "dev", "key": d, "values": {"risk": 0.7}}).to_string(),
+    ];
+    let r = http
+        .post(format!("{}/v1/events", nodes[0].url))
+        .bearer_auth(&producer)
+        .body(events.join("\n"))
+        .send()
+        .unwrap();
+    let token = r.json::<Value>().unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let predict = |key: &str| {
+        let r = http
+            .post(format!("{}/v1/models/two/predict", nodes[n].url))
+            .bearer_auth(key)
+            .header("Quiver-Read-After", &token)
+            .body(json!({"entities": {"user_id": u, "device_id": d}}).to_string())
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().unwrap())
+    };
+    let (status, p) = predict(&predictor_reader);
+    assert_eq!((status, &p["missing"]), (200, &json!([])), "{p}");
+    let (status, p) = predict(&predictor);
+    assert_eq!(
+        (status, p["error"]["code"].as_str()),
+        (503, Some("PEER_FAILED")),
+        "{p}"
+    );
     let r = http
         .get(format!("{}/v1/features/txn/tls-1", nodes[1].url))
         .header("Quiver-Hop", "1")
@@ -953,5 +1020,83 @@ fn the_example_cluster_config_serves_each_member_where_the_readme_says() {
         assert_eq!(c.self_id, format!("n{n}"));
         let me = c.nodes.iter().find(|m| m.id == c.self_id).unwrap();
         assert_eq!(me.http, format!("127.0.0.1:70{n}0"));
+    }
+}
+
+/// A node that owns `a`'s partition but not `b`'s.
+fn owner_of_one(view: &Value, m: &Members, a: &str, b: &str) -> Option<usize> {
+    let pa = partition_for(a.as_bytes(), PARTITIONS);
+    let pb = partition_for(b.as_bytes(), PARTITIONS);
+    let (oa, ob) = (owners_of(view, pa), owners_of(view, pb));
+    m.ids
+        .iter()
+        .position(|id| oa.contains(id) && !ob.contains(id))
+}
+
+#[test]
+fn a_request_over_entities_on_different_nodes_gathers_their_rows_from_the_owners() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = KafkaBroker::start(&dir.path().join("broker"));
+    let models = repository(dir.path());
+    let m = Members::new(3);
+    let nodes: Vec<Server> = (0..3)
+        .map(|i| start(dir.path(), &m, i, &broker, &models))
+        .collect();
+    let view = {
+        let refs: Vec<&Server> = nodes.iter().collect();
+        wait_converged(&refs, Duration::from_secs(30))
+    };
+    // Pairs (user, device) where some node owns the user's partition but not the device's.
+    let pairs: Vec<(String, String, usize)> = (0..200)
+        .filter_map(|i| {
+            let (u, d) = (format!("mu{i}"), format!("md{i}"));
+            owner_of_one(&view, &m, &u, &d).map(|n| (u, d, n))
+        })
+        .take(6)
+        .collect();
+    assert_eq!(
+        pairs.len(),
+        6,
+        "such pairs exist with 3 nodes and replication 2"
+    );
+    let mut lines = Vec::new();
+    for (i, (u, d, _)) in pairs.iter().enumerate() {
+        let amount = 10.0 + i as f64;
+        let risk = 0.5 + i as f64;
+        lines.push(json!({"view": "txn", "key": u, "values": {"amount": amount}}).to_string());
+        lines.push(
+            json!({"view": "dev", "key": d, "values": {"risk": risk, "os": "ios"}}).to_string(),
+        );
+    }
+    let (status, r) = nodes[0].post("/v1/events", &lines.join("\n"));
+    assert_eq!(status, 200, "{r}");
+    let token = r["token"].as_str().unwrap().to_string();
+    let after = [("Quiver-Read-After", token.as_str())];
+    for (i, (u, d, n)) in pairs.iter().enumerate() {
+        // Sent to the user's owner, which must fetch the device's row from another node.
+        let body = json!({"entities": {"user_id": u, "device_id": d}}).to_string();
+        let (status, p) = nodes[*n].post_with("/v1/models/two/predict", &body, &after);
+        assert_eq!(status, 200, "{p}");
+        assert_eq!(
+            p["missing"],
+            json!([]),
+            "both entities' features found: {p}"
+        );
+        let body = json!({"features": ["txn:amount", "dev:risk", "dev:os", "dev:risk_n"],
+                          "entities": {"user_id": [u], "device_id": [d]}});
+        let (status, f) = nodes[*n].post_with("/v1/features", &body.to_string(), &after);
+        assert_eq!(status, 200, "{f}");
+        assert_eq!(f["results"][2]["values"], json!([10.0 + i as f64]), "{f}");
+        assert_eq!(f["results"][3]["values"], json!([0.5 + i as f64]), "{f}");
+        assert_eq!(f["results"][3]["statuses"], json!(["PRESENT"]), "{f}");
+        assert_eq!(f["results"][4]["values"], json!(["ios"]), "{f}");
+        assert_eq!(
+            f["results"][5]["values"],
+            json!([1]),
+            "an aggregation keeps its type: {f}"
+        );
+    }
+    for n in nodes {
+        n.stop();
     }
 }

@@ -46,6 +46,8 @@ pub struct Peers {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     scheme: &'static str,
     timeout: Duration,
+    /// Told at once about a peer found unreachable.
+    cluster: Arc<quiver_cluster::Cluster>,
 }
 
 /// A peer's answer.
@@ -56,7 +58,8 @@ pub struct PeerReply {
 }
 
 impl Peers {
-    pub fn new(timeout: Duration, tls: Option<rustls::ClientConfig>) -> Peers {
+    pub fn new(cluster: Arc<quiver_cluster::Cluster>, tls: Option<rustls::ClientConfig>) -> Peers {
+        let timeout = cluster.forward_timeout;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeout));
@@ -85,6 +88,7 @@ impl Peers {
             client,
             scheme,
             timeout,
+            cluster,
         }
     }
 
@@ -138,18 +142,12 @@ impl Peers {
     /// after all, lagging, shedding — is passed over for the next).
     pub async fn forward(
         &self,
-        state: &AppState,
         candidates: &[ClusterNode],
         method: Method,
         path: &str,
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<PeerReply, ApiError> {
-        let cluster = state
-            .node
-            .cluster
-            .as_ref()
-            .expect("forwarding needs a cluster");
         let mut tried = Vec::new();
         for peer in candidates {
             let sent = self
@@ -173,7 +171,7 @@ impl Peers {
                     String::from_utf8_lossy(&r.body)
                 )),
                 Err(e) => {
-                    cluster.health.suspect(&peer.id, e.clone());
+                    self.cluster.health.suspect(&peer.id, e.clone());
                     tried.push(format!("{}: {e}", peer.id));
                 }
             }
@@ -241,7 +239,7 @@ pub async fn forward_if_remote(
         Route::Local => Ok(None),
         Route::Forward(candidates) => {
             let reply = peers
-                .forward(state, &candidates, method, path, headers, body)
+                .forward(&candidates, method, path, headers, body)
                 .await?;
             Ok(Some(reply.into_response()))
         }
@@ -437,14 +435,7 @@ pub async fn fetch_groups(
 ) -> Result<Vec<(Vec<usize>, Value)>, Response> {
     let peers = state.peers.as_ref().expect("a cluster has peers");
     let calls = groups.iter().map(|(candidates, rows)| {
-        peers.forward(
-            state,
-            candidates,
-            Method::POST,
-            path,
-            headers,
-            body_of(rows),
-        )
+        peers.forward(candidates, Method::POST, path, headers, body_of(rows))
     });
     let replies = futures_util::future::join_all(calls).await;
     let mut out = Vec::with_capacity(groups.len());

@@ -15,6 +15,7 @@ use quiver_core::telemetry as t;
 use quiver_core::time::now_ms;
 use quiver_core::token::Token;
 use quiver_serving::features::{self, AsOf, BatchReads, EntityColumn, FeatureRef};
+use quiver_serving::remote::Prefetched;
 use quiver_store::pit::Semantics;
 use quiver_store::Status;
 use serde::Deserialize;
@@ -26,13 +27,14 @@ use crate::AppState;
 
 pub const READ_AFTER: &str = "quiver-read-after";
 /// Feast's timestamp for values it has none for.
-const EPOCH: &str = "1970-01-01T00:00:00Z";
+pub(crate) const EPOCH: &str = "1970-01-01T00:00:00Z";
 
 /// Honours `Quiver-Read-After: <token>`: waits (bounded) until the materializer has applied
-/// every position the token names.
-pub async fn read_after(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+/// every position the token names (in a cluster: of the partitions served here). Returns the
+/// token, for rows read on other nodes.
+pub async fn read_after(state: &AppState, headers: &HeaderMap) -> Result<Option<Token>, ApiError> {
     let Some(raw) = headers.get(READ_AFTER) else {
-        return Ok(());
+        return Ok(None);
     };
     let token = raw
         .to_str()
@@ -44,7 +46,8 @@ pub async fn read_after(state: &AppState, headers: &HeaderMap) -> Result<(), Api
                 "Quiver-Read-After is not a token from /v1/events",
             )
         })?;
-    Ok(features::read_after(&state.node, &token).await?)
+    features::read_after(&state.node, &token).await?;
+    Ok(Some(token))
 }
 
 pub async fn get_entity(
@@ -310,7 +313,7 @@ async fn post_features_inner(
             .map(|r| schema.view(r.view).name.as_str());
         crate::security::require(identity, Role::Reader, views)?;
     }
-    read_after(state, headers).await?;
+    let after = read_after(state, headers).await?;
     let (columns, raw) = entity_columns(&req.entities)?;
     let rows = columns.first().map_or(0, |c| c.keys.len());
     if let (Some(_), Some(first), false) = (
@@ -327,6 +330,7 @@ async fn post_features_inner(
                 columns: &columns,
                 raw: &raw,
                 mode,
+                after: after.as_ref(),
             };
             return split.run(state, &bytes, headers, plan).await;
         }
@@ -337,9 +341,14 @@ async fn post_features_inner(
         // moves this worker's other tasks away meanwhile (the server runs a multi-thread
         // runtime).
         Some(a) => tokio::task::block_in_place(|| {
-            features::read_batch(&state.node, &resolved.refs, &columns, Some(a))
+            let none = Prefetched::default();
+            features::read_batch(&state.node, &resolved.refs, &columns, Some(a), &none)
         })?,
-        None => features::read_batch(&state.node, &resolved.refs, &columns, None)?,
+        None => {
+            let refs = &resolved.refs;
+            let pre = features::prefetch_batch(&state.node, refs, &columns, after.as_ref()).await?;
+            features::read_batch(&state.node, &resolved.refs, &columns, None, &pre)?
+        }
     };
     let entity_columns: Vec<(&str, &[Json_])> = columns
         .iter()
@@ -357,6 +366,7 @@ struct SplitRead<'a> {
     columns: &'a [EntityColumn],
     raw: &'a [&'a Vec<Json_>],
     mode: Mode,
+    after: Option<&'a Token>,
 }
 
 impl SplitRead<'_> {
@@ -396,7 +406,9 @@ impl SplitRead<'_> {
                 .iter()
                 .map(|r| plan.local.iter().map(|&i| r[i].clone()).collect())
                 .collect();
-            let reads = features::read_batch(&state.node, self.refs, &columns, None)?;
+            let pre =
+                features::prefetch_batch(&state.node, self.refs, &columns, self.after).await?;
+            let reads = features::read_batch(&state.node, self.refs, &columns, None, &pre)?;
             let entities: Vec<(&str, &[Json_])> = columns
                 .iter()
                 .zip(&raw)

@@ -13,6 +13,7 @@ mod ingest;
 mod json_out;
 pub mod listen;
 mod ops;
+mod peer_rows;
 mod predict;
 pub mod security;
 pub mod tls;
@@ -37,7 +38,7 @@ pub struct AppState {
     /// Authentication, grants, rate tiers, the audit trail.
     pub security: Security,
     /// Connections to the other nodes, in a cluster.
-    pub peers: Option<cluster::Peers>,
+    pub peers: Option<Arc<cluster::Peers>>,
 }
 
 impl AppState {
@@ -51,7 +52,12 @@ impl AppState {
                 None => None,
                 Some(c) => {
                     let tls = tls::peer_client(&node.config).map_err(|e| e.to_string())?;
-                    Some(cluster::Peers::new(c.forward_timeout, tls))
+                    let peers = Arc::new(cluster::Peers::new(c.clone(), tls));
+                    node.set_remote_rows(Arc::new(peer_rows::PeerRows {
+                        peers: peers.clone(),
+                        schema: node.schema.clone(),
+                    }));
+                    Some(peers)
                 }
             },
             node,

@@ -281,8 +281,8 @@ async fn predict_inner(
             return Ok(answer);
         }
     }
-    crate::features::read_after(state, headers).await?;
-    let answers = predict::run(&state.node, &m, &spec, pin, &instances).await?;
+    let after = crate::features::read_after(state, headers).await?;
+    let answers = predict::run(&state.node, &m, &spec, pin, &instances, after.as_ref()).await?;
     Ok(Json(answers_json(name, &spec, &answers, single)).into_response())
 }
 
@@ -321,7 +321,6 @@ impl Routed<'_> {
             let body = bytes::Bytes::copy_from_slice(self.bytes);
             let reply = peers
                 .forward(
-                    self.state,
                     candidates,
                     axum::http::Method::POST,
                     self.path,
@@ -359,9 +358,10 @@ impl Routed<'_> {
         if !plan.local.is_empty() {
             let local: Vec<Instance> = plan.local.iter().map(|&i| instances[i].clone()).collect();
             let (m, spec) = predict::served(&self.state.node, &self.spec.name)?;
-            crate::features::read_after(self.state, self.headers).await?;
+            let after = crate::features::read_after(self.state, self.headers).await?;
             let pin = body.get("version").and_then(parse_version);
-            let answers = predict::run(&self.state.node, &m, &spec, pin, &local).await?;
+            let node = &self.state.node;
+            let answers = predict::run(node, &m, &spec, pin, &local, after.as_ref()).await?;
             parts.insert(
                 0,
                 (plan.local, answers_json(&spec.name, &spec, &answers, false)),

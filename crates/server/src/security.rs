@@ -293,7 +293,13 @@ pub async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: N
     let tier = identity.tier.clone();
     let span = tracing::info_span!("request", identity = %identity.name, method = %req.method(), path = %path);
     req.extensions_mut().insert(identity);
-    let run = tracing::Instrument::instrument(next.run(req), span);
+    // In a cluster, rows read on other nodes for this request go with its credentials.
+    let caller = match &state.peers {
+        Some(_) => crate::peer_rows::caller_credentials(req.headers()),
+        None => HeaderMap::new(),
+    };
+    let run = crate::peer_rows::CALLER
+        .scope(caller, tracing::Instrument::instrument(next.run(req), span));
     // The deadline covers the wait for a slot as well as the work.
     let admitted = async {
         let _permit = sec.admit(tier.as_deref()).await?; // held until the handler is done

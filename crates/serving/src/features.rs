@@ -13,6 +13,7 @@ use quiver_store::pit::Semantics;
 use quiver_store::{FeatureRead, Status};
 
 use crate::error::{Code, Result, ServingError};
+use crate::remote::Prefetched;
 use crate::Node;
 
 /// Waits (bounded by `server.read_after_wait_ms_max`) until the materializer has applied
@@ -178,6 +179,7 @@ pub fn read_batch(
     refs: &[FeatureRef],
     entities: &[EntityColumn],
     as_of: Option<&AsOf>,
+    pre: &Prefetched,
 ) -> Result<BatchReads> {
     let schema = &node.schema;
     let rows = entities.first().map_or(0, |c| c.keys.len());
@@ -242,8 +244,10 @@ pub fn read_batch(
             match (key, &mut historical) {
                 (Some(_), Some(h)) => out.cells.append(&mut h[row]),
                 (Some(k), None) => {
-                    node.store
-                        .read(view as ViewId, k, &features, now, &mut out.cells);
+                    if !pre.read(view as ViewId, k, &features, &mut out.cells) {
+                        node.store
+                            .read(view as ViewId, k, &features, now, &mut out.cells);
+                    }
                 }
                 (None, _) => out.cells.extend(features.iter().map(|_| FeatureRead {
                     status: Status::NotFound,
@@ -259,6 +263,29 @@ pub fn read_batch(
         }
     }
     Ok(out)
+}
+
+/// In a cluster: the rows a batch read needs from partitions this node does not serve,
+/// fetched from their owners (none on a single node).
+pub async fn prefetch_batch(
+    node: &Node,
+    refs: &[FeatureRef],
+    entities: &[EntityColumn],
+    after: Option<&Token>,
+) -> Result<Prefetched> {
+    if node.cluster.is_none() {
+        return Ok(Prefetched::default());
+    }
+    let key_col_of_view = key_columns(node, refs, entities)?;
+    // Collected before the await: the future holds no iterator closures (it must be Send).
+    let mut pairs: Vec<(ViewId, &str)> = Vec::new();
+    for (view, col) in key_col_of_view.iter().enumerate() {
+        let Some(col) = col else { continue };
+        for key in entities[*col].keys.iter().flatten() {
+            pairs.push((view as ViewId, key.as_str()));
+        }
+    }
+    node.prefetch(pairs, after).await
 }
 
 /// Which entity column keys each requested view (indexed by view id).
@@ -417,7 +444,8 @@ features = [{ name = "y", type = "string" }]
             name: "user_id".into(),
             keys: vec![Some("u2".into()), None, Some("u1".into())],
         }];
-        let reads = read_batch(&node, &refs, &entities, None).unwrap();
+        let none = Prefetched::default();
+        let reads = read_batch(&node, &refs, &entities, None, &none).unwrap();
         let cell = |i, row| {
             let r = reads.get(i, row);
             (r.status, r.value.clone())

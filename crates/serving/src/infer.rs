@@ -195,7 +195,7 @@ pub async fn infer_tensors(
         });
     }
     let instances = join_instances(node, &spec, inputs)?;
-    let answers = predict::run(node, &m, &spec, pin, &instances).await?;
+    let answers = predict::run(node, &m, &spec, pin, &instances, None).await?;
     let rows: Vec<Vec<f64>> = answers.iter().map(|a| a.values().to_vec()).collect();
     let hits = answers.iter().filter(|a| a.cache_hit).count();
     Ok(Inferred {

@@ -14,6 +14,7 @@ pub mod infer;
 pub mod ingest;
 pub mod node;
 pub mod predict;
+pub mod remote;
 pub mod sources;
 
 pub use error::{Class, Code, Detail, ServingError};

@@ -60,6 +60,8 @@ pub struct Node {
     pub audit: Arc<quiver_auth::audit::AuditLog>,
     /// Membership, placement and peer health when `[cluster]` is set.
     pub cluster: Option<Arc<quiver_cluster::Cluster>>,
+    /// How rows served by other nodes are read (set by the surface crate).
+    pub(crate) remote: std::sync::OnceLock<Arc<dyn crate::remote::RemoteRows>>,
     /// When the node was opened (the failure detector settles after it).
     pub(crate) started: std::time::Instant,
     /// Running upstream sources (`[[rabbitmq_source]]`), started by [`Node::start_sources`].
@@ -264,6 +266,7 @@ impl Node {
             audit,
             cluster,
             started: std::time::Instant::now(),
+            remote: std::sync::OnceLock::new(),
         })
     }
 

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use quiver_core::telemetry as t;
 use quiver_core::time::{now_ms, EpochMs};
+use quiver_core::token::Token;
 use quiver_core::value::Value;
 use quiver_model::registry::{RouteError, Served, Version};
 use quiver_model::repository::{Input, ModelSpec};
@@ -17,6 +18,7 @@ use quiver_store::Status;
 
 use crate::cache::{aggregate_valid_until, Entry, KeyBuilder, ModelCache};
 use crate::error::{Code, Result, ServingError};
+use crate::remote::Prefetched;
 use crate::Node;
 
 /// A request-time value as the request gave it.
@@ -109,9 +111,11 @@ pub async fn run(
     spec: &Arc<ModelSpec>,
     pin: Option<u64>,
     instances: &[Instance],
+    after: Option<&Token>,
 ) -> Result<Vec<Answer>> {
     let now = now_ms();
     let cache = model_cache(node, spec);
+    let pre = prefetch(node, spec, instances, after).await?;
     let mut answers: Vec<Option<Answer>> = (0..instances.len()).map(|_| None).collect();
     // Misses, per version: (version, instance indexes, their rows, their cache keys/deadlines).
     let mut groups: BTreeMap<u64, Group> = BTreeMap::new();
@@ -122,7 +126,10 @@ pub async fn run(
         let sticky = sticky_key(&keys, inst);
         let version = m.route(pin, &sticky).map_err(route_error)?;
         let loaded = version.loaded.as_ref().expect("routed versions are loaded");
-        if let Some(cache) = &cache {
+        // Rows read on other nodes carry no version here: such an answer is not cached.
+        let remote = keys.iter().any(|(v, k)| pre.contains(*v, k));
+        let cache = cache.as_ref().filter(|_| !remote);
+        if let Some(cache) = cache {
             let key = probe_key(node, spec, version.version, &keys, inst)
                 .map_err(|e| e.at_instance(i, instances.len()))?;
             if let Some(hit) = cache.get(key, now) {
@@ -151,12 +158,14 @@ pub async fn run(
             inst,
             now,
             &mut g.rows,
-            cache.as_deref(),
+            cache.map(|c| &**c),
+            &pre,
             &version.metrics.gather,
         )
         .map_err(|e| e.at_instance(i, instances.len()))?;
         g.members.push((i, gathered));
     }
+    let cache_all = model_cache(node, spec);
     for (_, g) in groups {
         let loaded = g
             .version
@@ -168,7 +177,7 @@ pub async fn run(
         let out = evaluate(node, m, spec, g.version, g.rows, n).await?;
         for ((i, gathered), row) in g.members.into_iter().zip(out.chunks_exact(k)) {
             let outputs: Arc<[f64]> = Arc::from(row);
-            if let (Some(cache), Some((key, valid_until))) = (&cache, gathered.cache) {
+            if let (Some(cache), Some((key, valid_until))) = (&cache_all, gathered.cache) {
                 cache.insert(
                     key,
                     Entry {
@@ -293,6 +302,26 @@ fn model_cache(node: &Node, spec: &ModelSpec) -> Option<Arc<ModelCache>> {
     Some(fresh)
 }
 
+/// In a cluster: the rows `instances` need from partitions this node does not serve,
+/// fetched from their owners (none on a single node, or when every row is served here).
+async fn prefetch(
+    node: &Node,
+    spec: &ModelSpec,
+    instances: &[Instance],
+    after: Option<&Token>,
+) -> Result<Prefetched> {
+    if node.cluster.is_none() {
+        return Ok(Prefetched::default());
+    }
+    let mut pairs: Vec<(u16, String)> = Vec::new();
+    for inst in instances {
+        // A missing entity is reported by the gather that follows.
+        let _ = entity_keys(node, spec, inst, &mut pairs);
+    }
+    node.prefetch(pairs.iter().map(|(v, k)| (*v, k.as_str())), after)
+        .await
+}
+
 /// The entity key of each view the model reads: (view, key), in `spec.reads` order.
 fn entity_keys(
     node: &Node,
@@ -388,6 +417,7 @@ fn gather(
     now: EpochMs,
     rows: &mut Vec<f64>,
     cache: Option<&ModelCache>,
+    pre: &Prefetched,
     gather_seconds: &metrics::Histogram,
 ) -> Result<Gathered> {
     let started = Instant::now();
@@ -401,9 +431,11 @@ fn gather(
     for ((view, columns, positions), (_, entity)) in spec.reads.iter().zip(keys) {
         let v = schema.view(*view);
         read.clear();
-        let row_version = node.store.read(*view, entity, columns, now, &mut read);
-        if let Some(k) = &mut key {
-            k.row(*view, entity, row_version);
+        if !pre.read(*view, entity, columns, &mut read) {
+            let row_version = node.store.read(*view, entity, columns, now, &mut read);
+            if let Some(k) = &mut key {
+                k.row(*view, entity, row_version);
+            }
         }
         for ((r, &pos), &column) in read.iter().zip(positions).zip(columns) {
             let x = match (&r.status, &r.value) {
