@@ -194,6 +194,17 @@ mod tests {
         }
 
         #[test]
+        fn with_256_vnodes_no_node_carries_half_again_the_mean(
+            n in 2usize..16,
+            prefix in "[a-z]{1,8}",
+        ) {
+            let nodes: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+            let placement = Ring::new(&nodes, 256).placement(512, 2);
+            let (max, mean) = balance(&placement, &nodes);
+            prop_assert!(max as f64 <= 1.5 * mean, "{n} nodes: max {max}, mean {mean}");
+        }
+
+        #[test]
         fn every_partition_gets_min_of_replication_and_nodes_owners(n in 0usize..20, r in 1usize..5, p in any::<u32>()) {
             let ring = Ring::new(&ids(n), 16);
             let o = ring.owners(p, r);
