@@ -167,27 +167,9 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use quiver_core::config::HumanDuration;
 
     fn config(self_id: &str, ids: &[&str]) -> ClusterConfig {
-        ClusterConfig {
-            self_id: self_id.into(),
-            nodes: ids
-                .iter()
-                .enumerate()
-                .map(|(i, id)| ClusterNode {
-                    id: (*id).into(),
-                    http: format!("127.0.0.1:{}", 7000 + i),
-                    grpc: None,
-                })
-                .collect(),
-            replication: 2,
-            vnodes: 64,
-            probe_interval: HumanDuration(Duration::from_millis(100)),
-            down_after: HumanDuration(Duration::from_millis(500)),
-            forward_timeout: HumanDuration(Duration::from_secs(1)),
-            ca: None,
-        }
+        membership::test_config(self_id, ids, 2)
     }
 
     #[test]

@@ -69,31 +69,37 @@ impl Membership {
     }
 }
 
+/// `[cluster]` for tests: members `ids` on ports 7000…, `self_id`, `replication`.
+#[cfg(test)]
+pub(crate) fn test_config(self_id: &str, ids: &[&str], replication: usize) -> ClusterConfig {
+    use quiver_core::config::HumanDuration;
+    use std::time::Duration;
+    ClusterConfig {
+        self_id: self_id.into(),
+        nodes: ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| ClusterNode {
+                id: (*id).into(),
+                http: format!("127.0.0.1:{}", 7000 + i),
+                grpc: None,
+            })
+            .collect(),
+        replication,
+        vnodes: 64,
+        probe_interval: HumanDuration(Duration::from_millis(100)),
+        down_after: HumanDuration(Duration::from_millis(500)),
+        forward_timeout: HumanDuration(Duration::from_secs(1)),
+        ca: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use quiver_core::config::HumanDuration;
-    use std::time::Duration;
 
     fn config(self_id: &str, ids: &[&str], replication: usize) -> ClusterConfig {
-        ClusterConfig {
-            self_id: self_id.into(),
-            nodes: ids
-                .iter()
-                .enumerate()
-                .map(|(i, id)| ClusterNode {
-                    id: (*id).into(),
-                    http: format!("127.0.0.1:{}", 7000 + i),
-                    grpc: None,
-                })
-                .collect(),
-            replication,
-            vnodes: 64,
-            probe_interval: HumanDuration(Duration::from_millis(100)),
-            down_after: HumanDuration(Duration::from_millis(500)),
-            forward_timeout: HumanDuration(Duration::from_secs(1)),
-            ca: None,
-        }
+        test_config(self_id, ids, replication)
     }
 
     #[test]

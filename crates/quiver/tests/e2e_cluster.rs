@@ -136,6 +136,14 @@ impl Members {
     }
 }
 
+/// A test's directory, its Kafka broker, and the model repository in it.
+fn setup() -> (tempfile::TempDir, KafkaBroker, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = KafkaBroker::start(&dir.path().join("broker"));
+    let models = repository(dir.path());
+    (dir, broker, models)
+}
+
 /// Starts member `i` in `root/<id>`.
 fn start(root: &Path, m: &Members, i: usize, broker: &KafkaBroker, models: &Path) -> Server {
     let dir = root.join(&m.ids[i]);
@@ -205,9 +213,7 @@ fn ingest(server: &Server, events: &[(String, i64)]) -> String {
 
 #[test]
 fn any_node_answers_any_key_one_hop_reads_your_writes_and_refuses_loops() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = KafkaBroker::start(&dir.path().join("broker"));
-    let models = repository(dir.path());
+    let (dir, broker, models) = setup();
     let m = Members::new(3);
     let nodes: Vec<Server> = (0..3)
         .map(|i| start(dir.path(), &m, i, &broker, &models))
@@ -381,9 +387,7 @@ fn read_with_one_retry(
 
 #[test]
 fn killing_one_of_three_nodes_under_load_fails_nothing_past_one_retry_and_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = KafkaBroker::start(&dir.path().join("broker"));
-    let models = repository(dir.path());
+    let (dir, broker, models) = setup();
     let m = Members::new(3);
     let mut nodes: Vec<Option<Server>> = (0..3)
         .map(|i| Some(start(dir.path(), &m, i, &broker, &models)))
@@ -571,9 +575,7 @@ fn killing_one_of_three_nodes_under_load_fails_nothing_past_one_retry_and_loses_
 
 #[test]
 fn a_fourth_node_joins_by_sighup_moving_about_a_quarter_with_no_read_missing() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = KafkaBroker::start(&dir.path().join("broker"));
-    let models = repository(dir.path());
+    let (dir, broker, models) = setup();
     let mut m = Members::new(3);
     let mut nodes: Vec<Server> = (0..3)
         .map(|i| start(dir.path(), &m, i, &broker, &models))
@@ -709,9 +711,7 @@ fn wait_history(pg: &mut postgres::Client, table: &str, events: i64) {
 
 #[test]
 fn each_partitions_history_sink_runs_on_one_owner_and_hands_over_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = KafkaBroker::start(&dir.path().join("broker"));
-    let models = repository(dir.path());
+    let (dir, broker, models) = setup();
     let table = format!("qv_cluster_hist_{}", std::process::id());
     let mut pg = postgres::Client::connect(PG, postgres::NoTls).unwrap();
     drop_history(&mut pg, &table);
@@ -821,9 +821,7 @@ fn https_client(pki: &Path) -> reqwest::blocking::Client {
 
 #[test]
 fn nodes_reach_each_other_over_mutual_tls_and_a_peer_of_another_ca_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = KafkaBroker::start(&dir.path().join("broker"));
-    let models = repository(dir.path());
+    let (dir, broker, models) = setup();
     let pki = dir.path().join("pki");
     cluster_pki(&pki);
     let keys_dir = dir.path().join("keys");
@@ -1035,9 +1033,7 @@ fn owner_of_one(view: &Value, m: &Members, a: &str, b: &str) -> Option<usize> {
 
 #[test]
 fn a_request_over_entities_on_different_nodes_gathers_their_rows_from_the_owners() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = KafkaBroker::start(&dir.path().join("broker"));
-    let models = repository(dir.path());
+    let (dir, broker, models) = setup();
     let m = Members::new(3);
     let nodes: Vec<Server> = (0..3)
         .map(|i| start(dir.path(), &m, i, &broker, &models))
