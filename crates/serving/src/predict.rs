@@ -128,8 +128,8 @@ pub async fn run(
         let loaded = version.loaded.as_ref().expect("routed versions are loaded");
         // Rows read on other nodes carry no version here: such an answer is not cached.
         let remote = keys.iter().any(|(v, k)| pre.contains(*v, k));
-        let cache = cache.as_ref().filter(|_| !remote);
-        if let Some(cache) = cache {
+        let probe = cache.as_ref().filter(|_| !remote);
+        if let Some(cache) = probe {
             let key = probe_key(node, spec, version.version, &keys, inst)
                 .map_err(|e| e.at_instance(i, instances.len()))?;
             if let Some(hit) = cache.get(key, now) {
@@ -158,14 +158,13 @@ pub async fn run(
             inst,
             now,
             &mut g.rows,
-            cache.map(|c| &**c),
+            probe.map(|c| &**c),
             &pre,
             &version.metrics.gather,
         )
         .map_err(|e| e.at_instance(i, instances.len()))?;
         g.members.push((i, gathered));
     }
-    let cache_all = model_cache(node, spec);
     for (_, g) in groups {
         let loaded = g
             .version
@@ -177,7 +176,7 @@ pub async fn run(
         let out = evaluate(node, m, spec, g.version, g.rows, n).await?;
         for ((i, gathered), row) in g.members.into_iter().zip(out.chunks_exact(k)) {
             let outputs: Arc<[f64]> = Arc::from(row);
-            if let (Some(cache), Some((key, valid_until))) = (&cache_all, gathered.cache) {
+            if let (Some(cache), Some((key, valid_until))) = (&cache, gathered.cache) {
                 cache.insert(
                     key,
                     Entry {

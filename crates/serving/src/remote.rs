@@ -37,7 +37,9 @@ pub trait RemoteRows: Send + Sync {
 /// Rows fetched from other nodes for one request: every column of each (view, key).
 #[derive(Default)]
 pub struct Prefetched {
-    rows: HashMap<(ViewId, String), Vec<FeatureRead>>,
+    /// view → key → every column. Nested so that a lookup by `&str` allocates nothing (the
+    /// store's read path asks on every read, and on a single node the map is empty).
+    rows: HashMap<ViewId, HashMap<String, Vec<FeatureRead>>>,
 }
 
 impl Prefetched {
@@ -53,7 +55,7 @@ impl Prefetched {
         columns: &[FeatureIdx],
         out: &mut Vec<FeatureRead>,
     ) -> bool {
-        let Some(row) = self.rows.get(&(view, key.to_string())) else {
+        let Some(row) = self.rows.get(&view).and_then(|keys| keys.get(key)) else {
             return false;
         };
         out.extend(columns.iter().map(|&c| row[usize::from(c)].clone()));
@@ -61,7 +63,9 @@ impl Prefetched {
     }
 
     pub fn contains(&self, view: ViewId, key: &str) -> bool {
-        self.rows.contains_key(&(view, key.to_string()))
+        self.rows
+            .get(&view)
+            .is_some_and(|keys| keys.contains_key(key))
     }
 }
 
@@ -117,7 +121,7 @@ impl Node {
             let rows = rows?;
             assert_eq!(rows.len(), keys.len(), "one row per key");
             for (k, row) in keys.iter().zip(rows) {
-                out.rows.insert((*view, k.clone()), row);
+                out.rows.entry(*view).or_default().insert(k.clone(), row);
             }
         }
         Ok(out)
