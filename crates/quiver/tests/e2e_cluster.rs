@@ -1078,6 +1078,17 @@ fn a_request_over_entities_on_different_nodes_gathers_their_rows_from_the_owners
             json!([]),
             "both entities' features found: {p}"
         );
+        // KServe V2 with a feature join: the same rows gathered, the same answer.
+        let infer = json!({"inputs": [
+            {"name": "user_id", "datatype": "BYTES", "shape": [1], "data": [u]},
+            {"name": "device_id", "datatype": "BYTES", "shape": [1], "data": [d]},
+        ]});
+        let (status, v2) = nodes[*n].post("/v2/models/two/infer", &infer.to_string());
+        assert_eq!(status, 200, "{v2}");
+        assert_eq!(
+            v2["outputs"][0]["data"][0], p["outputs"]["probability"],
+            "{v2} vs {p}"
+        );
         let body = json!({"features": ["txn:amount", "dev:risk", "dev:os", "dev:risk_n"],
                           "entities": {"user_id": [u], "device_id": [d]}});
         let (status, f) = nodes[*n].post_with("/v1/features", &body.to_string(), &after);
