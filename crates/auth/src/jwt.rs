@@ -101,10 +101,12 @@ impl JwtVerifier {
         v.leeway = LEEWAY_S;
         v.validate_nbf = true;
         v.set_audience(&[&self.opts.audience]);
-        if let Some(iss) = &self.opts.issuer {
-            v.set_issuer(&[iss]);
-        }
         v.required_spec_claims = ["exp", "aud"].into_iter().map(String::from).collect();
+        if let Some(iss) = &self.opts.issuer {
+            // Configured, `iss` is required: a token that names no issuer is refused too.
+            v.set_issuer(&[iss]);
+            v.required_spec_claims.insert("iss".into());
+        }
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &v).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
             AuthError::Invalid(match e.kind() {
@@ -113,6 +115,7 @@ impl JwtVerifier {
                 K::InvalidAudience => "JWT for another audience",
                 K::InvalidIssuer => "JWT from another issuer",
                 K::InvalidSignature => "JWT signature does not verify",
+                K::MissingRequiredClaim(c) if c == "iss" => "JWT names no issuer",
                 K::MissingRequiredClaim(_) => "JWT lacks exp or aud",
                 _ => "JWT refused",
             })
@@ -237,5 +240,46 @@ mod tests {
             v.verify(&hs).is_err(),
             "a symmetric token is never accepted"
         );
+    }
+
+    #[test]
+    fn the_issuer_is_checked_only_when_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let (signer, jwk) = key("k1");
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, json!({"keys": [jwk]}).to_string()).unwrap();
+        let verifier = |issuer: Option<&str>| {
+            JwtVerifier::open(JwtOptions {
+                jwks_file: path.clone(),
+                audience: "quiver".into(),
+                issuer: issuer.map(String::from),
+                roles_claim: "roles".into(),
+                tier_claim: "tier".into(),
+            })
+            .unwrap()
+        };
+        let t = now();
+        let claims = |iss: Option<&str>| {
+            let mut c = json!({"sub": "svc", "aud": "quiver", "exp": t + 60, "roles": ["reader"]});
+            if let Some(i) = iss {
+                c["iss"] = json!(i);
+            }
+            sign(&signer, "k1", c)
+        };
+        let strict = verifier(Some("https://idp.example"));
+        assert!(strict.verify(&claims(Some("https://idp.example"))).is_ok());
+        let why = |r: Result<Identity, AuthError>| match r {
+            Err(AuthError::Invalid(why)) => why,
+            other => panic!("accepted: {other:?}"),
+        };
+        assert_eq!(
+            why(strict.verify(&claims(Some("https://evil.example")))),
+            "JWT from another issuer"
+        );
+        assert_eq!(why(strict.verify(&claims(None))), "JWT names no issuer");
+        // Not configured: any issuer, or none.
+        let lax = verifier(None);
+        assert!(lax.verify(&claims(Some("https://evil.example"))).is_ok());
+        assert!(lax.verify(&claims(None)).is_ok());
     }
 }
