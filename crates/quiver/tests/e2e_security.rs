@@ -249,9 +249,10 @@ fn a_revoked_key_stops_working_without_a_restart_and_the_audit_trail_catches_tam
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
     let admin = key(&data, "ops-team", &["admin", "predictor:*"], None);
-    let server = Server::start(
+    let server = Server::start_logged(
         dir.path(),
         &secured(dir.path(), "[auth]\nmode = \"api_key\""),
+        "warn,quiver_server=debug",
     );
     let (status, v) = send(
         &server,
@@ -269,6 +270,15 @@ fn a_revoked_key_stops_working_without_a_restart_and_the_audit_trail_catches_tam
         .send()
         .unwrap();
     assert_eq!(r.status(), 200);
+    // The identity is on the request's span, so on every line logged while serving it.
+    let log = server.log();
+    assert!(
+        log.lines().any(|l| l.contains("answered")
+            && l.contains("identity=key:ops-team")
+            && l.contains("path=/v1/models/{model}/traffic")
+            && l.contains("status=200")),
+        "{log}"
+    );
     let id = admin.split('_').nth(1).unwrap().to_string();
     let keys_file = data.join("keys.toml");
     let list = |file: &std::path::Path| {

@@ -91,6 +91,7 @@ where
     fn call(&mut self, mut req: axum::http::Request<B>) -> Self::Future {
         let path = req.uri().path().to_string();
         let sec = &self.state.security;
+        let mut span = tracing::Span::none();
         // `Some(tier)`: the call needs an in-flight slot of that tier's priority.
         let admission: Option<Option<String>> = match method_role(&path) {
             None => None,
@@ -110,9 +111,10 @@ where
                     bearer: bearer.map(str::trim),
                     certificate_sans: sans.as_deref(),
                 };
-                match sec.check(&format!("gRPC {path}"), &cred, role, None) {
+                match sec.check(&format_args!("gRPC {path}"), &cred, role, None) {
                     Ok((identity, _allowance)) => {
                         let tier = identity.tier.clone();
+                        span = crate::security::request_span(&identity, "gRPC", &path);
                         req.extensions_mut().insert(identity);
                         Some(tier)
                     }
@@ -125,7 +127,7 @@ where
         };
         let fut = self.inner.call(req);
         let state = self.state.clone();
-        Box::pin(async move {
+        let call = async move {
             // The slot is held until the call is answered; the wait for it is bounded by the
             // call's deadline (tonic's timeout around this service).
             let _permit = match admission {
@@ -136,7 +138,8 @@ where
                 },
             };
             fut.await
-        })
+        };
+        Box::pin(tracing::Instrument::instrument(call, span))
     }
 }
 

@@ -120,7 +120,7 @@ impl Security {
     /// route names one), then takes its rate token. The in-flight slot is [`admit`](Self::admit).
     pub fn check(
         &self,
-        what: &str,
+        what: &dyn std::fmt::Display,
         cred: &Credentials<'_>,
         role: Role,
         resource: Option<&str>,
@@ -150,7 +150,9 @@ impl Security {
         self.limits.admit(tier).await.map_err(limited)
     }
 
-    fn denied(&self, who: &str, what: &str, status: &str, why: &str) {
+    fn denied(&self, who: &str, what: &dyn std::fmt::Display, status: &str, why: &str) {
+        let what = what.to_string();
+        let what = what.as_str();
         metrics::counter!(t::REQUESTS_REFUSED_TOTAL, "status" => status.to_string()).increment(1);
         tracing::warn!(
             identity = who,
@@ -224,6 +226,16 @@ impl Denial {
     }
 }
 
+/// The span a request runs in, naming who sent it: every line it logs carries the identity.
+/// Without authentication every caller is `anonymous` and the span would say nothing, so
+/// none is made (a span costs the read path allocations and formatting per request).
+pub(crate) fn request_span(identity: &Identity, method: &str, path: &str) -> tracing::Span {
+    if identity.kind == quiver_auth::Kind::Anonymous {
+        return tracing::Span::none();
+    }
+    tracing::info_span!("request", identity = %identity.name, method = %method, path = %path)
+}
+
 /// Credentials of an HTTP request: `Authorization: Bearer`, `X-Api-Key`, the mTLS peer.
 fn credentials<'a>(headers: &'a HeaderMap, peer: Option<&'a Peer>) -> Credentials<'a> {
     let bearer = headers
@@ -243,14 +255,12 @@ fn credentials<'a>(headers: &'a HeaderMap, peer: Option<&'a Peer>) -> Credential
 /// The HTTP middleware: 413 before an oversized body is read, then [`Security::check`] for the
 /// matched route, the deadline, and the identity attached to the request and its span.
 pub async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
-    let Some(path) = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-    else {
+    // A clone of the matched path is a reference count, not a copy of the text.
+    let Some(matched) = req.extensions().get::<MatchedPath>().cloned() else {
         return next.run(req).await; // no route: the fallback answers 404
     };
-    let access = crate::access_of(req.method(), &path);
+    let path = matched.as_str();
+    let access = crate::access_of(req.method(), path);
     let limit = state.node.config.limits.request_body_bytes_max;
     let declared = req
         .headers()
@@ -263,7 +273,7 @@ pub async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: N
         return crate::body::too_large(limit).into_response();
     }
     let sec = &state.security;
-    if sec.public_path(&path) {
+    if sec.public_path(path) {
         return next.run(req).await;
     }
     let role = match access {
@@ -278,9 +288,9 @@ pub async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: N
             .map(|(_, v)| v.to_string()),
         Err(_) => None,
     };
-    let what = format!("{} {}", req.method(), req.uri().path());
     let checked = sec.check(
-        &what,
+        // Formatted only if the request is refused.
+        &format_args!("{} {}", req.method(), req.uri().path()),
         &credentials(req.headers(), req.extensions().get::<Peer>()),
         role,
         resource.as_deref(),
@@ -291,15 +301,17 @@ pub async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: N
     };
     let deadline = sec.deadline(req.headers());
     let tier = identity.tier.clone();
-    let span = tracing::info_span!("request", identity = %identity.name, method = %req.method(), path = %path);
+    let span = request_span(&identity, req.method().as_str(), path);
     req.extensions_mut().insert(identity);
     // In a cluster, rows read on other nodes for this request go with its credentials.
     let caller = match &state.peers {
         Some(_) => crate::peer_rows::caller_credentials(req.headers()),
         None => HeaderMap::new(),
     };
-    let run = crate::peer_rows::CALLER
-        .scope(caller, tracing::Instrument::instrument(next.run(req), span));
+    let run = crate::peer_rows::CALLER.scope(
+        caller,
+        tracing::Instrument::instrument(next.run(req), span.clone()),
+    );
     // The deadline covers the wait for a slot as well as the work.
     let admitted = async {
         let _permit = sec.admit(tier.as_deref()).await?; // held until the handler is done
@@ -314,6 +326,8 @@ pub async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: N
         )
         .into_response(),
     };
+    // The access log (at debug): one line per admitted request, with who sent it.
+    tracing::debug!(parent: &span, status = resp.status().as_u16(), "answered");
     if let Some(a) = allowance {
         let h = resp.headers_mut();
         h.insert("ratelimit-limit", HeaderValue::from(a.limit));

@@ -125,11 +125,42 @@ impl Server {
         Server::start_with(dir, &config_path, args, http)
     }
 
+    /// [`Server::start`] logging at `rust_log` into `dir/quiver.log` (read it with
+    /// [`Server::log`]) instead of the test's stderr.
+    pub fn start_logged(dir: &Path, config: &str, rust_log: &str) -> Server {
+        let config_path = dir.join("quiver.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(dir.join("quiver.log")).unwrap();
+        Server::spawn(
+            dir,
+            &config_path,
+            &[],
+            client(),
+            (rust_log, Stdio::from(log)),
+        )
+    }
+
+    /// What a [`Server::start_logged`] server has logged so far.
+    pub fn log(&self) -> String {
+        let dir = self.config_path.parent().unwrap();
+        std::fs::read_to_string(dir.join("quiver.log")).unwrap()
+    }
+
     fn start_with(
         dir: &Path,
         config_path: &Path,
         args: &[&str],
         http: reqwest::blocking::Client,
+    ) -> Server {
+        Server::spawn(dir, config_path, args, http, ("warn", Stdio::inherit()))
+    }
+
+    fn spawn(
+        dir: &Path,
+        config_path: &Path,
+        args: &[&str],
+        http: reqwest::blocking::Client,
+        (rust_log, stderr): (&str, Stdio),
     ) -> Server {
         let data_dir = dir.join("data");
         // A test that names its address (a cluster member) gives `--listen` itself.
@@ -146,9 +177,9 @@ impl Server {
             .arg(config_path)
             .arg("--data-dir")
             .arg(&data_dir)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn quiver");
         let stdout = child.stdout.take().unwrap();
