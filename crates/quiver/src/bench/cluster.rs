@@ -230,18 +230,32 @@ async fn load(members: &[Member]) -> Result<()> {
             .unwrap_or_default()
             .to_string();
     }
+    // The token bounds each wait (`request_timeout_max`); on a machine this loaded (the
+    // nodes, the broker and the generator share its cores) one wait may not be enough.
+    let deadline = Instant::now() + Duration::from_secs(60);
     for m in members {
         let mut s = connect(m.addr).await?;
         for i in [0, ENTITIES - 1] {
-            let (status, _) = request_with(
-                &mut s,
-                "GET",
-                &format!("/v1/features/row/e{i}"),
-                Bytes::new(),
-                &[("quiver-read-after", &token)],
-            )
-            .await?;
-            anyhow::ensure!(status == 200, "entity e{i} not readable on {}", m.id);
+            loop {
+                let (status, body) = request_with(
+                    &mut s,
+                    "GET",
+                    &format!("/v1/features/row/e{i}"),
+                    Bytes::new(),
+                    &[("quiver-read-after", &token)],
+                )
+                .await?;
+                if status == 200 {
+                    break;
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "entity e{i} not readable on {}: {status} {}",
+                    m.id,
+                    String::from_utf8_lossy(&body)
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
     Ok(())
