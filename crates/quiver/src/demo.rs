@@ -19,8 +19,8 @@ use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use crate::bench::load::{self, histogram, us, Window, Worker};
-use crate::bench::{connect, post_durable_visible, request, Embedded, Sender};
+use quiver_bench::harness::{connect, post_durable_visible, request, Embedded, Sender};
+use quiver_bench::load::{self, histogram, us, Window, Worker};
 
 const CONFIG: &str = include_str!("../../../examples/fraud/quiver.toml");
 const MODEL_CONFIG: &str = include_str!("../../../examples/fraud/models/fraud_gbdt/config.toml");
@@ -232,10 +232,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     if let Some(reason) = q.node.not_ready_reason() {
         anyhow::bail!("the demo's node is not ready: {reason}");
     }
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let client_rt = quiver_bench::cpu::client_runtime()?;
     let live = Arc::new(Live::default());
     let duration = if args.duration > 0.0 {
         args.duration

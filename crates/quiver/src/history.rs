@@ -123,7 +123,7 @@ pub fn run(args: HistoryArgs) -> Result<()> {
         .iter()
         .map(|r| entity_cols.iter().map(|&c| r[c].as_str()).collect())
         .collect();
-    let order = grouped_by_key(&entity_of);
+    let order = quiver_store::pit::grouped_by_key(&entity_of);
     let chunk_rows = args.chunk_rows.max(1);
     let chunks: Vec<&[usize]> = order.chunks(chunk_rows).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -194,13 +194,6 @@ pub fn run(args: HistoryArgs) -> Result<()> {
         args.out.display()
     );
     Ok(())
-}
-
-/// Row indices ordered so that equal keys are adjacent (stable: a key's rows keep their order).
-pub fn grouped_by_key<K: Ord>(keys: &[K]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..keys.len()).collect();
-    order.sort_by(|&a, &b| keys[a].cmp(&keys[b]));
-    order
 }
 
 fn request_body(

@@ -1,8 +1,6 @@
 //! The `quiver` binary: the CLI over the crates. `anyhow` lives here and nowhere else.
 
 #[macro_use]
-mod bench;
-mod bench_runtimes;
 mod demo;
 mod history;
 mod logcmd;
@@ -46,7 +44,7 @@ enum Command {
     /// Training data: each feature as of each entity row's timestamp (CSV or Parquet).
     History(history::HistoryArgs),
     /// Measure Quiver (and its peers) on this machine.
-    Bench(bench::BenchArgs),
+    Bench(quiver_bench::BenchArgs),
     /// Run the fraud example live: three upstream services, predictions, a terminal view.
     Demo(demo::DemoArgs),
     /// API keys: create, list, revoke (the keys file holds hashes, never keys).
@@ -127,7 +125,7 @@ fn main() -> Result<()> {
         Command::Predict(args) => predict::run(args),
         Command::Log { command } => logcmd::run(command),
         Command::History(args) => history::run(args),
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => quiver_bench::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Keys { command } => security_cmd::keys(command),
         Command::Audit { command } => security_cmd::audit(command),

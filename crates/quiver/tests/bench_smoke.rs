@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::quiver;
+use common::{quiver, Server};
 
 #[test]
 fn bench_scenarios_report_real_work() {
@@ -82,6 +82,17 @@ fn bench_scenarios_report_real_work() {
     assert!(p["predict_ops_per_s"].as_f64().unwrap() > 0.0, "{p}");
     assert!(p["model_us_per_row_batch1"].as_f64().unwrap() > 0.0, "{p}");
     assert!(p["redis_ops_per_s"].as_f64().unwrap() > 0.0, "{p}");
+    // Server CPU per operation, read from /proc: this process less the generator's threads
+    // for Quiver, redis-server's processes for Redis.
+    for cpu in [
+        &r["ingest"]["server_cpu_us_per_event"],
+        &r["lookup"]["uniform_quiver"]["server_cpu_us_per_op"],
+        &r["lookup"]["uniform_redis"]["server_cpu_us_per_op"],
+        &p["lookup_server_cpu_us_per_op"],
+        &p["predict_server_cpu_us_per_op"],
+    ] {
+        assert!(cpu.as_f64().is_some_and(|c| c >= 0.0), "{r}");
+    }
 
     // decoupling: both designs took writes and answered predictions, without errors.
     let d = &r["decoupling"];
@@ -103,8 +114,33 @@ fn bench_scenarios_report_real_work() {
         assert_eq!(side["predict_errors"].as_u64(), Some(0), "{design}: {side}");
         assert!(side["p99_us"].as_f64().unwrap() > 0.0, "{design}: {side}");
     }
+    // Each design is charged its own server's CPU: Quiver's `quiver serve` process (from its
+    // /metrics), PostgreSQL's processes (from /proc).
+    for design in ["quiver", "postgres"] {
+        let cpu = d[design]["server_cpu_s"].as_f64();
+        assert!(cpu.is_some_and(|c| c >= 0.0), "{design}: {d}");
+    }
+    // The sweep ran 1× and 2×, then climbed only while a design still sustained.
     let levels = d["levels"].as_array().unwrap();
-    assert_eq!(levels.len(), 2, "{d}");
+    assert!(levels.len() >= 2, "{d}");
+    let sustained = |l: &serde_json::Value, design: &str| l[design]["sustained"] == true;
+    for pair in levels.windows(2).skip(1) {
+        assert!(
+            sustained(&pair[0], "quiver") || sustained(&pair[0], "postgres"),
+            "climbed past a load both failed: {d}"
+        );
+    }
+    // The capacity ratio is the quotient of the highest sustained loads, when both have one.
+    let top = |design: &str| d["max_sustained"][design]["total_per_s"].as_f64();
+    match (top("quiver"), top("postgres")) {
+        (Some(q), Some(p)) => {
+            let ratio = report["ratios"]["decoupling_capacity_vs_postgres"]
+                .as_f64()
+                .unwrap();
+            assert!((ratio - q / p).abs() < 1e-9, "{d}");
+        }
+        _ => assert!(d["capacity_vs_postgres"].is_null(), "{d}"),
+    }
     assert!(
         stdout.contains("| PostgreSQL as the queue (UPSERT + SELECT) |"),
         "{stdout}"
@@ -270,4 +306,48 @@ fn bench_cluster_runs_real_nodes_over_kafka() {
         live["failover"]["first_replica_read_ms"].as_f64().is_some(),
         "{live}"
     );
+}
+
+/// `quiver bench decoupling --url`: the load generator drives a server started apart from it,
+/// with the config `quiver bench config` prints, and charges it the CPU its `/metrics` reports.
+#[test]
+fn bench_decoupling_drives_a_server_started_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, config, stderr) = quiver(&["bench", "config"]);
+    assert!(ok && config.contains("[[view]]"), "{config}\n{stderr}");
+    let server = Server::start(dir.path(), &config);
+    let out = dir.path().join("decoupling.json");
+    let (ok, stdout, stderr) = quiver(&[
+        "bench",
+        "decoupling",
+        "--url",
+        &server.url,
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0.2",
+        "--connections",
+        "2",
+        "--entities",
+        "2000",
+        "--rate",
+        "3000",
+        "--predict-rate",
+        "200",
+        "--writers",
+        "1",
+        "--levels",
+        "0.5",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let q = &report["results"]["decoupling"]["quiver"];
+    assert!(q["events_per_s"].as_f64().unwrap() > 0.0, "{q}");
+    assert!(q["server_cpu_s"].as_f64().unwrap() > 0.0, "{q}");
+    assert!(q["server_cpu_us_per_op"].as_f64().unwrap() > 0.0, "{q}");
+    // The preload (2,000 entities × 3 services) and the measured writes reached this server.
+    assert!(server.metric("quiver_events_ingested_total") > 6000.0);
 }

@@ -100,6 +100,37 @@ fn slowloris_connections_are_closed_within_the_header_timeout_while_requests_are
     assert_eq!(status, 200, "the server serves after the attack");
 }
 
+/// A keep-alive connection waiting for its next request is bound by `idle_timeout`, not by
+/// `header_read_timeout` (hyper's own timer would close it after the header timeout: every
+/// pooled client connection idle for 5 s, where the config says 60).
+#[test]
+fn keep_alive_connections_live_until_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &bounded("header_read_timeout = \"1s\"\nidle_timeout = \"4s\"", ""),
+    );
+    let mut s = TcpStream::connect(addr(&server)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let ask = |s: &mut TcpStream| -> String {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: quiver\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    assert!(ask(&mut s).starts_with("HTTP/1.1 200"));
+    // Idle for twice the header timeout, well within the idle timeout: still served.
+    std::thread::sleep(Duration::from_millis(2_200));
+    let again = ask(&mut s);
+    assert!(again.starts_with("HTTP/1.1 200"), "{again:?}");
+    // Idle past the idle timeout: closed by the server (a read sees the end of the stream).
+    std::thread::sleep(Duration::from_secs(6));
+    let mut buf = [0u8; 16];
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed after idle_timeout");
+}
+
 #[test]
 fn connections_over_the_cap_are_closed_at_once_and_counted() {
     let dir = tempfile::tempdir().unwrap();

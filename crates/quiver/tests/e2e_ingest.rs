@@ -199,6 +199,15 @@ fn bad_input_is_rejected_whole_and_changes_nothing() {
     // Nothing reached the log or the store.
     assert_eq!(server.metric("quiver_events_ingested_total"), 0.0);
     assert!(server.metric("quiver_events_rejected_total") >= cases.len() as f64);
+    // The standard process metrics, as Prometheus' client libraries name them.
+    let text = server.metrics_text();
+    for line in [
+        "# TYPE process_cpu_seconds_total counter",
+        "# TYPE process_resident_memory_bytes gauge",
+    ] {
+        assert!(text.contains(line), "{text}");
+    }
+    assert!(server.metric("process_resident_memory_bytes") > 1e6);
     let (got, _) = server.get("/v1/features/txn/victim");
     assert_eq!(got, 404);
     let dir = server.stop();

@@ -5,10 +5,13 @@
 //! # Design constraints
 //! - At most `connections_max` connections per listener: one more is closed as soon as it is
 //!   accepted (and counted), so a flood of connections cannot take every file descriptor.
-//! - A TLS handshake must finish within `header_read_timeout`; an HTTP/1 request's headers
-//!   must arrive within it after their first byte (hyper's timer), so half a header is not
-//!   held for longer; a connection with no request running and no bytes moving for
-//!   `idle_timeout` is closed.
+//! - A TLS handshake must finish within `header_read_timeout`; a request's head must arrive
+//!   within it after its first byte, so half a header is not held for longer; a connection
+//!   with no request running and no bytes moving for `idle_timeout` is closed. Both are
+//!   watched here, not by hyper's `header_read_timeout`: since hyper 1.6 that timer also runs
+//!   while a keep-alive connection waits for its next request (hyperium/hyper#3828), which
+//!   would close every pooled client connection idle for `header_read_timeout` (5 s), not
+//!   `idle_timeout` (60 s).
 //! - Graceful shutdown: stop accepting, let running requests finish (bounded), then close.
 
 use std::future::Future;
@@ -53,18 +56,60 @@ impl Bounds {
 /// How long running requests get to finish once shutdown begins.
 const DRAIN_MAX: Duration = Duration::from_secs(10);
 
-/// Milliseconds since `START`, for activity stamps.
+/// Milliseconds since `START`, plus one (so a stamp is never 0, which means "none").
 fn now_ms() -> i64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as i64
+    START.get_or_init(Instant::now).elapsed().as_millis() as i64 + 1
 }
 
 /// One accepted connection: plain or TLS, holding its slot and stamping its activity.
 pub struct Conn {
     io: Io,
     peer: Peer,
-    activity: Arc<AtomicI64>,
+    state: Arc<ConnState>,
     _slot: OwnedSemaphorePermit,
+}
+
+/// What a connection's watchdog reads (times in [`now_ms`], never 0 once stamped).
+#[derive(Default)]
+struct ConnState {
+    /// When bytes last moved, either way.
+    activity: AtomicI64,
+    /// Requests running on the connection (the watchdog never closes one mid-request).
+    running: AtomicUsize,
+    /// When the first byte of a request head arrived, while no request runs; 0: none pending.
+    head_since: AtomicI64,
+}
+
+impl ConnState {
+    fn new() -> ConnState {
+        let state = ConnState::default();
+        state.activity.store(now_ms(), Ordering::Relaxed);
+        state
+    }
+
+    /// Bytes were read: with no request running they start (or continue) a request head.
+    fn read(&self) {
+        let now = now_ms();
+        self.activity.store(now, Ordering::Relaxed);
+        if self.running.load(Ordering::Acquire) == 0 {
+            let _ = self
+                .head_since
+                .compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the watchdog should close the connection now: a head that took longer than
+    /// `head_ms`, or nothing moving for `idle_ms`, with no request running.
+    fn expired(&self, head_ms: i64, idle_ms: i64) -> bool {
+        if self.running.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let now = now_ms();
+        let head = self.head_since.load(Ordering::Acquire);
+        (head != 0 && now - head >= head_ms)
+            || now - self.activity.load(Ordering::Relaxed) >= idle_ms
+    }
 }
 
 enum Io {
@@ -84,7 +129,7 @@ impl AsyncRead for Conn {
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         };
         if buf.filled().len() > before {
-            self.activity.store(now_ms(), Ordering::Relaxed);
+            self.state.read();
         }
         r
     }
@@ -101,7 +146,7 @@ impl AsyncWrite for Conn {
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
         };
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.store(now_ms(), Ordering::Relaxed);
+            self.state.activity.store(now_ms(), Ordering::Relaxed);
         }
         r
     }
@@ -198,7 +243,7 @@ impl Acceptor {
                 addr: Some(a.addr),
                 sans,
             },
-            activity: Arc::new(AtomicI64::new(now_ms())),
+            state: Arc::new(ConnState::new()),
             _slot: a.slot,
         })
     }
@@ -270,10 +315,9 @@ async fn serve_connection(
     bounds: Bounds,
     graceful: &hyper_util::server::graceful::GracefulShutdown,
 ) {
-    let activity = conn.activity.clone();
-    let running = Arc::new(AtomicUsize::new(0));
+    let state = conn.state.clone();
     let peer = conn.peer.clone();
-    let counted = running.clone();
+    let counted = state.clone();
     let svc = tower::ServiceBuilder::new()
         .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(peer.clone());
@@ -286,7 +330,7 @@ async fn serve_connection(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(bounds.header_read_timeout)
+        .header_read_timeout(None) // watched below (see the module's design constraints)
         .keep_alive(true);
     builder
         .http2()
@@ -297,24 +341,27 @@ async fn serve_connection(
         .into_owned();
     let watched = graceful.watch(connection);
     tokio::pin!(watched);
+    let head_ms = bounds.header_read_timeout.as_millis() as i64;
     let idle_ms = bounds.idle_timeout.as_millis() as i64;
-    let mut tick = tokio::time::interval(bounds.idle_timeout.min(Duration::from_secs(1)));
+    let every = bounds
+        .idle_timeout
+        .min(bounds.header_read_timeout)
+        .min(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = &mut watched => return,
-            _ = tick.tick() => {
-                let quiet = now_ms() - activity.load(Ordering::Relaxed);
-                if running.load(Ordering::Acquire) == 0 && quiet >= idle_ms {
-                    return; // dropping the connection closes it
-                }
-            }
+            _ = tick.tick() => if state.expired(head_ms, idle_ms) {
+                return; // dropping the connection closes it
+            },
         }
     }
 }
 
-/// Counts a connection's running requests (the idle timer never closes one mid-request).
+/// Counts a connection's running requests (the watchdog never closes one mid-request); a
+/// request that starts or ends leaves no head pending.
 #[derive(Clone)]
-struct InFlightLayer(Arc<AtomicUsize>);
+struct InFlightLayer(Arc<ConnState>);
 
 impl<S> tower::Layer<S> for InFlightLayer {
     type Service = InFlight<S>;
@@ -329,7 +376,7 @@ impl<S> tower::Layer<S> for InFlightLayer {
 #[derive(Clone)]
 struct InFlight<S> {
     inner: S,
-    running: Arc<AtomicUsize>,
+    running: Arc<ConnState>,
 }
 
 impl<S, R> tower::Service<R> for InFlight<S>
@@ -356,17 +403,62 @@ where
 }
 
 /// One running request on a connection.
-struct Running(Arc<AtomicUsize>);
+struct Running(Arc<ConnState>);
 
 impl Running {
-    fn new(count: Arc<AtomicUsize>) -> Running {
-        count.fetch_add(1, Ordering::AcqRel);
-        Running(count)
+    fn new(state: Arc<ConnState>) -> Running {
+        state.running.fetch_add(1, Ordering::AcqRel);
+        state.head_since.store(0, Ordering::Release);
+        Running(state)
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.head_since.store(0, Ordering::Release);
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_head_or_a_quiet_connection_expires_only_with_no_request_running() {
+        let (head_ms, idle_ms) = (1_000, 60_000);
+        let s = Arc::new(ConnState::new());
+        assert!(
+            !s.expired(head_ms, idle_ms),
+            "a fresh connection waits for idle_ms"
+        );
+        s.read();
+        let since = s.head_since.load(Ordering::Acquire);
+        assert!(since > 0, "the first byte starts the head's clock");
+        s.read();
+        assert_eq!(
+            s.head_since.load(Ordering::Acquire),
+            since,
+            "later bytes do not reset it"
+        );
+        s.head_since
+            .store(now_ms() - 2 * head_ms, Ordering::Release);
+        assert!(s.expired(head_ms, idle_ms), "a head older than head_ms");
+
+        let running = Running::new(s.clone());
+        assert!(!s.expired(head_ms, idle_ms), "never mid-request");
+        s.read(); // the body
+        assert_eq!(
+            s.head_since.load(Ordering::Acquire),
+            0,
+            "a body is not a head"
+        );
+        drop(running);
+        assert!(
+            !s.expired(head_ms, idle_ms),
+            "kept alive, waiting for the next request"
+        );
+        s.activity.store(now_ms() - idle_ms, Ordering::Relaxed);
+        assert!(s.expired(head_ms, idle_ms), "quiet for idle_ms");
     }
 }

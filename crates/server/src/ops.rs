@@ -37,10 +37,32 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let Some(handle) = &state.metrics else {
         return (StatusCode::OK, "").into_response();
     };
+    let mut text = handle.render();
+    process_metrics(&mut text);
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        handle.render(),
+        text,
     )
         .into_response()
+}
+
+/// The process metrics every Prometheus client library exports (as their process collectors
+/// name them), read from `/proc` at scrape time: dashboards and `quiver bench decoupling
+/// --url` charge the server its own CPU from these.
+fn process_metrics(text: &mut String) {
+    use std::fmt::Write;
+    let Some(stat) = t::ProcessStat::own() else {
+        return;
+    };
+    let _ = write!(
+        text,
+        "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n\
+         # TYPE process_cpu_seconds_total counter\n\
+         process_cpu_seconds_total {}\n\
+         # HELP process_resident_memory_bytes Resident memory size in bytes.\n\
+         # TYPE process_resident_memory_bytes gauge\n\
+         process_resident_memory_bytes {}\n",
+        stat.cpu_seconds, stat.resident_bytes
+    );
 }

@@ -231,3 +231,12 @@ pub fn collect_from_log(
 /// Longest a point-in-time read may spend reading the log's tail (a broker that stops
 /// answering must not hold the request forever).
 const LOG_SCAN_TIME_MAX: Duration = Duration::from_secs(30);
+
+/// Row indices ordered so that equal keys are adjacent (stable: a key's rows keep their order):
+/// how a client (`quiver history`, the `history` benchmark) chunks an entity dataframe, so the
+/// rows of one entity reach the server in one request.
+pub fn grouped_by_key<K: Ord>(keys: &[K]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..keys.len()).collect();
+    order.sort_by(|&a, &b| keys[a].cmp(&keys[b]));
+    order
+}

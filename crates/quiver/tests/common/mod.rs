@@ -293,14 +293,18 @@ impl Server {
         send(self.http.get(format!("{}{path}", self.url)), headers)
     }
 
-    pub fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .http
+    /// `/metrics` as Prometheus text.
+    pub fn metrics_text(&self) -> String {
+        self.http
             .get(format!("{}/metrics", self.url))
             .send()
             .unwrap()
             .text()
-            .unwrap();
+            .unwrap()
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics_text();
         text.lines()
             .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

@@ -12,13 +12,22 @@
 //! Both designs see the same offered load, open loop: events at `--rate` per second split over
 //! the three services, predictions at `--predict-rate` for uniformly random entities. Freshness
 //! is measured per write batch, from when the upstream service produced it (its scheduled
-//! time) to when a reader can see it: commit returned for PostgreSQL, applied to the store for
-//! Quiver. Then both are swept over `--levels` multiples of the offered load to find the
-//! highest each sustains (every offered event and prediction served, predict p99 ≤ 10 ms).
+//! time) to when a reader can see it: commit returned for PostgreSQL; for Quiver, a read with
+//! `Quiver-Read-After: <the ack's token>` answered (one more round trip than the peer pays).
+//! Then both are swept over `--levels` multiples of the offered load and, past the last level,
+//! climbed by 1.5× steps (up to [`CLIMB_MAX`]) until they fail, to find the highest load each
+//! sustains (every offered event and prediction served, predict p99 ≤ 10 ms): their quotient
+//! is `capacity_vs_postgres`.
+//!
+//! Quiver runs as a `quiver serve` process of its own (or is the server at `--url`), so the
+//! load generator's CPU is not its: each phase charges each design the server CPU it used in
+//! the measured window, Quiver's from its `process_cpu_seconds_total`, PostgreSQL's summed
+//! over its processes in `/proc` (postmaster, backends, WAL writer…).
 //!
 //! The peer is spared one cost Quiver pays: its "ML service" has no HTTP hop (it runs in the
 //! load generator), while Quiver's predictions cross HTTP.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,8 +37,12 @@ use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use super::load::{self, histogram, us, Window, Worker};
-use super::{connect, request, BenchArgs, Sender, FEATURES};
+use crate::cpu::{self, ServerCpu};
+use crate::harness::{connect, request, request_with, Sender, FEATURES};
+use crate::load::{self, histogram, us, Window, Worker};
+use crate::report::Report;
+use crate::BenchArgs;
+use quiver_core::token::Token;
 
 /// The three upstream services: (name, first feature, one past the last).
 const SERVICES: [(&str, usize, usize); 3] =
@@ -37,8 +50,15 @@ const SERVICES: [(&str, usize, usize); 3] =
 
 /// Predict p99 above which a design no longer "sustains" a load.
 const P99_LIMIT_US: f64 = 10_000.0;
-/// Share of the offered events and predictions a design must serve to sustain a load.
+/// Share of the offered events and predictions a design must serve to sustain a load (not 1:
+/// an open-loop window cuts operations in flight at its edges).
 const SERVED_MIN: f64 = 0.95;
+/// Past `--levels`, a design still sustaining climbs by this factor…
+const CLIMB_STEP: f64 = 1.5;
+/// … up to this multiple of the offered load (then its capacity is a lower bound).
+const CLIMB_MAX: f64 = 48.0;
+/// How long a writer waits for its batch to become readable before counting it an error.
+const VISIBLE_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Design {
@@ -115,29 +135,64 @@ impl WriteStats {
     }
 }
 
+/// One pre-built write batch of an upstream service.
+struct Batch {
+    ndjson: Bytes,
+    events: u64,
+    /// A read of one of its rows (`/v1/features/{view}/{key}`).
+    probe: String,
+}
+
 /// An upstream service's connection to Quiver.
 struct QuiverWriter {
     http: Sender,
-    node: Arc<quiver_server::Node>,
-    bodies: Arc<Vec<(Bytes, u64)>>,
+    batches: Arc<Vec<Batch>>,
     stats: WriteStats,
 }
 
 impl Worker for QuiverWriter {
     async fn call(&mut self, seq: u64, start: Instant) -> Result<bool> {
-        let (body, count) = &self.bodies[seq as usize % self.bodies.len()];
-        let applied = super::post_durable_visible(
+        let batch = &self.batches[seq as usize % self.batches.len()];
+        let (status, reply) = request(
             &mut self.http,
-            &self.node,
-            body.clone(),
-            Duration::from_secs(30),
+            "POST",
+            "/v1/events?ack=durable",
+            batch.ndjson.clone(),
         )
         .await?;
-        let Some(acked) = applied else {
+        let acked = Instant::now();
+        if status != 200 {
             return Ok(false);
-        };
-        self.stats.record(start, Some(acked), *count)?;
+        }
+        let token = token_of(&reply)?;
+        if !visible(&mut self.http, &batch.probe, &token, VISIBLE_WAIT).await? {
+            return Ok(false);
+        }
+        self.stats.record(start, Some(acked), batch.events)?;
         Ok(true)
+    }
+}
+
+/// The read-your-writes token of an ingest reply.
+fn token_of(reply: &[u8]) -> Result<Token> {
+    let reply: Value = serde_json::from_slice(reply)?;
+    Ok(Token::parse(reply["token"].as_str().unwrap_or_default())?)
+}
+
+/// Reads `path` with `Quiver-Read-After: token` until it answers 200 (`true`) or `wait`
+/// passes (the server bounds each wait and answers 503 after it: asked again).
+async fn visible(http: &mut Sender, path: &str, token: &Token, wait: Duration) -> Result<bool> {
+    let (token, deadline) = (token.to_string(), Instant::now() + wait);
+    loop {
+        let headers = [(quiver_server::features::READ_AFTER, token.as_str())];
+        match request_with(http, "GET", path, Bytes::new(), &headers)
+            .await?
+            .0
+        {
+            200 => return Ok(true),
+            503 if Instant::now() < deadline => continue,
+            _ => return Ok(false),
+        }
     }
 }
 
@@ -230,6 +285,10 @@ struct Phase {
     /// The first connection a writer or predictor lost, if any.
     failure: Option<String>,
     predict: load::Outcome,
+    /// Seconds of the measured window.
+    secs: f64,
+    /// CPU seconds the design's server spent in the measured window (`None`: not readable).
+    server_cpu_s: Option<f64>,
 }
 
 impl Phase {
@@ -241,8 +300,22 @@ impl Phase {
             && self.predict.errors == 0
     }
 
+    /// Server CPU per event or prediction served, in µs.
+    fn server_cpu_us_per_op(&self) -> Option<f64> {
+        let ops = (self.events_per_s + self.predict.ops_per_s()) * self.secs;
+        cpu::us_per_op(self.server_cpu_s, ops)
+    }
+
+    /// Cores the design's server kept busy.
+    fn server_cores(&self) -> Option<f64> {
+        self.server_cpu_s.map(|cpu| cpu / self.secs.max(1e-9))
+    }
+
     fn to_json(&self) -> Value {
         json!({
+            "server_cpu_s": self.server_cpu_s,
+            "server_cpu_us_per_op": self.server_cpu_us_per_op(),
+            "server_cores": self.server_cores(),
             "offered_events_per_s": self.offered_events,
             "events_per_s": self.events_per_s,
             "event_errors": self.event_errors,
@@ -268,6 +341,7 @@ impl Phase {
 struct Side<W: Worker, P: Worker> {
     writers: Vec<W>,
     predictors: Vec<P>,
+    cpu: ServerCpu,
 }
 
 /// A writer's measurements, whichever design it writes to.
@@ -302,9 +376,10 @@ impl<W: Worker + Writes, P: Worker> Side<W, P> {
         }
         let writers = std::mem::take(&mut self.writers);
         let predictors = std::mem::take(&mut self.predictors);
-        let (w, p) = tokio::join!(
+        let (w, p, server_cpu_s) = tokio::join!(
             load::drive(writers, Some(events / batch as f64), &window),
             load::drive(predictors, Some(predicts), &window),
+            self.cpu.spent_in(&window),
         );
         let ((wout, mut writers), (predict, predictors)) = (w?, p?);
         let mut fresh = histogram();
@@ -329,6 +404,8 @@ impl<W: Worker + Writes, P: Worker> Side<W, P> {
             ack_visible,
             failure: wout.failure.or_else(|| predict.failure.clone()),
             predict,
+            secs: wout.secs,
+            server_cpu_s,
         })
     }
 }
@@ -352,10 +429,74 @@ fn levels(spec: &str) -> Result<Vec<f64>> {
     Ok(out)
 }
 
-pub fn run(args: &BenchArgs) -> Result<Value> {
+/// The next load to offer after factor `last`, if any design still climbs.
+fn next_level(last: f64, quiver_going: bool, pg_going: bool) -> Option<f64> {
+    // Two significant digits (1.5, 2.3, 3.4, 5.1, 7.6, 11, 17…): loads a reader can compare.
+    let raw = last * CLIMB_STEP;
+    let e = raw.log10().floor() as i32 - 1;
+    let next = if e < 0 {
+        // Divide by an exact power of ten, so 2.3 prints as 2.3.
+        let k = 10f64.powi(-e);
+        (raw * k).round() / k
+    } else {
+        let unit = 10f64.powi(e);
+        (raw / unit).round() * unit
+    };
+    ((quiver_going || pg_going) && next <= CLIMB_MAX).then_some(next)
+}
+
+/// Where Quiver listens: `--url`, or a `quiver serve` child started here (kept alive by the
+/// returned guard).
+fn quiver_server(
+    args: &BenchArgs,
+) -> Result<(
+    SocketAddr,
+    Option<crate::harness::ServeChild>,
+    tempfile::TempDir,
+)> {
+    let dir = tempfile::tempdir()?;
+    if let Some(url) = &args.url {
+        return Ok((parse_url(url)?, None, dir));
+    }
+    let config = crate::harness::bench_config_text(dir.path());
+    let child =
+        crate::harness::ServeChild::start(dir.path(), &config, crate::harness::free_port()?)?;
+    Ok((child.addr, Some(child), dir))
+}
+
+/// `http://HOST:PORT[/]` as a socket address.
+fn parse_url(url: &str) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let host = url
+        .strip_prefix("http://")
+        .map(|h| h.trim_end_matches('/'))
+        .filter(|h| !h.contains('/'))
+        .with_context(|| format!("--url {url:?}: expected http://HOST:PORT"))?;
+    host.to_socket_addrs()
+        .with_context(|| format!("--url {url:?}"))?
+        .next()
+        .with_context(|| format!("--url {url:?}: resolves to no address"))
+}
+
+/// The benchmark GBDT, as the peer's ML service loads it.
+fn peer_model() -> Result<Arc<dyn quiver_model::Model>> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../benchmarks/models/gbdt32_3v/1/model.txt"
+    );
+    let text = std::fs::read_to_string(path).with_context(|| path.to_string())?;
+    Ok(Arc::new(quiver_model::trees::Forest::from_lightgbm_text(
+        &text,
+    )?))
+}
+
+/// One offered load's phases, per design (`None`: the design had already failed).
+type Row = (f64, Option<Phase>, Option<Phase>);
+
+pub fn run(report: &mut Report, args: &BenchArgs) -> Result<Value> {
     let levels = levels(&args.levels)?;
-    let q = super::start_embedded()?;
-    let model = super::served_model(&q.node, "gbdt32_3v")?;
+    let (addr, _server, _dir) = quiver_server(args)?;
+    let model = peer_model()?;
     let events = if args.rate > 0.0 { args.rate } else { 50_000.0 };
     let predicts = args.predict_rate;
     let (n, batch, writers, readers) = (
@@ -365,49 +506,36 @@ pub fn run(args: &BenchArgs) -> Result<Value> {
         args.connections.max(1),
     );
     let prefix = format!("quiver_dc_{}", std::process::id());
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let client_rt = cpu::client_runtime()?;
     let pg = args.postgres.clone();
-    let (addr, node) = (q.addr, q.node.clone());
-    let result = client_rt.block_on(async {
+    let rows = client_rt.block_on(async {
         let (admin, conn) = tokio_postgres::connect(&pg, tokio_postgres::NoTls)
             .await
             .context("connecting to PostgreSQL")?;
         tokio::spawn(conn);
         let out = async {
             create_tables(&admin, &prefix).await?;
-            preload(&admin, &prefix, addr, &node, n).await?;
+            preload(&admin, &prefix, addr, n).await?;
             let mut quiver = Side {
-                writers: quiver_writers(addr, &node, n, batch, writers).await?,
+                writers: quiver_writers(addr, n, batch, writers).await?,
                 predictors: quiver_predictors(addr, n, readers).await?,
+                cpu: ServerCpu::Metrics(addr),
             };
             let mut postgres = Side {
                 writers: pg_writers(&pg, &prefix, n, batch, writers).await?,
                 predictors: pg_predictors(&pg, &prefix, &model, n, readers).await?,
+                cpu: ServerCpu::Processes("postgres"),
             };
-            let mut rows: Vec<(f64, Option<Phase>, Option<Phase>)> = Vec::new();
-            let (mut quiver_going, mut pg_going) = (true, true);
-            for &f in &levels {
-                // Past the offered load, a design that already failed a lower level is done.
-                let q = if quiver_going || f <= 1.0 {
-                    Some(quiver.run(events * f, predicts * f, batch, args).await?)
-                } else {
-                    None
-                };
-                let p = if pg_going || f <= 1.0 {
-                    Some(postgres.run(events * f, predicts * f, batch, args).await?)
-                } else {
-                    None
-                };
-                if f >= 1.0 {
-                    quiver_going &= q.as_ref().is_some_and(Phase::sustained);
-                    pg_going &= p.as_ref().is_some_and(Phase::sustained);
-                }
-                rows.push((f, q, p));
-            }
-            anyhow::Ok(rows)
+            sweep(
+                &mut quiver,
+                &mut postgres,
+                levels,
+                events,
+                predicts,
+                batch,
+                args,
+            )
+            .await
         }
         .await;
         let dropped = admin
@@ -418,14 +546,54 @@ pub fn run(args: &BenchArgs) -> Result<Value> {
         let rows = out?;
         dropped?;
         anyhow::Ok(rows)
-    });
-    q.node.shutdown();
-    let rows = result?;
-    report(args, events, predicts, batch, writers, readers, n, &rows)
+    })?;
+    write_report(
+        report, args, events, predicts, batch, writers, readers, n, &rows,
+    )
+}
+
+/// Runs both designs at each of `levels` (× the offered load), then climbs while one still
+/// sustains. A design that failed a load at or above the offered one is not run higher.
+#[allow(clippy::too_many_arguments)]
+async fn sweep(
+    quiver: &mut Side<QuiverWriter, QuiverPredictor>,
+    postgres: &mut Side<PgWriter, PgPredictor>,
+    mut levels: Vec<f64>,
+    events: f64,
+    predicts: f64,
+    batch: usize,
+    args: &BenchArgs,
+) -> Result<Vec<Row>> {
+    let mut rows: Vec<Row> = Vec::new();
+    let (mut quiver_going, mut pg_going) = (true, true);
+    let mut i = 0;
+    while let Some(&f) = levels.get(i) {
+        let q = if quiver_going || f <= 1.0 {
+            Some(quiver.run(events * f, predicts * f, batch, args).await?)
+        } else {
+            None
+        };
+        let p = if pg_going || f <= 1.0 {
+            Some(postgres.run(events * f, predicts * f, batch, args).await?)
+        } else {
+            None
+        };
+        if f >= 1.0 {
+            quiver_going &= q.as_ref().is_some_and(Phase::sustained);
+            pg_going &= p.as_ref().is_some_and(Phase::sustained);
+        }
+        rows.push((f, q, p));
+        i += 1;
+        if i == levels.len() {
+            levels.extend(next_level(f, quiver_going, pg_going));
+        }
+    }
+    Ok(rows)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn report(
+fn write_report(
+    report: &mut Report,
     args: &BenchArgs,
     events: f64,
     predicts: f64,
@@ -433,7 +601,7 @@ fn report(
     writers: usize,
     readers: usize,
     n: usize,
-    rows: &[(f64, Option<Phase>, Option<Phase>)],
+    rows: &[Row],
 ) -> Result<Value> {
     let at = |f: f64, d: Design| {
         rows.iter().find(|r| r.0 == f).and_then(|r| {
@@ -449,16 +617,18 @@ fn report(
         at(1.0, Design::Postgres).expect("level 1 always runs"),
     );
     say!(
+            report,
         "\n## decoupling: {events:.0} events/s from 3 services ({writers} connections each, {batch} per write) + {predicts:.0} predicts/s ({readers} connections), {n} entities × {FEATURES} features, open loop\n"
     );
-    say!("| design | achieved events/s | freshness p50 / p99 / max (ms) | predicts/s | predict p50 / p99 / p99.9 (ms) | errors (events / predicts) |");
-    say!("|---|---|---|---|---|---|");
+    say!(report, "| design | achieved events/s | freshness p50 / p99 / max (ms) | predicts/s | predict p50 / p99 / p99.9 (ms) | errors (events / predicts) | server CPU: µs per event or predict (cores) |");
+    say!(report, "|---|---|---|---|---|---|---|");
     for (name, ph) in [
         ("Quiver (log → memory, predict in process)", q),
         ("PostgreSQL as the queue (UPSERT + SELECT)", p),
     ] {
         say!(
-            "| {name} | {:.0} | {:.2} / {:.2} / {:.0} | {:.0} | {:.2} / {:.2} / {:.2} | {} / {} |",
+            report,
+            "| {name} | {:.0} | {:.2} / {:.2} / {:.0} | {:.0} | {:.2} / {:.2} / {:.2} | {} / {} | {} |",
             ph.events_per_s,
             us(&ph.fresh, 0.5) / 1e3,
             us(&ph.fresh, 0.99) / 1e3,
@@ -469,6 +639,7 @@ fn report(
             ph.predict.p(0.999) / 1e3,
             ph.event_errors,
             ph.predict.errors,
+            cpu_cell(ph),
         );
     }
     let ratio = |a: f64, b: f64| a / b.max(1e-9);
@@ -478,27 +649,30 @@ fn report(
     let p99 = ratio(q.predict.p(0.99), p.predict.p(0.99));
     if let Some(a) = &q.ack_visible {
         say!(
+            report,
             "\nfreshness counts from when the service produced the batch (its due time) to readable; Quiver's share after its durable ack: p50 {:.3} ms, p99 {:.3} ms (PostgreSQL: commit = visible)",
             us(a, 0.5) / 1e3,
             us(a, 0.99) / 1e3
         );
     }
-    say!("\nQuiver ÷ PostgreSQL: events/s **{event_rate:.2}×**, freshness p99 **{freshness:.4}×**, predicts/s **{throughput:.2}×**, predict p99 **{p99:.3}×**\n");
+    say!(report, "\nQuiver ÷ PostgreSQL: events/s **{event_rate:.2}×**, freshness p99 **{freshness:.4}×**, predicts/s **{throughput:.2}×**, predict p99 **{p99:.3}×**\n");
 
-    say!("| offered load (× offered) | events/s + predicts/s offered | Quiver: events/s, predicts/s, p99 ms | PostgreSQL: events/s, predicts/s, p99 ms |");
-    say!("|---|---|---|---|");
+    say!(report, "| offered load (× offered) | events/s + predicts/s offered | Quiver: events/s, predicts/s, p99 ms; server CPU µs/op (cores) | PostgreSQL: events/s, predicts/s, p99 ms; server CPU µs/op (cores) |");
+    say!(report, "|---|---|---|---|");
     let cell = |ph: Option<&Phase>| match ph {
         Some(ph) => format!(
-            "{:.0}, {:.0}, {:.2}{}",
+            "{:.0}, {:.0}, {:.2}{}; {}",
             ph.events_per_s,
             ph.predict.ops_per_s(),
             ph.predict.p(0.99) / 1e3,
-            if ph.sustained() { "" } else { " ✗" }
+            if ph.sustained() { "" } else { " ✗" },
+            cpu_cell(ph)
         ),
         None => "— (failed a lower load)".into(),
     };
     for (f, qp, pp) in rows {
         say!(
+            report,
             "| {f}× | {:.0} + {:.0} | {} | {} |",
             events * f,
             predicts * f,
@@ -525,12 +699,29 @@ fn report(
         None => "none of the levels measured".into(),
     };
     say!(
-        "\nhighest load sustained (every event and prediction served, predict p99 ≤ 10 ms; ✗ = not): Quiver {}, PostgreSQL {}\n",
+            report,
+        "\nhighest load sustained (every event and prediction served, predict p99 ≤ 10 ms; ✗ = not): Quiver {}, PostgreSQL {}",
         show(&mq),
         show(&mp)
     );
+    let capacity = capacity(&mq, &mp);
+    match capacity {
+        Some((ratio, lower_bound)) => say!(
+            report,
+            "capacity, Quiver ÷ PostgreSQL: **{ratio:.2}×**{}\n",
+            if lower_bound {
+                format!(" (a lower bound: Quiver still sustained {CLIMB_MAX}× the offered load, where the climb stops)")
+            } else {
+                String::new()
+            }
+        ),
+        None => say!(
+            report,
+            "capacity, Quiver ÷ PostgreSQL: not measured (a design sustained none of the loads)\n"
+        ),
+    }
     if let Some(dir) = &args.plot {
-        let series = |d: Design| -> Vec<super::plot::Point> {
+        let series = |d: Design| -> Vec<crate::plot::Point> {
             rows.iter()
                 .filter_map(|r| {
                     let ph = if d == Design::Quiver {
@@ -538,7 +729,7 @@ fn report(
                     } else {
                         r.2.as_ref()
                     };
-                    ph.map(|ph| super::plot::Point {
+                    ph.map(|ph| crate::plot::Point {
                         offered: ph.offered_events + ph.offered_predicts,
                         p50_ms: ph.predict.p(0.5) / 1e3,
                         p99_ms: ph.predict.p(0.99) / 1e3,
@@ -548,7 +739,7 @@ fn report(
                 })
                 .collect()
         };
-        let files = super::plot::decoupling(
+        let files = crate::plot::decoupling(
             dir,
             &[
                 ("Quiver", series(Design::Quiver)),
@@ -556,7 +747,7 @@ fn report(
             ],
         )?;
         for f in files {
-            say!("chart: {}", f.display());
+            say!(report, "chart: {}", f.display());
         }
     }
     let levels: Vec<Value> = rows
@@ -580,11 +771,32 @@ fn report(
         Design::Postgres.label(): p.to_json(),
         "levels": levels,
         "max_sustained": {"quiver": mq, "postgres": mp},
+        "capacity_vs_postgres": capacity.map(|c| c.0),
+        "capacity_is_lower_bound": capacity.map(|c| c.1),
         "event_rate_vs_postgres": event_rate,
         "freshness_p99_vs_postgres": freshness,
         "predict_throughput_vs_postgres": throughput,
         "p99_vs_postgres": p99,
     }))
+}
+
+/// `µs/op (cores)` of a phase's server CPU, or `—` when it could not be read.
+fn cpu_cell(ph: &Phase) -> String {
+    match (ph.server_cpu_us_per_op(), ph.server_cores()) {
+        (Some(us), Some(cores)) => format!("{us:.1} ({cores:.2})"),
+        _ => "—".into(),
+    }
+}
+
+/// Quiver's highest sustained load ÷ PostgreSQL's, and whether it is only a lower bound (Quiver
+/// was still sustaining where the climb stops).
+fn capacity(quiver: &Value, postgres: &Value) -> Option<(f64, bool)> {
+    let (q, p) = (
+        quiver["total_per_s"].as_f64()?,
+        postgres["total_per_s"].as_f64()?,
+    );
+    let lower_bound = quiver["factor"].as_f64()? * CLIMB_STEP > CLIMB_MAX;
+    Some((q / p, lower_bound))
 }
 
 async fn create_tables(admin: &tokio_postgres::Client, prefix: &str) -> Result<()> {
@@ -619,12 +831,12 @@ fn upsert_sql(prefix: &str, svc: &str, lo: usize, hi: usize) -> String {
 async fn preload(
     admin: &tokio_postgres::Client,
     prefix: &str,
-    addr: std::net::SocketAddr,
-    node: &quiver_server::Node,
+    addr: SocketAddr,
     n: usize,
 ) -> Result<()> {
     let mut http = connect(addr).await?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut written = Token::new();
     for (svc, lo, hi) in SERVICES {
         let upsert = admin.prepare(&upsert_sql(prefix, svc, lo, hi)).await?;
         for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
@@ -642,7 +854,16 @@ async fn preload(
                     values.join(",")
                 ));
             }
-            super::post_events(&mut http, &lines).await?;
+            let body = Bytes::from(lines.join("\n"));
+            let (status, reply) = request(&mut http, "POST", "/v1/events", body).await?;
+            anyhow::ensure!(
+                status == 200,
+                "preload: {}",
+                String::from_utf8_lossy(&reply)
+            );
+            for &(p, next) in token_of(&reply)?.positions() {
+                written.advance(p, next);
+            }
             let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&names];
             params.extend(
                 columns
@@ -652,7 +873,11 @@ async fn preload(
             admin.execute(&upsert, &params).await?;
         }
     }
-    super::wait_all_applied(node).await;
+    let wait = Duration::from_secs(120);
+    anyhow::ensure!(
+        visible(&mut http, "/v1/features/pay/e0", &written, wait).await?,
+        "the preloaded rows were not readable within {wait:?}"
+    );
     admin
         .batch_execute(&format!(
             "ANALYZE {prefix}_pay, {prefix}_sess, {prefix}_dev"
@@ -662,8 +887,7 @@ async fn preload(
 }
 
 async fn quiver_writers(
-    addr: std::net::SocketAddr,
-    node: &Arc<quiver_server::Node>,
+    addr: SocketAddr,
     n: usize,
     batch: usize,
     per_service: usize,
@@ -672,7 +896,7 @@ async fn quiver_writers(
     for (s, (svc, lo, hi)) in SERVICES.into_iter().enumerate() {
         // Pre-built bodies: the generator should spend its CPU sending, not formatting.
         let mut rng = rand::rngs::StdRng::seed_from_u64(10 + s as u64);
-        let bodies: Arc<Vec<(Bytes, u64)>> = Arc::new(
+        let batches: Arc<Vec<Batch>> = Arc::new(
             (0..64)
                 .map(|_| {
                     let keys = batch_keys(&mut rng, n, batch);
@@ -688,15 +912,18 @@ async fn quiver_writers(
                             )
                         })
                         .collect();
-                    (Bytes::from(lines.join("\n")), keys.len() as u64)
+                    Batch {
+                        ndjson: Bytes::from(lines.join("\n")),
+                        events: keys.len() as u64,
+                        probe: format!("/v1/features/{svc}/e{}", keys[0]),
+                    }
                 })
                 .collect(),
         );
         for _ in 0..per_service {
             out.push(QuiverWriter {
                 http: connect(addr).await?,
-                node: node.clone(),
-                bodies: bodies.clone(),
+                batches: batches.clone(),
                 stats: WriteStats::new(true),
             });
         }
@@ -705,7 +932,7 @@ async fn quiver_writers(
 }
 
 async fn quiver_predictors(
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
     n: usize,
     count: usize,
 ) -> Result<Vec<QuiverPredictor>> {
@@ -796,6 +1023,44 @@ mod tests {
             assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
             assert!(keys.iter().all(|&k| k < entities));
         }
+    }
+
+    #[test]
+    fn the_sweep_climbs_while_a_design_sustains_and_stops_at_the_cap() {
+        assert_eq!(next_level(3.0, true, false), Some(4.5));
+        assert_eq!(next_level(3.0, false, true), Some(4.5));
+        assert_eq!(next_level(7.6, true, true), Some(11.0));
+        assert_eq!(next_level(2.25, true, true), Some(3.4));
+        assert_eq!(next_level(3.0, false, false), None);
+        let mut f = 1.0;
+        let mut steps = 0;
+        while let Some(next) = next_level(f, true, true) {
+            assert!(next > f && next <= CLIMB_MAX);
+            (f, steps) = (next, steps + 1);
+        }
+        assert!(
+            f * CLIMB_STEP > CLIMB_MAX && steps < 20,
+            "{f} after {steps} steps"
+        );
+    }
+
+    #[test]
+    fn capacity_is_the_quotient_of_the_highest_sustained_loads() {
+        let at = |factor: f64, total: f64| json!({"factor": factor, "total_per_s": total});
+        assert_eq!(
+            capacity(&at(3.0, 300.0), &at(1.0, 100.0)),
+            Some((3.0, false))
+        );
+        let (_, lower) = capacity(&at(CLIMB_MAX, 4800.0), &at(1.0, 100.0)).unwrap();
+        assert!(lower, "Quiver still sustained at the top of the climb");
+        assert_eq!(capacity(&at(1.0, 100.0), &Value::Null), None);
+    }
+
+    #[test]
+    fn urls_name_a_host_and_port() {
+        assert_eq!(parse_url("http://127.0.0.1:7070/").unwrap().port(), 7070);
+        assert!(parse_url("127.0.0.1:7070").is_err());
+        assert!(parse_url("http://127.0.0.1:7070/v1").is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::report::Report;
 use anyhow::{Context, Result};
 use quiver_model::Model;
 use serde_json::{json, Value};
@@ -47,7 +48,7 @@ fn per_row_us(model: &dyn Model, rows: &[f64], batch: usize, seconds: f64) -> f6
         }
         blocks.push(t.elapsed().as_secs_f64() * 1e6 / (n * batch) as f64);
     }
-    crate::bench::median(blocks)
+    crate::harness::median(blocks)
 }
 
 fn onnxruntime(model: &Path, rows: &Path, seconds: f64) -> Option<Value> {
@@ -95,7 +96,7 @@ pub fn gbdt_per_row(model: &dyn Model, duration: f64) -> Result<(f64, f64, Optio
     Ok((b1, b256, ort))
 }
 
-pub fn run(duration: f64) -> Result<Value> {
+pub fn run(report: &mut Report, duration: f64) -> Result<Value> {
     let root = repo();
     let rows_path = root.join("benchmarks/models/gbdt32/rows.json");
     let raw: Vec<Vec<Option<f64>>> = serde_json::from_slice(
@@ -130,9 +131,12 @@ pub fn run(duration: f64) -> Result<Value> {
             Some(fixtures.join("onnx_mlp.onnx")),
         ),
     ];
-    say!("\n## model runtimes: µs per row (median of timed blocks), same rows, same run\n");
-    say!("| model | Quiver engine | batch 1 | batch 256 | onnxruntime batch 1 | onnxruntime batch 256 | Quiver ÷ ORT (b1 / b256) |");
-    say!("|---|---|---|---|---|---|---|");
+    say!(
+        report,
+        "\n## model runtimes: µs per row (median of timed blocks), same rows, same run\n"
+    );
+    say!(report, "| model | Quiver engine | batch 1 | batch 256 | onnxruntime batch 1 | onnxruntime batch 256 | Quiver ÷ ORT (b1 / b256) |");
+    say!(report, "|---|---|---|---|---|---|---|");
     let mut results = Vec::new();
     for (name, model, ort_model) in cases {
         let width = model.inputs();
@@ -150,6 +154,7 @@ pub fn run(duration: f64) -> Result<Value> {
         let fmt = |x: Option<f64>| x.map_or("—".to_string(), |x| format!("{x:.2}"));
         let ratio = |q: f64, o: Option<f64>| o.map(|o| q / o);
         say!(
+            report,
             "| {name} | {} | {b1:.2} | {b256:.2} | {} | {} | {} / {} |",
             model.engine(),
             fmt(o1),

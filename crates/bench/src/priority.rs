@@ -17,8 +17,16 @@
 
 use std::path::Path;
 
-use super::*;
-use crate::bench::load::{self, Window, Worker};
+use std::time::Instant;
+
+use anyhow::Result;
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use crate::harness::*;
+use crate::load::{self, Window, Worker};
+use crate::report::Report;
+use crate::BenchArgs;
 
 /// Entities loaded (each batch predict reads 64 of them).
 const ENTITIES: usize = 10_000;
@@ -117,10 +125,7 @@ fn run_node(args: &BenchArgs, tiered: bool, flood_capacity: Option<f64>) -> Resu
         c.rate_tiers = vec![tier("gold", 0), tier("bronze", 1)];
         c.server.inflight_max = INFLIGHT_MAX;
     })?;
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let client_rt = crate::cpu::client_runtime()?;
     // Gold is another client than the flood: its own runtime, so its requests do not queue
     // behind the flood's in the generator (they still share the machine's cores).
     let gold_rt = tokio::runtime::Builder::new_multi_thread()
@@ -205,11 +210,11 @@ async fn load_keyed_rows(
     Ok(())
 }
 
-pub(super) fn run(args: &BenchArgs) -> Result<Value> {
+pub(crate) fn run(report: &mut Report, args: &BenchArgs) -> Result<Value> {
     let flat = run_node(args, false, None)?;
     let tiered = run_node(args, true, Some(flat.capacity))?;
-    say!("\n## priority: gold single predicts at {GOLD_RATE}/s while bronze floods batch predicts ({BATCH} entities) at 3 × the node's capacity (the peer's); inflight_max = {INFLIGHT_MAX}\n");
-    say!("| node | bronze capacity req/s | gold p50 µs unloaded | gold p99 µs unloaded | gold p50 µs flooded | gold p99 µs flooded | gold served flooded | gold refused | gold p99 flooded ÷ unloaded | bronze served/s | bronze refused/s |\n|---|---|---|---|---|---|---|---|---|---|---|");
+    say!(report, "\n## priority: gold single predicts at {GOLD_RATE}/s while bronze floods batch predicts ({BATCH} entities) at 3 × the node's capacity (the peer's); inflight_max = {INFLIGHT_MAX}\n");
+    say!(report, "| node | bronze capacity req/s | gold p50 µs unloaded | gold p99 µs unloaded | gold p50 µs flooded | gold p99 µs flooded | gold served flooded | gold refused | gold p99 flooded ÷ unloaded | bronze served/s | bronze refused/s |\n|---|---|---|---|---|---|---|---|---|---|---|");
     let mut out = serde_json::Map::new();
     for (name, r) in [
         ("two tiers (gold 0, bronze 1)", &tiered),
@@ -219,6 +224,7 @@ pub(super) fn run(args: &BenchArgs) -> Result<Value> {
         let ratio = (r.flooded.ok > 0).then(|| r.flooded.p(0.99) / r.unloaded.p(0.99).max(1.0));
         let shown = ratio.map_or("none finished".to_string(), |x| format!("**{x:.2}×**"));
         say!(
+            report,
             "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {shown} | {:.0} | {:.0} |",
             r.capacity,
             r.unloaded.p(0.5),

@@ -12,38 +12,41 @@
 //! read of a key it was primary of, through a survivor, is measured, with the time until
 //! the failure detector marks it down.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 
 use quiver_cluster::ring::{self, Ring};
 
-use super::*;
-use crate::bench::load::{self, Window, Worker};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use crate::harness::*;
+use crate::load::{self, Window, Worker};
+use crate::report::Report;
+use crate::BenchArgs;
 
 /// Partitions of the live cluster's topics.
 const PARTITIONS: u32 = 12;
 /// Entities loaded into the live cluster.
 const ENTITIES: usize = 20_000;
 
-pub fn run(args: &BenchArgs) -> Result<Value> {
-    let ring = ring_figures();
+pub fn run(report: &mut Report, args: &BenchArgs) -> Result<Value> {
+    let ring = ring_figures(report);
     let live = match &args.kafka {
-        Some(brokers) => live(args, brokers)?,
+        Some(brokers) => live(report, args, brokers)?,
         None => {
-            say!("\n(no `--kafka BROKERS`: the live cluster part is skipped)");
+            say!(
+                report,
+                "\n(no `--kafka BROKERS`: the live cluster part is skipped)"
+            );
             Value::Null
         }
     };
     Ok(json!({"ring": ring, "live": live}))
-}
-
-/// A loopback port free now (a child binds it a moment later).
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn ids(n: usize) -> Vec<String> {
@@ -51,13 +54,13 @@ fn ids(n: usize) -> Vec<String> {
 }
 
 /// Balance and movement of the ring, computed: 1024 partitions, replication 2, 256 vnodes.
-fn ring_figures() -> Value {
+fn ring_figures(report: &mut Report) -> Value {
     const P: u32 = 1024;
     const R: usize = 2;
     const V: u32 = 256;
-    say!("\n## cluster: placement on the ring (computed: {P} partitions, replication {R}, {V} vnodes)\n");
-    say!("| nodes | max ÷ mean owner slots per node | slots moved by a join (ideal 1/(N+1)) | slots moved by a leave (ideal 1/N) |");
-    say!("|---:|---:|---:|---:|");
+    say!(report, "\n## cluster: placement on the ring (computed: {P} partitions, replication {R}, {V} vnodes)\n");
+    say!(report, "| nodes | max ÷ mean owner slots per node | slots moved by a join (ideal 1/(N+1)) | slots moved by a leave (ideal 1/N) |");
+    say!(report, "|---:|---:|---:|---:|");
     let mut rows = Vec::new();
     for n in [3usize, 4, 5, 10, 20, 50, 100] {
         let nodes = ids(n);
@@ -69,6 +72,7 @@ fn ring_figures() -> Value {
         let join = ring::slots_moved(&place, &joined) as f64 / slots;
         let leave = ring::slots_moved(&place, &left) as f64 / slots;
         say!(
+            report,
             "| {n} | {:.3} | {:.3} ({:.3}) | {:.3} ({:.3}) |",
             max as f64 / mean,
             join,
@@ -81,18 +85,12 @@ fn ring_figures() -> Value {
     Value::Array(rows)
 }
 
-/// One `quiver serve` child.
+/// One node of the live cluster.
 struct Member {
     id: String,
     addr: SocketAddr,
-    child: Child,
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    /// Killed (`kill -9`) when the member is dropped.
+    _server: ServeChild,
 }
 
 /// Starts `n` nodes (replication `r`) over topics `{prefix}*` and waits until every node sees
@@ -123,30 +121,11 @@ fn start_cluster(
             nodes.join(", "),
             base.replace("[log]\n", "[log]\nbackend = \"kafka\"\n")
         );
-        let config = data.join("quiver.toml");
-        std::fs::write(&config, text)?;
-        let mut child = Command::new(std::env::current_exe()?)
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(data.join("stderr.log"))?))
-            .spawn()?;
-        let stdout = child.stdout.take().context("child stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        loop {
-            let line = lines.next().context("quiver exited before listening")??;
-            if line.starts_with("quiver listening on ") {
-                break;
-            }
-        }
-        std::thread::spawn(move || for _ in lines {});
+        let server = ServeChild::start(&data, &text, *port)?;
         members.push(Member {
             id,
-            addr: SocketAddr::from(([127, 0, 0, 1], *port)),
-            child,
+            addr: server.addr,
+            _server: server,
         });
     }
     Ok(members)
@@ -305,15 +284,12 @@ async fn measure(
     Ok(load::drive(workers, None, &window).await?.0)
 }
 
-fn live(args: &BenchArgs, brokers: &str) -> Result<Value> {
+fn live(report: &mut Report, args: &BenchArgs, brokers: &str) -> Result<Value> {
     let dir = tempfile::tempdir()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    say!("\n## cluster: local vs forwarded reads and predicts (replication 1, {} connections, closed loop; every node and the load generator share this machine)\n", args.connections);
-    say!("| nodes | call | keys | ops/s | p50 µs | p99 µs |");
-    say!("|---:|---|---|---:|---:|---:|");
+    let runtime = crate::cpu::client_runtime()?;
+    say!(report, "\n## cluster: local vs forwarded reads and predicts (replication 1, {} connections, closed loop; every node and the load generator share this machine)\n", args.connections);
+    say!(report, "| nodes | call | keys | ops/s | p50 µs | p99 µs |");
+    say!(report, "|---:|---|---|---:|---:|---:|");
     let mut rows = Vec::new();
     let run_id = std::process::id();
     for n in 1..=3usize {
@@ -340,20 +316,25 @@ fn live(args: &BenchArgs, brokers: &str) -> Result<Value> {
                 for predict in [false, true] {
                     let o = measure(args, members[0].addr, &keys, predict).await?;
                     let call = if predict { "predict" } else { "read" };
-                    say!("| {n} | {call} | {what} | {:.0} | {:.0} | {:.0} |", o.ops_per_s(), o.p(0.5), o.p(0.99));
+                    say!(report, "| {n} | {call} | {what} | {:.0} | {:.0} | {:.0} |", o.ops_per_s(), o.p(0.5), o.p(0.99));
                     rows.push(json!({"nodes": n, "call": call, "keys": what, "ops_per_s": o.ops_per_s(), "p50_us": o.p(0.5), "p99_us": o.p(0.99), "errors": o.errors}));
                 }
             }
             anyhow::Ok(())
         })?;
     }
-    let failover = runtime.block_on(failover(dir.path(), brokers, &format!("qbc{run_id}f.")))?;
+    let failover = runtime.block_on(failover(
+        report,
+        dir.path(),
+        brokers,
+        &format!("qbc{run_id}f."),
+    ))?;
     Ok(json!({"calls": rows, "failover": failover}))
 }
 
 /// Three nodes, replication 2: kill -9 one; how soon a survivor serves its keys, and how
 /// soon the detector calls it down.
-async fn failover(dir: &Path, brokers: &str, prefix: &str) -> Result<Value> {
+async fn failover(report: &mut Report, dir: &Path, brokers: &str, prefix: &str) -> Result<Value> {
     let mut members = start_cluster(dir, brokers, prefix, 3, 2)?;
     let view = converged(&members).await?;
     load(&members).await?;
@@ -397,10 +378,14 @@ async fn failover(dir: &Path, brokers: &str, prefix: &str) -> Result<Value> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
-    say!("\n## cluster: one of three nodes killed (replication 2)\n");
-    say!("| kill -9 → first successful read of its key via a survivor | kill -9 → marked down by the detector |");
-    say!("|---:|---:|");
     say!(
+        report,
+        "\n## cluster: one of three nodes killed (replication 2)\n"
+    );
+    say!(report, "| kill -9 → first successful read of its key via a survivor | kill -9 → marked down by the detector |");
+    say!(report, "|---:|---:|");
+    say!(
+        report,
         "| {:.0} ms | {:.0} ms |",
         ms(first_read).unwrap_or(f64::NAN),
         ms(down).unwrap_or(f64::NAN)
