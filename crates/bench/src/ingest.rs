@@ -1,6 +1,5 @@
-//! `ingest` and `encryption`: durable ingest over HTTP (`ack=durable`, group commit), events/s,
-//! batch latency and freshness (a probe event's ack → served), on the embedded log and, with
-//! `--kafka`, on Kafka; and the same plain against sealed (`[storage] encryption_key_file`).
+//! `ingest`: durable ingest over HTTP (`ack=durable`, group commit), events/s, batch latency and
+//! freshness (a probe event's ack → served), on the embedded log and, with `--kafka`, on Kafka.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,65 +36,27 @@ pub(crate) fn run(report: &mut Report, args: &BenchArgs, view: &'static str) -> 
             c.kafka.idle_fetch_backoff = quiver_core::config::HumanDuration(backoff);
         })?,
     )?;
-    let ratio =
-        |k: &str| kafka[k].as_f64().unwrap_or(f64::NAN) / embedded[k].as_f64().unwrap_or(f64::NAN);
-    say!(
-        report,
-        "\n### ingest: Kafka ÷ embedded (same load, same run)\n"
-    );
-    say!(report, "| metric | Kafka ÷ embedded |\n|---|---|");
-    say!(
-        report,
-        "| durable events/s | {:.2}× |",
-        ratio("events_per_s")
-    );
-    say!(report, "| POST p99 | {:.2}× |", ratio("post_p99_us"));
-    say!(
-        report,
-        "| freshness ack→readable p99 | {:.2}× |",
-        ratio("freshness_p99_us")
-    );
+    say_ratios(report, "ingest: Kafka ÷ embedded", &embedded, &kafka);
     Ok(json!({"embedded": embedded, "kafka": kafka, "kafka_brokers": brokers}))
 }
 
-/// `encryption`: the same durable ingest on the embedded log plain and sealed
-/// (`[storage] encryption_key_file`), in one run: what encryption at rest costs.
-pub(crate) fn encryption(report: &mut Report, args: &BenchArgs) -> Result<Value> {
-    let keys = tempfile::tempdir()?;
-    let key_file = keys.path().join("storage.keys");
-    quiver_fsutil::seal::add_key(&key_file)?;
-    let plain = ingest_on(report, args, "txn", "embedded", start_embedded()?)?;
-    let sealed = ingest_on(
-        report,
-        args,
-        "txn",
-        "embedded, encrypted",
-        start_embedded_with(|c| c.storage.encryption_key_file = Some(key_file.clone()))?,
-    )?;
-    let ratio =
-        |k: &str| sealed[k].as_f64().unwrap_or(f64::NAN) / plain[k].as_f64().unwrap_or(f64::NAN);
-    say!(
-        report,
-        "\n### encryption at rest: encrypted ÷ plain (same load, same run)\n"
-    );
-    say!(report, "| metric | encrypted ÷ plain |\n|---|---|");
-    say!(
-        report,
-        "| durable events/s | {:.2}× |",
-        ratio("events_per_s")
-    );
-    say!(report, "| POST p99 | {:.2}× |", ratio("post_p99_us"));
-    say!(
-        report,
-        "| freshness ack→readable p99 | {:.2}× |",
-        ratio("freshness_p99_us")
-    );
-    Ok(json!({
-        "plain": plain,
-        "encrypted": sealed,
-        "events_per_s_encrypted_vs_plain": ratio("events_per_s"),
-        "freshness_p99_encrypted_vs_plain": ratio("freshness_p99_us"),
-    }))
+/// `other[k] ÷ base[k]`.
+pub(crate) fn ratio(base: &Value, other: &Value, k: &str) -> f64 {
+    other[k].as_f64().unwrap_or(f64::NAN) / base[k].as_f64().unwrap_or(f64::NAN)
+}
+
+/// Prints the headline ingest figures of `other` ÷ `base` (same load, same run).
+pub(crate) fn say_ratios(report: &mut Report, title: &str, base: &Value, other: &Value) {
+    let column = title.split(": ").last().unwrap_or(title);
+    say!(report, "\n### {title} (same load, same run)\n");
+    say!(report, "| metric | {column} |\n|---|---|");
+    for (name, k) in [
+        ("durable events/s", "events_per_s"),
+        ("POST p99", "post_p99_us"),
+        ("freshness ack→readable p99", "freshness_p99_us"),
+    ] {
+        say!(report, "| {name} | {:.2}× |", ratio(base, other, k));
+    }
 }
 
 pub(crate) fn ingest_on(

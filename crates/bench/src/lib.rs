@@ -33,6 +33,7 @@ mod aggregations;
 mod cluster;
 pub mod cpu;
 mod decoupling;
+mod encryption;
 pub mod harness;
 mod history;
 mod ingest;
@@ -167,7 +168,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "runtimes" => runtimes::run(report, args.duration)?,
             "decoupling" => decoupling::run(report, &args)?,
             "priority" => priority::run(report, &args)?,
-            "encryption" => ingest::encryption(report, &args)?,
+            "encryption" => encryption::run(report, &args)?,
             "cluster" => cluster::run(report, &args)?,
             _ => predict::run(report, &args)?,
         };
