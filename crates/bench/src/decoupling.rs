@@ -38,7 +38,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::cpu::{self, ServerCpu};
-use crate::harness::{connect, request, request_with, Sender, FEATURES};
+use crate::harness::{connect, request, token_of, visible, Sender, FEATURES};
 use crate::load::{self, histogram, us, Window, Worker};
 use crate::report::Report;
 use crate::BenchArgs;
@@ -170,29 +170,6 @@ impl Worker for QuiverWriter {
         }
         self.stats.record(start, Some(acked), batch.events)?;
         Ok(true)
-    }
-}
-
-/// The read-your-writes token of an ingest reply.
-fn token_of(reply: &[u8]) -> Result<Token> {
-    let reply: Value = serde_json::from_slice(reply)?;
-    Ok(Token::parse(reply["token"].as_str().unwrap_or_default())?)
-}
-
-/// Reads `path` with `Quiver-Read-After: token` until it answers 200 (`true`) or `wait`
-/// passes (the server bounds each wait and answers 503 after it: asked again).
-async fn visible(http: &mut Sender, path: &str, token: &Token, wait: Duration) -> Result<bool> {
-    let (token, deadline) = (token.to_string(), Instant::now() + wait);
-    loop {
-        let headers = [(quiver_server::features::READ_AFTER, token.as_str())];
-        match request_with(http, "GET", path, Bytes::new(), &headers)
-            .await?
-            .0
-        {
-            200 => return Ok(true),
-            503 if Instant::now() < deadline => continue,
-            _ => return Ok(false),
-        }
     }
 }
 

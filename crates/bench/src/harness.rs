@@ -184,6 +184,13 @@ impl ServeChild {
     }
 }
 
+impl ServeChild {
+    /// The process's CPU and memory now (`None` once it is gone).
+    pub fn stat(&self) -> Option<quiver_core::telemetry::ProcessStat> {
+        quiver_core::telemetry::ProcessStat::of(self.child.id())
+    }
+}
+
 impl Drop for ServeChild {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -407,4 +414,34 @@ pub fn cpu_text(us: Option<f64>) -> String {
 
 pub fn rss_bytes() -> u64 {
     quiver_core::telemetry::ProcessStat::own().map_or(0, |s| s.resident_bytes)
+}
+
+/// The read-your-writes token of an ingest reply.
+pub fn token_of(reply: &[u8]) -> Result<quiver_core::token::Token> {
+    let reply: Value = serde_json::from_slice(reply)?;
+    Ok(quiver_core::token::Token::parse(
+        reply["token"].as_str().unwrap_or_default(),
+    )?)
+}
+
+/// Reads `path` with `Quiver-Read-After: token` until it answers 200 (`true`) or `wait`
+/// passes (the server bounds each wait and answers 503 after it: asked again).
+pub async fn visible(
+    http: &mut Sender,
+    path: &str,
+    token: &quiver_core::token::Token,
+    wait: Duration,
+) -> Result<bool> {
+    let (token, deadline) = (token.to_string(), Instant::now() + wait);
+    loop {
+        let headers = [(quiver_server::features::READ_AFTER, token.as_str())];
+        match request_with(http, "GET", path, Bytes::new(), &headers)
+            .await?
+            .0
+        {
+            200 => return Ok(true),
+            503 if Instant::now() < deadline => continue,
+            _ => return Ok(false),
+        }
+    }
 }

@@ -12,8 +12,12 @@
 //! - `priority`: a gold tier's latency while bronze floods the node, with rate tiers and without
 //!   (`priority.rs`).
 //! - `encryption`: durable ingest with `[storage] encryption_key_file` against the same without.
+//! - `cluster`: the ring's placement (computed) and, with `--kafka`, live nodes (`cluster.rs`).
+//! - `restart`: kill -9 → ready from snapshots and from the log alone (`restart.rs`).
 //!
-//! Quiver runs in this process on its own 2-thread runtime; the load generator on another.
+//! Quiver runs in this process on its own 2-thread runtime and the load generator on another,
+//! except where a server's CPU or a kill must be its own (`decoupling`, `cluster`, `restart`:
+//! `quiver serve` children).
 //! Every table printed also goes to `--markdown FILE`; `--json FILE` gets the figures with a
 //! top-level `"ratios"` object (Quiver ÷ peer) a script can read the verdict from.
 //!
@@ -44,6 +48,7 @@ mod plot;
 mod predict;
 mod priority;
 mod report;
+mod restart;
 mod runtimes;
 
 use anyhow::Result;
@@ -54,7 +59,7 @@ use report::Report;
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// ingest | lookup | memory | aggregations | history | predict | runtimes | decoupling |
-    /// priority | encryption | cluster | all, or several, comma-separated (`lookup,predict,decoupling`);
+    /// priority | encryption | cluster | restart | all, or several, comma-separated (`lookup,predict,decoupling`);
     /// `config` prints the benchmarks' server config (for `decoupling --url`)
     pub scenario: String,
     /// Seconds each measured phase runs (after warm-up).
@@ -170,6 +175,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "priority" => priority::run(report, &args)?,
             "encryption" => encryption::run(report, &args)?,
             "cluster" => cluster::run(report, &args)?,
+            "restart" => restart::run(report, &args)?,
             _ => predict::run(report, &args)?,
         };
         results.insert(s.to_string(), result);
@@ -207,7 +213,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 /// Every scenario, in the order `all` runs them.
-pub(crate) const ALL: [&str; 11] = [
+pub(crate) const ALL: [&str; 12] = [
     "ingest",
     "lookup",
     "memory",
@@ -219,6 +225,7 @@ pub(crate) const ALL: [&str; 11] = [
     "priority",
     "encryption",
     "cluster",
+    "restart",
 ];
 
 /// The verdict a script reads: Quiver ÷ peer for each headline figure the run measured.

@@ -214,6 +214,17 @@ fn bench_scenarios_report_real_work() {
         "{e}"
     );
 
+    // restart: both ways came back ready; only the snapshotting node wrote snapshots.
+    let rs = &r["restart"];
+    for way in ["from_snapshot", "from_log"] {
+        assert!(rs[way]["kill9_to_ready_s"].as_f64().unwrap() > 0.0, "{rs}");
+    }
+    assert!(
+        rs["from_snapshot"]["snapshot_bytes"].as_u64().unwrap() > 0,
+        "{rs}"
+    );
+    assert_eq!(rs["from_log"]["snapshot_bytes"], 0, "{rs}");
+
     let h = &r["history"];
     assert!(h["drain_rows_per_s"].as_f64().unwrap() > 0.0, "{h}");
     assert!(

@@ -133,10 +133,37 @@ impl Materializers {
             workers: PartitionThreads::default(),
             errors: Arc::new(Mutex::new(Vec::new())),
         };
-        for &p in partitions {
-            m.spawn_worker(p, true)?;
+        for (p, recovered) in m.recover_all(partitions) {
+            m.start_worker(p, true, recovered?)?;
         }
         Ok(m)
+    }
+
+    /// Loads the snapshots of `partitions` side by side, as many at once as there are cores:
+    /// one after the other, a restart took the sum of the loads.
+    fn recover_all(&self, partitions: &[u32]) -> Vec<(u32, Result<Recovered>)> {
+        let sh = &self.shared;
+        let at_once = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut out = Vec::with_capacity(partitions.len());
+        for chunk in partitions.chunks(at_once) {
+            std::thread::scope(|scope| {
+                let loads: Vec<_> = chunk
+                    .iter()
+                    .map(|&p| {
+                        let load = move || recover(&sh.store, sh.log.as_ref(), &sh.opts, p);
+                        (p, scope.spawn(load))
+                    })
+                    .collect();
+                for (p, load) in loads {
+                    // A panic stays a panic, as when the load ran on the caller's thread.
+                    let result = load
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                    out.push((p, result));
+                }
+            });
+        }
+        out
     }
 
     /// Starts materializing partition `p` (no-op if it runs): snapshot, then the log. The
@@ -167,7 +194,14 @@ impl Materializers {
 
     fn spawn_worker(&self, p: u32, initial: bool) -> Result<()> {
         let sh = &self.shared;
-        let (streams, from, dedup) = recover(&sh.store, sh.log.as_ref(), &sh.opts, p)?;
+        let recovered = recover(&sh.store, sh.log.as_ref(), &sh.opts, p)?;
+        self.start_worker(p, initial, recovered)
+    }
+
+    /// Starts partition `p`'s thread from what [`recover`] loaded.
+    fn start_worker(&self, p: u32, initial: bool, recovered: Recovered) -> Result<()> {
+        let sh = &self.shared;
+        let (streams, from, dedup) = recovered;
         for (s, &o) in streams.iter().zip(&from) {
             // A partition handed back to this node resumes from its last snapshot, which
             // covers what it applied before: offsets never go back.
@@ -230,13 +264,16 @@ fn spawn(w: Worker) -> JoinHandle<()> {
         .expect("spawn a thread")
 }
 
+/// A partition's streams, the offset each resumes from, and its dedup window.
+type Recovered = (Vec<Stream>, Vec<u64>, DedupWindow);
+
 /// Loads partition `p`'s snapshot and decides where each of its streams resumes.
 fn recover(
     store: &Store,
     log: &dyn EventLog,
     opts: &MaterializerOptions,
     p: u32,
-) -> Result<(Vec<Stream>, Vec<u64>, DedupWindow)> {
+) -> Result<Recovered> {
     let ids = log.partition_streams(p);
     let info = log.streams();
     let loaded = match snapshot::load(

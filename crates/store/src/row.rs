@@ -353,9 +353,19 @@ impl Row {
             })
             .collect();
         by_time.sort_by_key(|(t, f, _)| (*t, *f));
+        // One `apply` per distinct time, not per cell: `apply` rebuilds the row, so cell by cell
+        // a row of F features written together cost F rebuilds of F cells (a 32-feature row:
+        // 150k instructions, 93 % of a snapshot load).
         let mut late = 0;
-        for (t, f, v) in by_time {
-            if let Some(next) = row.apply(layout, t, 0, &[(f, v)], &mut late) {
+        let mut group: Vec<(FeatureIdx, Value)> = Vec::with_capacity(by_time.len());
+        let mut cells = by_time.into_iter().peekable();
+        while let Some((t, f, v)) = cells.next() {
+            group.clear();
+            group.push((f, v));
+            while let Some((_, f, v)) = cells.next_if(|(next, _, _)| *next == t) {
+                group.push((f, v));
+            }
+            if let Some(next) = row.apply(layout, t, 0, &group, &mut late) {
                 row = next;
             }
         }
