@@ -5,9 +5,11 @@
 //! # Design constraints
 //! - At most `connections_max` connections per listener: one more is closed as soon as it is
 //!   accepted (and counted), so a flood of connections cannot take every file descriptor.
-//! - A TLS handshake must finish within `header_read_timeout`; a request's head must arrive
-//!   within it after its first byte, so half a header is not held for longer; a connection
-//!   with no request running and no bytes moving for `idle_timeout` is closed. Both are
+//! - A TLS handshake must finish within `header_read_timeout`; an HTTP/1 request's head must
+//!   arrive within it — the first request's from the accept, a later one's from its first
+//!   byte — so half a header (or none) is not held for longer; a connection with no request
+//!   running and no bytes moving for `idle_timeout` is closed (HTTP/2 connections, which
+//!   exchange frames between requests, only by this). Both are
 //!   watched here, not by hyper's `header_read_timeout`: since hyper 1.6 that timer also runs
 //!   while a keep-alive connection waits for its next request (hyperium/hyper#3828), which
 //!   would close every pooled client connection idle for `header_read_timeout` (5 s), not
@@ -17,7 +19,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -56,6 +58,9 @@ impl Bounds {
 /// How long running requests get to finish once shutdown begins.
 const DRAIN_MAX: Duration = Duration::from_secs(10);
 
+/// How an HTTP/2 connection without TLS (prior knowledge) begins.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
 /// Milliseconds since `START`, plus one (so a stamp is never 0, which means "none").
 fn now_ms() -> i64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -77,22 +82,38 @@ struct ConnState {
     activity: AtomicI64,
     /// Requests running on the connection (the watchdog never closes one mid-request).
     running: AtomicUsize,
-    /// When the first byte of a request head arrived, while no request runs; 0: none pending.
+    /// When the first byte of a request head arrived, while no request runs (for the first
+    /// request: when the connection was accepted); 0: none pending.
     head_since: AtomicI64,
+    /// Whether heads are timed: HTTP/1 (HTTP/2 sends frames between requests, not heads).
+    timed_heads: AtomicBool,
+    /// No byte read yet (the first read tells an HTTP/2 preface).
+    fresh: AtomicBool,
 }
 
 impl ConnState {
-    fn new() -> ConnState {
+    /// A connection just accepted (`http2`: TLS negotiated `h2`); its first head is due now.
+    fn new(http2: bool) -> ConnState {
+        let now = now_ms();
         let state = ConnState::default();
-        state.activity.store(now_ms(), Ordering::Relaxed);
+        state.activity.store(now, Ordering::Relaxed);
+        state.fresh.store(true, Ordering::Relaxed);
+        state.timed_heads.store(!http2, Ordering::Relaxed);
+        state
+            .head_since
+            .store(if http2 { 0 } else { now }, Ordering::Relaxed);
         state
     }
 
-    /// Bytes were read: with no request running they start (or continue) a request head.
-    fn read(&self) {
+    /// `bytes` were read: with no request running they start (or continue) a request head.
+    fn read(&self, bytes: &[u8]) {
         let now = now_ms();
         self.activity.store(now, Ordering::Relaxed);
-        if self.running.load(Ordering::Acquire) == 0 {
+        if self.fresh.swap(false, Ordering::Relaxed) && bytes.starts_with(H2_PREFACE) {
+            self.timed_heads.store(false, Ordering::Relaxed);
+            self.head_since.store(0, Ordering::Release);
+        }
+        if self.timed_heads.load(Ordering::Relaxed) && self.running.load(Ordering::Acquire) == 0 {
             let _ = self
                 .head_since
                 .compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed);
@@ -129,7 +150,7 @@ impl AsyncRead for Conn {
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         };
         if buf.filled().len() > before {
-            self.state.read();
+            self.state.read(&buf.filled()[before..]);
         }
         r
     }
@@ -221,8 +242,8 @@ impl Acceptor {
 
     /// Finishes the TLS handshake in time, or gives up on the connection.
     async fn handshake(tls: Option<Tls>, bounds: Bounds, a: Accepted) -> Option<Conn> {
-        let (io, sans) = match tls {
-            None => (Io::Plain(a.tcp), None),
+        let (io, sans, http2) = match tls {
+            None => (Io::Plain(a.tcp), None, false),
             Some(tls) => {
                 let done =
                     tokio::time::timeout(bounds.header_read_timeout, tls.acceptor.accept(a.tcp))
@@ -234,7 +255,8 @@ impl Acceptor {
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .map(|c| Arc::from(crate::tls::client_sans(c)));
-                (Io::Tls(Box::new(s)), sans)
+                let http2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                (Io::Tls(Box::new(s)), sans, http2)
             }
         };
         Some(Conn {
@@ -243,7 +265,7 @@ impl Acceptor {
                 addr: Some(a.addr),
                 sans,
             },
-            state: Arc::new(ConnState::new()),
+            state: Arc::new(ConnState::new(http2)),
             _slot: a.slot,
         })
     }
@@ -427,19 +449,16 @@ mod tests {
     #[test]
     fn a_slow_head_or_a_quiet_connection_expires_only_with_no_request_running() {
         let (head_ms, idle_ms) = (1_000, 60_000);
-        let s = Arc::new(ConnState::new());
-        assert!(
-            !s.expired(head_ms, idle_ms),
-            "a fresh connection waits for idle_ms"
-        );
-        s.read();
-        let since = s.head_since.load(Ordering::Acquire);
-        assert!(since > 0, "the first byte starts the head's clock");
-        s.read();
+        let head = b"GET / HTTP/1.1\r\n";
+        let s = Arc::new(ConnState::new(false));
+        let accepted = s.head_since.load(Ordering::Acquire);
+        assert!(accepted > 0, "the first head is due from the accept");
+        s.read(head);
+        s.read(head);
         assert_eq!(
             s.head_since.load(Ordering::Acquire),
-            since,
-            "later bytes do not reset it"
+            accepted,
+            "bytes do not reset it"
         );
         s.head_since
             .store(now_ms() - 2 * head_ms, Ordering::Release);
@@ -447,7 +466,7 @@ mod tests {
 
         let running = Running::new(s.clone());
         assert!(!s.expired(head_ms, idle_ms), "never mid-request");
-        s.read(); // the body
+        s.read(b"body");
         assert_eq!(
             s.head_since.load(Ordering::Acquire),
             0,
@@ -458,7 +477,29 @@ mod tests {
             !s.expired(head_ms, idle_ms),
             "kept alive, waiting for the next request"
         );
+        s.read(head);
+        assert!(
+            s.head_since.load(Ordering::Acquire) > 0,
+            "the next head's first byte"
+        );
+        s.head_since.store(0, Ordering::Release);
         s.activity.store(now_ms() - idle_ms, Ordering::Relaxed);
         assert!(s.expired(head_ms, idle_ms), "quiet for idle_ms");
+    }
+
+    /// HTTP/2 exchanges frames (settings, pings, window updates) between requests: those are
+    /// not a slow head, so only the idle timeout applies.
+    #[test]
+    fn http2_connections_are_bound_by_the_idle_timeout_only() {
+        let (head_ms, idle_ms) = (1_000, 60_000);
+        for s in [ConnState::new(true), ConnState::new(false)] {
+            s.read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+            s.read(b"a ping frame");
+            assert_eq!(s.head_since.load(Ordering::Acquire), 0);
+            s.activity.store(now_ms() - idle_ms / 2, Ordering::Relaxed);
+            assert!(!s.expired(head_ms, idle_ms));
+            s.activity.store(now_ms() - idle_ms, Ordering::Relaxed);
+            assert!(s.expired(head_ms, idle_ms));
+        }
     }
 }
