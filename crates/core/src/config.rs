@@ -217,8 +217,13 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// How often each partition's store is snapshotted (bounds replay time at restart).
+    /// The least time between two snapshots of a partition.
     pub snapshot_interval: HumanDuration,
+    /// A partition is snapshotted again only once the records applied since its last
+    /// snapshot reach this fraction of the rows that snapshot held: snapshot writes stay
+    /// proportional to ingest (at most 1 / ratio rows written per record) and replay at
+    /// restart to ratio × rows records. 0 = every `snapshot_interval` if anything changed.
+    pub snapshot_change_ratio: f64,
     /// Per partition: how many recent `event_id`s are remembered for at-most-once apply.
     pub dedup_window_events: usize,
 }
@@ -227,6 +232,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             snapshot_interval: HumanDuration(Duration::from_secs(60)),
+            snapshot_change_ratio: 0.25,
             dedup_window_events: 100_000,
         }
     }
@@ -719,6 +725,11 @@ impl Config {
             "must be at least 100ms",
         )?;
         check(
+            (0.0..=100.0).contains(&self.store.snapshot_change_ratio),
+            "store.snapshot_change_ratio",
+            "must be between 0 and 100",
+        )?;
+        check(
             self.models.poll_interval.0 >= Duration::from_millis(50),
             "models.poll_interval",
             "must be at least 50ms",
@@ -1156,6 +1167,10 @@ repository = "./models"
             err("[log]\nretention_check_interval = \"0s\"").contains("retention_check_interval")
         );
         assert!(err("[server]\nlisten = \"nowhere\"").contains("server.listen"));
+        for ratio in ["-0.5", "101.0", "nan"] {
+            let text = format!("[store]\nsnapshot_change_ratio = {ratio}");
+            assert!(err(&text).contains("store.snapshot_change_ratio"), "{ratio}");
+        }
         assert!(err("[limits]\nbogus = 1").contains("bogus"));
         let env = vec![("QUIVER_LOG_PARTITIONS".to_string(), "x".to_string())];
         let e = Config::from_toml_with_env("", env).unwrap_err().to_string();

@@ -47,6 +47,9 @@ pub enum CodecError {
     Trailing(usize),
     #[error("string longer than a record allows")]
     TooLong,
+    /// A snapshot names a feature type this build does not know.
+    #[error("unknown feature type {0:?}")]
+    FeatureType(String),
 }
 
 /// A decoded record, borrowing names from the payload bytes.

@@ -214,13 +214,18 @@ fn bench_scenarios_report_real_work() {
         "{e}"
     );
 
-    // restart: both ways came back ready; only the snapshotting node wrote snapshots.
+    // restart: every way came back ready; only the snapshotting node wrote snapshots, and
+    // the server reported how long one took.
     let rs = &r["restart"];
-    for way in ["from_snapshot", "from_log"] {
+    for way in ["from_snapshot", "from_snapshot_and_tail", "from_log"] {
         assert!(rs[way]["kill9_to_ready_s"].as_f64().unwrap() > 0.0, "{rs}");
     }
     assert!(
         rs["from_snapshot"]["snapshot_bytes"].as_u64().unwrap() > 0,
+        "{rs}"
+    );
+    assert!(
+        rs["from_snapshot"]["snapshot_write_s"].as_f64().unwrap() > 0.0,
         "{rs}"
     );
     assert_eq!(rs["from_log"]["snapshot_bytes"], 0, "{rs}");

@@ -149,6 +149,7 @@ impl Node {
             MaterializerOptions {
                 snapshot_dir: data.join("snapshots"),
                 snapshot_interval: config.store.snapshot_interval.0,
+                snapshot_change_ratio: config.store.snapshot_change_ratio,
                 dedup_window_events: config.store.dedup_window_events,
                 poll_records_max: 4096,
                 sealer: sealer.clone(),

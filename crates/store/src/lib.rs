@@ -108,6 +108,23 @@ pub struct LateCounts {
 
 type RowMap = papaya::HashMap<compact_str::CompactString, Row>;
 
+/// A pinned map of one (partition, view), for inserting rows in bulk.
+pub(crate) struct Inserter<'a>(
+    papaya::HashMapRef<
+        'a,
+        compact_str::CompactString,
+        Row,
+        std::hash::RandomState,
+        papaya::LocalGuard<'a>,
+    >,
+);
+
+impl Inserter<'_> {
+    pub(crate) fn insert(&self, key: &str, row: Row) {
+        self.0.insert(compact_str::CompactString::from(key), row);
+    }
+}
+
 pub struct Store {
     schema: Arc<Schema>,
     layouts: Vec<Layout>,
@@ -357,6 +374,28 @@ impl Store {
     pub(crate) fn insert_row(&self, partition: u32, view: ViewId, key: &str, row: Row) {
         let map = &self.maps[partition as usize][usize::from(view)];
         map.pin().insert(compact_str::CompactString::from(key), row);
+    }
+
+    /// Rows of every view in `partition`.
+    pub fn rows_in(&self, partition: u32) -> usize {
+        self.maps[partition as usize].iter().map(|m| m.len()).sum()
+    }
+
+    /// Rows of `view` in `partition`.
+    pub(crate) fn partition_rows(&self, partition: u32, view: ViewId) -> usize {
+        self.maps[partition as usize][usize::from(view)].len()
+    }
+
+    /// Makes room for `rows` more rows of `view` in `partition` (a snapshot about to load).
+    pub(crate) fn reserve_rows(&self, partition: u32, view: ViewId, rows: usize) {
+        self.maps[partition as usize][usize::from(view)]
+            .pin()
+            .reserve(rows);
+    }
+
+    /// Inserts many rows of `view` in `partition` under one epoch guard (snapshot load).
+    pub(crate) fn inserter(&self, partition: u32, view: ViewId) -> Inserter<'_> {
+        Inserter(self.maps[partition as usize][usize::from(view)].pin())
     }
 
     pub(crate) fn for_each_row(&self, partition: u32, view: ViewId, mut f: impl FnMut(&str, &Row)) {

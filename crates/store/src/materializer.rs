@@ -36,6 +36,9 @@ const FRESH_ENDS_AGE_MAX: Duration = Duration::from_secs(2);
 pub struct MaterializerOptions {
     pub snapshot_dir: PathBuf,
     pub snapshot_interval: Duration,
+    /// `[store] snapshot_change_ratio`: records applied since the last snapshot, as a
+    /// fraction of its rows, before the next.
+    pub snapshot_change_ratio: f64,
     pub dedup_window_events: usize,
     /// Records applied per read from the log (bounds the read buffer).
     pub poll_records_max: usize,
@@ -385,6 +388,7 @@ impl Worker {
         let mut batch = ReadBatch::default();
         let mut last_snapshot = Instant::now();
         let mut snapshotted = self.positions();
+        let mut snapshot_rows = self.store.rows_in(p);
         let mut recovered = false;
         let mut fresh_at = Instant::now();
         loop {
@@ -455,12 +459,13 @@ impl Worker {
             lag.set(behind as f64);
             self.store.set_partition_lag(p, behind);
             staleness.set(fresh_at.elapsed().as_secs_f64());
-            if positions != snapshotted && last_snapshot.elapsed() >= self.opts.snapshot_interval {
+            if self.snapshot_due(&positions, &snapshotted, snapshot_rows, last_snapshot) {
                 if let Err(e) = self.snapshot(&positions) {
                     self.fail(format!("partition {p}: snapshot failed: {e}"));
                     return;
                 }
                 snapshotted = positions;
+                snapshot_rows = self.store.rows_in(p);
                 last_snapshot = Instant::now();
             }
         }
@@ -520,6 +525,21 @@ impl Worker {
         self.streams
             .iter()
             .all(|s| self.reader.position(s.id) >= s.recovery_target)
+    }
+
+    /// Whether to snapshot now: something changed, `snapshot_interval` has passed, and the
+    /// records since the last snapshot (`rows` rows) reach `snapshot_change_ratio` of it. A
+    /// full rewrite then costs at most 1 / ratio rows per record applied, not a partition
+    /// per interval however little changed.
+    fn snapshot_due(&self, positions: &[u64], last: &[u64], rows: usize, at: Instant) -> bool {
+        let applied: u64 = positions
+            .iter()
+            .zip(last)
+            .map(|(now, then)| now.saturating_sub(*then))
+            .sum();
+        applied > 0
+            && at.elapsed() >= self.opts.snapshot_interval
+            && applied as f64 >= self.opts.snapshot_change_ratio * rows as f64
     }
 
     fn snapshot(&mut self, positions: &[u64]) -> Result<()> {

@@ -50,10 +50,15 @@ pub struct Layout {
 
 impl Layout {
     pub fn of(view: &View) -> Layout {
+        Layout::from_types(view.features.iter().map(|f| f.ty).collect())
+    }
+
+    /// The layout of features of these types, in this order (a snapshot's stored view).
+    pub fn from_types(types: Vec<FeatureType>) -> Layout {
         let (mut nums, mut heaps) = (0u16, 0u16);
-        let mut slots = Vec::with_capacity(view.features.len());
-        for f in &view.features {
-            slots.push(match f.ty {
+        let mut slots = Vec::with_capacity(types.len());
+        for ty in &types {
+            slots.push(match ty {
                 FeatureType::String | FeatureType::F32s(_) => {
                     heaps += 1;
                     Slot::Heap(heaps - 1)
@@ -66,7 +71,7 @@ impl Layout {
         }
         Layout {
             slots,
-            types: view.features.iter().map(|f| f.ty).collect(),
+            types,
             nums: usize::from(nums),
             heaps: usize::from(heaps),
         }
@@ -78,6 +83,11 @@ impl Layout {
 
     pub fn feature_type(&self, f: FeatureIdx) -> FeatureType {
         self.types[usize::from(f)]
+    }
+
+    /// Features kept outside the row's words (strings, vectors), in feature order.
+    pub fn heap_slots(&self) -> usize {
+        self.heaps
     }
 }
 
@@ -337,6 +347,52 @@ impl Row {
                 .as_ref()
                 .map(|e| std::mem::size_of::<Extra>() + e.heap.len() * std::mem::size_of::<Value>())
                 .unwrap_or(0)
+    }
+
+    /// The row's words as laid out above: what a snapshot stores.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// The string and vector slots, in feature order (`Null` where never set).
+    pub fn heap_values(&self) -> &[Value] {
+        self.extra.as_ref().map_or(&[], |e| &e.heap)
+    }
+
+    /// A row from [`words`](Self::words) and [`heap_values`](Self::heap_values) stored under
+    /// the same layout (snapshot load), checked so that no input can make a read panic.
+    pub fn from_parts(layout: &Layout, words: Box<[u64]>, heap: Vec<Value>) -> Option<Row> {
+        let header = *words.first()?;
+        let stamps = ((header & !DENSE_BIT) >> STAMPS_SHIFT) as usize;
+        let dense = header & DENSE_BIT != 0;
+        if stamps > STAMPS_MAX || (dense && stamps != 1) {
+            return None;
+        }
+        let idx_words = if dense { 0 } else { layout.features().div_ceil(8) };
+        if words.len() != 1 + stamps + layout.nums + idx_words || heap.len() != layout.heaps {
+            return None;
+        }
+        let row = Row {
+            words,
+            extra: empty_extra(layout).map(|mut e| {
+                e.heap = heap.into_boxed_slice();
+                e
+            }),
+        };
+        // Every index byte names a stored time, every value fits its type (a NaN in an f64
+        // slot would fail serialization later, far from here).
+        let fits = (0..layout.features()).all(|f| {
+            let b = row.idx_byte(layout, f);
+            if b == ABSENT || b & NULL_BIT != 0 {
+                return b == ABSENT || usize::from(b & !NULL_BIT) < stamps;
+            }
+            usize::from(b) < stamps
+                && match row.get(layout, f as FeatureIdx) {
+                    Cell::Value { value, .. } => value.fits(layout.types[f]),
+                    _ => false,
+                }
+        });
+        fits.then_some(row)
     }
 
     /// Rebuilds a row from cells (snapshot load).

@@ -5,44 +5,74 @@
 //! # Design constraints
 //! - Written by the partition's materializer between two records, so a snapshot is exactly
 //!   the state after applying everything below its offset.
-//! - Atomic (`quiver_fsutil::write_atomic`): a crash leaves the old snapshot or the new,
-//!   never a torn one.
-//! - Sealed when `[storage] encryption_key_file` is set: the whole file below is then one
-//!   `quiver_fsutil::seal` blob bound to the partition (a plain snapshot still loads, and the
-//!   next snapshot is written sealed).
-//! - Self-describing: features are stored by name and type, so a snapshot taken under one
-//!   config loads under another (dropped or retyped features are left out).
-//! - Checked: a CRC32C of the whole file ends it; a snapshot that fails it is ignored (with
-//!   an error) and the partition replays from the start of the log.
+//! - Atomic (`quiver_fsutil::AtomicFile`): a crash leaves the old snapshot or the new, never a
+//!   torn one.
+//! - Streamed both ways in frames of ~256 KiB: neither writing nor loading holds the file in
+//!   memory (a partition of 10M rows is gigabytes).
+//! - Compact: a row is stored as the store holds it ([`Row::words`]: 8 bytes per numeric
+//!   feature, 16 for the row when its features share one event time), so a snapshot is about
+//!   the size of the live rows and loads by copying words, not by rebuilding cells.
+//! - Self-describing: each view's features are stored by name and type. A snapshot taken
+//!   under another config still loads: rows of a view whose features changed are decoded
+//!   with the stored layout and rebuilt under the current one (dropped or retyped features
+//!   are left out).
+//! - Checked: every frame carries a CRC32C, the last frame counts the frames and rows before
+//!   it, and every row is validated against its layout; a snapshot that fails is ignored
+//!   (with an error) and the partition replays from the start of the log.
+//! - Sealed when `[storage] encryption_key_file` is set: each frame's body is one
+//!   `quiver_fsutil::seal` blob bound to the partition and the frame's index (frames cannot
+//!   be reordered or moved between partitions). Plain and sealed frames are told apart by the
+//!   first byte (a plain body starts with its kind, never `0xE5`).
 //!
 //! Format (little-endian):
 //! ```text
-//! "QVSNAP03" | u32 partition | u16 streams | streams × (str16 log id, u64 offset) | u32 views
-//! per view:  str16 name | u16 features | features × (str16 name, str16 type)
-//!            u16 aggregations | aggregations × (str16 name, str16 spec "fn/window_ms/tile_ms")
-//!            u64 rows | rows × (str16 key | u64 version | features × cell | rings)
-//!            cell = u8 0 absent | u8 1, i64 ts (null) | u8 2, i64 ts, value (record codec)
-//!            rings (views with aggregations) = u64 cell version | aggregations × (u32 n, n × f64)
-//! u64 dedup ids | ids × u128 (oldest first)
-//! u32 crc32c of everything before
+//! "QVSNAP04" | frames
+//! frame = u32 len | u32 crc32c(body) | body (len bytes; sealed or plain)
+//! plain = u8 kind | …
+//!   0 head: u32 partition | u16 streams × (str16 log id, u64 offset) | u32 views × view
+//!           view = str16 name | u64 rows | u16 features × (str16 name, str16 type)
+//!                  | u16 aggregations × (str16 name, str16 spec "fn/window_ms/tile_ms")
+//!   1 rows: u32 view (index in the head) | u32 n | n × row
+//!           row = str16 key | u16 words | words × u64 | heap slots × value (record codec)
+//!                 | rings (views with aggregations: u64 version | aggregations × (u32 n, n × f64))
+//!   2 end:  u32 frames before | u64 rows | u64 dedup ids × u128 (oldest first)
 //! ```
 //! A stream is named by its log id (`quiver_log::StreamInfo::log_id`): an offset is only
-//! meaningful in the log that gave it. `QVSNAP02` (one offset, no id: the embedded log) still
-//! loads.
+//! meaningful in the log that gave it. `QVSNAP02`/`QVSNAP03` snapshots (one buffer, a cell
+//! per feature) still load ([`legacy`]).
 
+mod legacy;
+
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
-use quiver_core::record::{put_str16, put_value, Reader};
-use quiver_core::schema::FeatureIdx;
+use quiver_core::record::{put_str16, put_value, CodecError, Reader};
+use quiver_core::schema::{FeatureIdx, View};
+use quiver_core::value::FeatureType;
 use quiver_fsutil::seal::KeyRing;
+use quiver_fsutil::AtomicFile;
 
 use crate::error::{io, Result, StoreError};
-use crate::row::{Cell, Row};
-use crate::{AggCell, DedupWindow, Store};
+use crate::row::{Cell, Layout, Row};
+use crate::{AggCell, AggLayout, DedupWindow, Store};
 
-const MAGIC: &[u8; 8] = b"QVSNAP03";
-/// The previous format: one offset of the embedded log, no log id.
+const MAGIC: &[u8; 8] = b"QVSNAP04";
+const MAGIC_V3: &[u8; 8] = b"QVSNAP03";
+/// The format before stream ids: one offset of the embedded log.
 const MAGIC_V2: &[u8; 8] = b"QVSNAP02";
+
+/// A rows frame is closed once its plain body reaches this.
+const FRAME_TARGET_BYTES: usize = 256 << 10;
+/// The largest frame a loader accepts (a row of big vectors may overshoot the target).
+const FRAME_BYTES_MAX: u32 = 64 << 20;
+/// Bytes of the smallest row (key length, words count, one header word): bounds how many
+/// rows a file of a given size can claim, before reserving room for them.
+const ROW_BYTES_MIN: u64 = 12;
+
+const KIND_HEAD: u8 = 0;
+const KIND_ROWS: u8 = 1;
+const KIND_END: u8 = 2;
 
 /// Where a snapshot stands in each stream of its partition: (log id, offset).
 pub type StreamOffsets = Vec<(String, u64)>;
@@ -74,6 +104,54 @@ pub fn snapshot_path(dir: &Path, partition: u32) -> PathBuf {
     dir.join(format!("p-{partition:04}.snap"))
 }
 
+/// What a sealed `QVSNAP03` snapshot was bound to: its partition.
+fn legacy_seal_aad(partition: u32) -> [u8; 12] {
+    let mut aad = *b"QVSNAP\0\0\0\0\0\0";
+    aad[8..].copy_from_slice(&partition.to_le_bytes());
+    aad
+}
+
+/// What a sealed frame is bound to: the format, its partition and its place in the file.
+fn frame_aad(partition: u32, frame: u32) -> [u8; 16] {
+    let mut aad = [0u8; 16];
+    aad[..8].copy_from_slice(MAGIC);
+    aad[8..12].copy_from_slice(&partition.to_le_bytes());
+    aad[12..].copy_from_slice(&frame.to_le_bytes());
+    aad
+}
+
+/// Frames onto the file being written.
+struct FrameWriter<'a> {
+    out: AtomicFile,
+    sealer: Option<&'a KeyRing>,
+    partition: u32,
+    frames: u32,
+    bytes: u64,
+    sealed: Vec<u8>,
+}
+
+impl FrameWriter<'_> {
+    fn frame(&mut self, plain: &[u8]) -> std::io::Result<()> {
+        debug_assert!(plain.first().is_some_and(|&k| k <= KIND_END));
+        let body: &[u8] = match self.sealer {
+            Some(ring) => {
+                self.sealed.clear();
+                let aad = frame_aad(self.partition, self.frames);
+                ring.seal_into(&aad, plain, &mut self.sealed);
+                &self.sealed
+            }
+            None => plain,
+        };
+        assert!(body.len() <= FRAME_BYTES_MAX as usize, "a frame fits the loader's bound");
+        self.out.write_all(&(body.len() as u32).to_le_bytes())?;
+        self.out.write_all(&crc32c::crc32c(body).to_le_bytes())?;
+        self.out.write_all(body)?;
+        self.frames += 1;
+        self.bytes += 8 + body.len() as u64;
+        Ok(())
+    }
+}
+
 /// Writes the snapshot of `partition` as of `offsets` (one per stream of the partition).
 /// Returns the bytes written.
 pub fn write(
@@ -88,88 +166,132 @@ pub fn write(
         !offsets.is_empty() && offsets.len() <= usize::from(u16::MAX),
         "a partition has 1..=65535 streams"
     );
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let schema = store.schema().clone();
-    let mut buf = Vec::with_capacity(1 << 20);
-    buf.extend_from_slice(MAGIC);
-    buf.extend_from_slice(&partition.to_le_bytes());
-    buf.extend_from_slice(&(offsets.len() as u16).to_le_bytes());
-    for (log_id, offset) in offsets {
-        put_str16(&mut buf, log_id);
-        buf.extend_from_slice(&offset.to_le_bytes());
+    let path = snapshot_path(dir, partition);
+    let mut w = FrameWriter {
+        out: AtomicFile::create(&path).map_err(io(&path))?,
+        sealer,
+        partition,
+        frames: 0,
+        bytes: MAGIC.len() as u64,
+        sealed: Vec::new(),
+    };
+    w.out.write_all(MAGIC).map_err(io(&path))?;
+    let mut buf = Vec::with_capacity(FRAME_TARGET_BYTES + (64 << 10));
+    put_head(&mut buf, store, partition, offsets);
+    w.frame(&buf).map_err(io(&path))?;
+    let mut rows = 0u64;
+    for (index, view) in store.schema().views.iter().enumerate() {
+        rows += write_rows(&mut w, &mut buf, store, view, index as u32).map_err(io(&path))?;
     }
-    buf.extend_from_slice(&(schema.views.len() as u32).to_le_bytes());
-    for view in &schema.views {
-        put_str16(&mut buf, &view.name);
-        buf.extend_from_slice(&(view.features.len() as u16).to_le_bytes());
-        for f in &view.features {
-            put_str16(&mut buf, &f.name);
-            put_str16(&mut buf, &f.ty.to_string());
-        }
-        buf.extend_from_slice(&(view.aggregations.len() as u16).to_le_bytes());
-        for a in &view.aggregations {
-            put_str16(&mut buf, &a.name);
-            put_str16(&mut buf, &agg_spec(&a.window));
-        }
-        let agg_layout = store.agg_layout(view.id);
-        let count_at = buf.len();
-        buf.extend_from_slice(&0u64.to_le_bytes());
-        let mut rows = 0u64;
-        let layout = store.layout(view.id);
-        store.for_each_row(partition, view.id, |key, row| {
-            rows += 1;
-            put_str16(&mut buf, key);
-            buf.extend_from_slice(&row.version().to_le_bytes());
-            for f in 0..view.features.len() {
-                match row.get(layout, f as FeatureIdx) {
-                    Cell::Absent => buf.push(0),
-                    Cell::Null { ts_ms } => {
-                        buf.push(1);
-                        buf.extend_from_slice(&ts_ms.to_le_bytes());
-                    }
-                    Cell::Value { ts_ms, value } => {
-                        buf.push(2);
-                        buf.extend_from_slice(&ts_ms.to_le_bytes());
-                        put_value(&mut buf, &value);
-                    }
-                }
-            }
-            if let Some(al) = agg_layout {
-                let cell = row
-                    .aggs()
-                    .expect("rows of aggregating views carry their rings");
-                buf.extend_from_slice(&cell.version().to_le_bytes());
-                for a in 0..view.aggregations.len() {
-                    let ring = cell.ring_values(view, al, a);
-                    buf.extend_from_slice(&(ring.len() as u32).to_le_bytes());
-                    for x in ring {
-                        buf.extend_from_slice(&x.to_le_bytes());
-                    }
-                }
-            }
-        });
-        buf[count_at..count_at + 8].copy_from_slice(&rows.to_le_bytes());
-    }
+    buf.clear();
+    buf.push(KIND_END);
+    buf.extend_from_slice(&w.frames.to_le_bytes());
+    buf.extend_from_slice(&rows.to_le_bytes());
     buf.extend_from_slice(&(dedup.len() as u64).to_le_bytes());
     for id in dedup.iter() {
         buf.extend_from_slice(&id.to_le_bytes());
     }
-    let crc = crc32c::crc32c(&buf);
-    buf.extend_from_slice(&crc.to_le_bytes());
-
-    let path = snapshot_path(dir, partition);
-    if let Some(ring) = sealer {
-        buf = ring.seal(&seal_aad(partition), &buf);
-    }
-    quiver_fsutil::write_atomic(&path, &buf).map_err(io(&path))?;
-    Ok(buf.len() as u64)
+    w.frame(&buf).map_err(io(&path))?;
+    let bytes = w.bytes;
+    w.out.commit().map_err(io(&path))?;
+    Ok(bytes)
 }
 
-/// What a sealed snapshot is bound to: its partition.
-fn seal_aad(partition: u32) -> [u8; 12] {
-    let mut aad = *b"QVSNAP\0\0\0\0\0\0";
-    aad[8..].copy_from_slice(&partition.to_le_bytes());
-    aad
+fn put_head(buf: &mut Vec<u8>, store: &Store, partition: u32, offsets: &[(String, u64)]) {
+    buf.clear();
+    buf.push(KIND_HEAD);
+    buf.extend_from_slice(&partition.to_le_bytes());
+    buf.extend_from_slice(&(offsets.len() as u16).to_le_bytes());
+    for (log_id, offset) in offsets {
+        put_str16(buf, log_id);
+        buf.extend_from_slice(&offset.to_le_bytes());
+    }
+    let schema = store.schema();
+    buf.extend_from_slice(&(schema.views.len() as u32).to_le_bytes());
+    for view in &schema.views {
+        put_str16(buf, &view.name);
+        let rows = store.partition_rows(partition, view.id) as u64;
+        buf.extend_from_slice(&rows.to_le_bytes());
+        buf.extend_from_slice(&(view.features.len() as u16).to_le_bytes());
+        for f in &view.features {
+            put_str16(buf, &f.name);
+            put_str16(buf, &f.ty.to_string());
+        }
+        buf.extend_from_slice(&(view.aggregations.len() as u16).to_le_bytes());
+        for a in &view.aggregations {
+            put_str16(buf, &a.name);
+            put_str16(buf, &agg_spec(&a.window));
+        }
+    }
+}
+
+/// Writes the rows of `view` in frames; returns how many.
+fn write_rows(
+    w: &mut FrameWriter<'_>,
+    buf: &mut Vec<u8>,
+    store: &Store,
+    view: &View,
+    index: u32,
+) -> std::io::Result<u64> {
+    const COUNT_AT: usize = 1 + 4;
+    let begin = |buf: &mut Vec<u8>| {
+        buf.clear();
+        buf.push(KIND_ROWS);
+        buf.extend_from_slice(&index.to_le_bytes());
+        buf.extend_from_slice(&0u32.to_le_bytes());
+    };
+    let agg_layout = store.agg_layout(view.id);
+    let (mut total, mut in_frame) = (0u64, 0u32);
+    let mut failed = None;
+    begin(buf);
+    store.for_each_row(w.partition, view.id, |key, row| {
+        if failed.is_some() {
+            return;
+        }
+        put_row(buf, view, agg_layout, key, row);
+        total += 1;
+        in_frame += 1;
+        if buf.len() >= FRAME_TARGET_BYTES {
+            buf[COUNT_AT..COUNT_AT + 4].copy_from_slice(&in_frame.to_le_bytes());
+            failed = w.frame(buf).err();
+            begin(buf);
+            in_frame = 0;
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if in_frame > 0 {
+        buf[COUNT_AT..COUNT_AT + 4].copy_from_slice(&in_frame.to_le_bytes());
+        w.frame(buf)?;
+    }
+    Ok(total)
+}
+
+fn put_row(buf: &mut Vec<u8>, view: &View, agg_layout: Option<&AggLayout>, key: &str, row: &Row) {
+    put_str16(buf, key);
+    let words = row.words();
+    let n = u16::try_from(words.len()).expect("a row of at most 65535 words");
+    buf.extend_from_slice(&n.to_le_bytes());
+    for word in words {
+        buf.extend_from_slice(&word.to_le_bytes());
+    }
+    for value in row.heap_values() {
+        put_value(buf, value);
+    }
+    if let Some(al) = agg_layout {
+        let cell = row
+            .aggs()
+            .expect("rows of aggregating views carry their rings");
+        buf.extend_from_slice(&cell.version().to_le_bytes());
+        for a in 0..view.aggregations.len() {
+            let ring = cell.ring_values(view, al, a);
+            buf.extend_from_slice(&(ring.len() as u32).to_le_bytes());
+            for x in ring {
+                buf.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+    }
 }
 
 /// Loads the snapshot of `partition` into `store`; returns its offsets and dedup window, or
@@ -182,162 +304,344 @@ pub fn load(
     sealer: Option<&KeyRing>,
 ) -> Result<Option<Loaded>> {
     let path = snapshot_path(dir, partition);
-    let mut bytes = match std::fs::read(&path) {
-        Ok(b) => b,
+    let file = match File::open(&path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io(&path)(e)),
     };
-    let corrupt = |reason: String| StoreError::CorruptSnapshot {
-        path: path.clone(),
-        reason,
+    let size = file.metadata().map_err(io(&path))?.len();
+    let mut input = BufReader::with_capacity(1 << 20, file);
+    let mut magic = Vec::with_capacity(8);
+    (&mut input)
+        .take(8)
+        .read_to_end(&mut magic)
+        .map_err(io(&path))?;
+    if magic != MAGIC {
+        // An older format (or a sealed `QVSNAP03`): one buffer of the whole file.
+        input.read_to_end(&mut magic).map_err(io(&path))?;
+        return legacy::load(&path, magic, store, partition, dedup_capacity, sealer).map(Some);
+    }
+    let mut frames = FrameReader {
+        input,
+        path: &path,
+        sealer,
+        partition,
+        frames: 0,
+        plain: Vec::new(),
     };
-    if quiver_fsutil::seal::is_sealed(&bytes) {
-        let ring = sealer.ok_or_else(|| {
-            corrupt("encrypted, and [storage] encryption_key_file is not set".into())
-        })?;
-        bytes = ring
-            .open(&seal_aad(partition), &bytes)
-            .map_err(|e| corrupt(e.to_string()))?;
+    let mut loader = Loader::new(&path, store, partition, size);
+    let (_, head) = frames.next()?.ok_or_else(|| loader.corrupt("empty"))?;
+    let (offsets, views) = loader.head(head)?;
+    let dedup = loop {
+        let frame = frames.next()?;
+        let (index, frame) = frame.ok_or_else(|| loader.corrupt("no end frame"))?;
+        match frame.first() {
+            Some(&KIND_ROWS) => loader.rows(&views, frame)?,
+            Some(&KIND_END) => break loader.end(frame, index, dedup_capacity)?,
+            _ => return Err(loader.corrupt("unknown frame kind")),
+        }
+    };
+    if frames.next()?.is_some() {
+        return Err(loader.corrupt("frames after the end"));
     }
-    if bytes.len() < MAGIC.len() + 4 {
-        return Err(corrupt("too short".into()));
+    Ok(Some(Loaded {
+        offsets: Some(offsets),
+        legacy_offset: 0,
+        dedup,
+    }))
+}
+
+/// Frames off the file being loaded, checked and opened.
+struct FrameReader<'a> {
+    input: BufReader<File>,
+    path: &'a Path,
+    sealer: Option<&'a KeyRing>,
+    partition: u32,
+    frames: u32,
+    plain: Vec<u8>,
+}
+
+impl FrameReader<'_> {
+    /// The next frame's index and plain body, `None` at the end of the file.
+    fn next(&mut self) -> Result<Option<(u32, &[u8])>> {
+        let corrupt = |reason: String| StoreError::CorruptSnapshot {
+            path: self.path.to_path_buf(),
+            reason,
+        };
+        let mut header = [0u8; 8];
+        match self.input.read(&mut header[..1]).map_err(io(self.path))? {
+            0 => return Ok(None),
+            _ => self.input.read_exact(&mut header[1..]),
+        }
+        .map_err(|_| corrupt(format!("frame {} truncated", self.frames)))?;
+        let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+        if len > FRAME_BYTES_MAX {
+            return Err(corrupt(format!("frame {} claims {len} bytes", self.frames)));
+        }
+        self.plain.resize(len as usize, 0);
+        self.input
+            .read_exact(&mut self.plain)
+            .map_err(|_| corrupt(format!("frame {} truncated", self.frames)))?;
+        if crc32c::crc32c(&self.plain) != u32::from_le_bytes(header[4..].try_into().expect("4")) {
+            return Err(corrupt(format!("frame {}: checksum mismatch", self.frames)));
+        }
+        if quiver_fsutil::seal::is_sealed(&self.plain) {
+            let ring = self.sealer.ok_or_else(|| {
+                corrupt("encrypted, and [storage] encryption_key_file is not set".into())
+            })?;
+            let aad = frame_aad(self.partition, self.frames);
+            self.plain = ring
+                .open(&aad, &self.plain)
+                .map_err(|e| corrupt(format!("frame {}: {e}", self.frames)))?;
+        }
+        self.frames += 1;
+        Ok(Some((self.frames - 1, &self.plain)))
     }
-    let (body, crc) = bytes.split_at(bytes.len() - 4);
-    if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
-        return Err(corrupt("checksum mismatch".into()));
+}
+
+/// A view as the snapshot stored it, and how its rows become rows of the current config.
+struct StoredView<'s> {
+    /// The view of the same name in the current config.
+    current: Option<&'s View>,
+    layout: Layout,
+    /// Same features, types and order as the current view: rows load as stored.
+    same_layout: bool,
+    /// Per stored feature: its index in the current view, if it is still there with its type.
+    features: Vec<Option<FeatureIdx>>,
+    /// Per stored aggregation: the current one of the same name and tiling (another tiling
+    /// cannot be converted; that aggregation starts empty).
+    aggregations: Vec<Option<usize>>,
+}
+
+struct Loader<'s> {
+    path: &'s Path,
+    store: &'s Store,
+    partition: u32,
+    /// The file's size: no count read from it may claim more rows than it can hold.
+    size: u64,
+    rows: u64,
+}
+
+impl<'s> Loader<'s> {
+    fn new(path: &'s Path, store: &'s Store, partition: u32, size: u64) -> Loader<'s> {
+        Loader {
+            path,
+            store,
+            partition,
+            size,
+            rows: 0,
+        }
     }
-    let mut r = Reader::new(body);
-    let parse =
-        |r: &mut Reader<'_>| -> std::result::Result<Loaded, quiver_core::record::CodecError> {
-            let magic = r.take(8)?;
-            if magic != MAGIC && magic != MAGIC_V2 {
-                return Err(quiver_core::record::CodecError::Version(0));
+
+    fn corrupt(&self, reason: impl Into<String>) -> StoreError {
+        StoreError::CorruptSnapshot {
+            path: self.path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+
+    fn codec(&self, e: CodecError) -> StoreError {
+        self.corrupt(e.to_string())
+    }
+
+    fn head(&self, frame: &[u8]) -> Result<(StreamOffsets, Vec<StoredView<'s>>)> {
+        self.parse_head(frame).map_err(|e| self.codec(e))
+    }
+
+    fn parse_head(
+        &self,
+        frame: &[u8],
+    ) -> std::result::Result<(StreamOffsets, Vec<StoredView<'s>>), CodecError> {
+        let mut r = Reader::new(frame);
+        if r.u8()? != KIND_HEAD {
+            return Err(CodecError::Version(KIND_HEAD));
+        }
+        let _partition = r.u32()?;
+        let streams = r.u16()?;
+        let mut offsets = Vec::with_capacity(usize::from(streams));
+        for _ in 0..streams {
+            let id = r.str16("log id")?.to_string();
+            offsets.push((id, u64::from_le_bytes(r.array()?)));
+        }
+        let count = r.u32()?;
+        let mut views = Vec::new();
+        for _ in 0..count {
+            views.push(self.parse_view(&mut r)?);
+        }
+        if r.remaining() != 0 {
+            return Err(CodecError::Trailing(r.remaining()));
+        }
+        Ok((offsets, views))
+    }
+
+    fn parse_view(&self, r: &mut Reader<'_>) -> std::result::Result<StoredView<'s>, CodecError> {
+        let current = self.store.schema().view_by_name(r.str16("view")?);
+        let rows = u64::from_le_bytes(r.array()?);
+        let count = usize::from(r.u16()?);
+        let (mut types, mut features) = (Vec::with_capacity(count), Vec::with_capacity(count));
+        let mut same_layout = current.is_some_and(|v| v.features.len() == count);
+        for i in 0..count {
+            let name = r.str16("feature")?;
+            let text = r.str16("type")?;
+            let ty = FeatureType::parse(text, None)
+                .map_err(|_| CodecError::FeatureType(text.to_string()))?;
+            let target = current.and_then(|v| {
+                let idx = v.feature_index(name)?;
+                (v.feature(idx).ty == ty).then_some(idx)
+            });
+            same_layout &= target == Some(i as FeatureIdx);
+            types.push(ty);
+            features.push(target);
+        }
+        let count = usize::from(r.u16()?);
+        let mut aggregations = Vec::with_capacity(count);
+        for _ in 0..count {
+            let (name, spec) = (r.str16("aggregation")?, r.str16("spec")?);
+            aggregations.push(current.and_then(|v| {
+                v.aggregations
+                    .iter()
+                    .position(|a| a.name == name && agg_spec(&a.window) == spec)
+            }));
+        }
+        if let Some(v) = current {
+            // Room for the rows up front (a resize moves every entry); bounded by what a file
+            // of this size can hold, whatever the count says.
+            let room = rows.min(self.size / ROW_BYTES_MIN) as usize;
+            self.store.reserve_rows(self.partition, v.id, room);
+        }
+        Ok(StoredView {
+            current,
+            layout: Layout::from_types(types),
+            same_layout,
+            features,
+            aggregations,
+        })
+    }
+
+    fn rows(&mut self, views: &[StoredView<'s>], frame: &[u8]) -> Result<()> {
+        let mut r = Reader::new(&frame[1..]);
+        let head = (|| Ok::<_, CodecError>((r.u32()?, r.u32()?)))().map_err(|e| self.codec(e))?;
+        let view = views
+            .get(head.0 as usize)
+            .ok_or_else(|| self.corrupt("rows of an unknown view"))?;
+        let inserter = view.current.map(|v| self.store.inserter(self.partition, v.id));
+        for _ in 0..head.1 {
+            let (key, row) = self.row(view, &mut r)?;
+            if let (Some(ins), Some(row)) = (&inserter, row) {
+                ins.insert(key, row);
             }
-            let _partition = r.u32()?;
-            let (offsets, legacy_offset) = if magic == MAGIC_V2 {
-                (None, u64::from_le_bytes(r.array()?))
-            } else {
-                let n = r.u16()?;
-                let mut list = Vec::with_capacity(usize::from(n));
-                for _ in 0..n {
-                    let id = r.str16("log id")?.to_string();
-                    list.push((id, u64::from_le_bytes(r.array()?)));
+        }
+        if r.remaining() != 0 {
+            return Err(self.codec(CodecError::Trailing(r.remaining())));
+        }
+        self.rows += u64::from(head.1);
+        Ok(())
+    }
+
+    /// One row, as the current config holds it (`None`: its view is gone).
+    fn row<'f>(
+        &self,
+        view: &StoredView<'s>,
+        r: &mut Reader<'f>,
+    ) -> Result<(&'f str, Option<Row>)> {
+        let (key, words, heap) = (|| {
+            let key = r.str16("key")?;
+            let n = usize::from(r.u16()?);
+            let words: Box<[u64]> = r
+                .take(n * 8)?
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect();
+            let heap = (0..view.layout.heap_slots())
+                .map(|_| r.value())
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok((key, words, heap))
+        })()
+        .map_err(|e| self.codec(e))?;
+        let rings = self.rings(view, r).map_err(|e| self.codec(e))?;
+        let stored = Row::from_parts(&view.layout, words, heap)
+            .ok_or_else(|| self.corrupt(format!("row {key:?} does not fit its layout")))?;
+        let Some(current) = view.current else {
+            return Ok((key, None));
+        };
+        let layout = self.store.layout(current.id);
+        let mut row = if view.same_layout {
+            stored
+        } else {
+            let mut cells = vec![Cell::Absent; current.features.len()];
+            for (i, target) in view.features.iter().enumerate() {
+                if let Some(t) = target {
+                    cells[usize::from(*t)] = stored.get(&view.layout, i as FeatureIdx);
                 }
-                (Some(list), 0)
-            };
-            let views = r.u32()?;
-            for _ in 0..views {
-                let name = r.str16("view")?;
-                let nf = usize::from(r.u16()?);
-                let schema = store.schema().clone();
-                let current = schema.view_by_name(name);
-                // For each stored feature: where it goes in the current view, if anywhere.
-                let mut map: Vec<Option<FeatureIdx>> = Vec::with_capacity(nf);
-                for _ in 0..nf {
-                    let fname = r.str16("feature")?;
-                    let ftype = r.str16("type")?;
-                    map.push(current.and_then(|v| {
-                        let idx = v.feature_index(fname)?;
-                        (v.feature(idx).ty.to_string() == ftype).then_some(idx)
-                    }));
-                }
-                // For each stored aggregation: the current one with the same name and tiling.
-                // Another tiling cannot be converted; that aggregation starts empty.
-                let na = usize::from(r.u16()?);
-                let mut agg_map: Vec<Option<usize>> = Vec::with_capacity(na);
-                for _ in 0..na {
-                    let aname = r.str16("aggregation")?;
-                    let spec = r.str16("spec")?;
-                    agg_map.push(current.and_then(|v| {
-                        v.aggregations
-                            .iter()
-                            .position(|a| a.name == aname && agg_spec(&a.window) == spec)
-                    }));
-                }
-                let rows = u64::from_le_bytes(r.array()?);
-                for _ in 0..rows {
-                    let key = r.str16("key")?;
-                    let version = u64::from_le_bytes(r.array()?);
-                    let mut cells = current.map(|v| vec![Cell::Absent; v.features.len()]);
-                    for target in &map {
-                        let cell = match r.u8()? {
-                            0 => Cell::Absent,
-                            1 => Cell::Null {
-                                ts_ms: i64::from_le_bytes(r.array()?),
-                            },
-                            2 => {
-                                let ts_ms = i64::from_le_bytes(r.array()?);
-                                Cell::Value {
-                                    ts_ms,
-                                    value: r.value()?,
-                                }
-                            }
-                            t => return Err(quiver_core::record::CodecError::Tag(t)),
-                        };
-                        if let (Some(cells), Some(i)) = (cells.as_mut(), target) {
-                            cells[usize::from(*i)] = cell;
-                        }
-                    }
-                    // Rings: present when the view aggregated at snapshot time.
-                    let mut rings: Vec<(usize, Vec<f64>)> = Vec::new();
-                    let mut ring_version = 0;
-                    if na > 0 {
-                        ring_version = u64::from_le_bytes(r.array()?);
-                        for target in &agg_map {
-                            let n = r.u32()? as usize;
-                            let bytes = r.take(
-                                n.checked_mul(8)
-                                    .ok_or(quiver_core::record::CodecError::TooLong)?,
-                            )?;
-                            let values = bytes
-                                .chunks_exact(8)
-                                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-                                .collect();
-                            if let Some(a) = target {
-                                rings.push((*a, values));
-                            }
-                        }
-                    }
-                    if let (Some(v), Some(cells)) = (current, cells) {
-                        let layout = store.layout(v.id);
-                        // Types were matched by name above; check the values too, so that no
-                        // snapshot can put a value of the wrong type in a slot.
-                        let fits = cells.iter().enumerate().all(|(i, c)| match c {
-                            Cell::Value { value, .. } => {
-                                value.fits(layout.feature_type(i as FeatureIdx))
-                            }
-                            _ => true,
-                        });
-                        if fits {
-                            let mut row = Row::from_cells(layout, version, cells);
-                            if let Some(al) = store.agg_layout(v.id) {
-                                let cell = AggCell::new(v, al);
-                                for (a, values) in rings {
-                                    // A ring of another length belongs to another tiling: skip it.
-                                    if values.len() == v.aggregations[a].window.ring_len() {
-                                        cell.restore(v, al, a, &values, ring_version);
-                                    }
-                                }
-                                row = row.with_aggs(std::sync::Arc::new(cell));
-                            }
-                            store.insert_row(partition, v.id, key, row);
-                        }
+            }
+            Row::from_cells(layout, stored.version(), cells)
+        };
+        if let Some(al) = self.store.agg_layout(current.id) {
+            let cell = AggCell::new(current, al);
+            if let Some((version, rings)) = rings {
+                for (a, values) in rings {
+                    // A ring of another length belongs to another tiling: skip it.
+                    if values.len() == current.aggregations[a].window.ring_len() {
+                        cell.restore(current, al, a, &values, version);
                     }
                 }
             }
+            row = row.with_aggs(std::sync::Arc::new(cell));
+        }
+        Ok((key, Some(row)))
+    }
+
+    /// A row's rings, those of aggregations the current view still has.
+    #[allow(clippy::type_complexity)]
+    fn rings(
+        &self,
+        view: &StoredView<'s>,
+        r: &mut Reader<'_>,
+    ) -> std::result::Result<Option<(u64, Vec<(usize, Vec<f64>)>)>, CodecError> {
+        if view.aggregations.is_empty() {
+            return Ok(None);
+        }
+        let version = u64::from_le_bytes(r.array()?);
+        let mut rings = Vec::new();
+        for target in &view.aggregations {
+            let n = r.u32()? as usize;
+            let bytes = r.take(n.checked_mul(8).ok_or(CodecError::TooLong)?)?;
+            if let Some(a) = target {
+                let values = bytes
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect();
+                rings.push((*a, values));
+            }
+        }
+        Ok(Some((version, rings)))
+    }
+
+    fn end(&self, frame: &[u8], frames_before: u32, dedup_capacity: usize) -> Result<DedupWindow> {
+        let parse = || -> std::result::Result<(u32, u64, DedupWindow), CodecError> {
+            let mut r = Reader::new(&frame[1..]);
+            let (frames, rows) = (r.u32()?, u64::from_le_bytes(r.array()?));
             let n = u64::from_le_bytes(r.array()?);
             let mut dedup = DedupWindow::new(dedup_capacity);
             for _ in 0..n {
                 dedup.insert(u128::from_le_bytes(r.array()?));
             }
             if r.remaining() != 0 {
-                return Err(quiver_core::record::CodecError::Trailing(r.remaining()));
+                return Err(CodecError::Trailing(r.remaining()));
             }
-            Ok(Loaded {
-                offsets,
-                legacy_offset,
-                dedup,
-            })
+            Ok((frames, rows, dedup))
         };
-    parse(&mut r).map(Some).map_err(|e| corrupt(e.to_string()))
+        let (frames, rows, dedup) = parse().map_err(|e| self.codec(e))?;
+        if frames != frames_before || rows != self.rows {
+            return Err(self.corrupt(format!(
+                "the end counts {frames} frames and {rows} rows, the file held {frames_before} \
+                 and {}",
+                self.rows
+            )));
+        }
+        Ok(dedup)
+    }
 }
+
+#[cfg(test)]
+mod tests;

@@ -70,6 +70,7 @@ fn start(dir: &std::path::Path) -> Node {
         MaterializerOptions {
             snapshot_dir: dir.join("snapshots"),
             snapshot_interval: Duration::from_secs(3600),
+            snapshot_change_ratio: 0.25,
             dedup_window_events: 1000,
             poll_records_max: 512,
             sealer: None,

@@ -39,6 +39,10 @@ struct Node {
 }
 
 fn start(dir: &std::path::Path, snapshot_interval: Duration) -> Node {
+    start_with(dir, snapshot_interval, 0.25)
+}
+
+fn start_with(dir: &std::path::Path, snapshot_interval: Duration, ratio: f64) -> Node {
     let schema = Arc::new(
         Schema::compile(&Config::from_toml_with_env(CONFIG, Vec::new()).unwrap()).unwrap(),
     );
@@ -61,6 +65,7 @@ fn start(dir: &std::path::Path, snapshot_interval: Duration) -> Node {
         MaterializerOptions {
             snapshot_dir: dir.join("snapshots"),
             snapshot_interval,
+            snapshot_change_ratio: ratio,
             dedup_window_events: 1000,
             poll_records_max: 256,
             sealer: None,
@@ -234,5 +239,79 @@ fn replay_without_snapshot_rebuilds_the_same_state() {
     wait(&node, &token);
     for (i, b) in before.iter().enumerate() {
         assert_eq!(&read(&node, &format!("k{i}"), t0), b);
+    }
+}
+
+/// Each partition's snapshot offset (`None`: no snapshot yet).
+fn snapshot_offsets(dir: &std::path::Path) -> Vec<Option<u64>> {
+    let schema = Arc::new(
+        Schema::compile(&Config::from_toml_with_env(CONFIG, Vec::new()).unwrap()).unwrap(),
+    );
+    let scratch = Store::new(schema, 4);
+    (0..4)
+        .map(|p| {
+            let loaded =
+                quiver_store::snapshot::load(&dir.join("snapshots"), &scratch, p, 1000, None);
+            loaded.unwrap().map(|l| l.offsets.unwrap()[0].1)
+        })
+        .collect()
+}
+
+fn updates(t0: i64, keys: usize, round: usize) -> String {
+    let events: Vec<String> = (0..keys)
+        .map(|i| format!(r#"{{"view":"txn","key":"k{i}","ts":{},"values":{{"amount":{round}}}}}"#, t0 + round as i64))
+        .collect();
+    format!("[{}]", events.join(","))
+}
+
+#[test]
+fn snapshots_follow_the_log_volume_not_the_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = 1_700_000_000_000i64;
+    let node = start(dir.path(), Duration::from_secs(3600));
+    let token = push(&node, &updates(t0, 400, 0));
+    wait(&node, &token);
+    node.mats.shutdown(); // a snapshot of all 400 rows, about 100 per partition
+    drop(node);
+    let first = snapshot_offsets(dir.path());
+    assert!(first.iter().all(|o| o.is_some_and(|o| o > 0)), "{first:?}");
+
+    // Ratio 1: a tenth of the rows changed is not worth rewriting them, whatever the clock.
+    let node = start_with(dir.path(), Duration::from_millis(100), 1.0);
+    let token = push(&node, &updates(t0, 40, 1));
+    wait(&node, &token);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(snapshot_offsets(dir.path()), first, "8 intervals, 10% changed: no snapshot");
+    // More records than rows: every partition is rewritten.
+    let token = push(&node, &updates(t0, 400, 2));
+    wait(&node, &token);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = snapshot_offsets(dir.path());
+        if now.iter().zip(&first).all(|(n, f)| n > f) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{now:?} after {first:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    node.mats.shutdown();
+    drop(node);
+
+    // Ratio 0: the clock alone decides.
+    let before = snapshot_offsets(dir.path());
+    let node = start_with(dir.path(), Duration::from_millis(100), 0.0);
+    let token = push(&node, &updates(t0, 40, 3));
+    wait(&node, &token);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let touched: Vec<u32> = (0..40)
+        .map(|i| partition_for(format!("k{i}").as_bytes(), 4))
+        .collect();
+    loop {
+        let now = snapshot_offsets(dir.path());
+        if (0..4).all(|p| !touched.contains(&p) || now[p as usize] > before[p as usize]) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{now:?} after {before:?}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -1,0 +1,372 @@
+use std::path::Path;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use quiver_core::record::Record;
+use quiver_core::schema::FeatureIdx;
+use quiver_core::value::Value;
+use quiver_core::{Config, Schema};
+use quiver_fsutil::seal::KeyRing;
+
+use super::*;
+use crate::{LateCounts, Store};
+
+const P: u32 = 2;
+
+const CONFIG: &str = r#"
+[[entity]]
+name = "user"
+key = "user_id"
+[[view]]
+name = "profile"
+entity = "user"
+features = [
+  { name = "score", type = "f64" }, { name = "visits", type = "i64" }, { name = "vip", type = "bool" },
+  { name = "city", type = "string" }, { name = "emb", type = "f32[2]" }, { name = "gone", type = "f64" },
+]
+[[view]]
+name = "txn"
+entity = "user"
+allowed_lateness = "1h"
+features = [{ name = "amount", type = "f64" }]
+aggregations = [{ name = "amount_sum_1h", of = "amount", fn = "sum", window = "1h" }]
+"#;
+
+fn store_of(config: &str) -> Store {
+    let config = Config::from_toml_with_env(config, Vec::new()).unwrap();
+    Store::new(Arc::new(Schema::compile(&config).unwrap()), P)
+}
+
+fn put(s: &Store, view: &str, key: &str, ts: i64, offset: u64, values: Vec<(&str, Value)>) {
+    let rec = Record {
+        ts_ms: ts,
+        view,
+        key,
+        event_id: None,
+        dedup: None,
+        values,
+    };
+    let mut dedup = DedupWindow::new(0);
+    s.apply(
+        s.partition_of(key),
+        offset,
+        &rec,
+        &mut dedup,
+        &mut LateCounts::default(),
+    );
+}
+
+/// Rows of every shape: dense, several event times, explicit nulls, never-set features,
+/// heap values, aggregation rings.
+fn filled(rows: usize) -> Store {
+    let s = store_of(CONFIG);
+    for i in 0..rows {
+        let key = format!("u{i}");
+        let t = 1_700_000_000_000 + i as i64;
+        let all = vec![
+            ("score", Value::F64(i as f64 * 0.5)),
+            ("visits", Value::I64(i as i64)),
+            ("vip", Value::Bool(i % 2 == 0)),
+            ("city", Value::Str(format!("c{i}").into())),
+            ("emb", Value::F32s(vec![i as f32, 1.5].into())),
+            ("gone", Value::F64(-1.0)),
+        ];
+        let values = match i % 4 {
+            0 => all,
+            1 => all.into_iter().take(2).collect(),
+            2 => vec![("score", Value::Null), ("city", Value::Str("x".into()))],
+            _ => vec![("emb", Value::Null)],
+        };
+        put(&s, "profile", &key, t, 2 * i as u64, values);
+        if i % 3 == 0 {
+            put(&s, "profile", &key, t + 7, 2 * i as u64 + 1, vec![("vip", Value::Null)]);
+        }
+        put(&s, "txn", &key, t, 2 * i as u64, vec![("amount", Value::F64(i as f64))]);
+    }
+    s
+}
+
+/// Every row of `s` as (view, key, version, cells, rings), sorted.
+type Dump = Vec<(String, String, u64, Vec<Cell>, Vec<Vec<u64>>)>;
+
+fn dump(s: &Store) -> Dump {
+    let mut out = Vec::new();
+    for view in &s.schema().views {
+        for p in 0..P {
+            s.for_each_row(p, view.id, |key, row| {
+                let layout = s.layout(view.id);
+                let cells = (0..view.features.len())
+                    .map(|f| row.get(layout, f as FeatureIdx))
+                    .collect();
+                let rings = match (row.aggs(), s.agg_layout(view.id)) {
+                    (Some(cell), Some(al)) => (0..view.aggregations.len())
+                        .map(|a| {
+                            let values = cell.ring_values(view, al, a);
+                            values.iter().map(|x| x.to_bits()).collect()
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                out.push((view.name.clone(), key.to_string(), row.version(), cells, rings));
+            });
+        }
+    }
+    out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    out
+}
+
+fn offsets(p: u32) -> Vec<(String, u64)> {
+    vec![("log-a".into(), 1000 + u64::from(p)), ("log-b".into(), 7)]
+}
+
+fn dedup() -> DedupWindow {
+    let mut d = DedupWindow::new(100);
+    for id in [3u128, 1 << 100, 42] {
+        d.insert(id);
+    }
+    d
+}
+
+fn write_all(dir: &Path, s: &Store, ring: Option<&KeyRing>) {
+    for p in 0..P {
+        write(dir, s, p, &offsets(p), &dedup(), ring).unwrap();
+    }
+}
+
+fn load_all(dir: &Path, s: &Store, ring: Option<&KeyRing>) -> Result<Vec<Loaded>> {
+    (0..P)
+        .map(|p| load(dir, s, p, 100, ring).map(|l| l.expect("a snapshot")))
+        .collect()
+}
+
+fn key_ring(dir: &Path) -> KeyRing {
+    let path = dir.join("keys");
+    quiver_fsutil::seal::add_key(&path).unwrap();
+    KeyRing::load(&path).unwrap()
+}
+
+#[test]
+fn a_snapshot_loads_back_every_row_offset_and_dedup_id() {
+    let dir = tempfile::tempdir().unwrap();
+    // Enough rows for several frames per partition.
+    let s = filled(6000);
+    write_all(dir.path(), &s, None);
+    let back = store_of(CONFIG);
+    let loaded = load_all(dir.path(), &back, None).unwrap();
+    assert_eq!(dump(&back), dump(&s));
+    assert_eq!(back.rows(), s.rows());
+    for (p, l) in loaded.iter().enumerate() {
+        assert_eq!(l.offset_of("log-a"), Some(1000 + p as u64));
+        assert_eq!(l.offset_of("log-b"), Some(7));
+        assert_eq!(l.offset_of("log-c"), None);
+        assert_eq!(l.dedup.iter().collect::<Vec<_>>(), dedup().iter().collect::<Vec<_>>());
+    }
+    assert!(load(dir.path(), &back, P + 5, 100, None).unwrap().is_none());
+}
+
+#[test]
+fn a_snapshot_is_about_the_size_of_the_rows_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let features: Vec<String> = (0..32)
+        .map(|f| format!("{{ name = \"f{f}\", type = \"f64\" }}"))
+        .collect();
+    let config = format!(
+        "[[entity]]\nname = \"u\"\nkey = \"id\"\n[[view]]\nname = \"v\"\nentity = \"u\"\nfeatures = [{}]\n",
+        features.join(", ")
+    );
+    let s = store_of(&config);
+    let names: Vec<String> = (0..32).map(|f| format!("f{f}")).collect();
+    for i in 0..4000u64 {
+        let values = names.iter().map(|n| (n.as_str(), Value::F64(i as f64))).collect();
+        put(&s, "v", &format!("user-{i:08}"), 1, i, values);
+    }
+    let bytes: u64 = (0..P)
+        .map(|p| write(dir.path(), &s, p, &offsets(p), &dedup(), None).unwrap())
+        .sum();
+    // Raw: 32 × 8 bytes and a 13-byte key per entity.
+    let raw = 4000 * (32 * 8 + 13);
+    let ratio = bytes as f64 / raw as f64;
+    assert!(ratio < 1.08, "{bytes} bytes for {raw} raw: {ratio:.3}×");
+    let on_disk: u64 = (0..P)
+        .map(|p| std::fs::metadata(snapshot_path(dir.path(), p)).unwrap().len())
+        .sum();
+    assert_eq!(on_disk, bytes, "write reports the bytes it wrote");
+}
+
+#[test]
+fn a_sealed_snapshot_needs_its_key_and_keeps_its_frames_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = key_ring(dir.path());
+    let s = filled(3000);
+    write_all(dir.path(), &s, Some(&ring));
+    let plain_text = std::fs::read(snapshot_path(dir.path(), 0)).unwrap();
+    assert!(
+        !plain_text.windows(5).any(|w| w == b"c2998" || w == b"c2999"),
+        "no value in the clear"
+    );
+    let back = store_of(CONFIG);
+    load_all(dir.path(), &back, Some(&ring)).unwrap();
+    assert_eq!(dump(&back), dump(&s));
+
+    let err = load(dir.path(), &store_of(CONFIG), 0, 100, None).unwrap_err();
+    assert!(err.to_string().contains("encryption_key_file"), "{err}");
+    // Partition 1's file under partition 0's name: its frames are bound to partition 1.
+    std::fs::copy(snapshot_path(dir.path(), 1), snapshot_path(dir.path(), 0)).unwrap();
+    let err = load(dir.path(), &store_of(CONFIG), 0, 100, Some(&ring)).unwrap_err();
+    assert!(err.to_string().contains("does not open"), "{err}");
+}
+
+/// (start, end) of each frame's body in a plain snapshot file.
+fn frames_of(bytes: &[u8]) -> Vec<(usize, usize)> {
+    let mut at = MAGIC.len();
+    let mut out = Vec::new();
+    while at < bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        out.push((at + 8, at + 8 + len));
+        at += 8 + len;
+    }
+    out
+}
+
+fn fix_crc(bytes: &mut [u8], (start, end): (usize, usize)) {
+    let crc = crc32c::crc32c(&bytes[start..end]);
+    bytes[start - 4..start].copy_from_slice(&crc.to_le_bytes());
+}
+
+#[test]
+fn a_damaged_truncated_or_shortened_snapshot_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = filled(6000);
+    write_all(dir.path(), &s, None);
+    let path = snapshot_path(dir.path(), 0);
+    let good = std::fs::read(&path).unwrap();
+    let frames = frames_of(&good);
+    assert!(frames.len() >= 4, "head, several rows frames, end");
+    let refused = |bytes: &[u8], what: &str| {
+        std::fs::write(&path, bytes).unwrap();
+        let err = load(dir.path(), &store_of(CONFIG), 0, 100, None).unwrap_err();
+        assert!(matches!(err, StoreError::CorruptSnapshot { .. }), "{what}: {err}");
+        err.to_string()
+    };
+    let mut flipped = good.clone();
+    flipped[frames[1].0 + 100] ^= 1;
+    assert!(refused(&flipped, "a flipped bit").contains("checksum"));
+    refused(&good[..good.len() - 3], "a torn end");
+    let end = frames.last().unwrap();
+    refused(&good[..end.0 - 8], "no end frame");
+    // A whole rows frame cut out: every frame left is intact, the end's counts are not.
+    let (start, stop) = frames[2];
+    let mut shortened = good[..start - 8].to_vec();
+    shortened.extend_from_slice(&good[stop..]);
+    assert!(refused(&shortened, "a frame removed").contains("the end counts"));
+    let mut extra = good.clone();
+    extra.extend_from_slice(&good[frames[1].0 - 8..frames[1].1]);
+    assert!(refused(&extra, "a frame after the end").contains("after the end"));
+    // A row that does not fit its layout, behind a valid checksum.
+    let mut bad_row = good.clone();
+    let (start, _) = frames[1];
+    let first_row = start + 1 + 4 + 4;
+    let key_len = u16::from_le_bytes(bad_row[first_row..first_row + 2].try_into().unwrap());
+    let header_at = first_row + 2 + usize::from(key_len) + 2;
+    bad_row[header_at + 7] = 100; // claims 100 event times, holds one
+    fix_crc(&mut bad_row, frames[1]);
+    assert!(refused(&bad_row, "a header of another row").contains("does not fit"));
+}
+
+#[test]
+fn a_snapshot_of_another_config_loads_what_still_fits() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = filled(500);
+    write_all(dir.path(), &s, None);
+    // `gone` dropped, `visits` retyped, `vip` moved to the front, `new` added; the
+    // aggregation's tiling changed; `txn` keeps its rows.
+    let changed = CONFIG
+        .replace(
+            "{ name = \"score\", type = \"f64\" }, { name = \"visits\", type = \"i64\" }, { name = \"vip\", type = \"bool\" },",
+            "{ name = \"vip\", type = \"bool\" }, { name = \"score\", type = \"f64\" }, { name = \"visits\", type = \"f64\" }, { name = \"new\", type = \"i64\" },",
+        )
+        .replace(", { name = \"gone\", type = \"f64\" }", "")
+        .replace("window = \"1h\" }", "window = \"1h\", tile = \"5m\" }");
+    assert_ne!(changed, CONFIG);
+    let back = store_of(&changed);
+    load_all(dir.path(), &back, None).unwrap();
+    let (old, new) = (dump(&s), dump(&back));
+    assert_eq!(old.len(), new.len());
+    for (o, n) in old.iter().zip(&new) {
+        assert_eq!((&o.0, &o.1, o.2), (&n.0, &n.1, n.2));
+        if o.0 == "profile" {
+            // New order: vip, score, visits (f64 now), new, city, emb.
+            assert_eq!(n.3[0], o.3[2], "vip");
+            assert_eq!(n.3[1], o.3[0], "score");
+            assert_eq!(n.3[2], Cell::Absent, "retyped: left out");
+            assert_eq!(n.3[3], Cell::Absent, "added");
+            assert_eq!(n.3[4..], o.3[3..5], "city, emb");
+        } else {
+            assert_eq!(n.3, o.3);
+            let view = back.schema().view_by_name("txn").unwrap();
+            let al = back.agg_layout(view.id).unwrap();
+            let empty: Vec<u64> = crate::AggCell::new(view, al)
+                .ring_values(view, al, 0)
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            assert_eq!(n.4, vec![empty], "another tiling starts empty");
+        }
+    }
+}
+
+#[test]
+fn snapshots_of_the_previous_format_still_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = key_ring(dir.path());
+    let s = filled(800);
+    for sealer in [None, Some(&ring)] {
+        for p in 0..P {
+            legacy::write_v3(dir.path(), &s, p, &offsets(p), &dedup(), sealer).unwrap();
+        }
+        let back = store_of(CONFIG);
+        let loaded = load_all(dir.path(), &back, Some(&ring)).unwrap();
+        assert_eq!(dump(&back), dump(&s));
+        assert_eq!(loaded[1].offset_of("log-a"), Some(1001));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Whatever a frame holds behind a valid checksum, loading returns or refuses, and what
+    /// it loaded reads back without a panic.
+    #[test]
+    fn no_frame_content_makes_a_load_panic(frame in 0usize..4, at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<bool>()) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = filled(40);
+        write(dir.path(), &s, 0, &offsets(0), &dedup(), None).unwrap();
+        let path = snapshot_path(dir.path(), 0);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let frames = frames_of(&bytes);
+        let (start, end) = frames[frame % frames.len()];
+        let i = start + at.index(end - start);
+        bytes[i] = byte;
+        if cut {
+            // Shorten the frame at `i`, its length word and checksum kept consistent.
+            let mut shorter = bytes[..i].to_vec();
+            shorter.extend_from_slice(&bytes[end..]);
+            let len = (i - start) as u32;
+            shorter[start - 8..start - 4].copy_from_slice(&len.to_le_bytes());
+            bytes = shorter;
+            fix_crc(&mut bytes, (start, i));
+        } else {
+            fix_crc(&mut bytes, (start, end));
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let back = store_of(CONFIG);
+        let _ = load(dir.path(), &back, 0, 100, None);
+        for view in &back.schema().views {
+            back.for_each_row(0, view.id, |_, row| {
+                let layout = back.layout(view.id);
+                for f in 0..view.features.len() {
+                    let _ = row.get(layout, f as FeatureIdx);
+                }
+            });
+        }
+    }
+}
