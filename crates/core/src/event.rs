@@ -452,11 +452,12 @@ fn finish(
             "must name at least one feature",
         ));
     }
-    let mut values = Vec::with_capacity(raw_values.len());
+    let mut values: Vec<(FeatureIdx, Value)> = Vec::with_capacity(raw_values.len());
     for (name, raw) in raw_values {
         let field = || format!("values.{name}");
+        let next = values.last().map_or(0, |(i, _)| usize::from(*i) + 1);
         if parts.lenient {
-            let idx = view.feature_index(&name);
+            let idx = view.feature_index_near(&name, next);
             if let Some((i, v)) =
                 idx.and_then(|i| Some((i, parse_value(raw, view.feature(i).ty, limits).ok()?)))
             {
@@ -464,7 +465,7 @@ fn finish(
             }
             continue;
         }
-        let Some(idx) = view.feature_index(&name) else {
+        let Some(idx) = view.feature_index_near(&name, next) else {
             return Err(err(
                 Reason::UnknownFeature,
                 index,
@@ -486,15 +487,18 @@ fn finish(
         ));
     }
     // By index for the row layout; of a feature named twice the last value counts (a stable
-    // sort keeps document order among equal indices).
-    values.sort_by_key(|(i, _)| *i);
-    values.dedup_by(|later, earlier| {
-        let same = later.0 == earlier.0;
-        if same {
-            std::mem::swap(later, earlier);
-        }
-        same
-    });
+    // sort keeps document order among equal indices). Values usually come in the view's
+    // order already, and the stable sort allocates: check first.
+    if !values.windows(2).all(|w| w[0].0 < w[1].0) {
+        values.sort_by_key(|(i, _)| *i);
+        values.dedup_by(|later, earlier| {
+            let same = later.0 == earlier.0;
+            if same {
+                std::mem::swap(later, earlier);
+            }
+            same
+        });
+    }
     debug_assert!(values.windows(2).all(|w| w[0].0 < w[1].0));
 
     Ok(Event {

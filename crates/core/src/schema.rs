@@ -75,6 +75,18 @@ impl View {
         self.by_name.get(name).copied()
     }
 
+    /// [`feature_index`](Self::feature_index), trying position `hint` first: producers tend
+    /// to list a view's features in its order, so a name is usually the one after the last
+    /// (one string compare instead of a hash lookup: 9 % of an ingest's instructions went to
+    /// these lookups, at the edge and again in the materializer).
+    #[inline]
+    pub fn feature_index_near(&self, name: &str, hint: usize) -> Option<FeatureIdx> {
+        match self.features.get(hint) {
+            Some(f) if f.name == name => FeatureIdx::try_from(hint).ok(),
+            _ => self.feature_index(name),
+        }
+    }
+
     /// A readable column: features first (`0..features.len()`), then aggregations.
     pub fn column_index(&self, name: &str) -> Option<FeatureIdx> {
         self.feature_index(name).or_else(|| {

@@ -307,20 +307,23 @@ impl Store {
         let layout = self.layout(view_id);
         // Map names to this config's features; values that no longer fit (feature dropped or
         // retyped since the record was written) are left out.
-        let mut values: Vec<(FeatureIdx, Value)> = rec
-            .values
-            .iter()
-            .filter_map(|(name, value)| {
-                let f = view.feature_index(name)?;
-                value
-                    .fits(layout.feature_type(f))
-                    .then(|| (f, value.clone()))
-            })
-            .collect();
+        let mut values: Vec<(FeatureIdx, Value)> = Vec::with_capacity(rec.values.len());
+        for (name, value) in &rec.values {
+            let next = values.last().map_or(0, |(f, _)| usize::from(*f) + 1);
+            if let Some(f) = view.feature_index_near(name, next) {
+                if value.fits(layout.feature_type(f)) {
+                    values.push((f, value.clone()));
+                }
+            }
+        }
         if values.is_empty() {
             return Applied::Skipped;
         }
-        values.sort_by_key(|(f, _)| *f);
+        // Records hold each feature once, usually in the view's order (the stable sort
+        // allocates: check first).
+        if !values.windows(2).all(|w| w[0].0 < w[1].0) {
+            values.sort_by_key(|(f, _)| *f);
+        }
         if let Some(id) = rec.dedup {
             if !dedup.insert(id) {
                 return Applied::Duplicate;

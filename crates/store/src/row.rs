@@ -271,6 +271,21 @@ impl Row {
         values: &[(FeatureIdx, Value)],
         late: &mut u64,
     ) -> Option<Row> {
+        match self.overwrite_all(layout, ts_ms, offset, values) {
+            Some(row) => Some(row),
+            None => self.apply_general(layout, ts_ms, offset, values, late),
+        }
+    }
+
+    /// [`apply`](Self::apply) for any event: every cell's time compared, the time table rebuilt.
+    fn apply_general(
+        &self,
+        layout: &Layout,
+        ts_ms: EpochMs,
+        offset: u64,
+        values: &[(FeatureIdx, Value)],
+        late: &mut u64,
+    ) -> Option<Row> {
         let f_count = layout.features();
         let old_stamps = self.stamps();
         let mut idx: Vec<u8> = (0..f_count).map(|f| self.idx_byte(layout, f)).collect();
@@ -315,7 +330,8 @@ impl Row {
             return None;
         }
         // Rebuild the stamp table from the times still referenced.
-        let mut stamps: Vec<EpochMs> = cell_ts.iter().flatten().copied().collect();
+        let mut stamps: Vec<EpochMs> = Vec::with_capacity(f_count);
+        stamps.extend(cell_ts.iter().flatten().copied());
         stamps.sort_unstable();
         stamps.dedup();
         if stamps.len() > STAMPS_MAX {
@@ -337,6 +353,52 @@ impl Row {
             }
         }
         Some(Row::build(layout, offset + 1, &stamps, &idx, &nums, extra))
+    }
+
+    /// `apply`'s common case, built directly: the event sets every feature to a value at a
+    /// time no older than any the row holds, so nothing of the old row survives but its heap
+    /// slots' storage and the new row is DENSE at `ts_ms`. (Producers that own a view send
+    /// all its features at once; the general path spends five allocations on index and time
+    /// tables to find the same row.) `None`: not that case.
+    fn overwrite_all(
+        &self,
+        layout: &Layout,
+        ts_ms: EpochMs,
+        offset: u64,
+        values: &[(FeatureIdx, Value)],
+    ) -> Option<Row> {
+        let covers = values.len() == layout.features()
+            && values.iter().enumerate().all(|(i, (f, v))| {
+                usize::from(*f) == i && !matches!(v, Value::Null)
+            });
+        if !covers || self.stamps().iter().any(|&t| ts_ms < t as EpochMs) {
+            return None;
+        }
+        assert!(offset < VERSION_MASK, "row versions are log offsets, far below 2^56");
+        let mut words = Vec::with_capacity(2 + layout.nums);
+        words.push((offset + 1) | (1 << STAMPS_SHIFT) | DENSE_BIT);
+        words.push(ts_ms as u64);
+        let mut extra = self.extra.clone();
+        for (f, value) in values {
+            debug_assert!(value.fits(layout.types[usize::from(*f)]));
+            match layout.slots[usize::from(*f)] {
+                // Numeric slots are numbered in feature order: pushed in order.
+                Slot::Num(_) => words.push(match value {
+                    Value::F64(v) => v.to_bits(),
+                    Value::I64(v) => *v as u64,
+                    Value::Bool(v) => u64::from(*v),
+                    other => unreachable!("{other:?} in a numeric slot"),
+                }),
+                Slot::Heap(h) => {
+                    extra.as_mut().expect("heap slot").heap[usize::from(h)] = value.clone()
+                }
+            }
+        }
+        debug_assert_eq!(words.len(), 2 + layout.nums);
+        Some(Row {
+            words: words.into_boxed_slice(),
+            extra,
+        })
     }
 
     /// Bytes this row occupies on the heap (the words and heap slots, not the map entry).
@@ -512,6 +574,41 @@ features = [
             let rebuilt = Row::from_cells(&layout, row.version(), cells);
             for f in 0..9u16 {
                 prop_assert_eq!(rebuilt.get(&layout, f), row.get(&layout, f));
+            }
+        }
+    }
+
+    proptest! {
+        /// The fast path of an event that sets every feature builds the row the general path
+        /// builds, whatever the row held before (times older, equal or newer, nulls, heap).
+        #[test]
+        fn overwriting_every_feature_takes_the_fast_path_to_the_same_row(
+            history in prop::collection::vec((0i64..20, prop::collection::btree_set(0u16..9, 1..9), any::<bool>()), 0..6),
+            ts in 0i64..20,
+        ) {
+            let layout = layout();
+            let mut row = Row::empty(&layout);
+            let mut late = 0;
+            for (offset, (t, features, null)) in history.iter().enumerate() {
+                let values: Vec<(u16, Value)> = features.iter().map(|&f| (f, if *null { Value::Null } else { value_for(f, offset as i64) })).collect();
+                if let Some(next) = row.apply(&layout, *t, offset as u64, &values, &mut late) {
+                    row = next;
+                }
+            }
+            let all: Vec<(u16, Value)> = (0..9).map(|f| (f, value_for(f, 99))).collect();
+            let fast = row.overwrite_all(&layout, ts, 100, &all);
+            let newest = row.stamps().iter().map(|&t| t as i64).max();
+            prop_assert_eq!(fast.is_some(), newest.is_none_or(|t| ts >= t));
+            let (mut late_general, mut late_apply) = (0, 0);
+            let general = row.apply_general(&layout, ts, 100, &all, &mut late_general);
+            let applied = row.apply(&layout, ts, 100, &all, &mut late_apply);
+            prop_assert_eq!(late_apply, late_general);
+            match (applied, general) {
+                (Some(a), Some(g)) => {
+                    prop_assert_eq!(&a.words, &g.words);
+                    prop_assert_eq!(a.heap_values(), g.heap_values());
+                }
+                (a, g) => prop_assert!(a.is_none() && g.is_none()),
             }
         }
     }
