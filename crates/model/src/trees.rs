@@ -10,6 +10,8 @@
 //!   sends NaN the default way; `Zero` sends zero (|x| ≤ 1e-35) and NaN the default way; `None`
 //!   treats NaN as 0. Output = Σ leaf values, then `sigmoid(k · raw)` for binary objectives.
 
+mod lanes;
+
 use serde::Deserialize;
 
 use crate::{Model, ModelError, Result};
@@ -66,37 +68,45 @@ impl Node {
     }
 }
 /// The split rule of each library (see the module docs). Within one forest every node has
-/// the same kind of rule, so the branch on it is perfectly predicted; the tests on the row's
-/// value are combined with non-short-circuit `&`/`|` into selects, because branches on data
-/// mispredict (this took the benchmark GBDT from ~7.2 to ~4 µs/row at batch 256).
+/// the same kind of rule, so the branch on it is perfectly predicted (and `lanes` compiles a
+/// loop per rule, without it); the tests on the row's value are combined with
+/// non-short-circuit `&`/`|` into selects, because branches on data mispredict (this took the
+/// benchmark GBDT from ~7.2 to ~4 µs/row at batch 256).
 #[inline(always)]
 fn goes_left(n: &Node, x: f64) -> bool {
     match n.rule {
-        Rule::XgbLess => {
-            let nan = x.is_nan();
-            (nan & n.default_left) | (!nan & ((x as f32) < (n.value as f32)))
-        }
-        Rule::Onnx(mode) => {
-            let nan = x.is_nan();
-            let (x, t) = (x as f32, n.value as f32);
-            // One mode per converter in practice: a perfectly predicted branch.
-            let cmp = match mode {
-                Mode::Leq => x <= t,
-                Mode::Lt => x < t,
-                Mode::Gte => x >= t,
-                Mode::Gt => x > t,
-                Mode::Eq => x == t,
-                Mode::Neq => x != t,
-            };
-            (nan & n.default_left) | (!nan & cmp)
-        }
-        Rule::LgbLessEq { zero_missing } => {
-            // Non-short-circuit `&`/`|`: selects, not branches, on the per-row data.
-            let missing =
-                x.is_nan() | (zero_missing & (x > -ZERO_THRESHOLD) & (x <= ZERO_THRESHOLD));
-            (missing & n.default_left) | (!missing & (x <= n.value))
-        }
+        Rule::XgbLess => xgb_left(n, x),
+        Rule::Onnx(mode) => onnx_left(mode, n, x),
+        Rule::LgbLessEq { .. } => lgb_left(n, x),
     }
+}
+
+#[inline(always)]
+fn xgb_left(n: &Node, x: f64) -> bool {
+    let nan = x.is_nan();
+    (nan & n.default_left) | (!nan & ((x as f32) < (n.value as f32)))
+}
+
+#[inline(always)]
+fn onnx_left(mode: Mode, n: &Node, x: f64) -> bool {
+    let nan = x.is_nan();
+    let (x, t) = (x as f32, n.value as f32);
+    let cmp = match mode {
+        Mode::Leq => x <= t,
+        Mode::Lt => x < t,
+        Mode::Gte => x >= t,
+        Mode::Gt => x > t,
+        Mode::Eq => x == t,
+        Mode::Neq => x != t,
+    };
+    (nan & n.default_left) | (!nan & cmp)
+}
+
+#[inline(always)]
+fn lgb_left(n: &Node, x: f64) -> bool {
+    let zero_missing = matches!(n.rule, Rule::LgbLessEq { zero_missing: true });
+    let missing = x.is_nan() | (zero_missing & (x > -ZERO_THRESHOLD) & (x <= ZERO_THRESHOLD));
+    (missing & n.default_left) | (!missing & (x <= n.value))
 }
 
 /// LightGBM's `kZeroThreshold`.
@@ -132,6 +142,8 @@ pub struct Forest {
     transform: Transform,
     outputs: Outputs,
     inputs: usize,
+    /// The nodes compiled for walking side by side: what predictions run on.
+    lanes: lanes::Lanes,
 }
 
 impl Forest {
@@ -142,38 +154,16 @@ impl Forest {
     /// The raw margin of one row (before the output transform).
     pub fn margin(&self, row: &[f64]) -> f64 {
         debug_assert_eq!(row.len(), self.inputs);
-        let mut sum = 0.0;
-        for &root in &self.roots {
-            sum += self.leaf(root, row);
-        }
-        sum * self.leaf_scale + self.base_margin
+        self.lanes.sum_row(row) * self.leaf_scale + self.base_margin
     }
 
     /// The margins of many rows, tree by tree: each tree's nodes stay in cache while every
     /// row walks it, which is what makes large batches cheaper per row than single rows.
     fn margins(&self, rows: &[f64], out: &mut [f64]) {
         out.fill(0.0);
-        for &root in &self.roots {
-            for (row, o) in rows.chunks_exact(self.inputs).zip(out.iter_mut()) {
-                *o += self.leaf(root, row);
-            }
-        }
+        self.lanes.add_rows(rows, self.inputs, out);
         for o in out.iter_mut() {
             *o = *o * self.leaf_scale + self.base_margin;
-        }
-    }
-
-    /// The value of the leaf `row` reaches in the tree at `root`.
-    #[inline(always)]
-    fn leaf(&self, root: u32, row: &[f64]) -> f64 {
-        let mut i = root as usize;
-        loop {
-            let n = &self.nodes[i];
-            if n.feature == LEAF {
-                return n.value;
-            }
-            let x = row[n.feature as usize];
-            i = if goes_left(n, x) { n.left } else { n.right } as usize;
         }
     }
 
@@ -307,6 +297,7 @@ impl Forest {
             transform,
             outputs: Outputs::Single,
             inputs,
+            lanes: lanes::Lanes::default(),
         };
         for (ti, t) in trees.iter().enumerate() {
             let n = t.left_children.len();
@@ -356,8 +347,7 @@ impl Forest {
             }
         }
         forest.preorder();
-        forest.check()?;
-        Ok(forest)
+        forest.sealed()
     }
 
     /// Loads a LightGBM text model (`booster.save_model("m.txt")`), numerical splits, one
@@ -433,6 +423,7 @@ impl Forest {
             transform,
             outputs: Outputs::Single,
             inputs,
+            lanes: lanes::Lanes::default(),
         };
         for (ti, s) in sections.iter().enumerate() {
             let floats = |k: &str| list::<f64>(&get(s, k)?, ti, k);
@@ -513,8 +504,7 @@ impl Forest {
             }
         }
         forest.preorder();
-        forest.check()?;
-        Ok(forest)
+        forest.sealed()
     }
 
     /// Builds the forest of an ONNX-ML `TreeEnsembleRegressor` or `TreeEnsembleClassifier`
@@ -624,6 +614,7 @@ impl Forest {
             transform,
             outputs,
             inputs,
+            lanes: lanes::Lanes::default(),
         };
         for (tree, members) in &trees {
             // Lay the tree out in preorder so children always follow their parent (`check`).
@@ -696,8 +687,7 @@ impl Forest {
                 stack.push((child(e.nodes_truenodeids[i])?, Some((at, true))));
             }
         }
-        forest.check()?;
-        Ok(forest)
+        forest.sealed()
     }
 
     /// Lays every tree out in preorder, left child first: the left child is the next node and
@@ -743,6 +733,13 @@ impl Forest {
         }
         self.nodes = nodes;
         self.roots = roots;
+    }
+
+    /// The loaded forest, checked, compiled for evaluation.
+    fn sealed(mut self) -> Result<Forest> {
+        self.check()?;
+        self.lanes = lanes::Lanes::compile(&self.nodes, &self.roots);
+        Ok(self)
     }
 
     /// Every walk ends at a leaf: children point forward within their tree, so no cycle can

@@ -1,0 +1,300 @@
+//! The forest compiled for walking several trees (one row) or several rows (one tree) side by
+//! side.
+//!
+//! A node walk is one chain of dependent loads — node, then the row's value, then the compare
+//! that picks the next node — about 17 cycles a level, one tree after the other, and it ends
+//! on a data-dependent "is this a leaf" branch. Here every leaf points to itself, so a walk of
+//! a tree takes a fixed number of steps (its depth) with no exit test, and [`LANES`] walks
+//! advance together: their chains are independent, so the CPU overlaps them (QuickScorer's
+//! and lleaves' idea: no branch on the data). Each lane's step is a handful of instructions:
+//! fixed-width arrays the compiler unrolls, node indexes masked into a power-of-two table
+//! instead of bounds-checked. (A first attempt, `BENCHMARKS.md` "Tried and reverted",
+//! stepped lanes through iterator bookkeeping and checked every index: 38 instructions a
+//! level against the node walk's 25, and slower.)
+//!
+//! Results are bit-identical to the node walk: the same compare per node, and each row's
+//! leaves added in tree order (property-tested below).
+
+use super::{goes_left, lgb_left, onnx_left, xgb_left, Mode, Node, Rule, LEAF};
+
+/// Walks advanced together.
+pub(super) const LANES: usize = 8;
+
+#[derive(Debug, Clone, Default)]
+pub(super) struct Lanes {
+    /// The forest's nodes with every leaf a self-loop, padded with self-loops to a power of
+    /// two so that `index & mask` is always in range.
+    nodes: Box<[Node]>,
+    /// Per tree, in order: its root and the steps from it to its deepest leaf.
+    trees: Vec<(u32, u32)>,
+    /// The one rule every split uses, when there is one: the lanes' loops are then compiled
+    /// for it alone (no match on the rule per step).
+    kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Kind {
+    #[default]
+    Mixed,
+    Xgb,
+    Lgb,
+    OnnxLeq,
+    OnnxLt,
+}
+
+impl Kind {
+    fn of(nodes: &[Node]) -> Kind {
+        let kind = |n: &Node| match n.rule {
+            Rule::XgbLess => Kind::Xgb,
+            Rule::LgbLessEq { .. } => Kind::Lgb,
+            Rule::Onnx(Mode::Leq) => Kind::OnnxLeq,
+            Rule::Onnx(Mode::Lt) => Kind::OnnxLt,
+            Rule::Onnx(_) => Kind::Mixed,
+        };
+        let mut splits = nodes.iter().filter(|n| n.feature != LEAF).map(kind);
+        let first = splits.next().unwrap_or(Kind::Mixed);
+        if splits.all(|k| k == first) {
+            first
+        } else {
+            Kind::Mixed
+        }
+    }
+}
+
+/// `goes_left` with the rule known at compile time.
+#[inline(always)]
+fn onnx_leq(n: &Node, x: f64) -> bool {
+    onnx_left(Mode::Leq, n, x)
+}
+
+#[inline(always)]
+fn onnx_lt(n: &Node, x: f64) -> bool {
+    onnx_left(Mode::Lt, n, x)
+}
+
+impl Lanes {
+    /// Compiles `nodes` laid out as `Forest::check` guarantees: each tree's nodes from its
+    /// root up to the next root, children after their parent.
+    pub(super) fn compile(nodes: &[Node], roots: &[u32]) -> Lanes {
+        let len = nodes.len().max(1).next_power_of_two();
+        let looped = |i: usize, n: &Node| Node {
+            feature: 0,
+            left: i as u32,
+            right: i as u32,
+            ..*n
+        };
+        let mut out: Vec<Node> = Vec::with_capacity(len);
+        for (i, n) in nodes.iter().enumerate() {
+            out.push(if n.feature == LEAF { looped(i, n) } else { *n });
+        }
+        while out.len() < len {
+            let i = out.len();
+            out.push(looped(i, &Node::leaf(0.0)));
+        }
+        // Depth of each node's subtree, children (later indexes) first.
+        let mut depth = vec![0u32; nodes.len()];
+        for i in (0..nodes.len()).rev() {
+            let n = &nodes[i];
+            if n.feature != LEAF {
+                depth[i] = 1 + depth[n.left as usize].max(depth[n.right as usize]);
+            }
+        }
+        Lanes {
+            nodes: out.into_boxed_slice(),
+            trees: roots.iter().map(|&r| (r, depth[r as usize])).collect(),
+            kind: Kind::of(nodes),
+        }
+    }
+
+    /// The sum of the leaves `row` reaches, trees taken [`LANES`] at a time.
+    pub(super) fn sum_row(&self, row: &[f64]) -> f64 {
+        match self.kind {
+            Kind::Mixed => self.sum_row_by(row, goes_left),
+            Kind::Xgb => self.sum_row_by(row, xgb_left),
+            Kind::Lgb => self.sum_row_by(row, lgb_left),
+            Kind::OnnxLeq => self.sum_row_by(row, onnx_leq),
+            Kind::OnnxLt => self.sum_row_by(row, onnx_lt),
+        }
+    }
+
+    /// Adds to each row's `out` the leaf it reaches in every tree, tree by tree, [`LANES`]
+    /// rows at a time (so each row's leaves are added in tree order).
+    pub(super) fn add_rows(&self, rows: &[f64], inputs: usize, out: &mut [f64]) {
+        match self.kind {
+            Kind::Mixed => self.add_rows_by(rows, inputs, out, goes_left),
+            Kind::Xgb => self.add_rows_by(rows, inputs, out, xgb_left),
+            Kind::Lgb => self.add_rows_by(rows, inputs, out, lgb_left),
+            Kind::OnnxLeq => self.add_rows_by(rows, inputs, out, onnx_leq),
+            Kind::OnnxLt => self.add_rows_by(rows, inputs, out, onnx_lt),
+        }
+    }
+
+    #[inline(always)]
+    fn sum_row_by(&self, row: &[f64], left: impl Fn(&Node, f64) -> bool + Copy) -> f64 {
+        let mask = self.nodes.len() - 1;
+        let nodes = &self.nodes[..=mask];
+        let mut sum = 0.0;
+        for group in self.trees.chunks(LANES) {
+            // Lanes beyond the group walk tree 0's root harmlessly and are not added.
+            let mut at = [0u32; LANES];
+            let mut steps = 0;
+            for (k, &(root, depth)) in group.iter().enumerate() {
+                at[k] = root;
+                steps = steps.max(depth);
+            }
+            for _ in 0..steps {
+                for a in &mut at {
+                    let n = &nodes[*a as usize & mask];
+                    *a = step(n, row[n.feature as usize], left);
+                }
+            }
+            for &a in &at[..group.len()] {
+                sum += nodes[a as usize & mask].value;
+            }
+        }
+        sum
+    }
+
+    #[inline(always)]
+    fn add_rows_by(
+        &self,
+        rows: &[f64],
+        inputs: usize,
+        out: &mut [f64],
+        left: impl Fn(&Node, f64) -> bool + Copy,
+    ) {
+        debug_assert_eq!(rows.len(), inputs * out.len());
+        let mask = self.nodes.len() - 1;
+        let nodes = &self.nodes[..=mask];
+        for &(root, depth) in &self.trees {
+            let mut blocks = rows.chunks_exact(inputs * LANES);
+            let mut outs = out.chunks_exact_mut(LANES);
+            for (block, o) in (&mut blocks).zip(&mut outs) {
+                let mut at = [root; LANES];
+                for _ in 0..depth {
+                    for (k, a) in at.iter_mut().enumerate() {
+                        let n = &nodes[*a as usize & mask];
+                        *a = step(n, block[k * inputs + n.feature as usize], left);
+                    }
+                }
+                for (o, &a) in o.iter_mut().zip(&at) {
+                    *o += nodes[a as usize & mask].value;
+                }
+            }
+            for (row, o) in blocks
+                .remainder()
+                .chunks_exact(inputs)
+                .zip(outs.into_remainder())
+            {
+                let mut a = root;
+                for _ in 0..depth {
+                    let n = &nodes[a as usize & mask];
+                    a = step(n, row[n.feature as usize], left);
+                }
+                *o += nodes[a as usize & mask].value;
+            }
+        }
+    }
+}
+
+/// The next node from `n` for value `x` (a leaf: itself).
+#[inline(always)]
+fn step(n: &Node, x: f64, left: impl Fn(&Node, f64) -> bool) -> u32 {
+    if left(n, x) {
+        n.left
+    } else {
+        n.right
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Mode, Rule};
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A random tree in preorder (children after their parent), appended to `nodes`.
+    fn tree(nodes: &mut Vec<Node>, depth: u32, seed: &mut u64, rule: Rule, inputs: u32) {
+        let mut next = || {
+            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            *seed >> 33
+        };
+        let r = next();
+        if depth == 0 || r % 5 == 0 {
+            nodes.push(Node::leaf((r % 1000) as f64 / 7.0 - 50.0));
+            return;
+        }
+        let at = nodes.len();
+        let rule = match rule {
+            Rule::LgbLessEq { .. } => Rule::LgbLessEq {
+                zero_missing: r % 3 == 0,
+            },
+            other => other,
+        };
+        nodes.push(Node {
+            feature: (r % u64::from(inputs)) as u32,
+            value: ((next() % 200) as f64 - 100.0) / 10.0,
+            left: 0,
+            right: 0,
+            default_left: r % 2 == 0,
+            rule,
+        });
+        nodes[at].left = nodes.len() as u32;
+        tree(nodes, depth - 1, seed, rule, inputs);
+        nodes[at].right = nodes.len() as u32;
+        tree(nodes, depth - 1, seed, rule, inputs);
+    }
+
+    /// The node walk `Forest` used before lanes, the reference.
+    fn walk(nodes: &[Node], root: u32, row: &[f64]) -> f64 {
+        let mut i = root as usize;
+        loop {
+            let n = &nodes[i];
+            if n.feature == LEAF {
+                return n.value;
+            }
+            i = if goes_left(n, row[n.feature as usize]) {
+                n.left
+            } else {
+                n.right
+            } as usize;
+        }
+    }
+
+    proptest! {
+        /// Lanes reach the node walk's leaves and add them in its order, bit for bit, for
+        /// every rule, trees of any shape and depth, rows with NaN, zeros and ties.
+        #[test]
+        fn lanes_equal_the_node_walk(
+            trees in 1usize..30,
+            depth in 0u32..9,
+            seed in any::<u64>(),
+            rule in 0usize..5,
+            rows in prop::collection::vec(prop::collection::vec(prop_oneof![
+                Just(f64::NAN), Just(0.0), Just(-0.0), Just(1e-36), (-120i32..120).prop_map(|v| f64::from(v) / 10.0)
+            ], 5), 1..40),
+        ) {
+            // Index 4: XGBoost splits with one ONNX `Lt` tree among them (the mixed path).
+            let rules = [Rule::XgbLess, Rule::LgbLessEq { zero_missing: false }, Rule::Onnx(Mode::Leq), Rule::Onnx(Mode::Lt), Rule::Onnx(Mode::Gt)];
+            let rule = rules[rule];
+            let (mut nodes, mut roots, mut s) = (Vec::new(), Vec::new(), seed);
+            for t in 0..trees {
+                roots.push(nodes.len() as u32);
+                let rule = if t == 1 && seed % 2 == 0 { Rule::Onnx(Mode::Lt) } else { rule };
+                tree(&mut nodes, depth, &mut s, rule, 5);
+            }
+            let lanes = Lanes::compile(&nodes, &roots);
+            let flat: Vec<f64> = rows.iter().flatten().copied().collect();
+            let mut batch = vec![0.0; rows.len()];
+            lanes.add_rows(&flat, 5, &mut batch);
+            for (row, b) in rows.iter().zip(&batch) {
+                let mut expected = 0.0;
+                for &r in &roots {
+                    expected += walk(&nodes, r, row);
+                }
+                prop_assert_eq!(lanes.sum_row(row).to_bits(), expected.to_bits());
+                prop_assert_eq!(b.to_bits(), expected.to_bits());
+            }
+        }
+    }
+}
