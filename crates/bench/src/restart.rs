@@ -131,7 +131,12 @@ fn restarts(n: usize) -> Result<[Restart; 3]> {
     let log = measured(load_s, ready_s, &server, None);
     drop(server);
     let (server, _) = start(&snapshotting)?;
-    wait_snapshots(dir.path(), partitions, Duration::from_secs(6), Duration::from_secs(600))?;
+    wait_snapshots(
+        dir.path(),
+        partitions,
+        Duration::from_secs(6),
+        Duration::from_secs(600),
+    )?;
     let write_s = rt.block_on(snapshot_seconds(server.addr));
     drop(server);
     let (server, ready_s) = start(&quiet)?;
@@ -148,7 +153,9 @@ fn restarts(n: usize) -> Result<[Restart; 3]> {
 /// Mean seconds per snapshot written, from the server's `quiver_snapshot_seconds`.
 async fn snapshot_seconds(addr: std::net::SocketAddr) -> Option<f64> {
     let mut http = connect(addr).await.ok()?;
-    let (_, body) = request(&mut http, "GET", "/metrics", Bytes::new()).await.ok()?;
+    let (_, body) = request(&mut http, "GET", "/metrics", Bytes::new())
+        .await
+        .ok()?;
     let text = String::from_utf8_lossy(&body);
     let sum = crate::cpu::prometheus_value(&text, "quiver_snapshot_seconds_sum")?;
     let count = crate::cpu::prometheus_value(&text, "quiver_snapshot_seconds_count")?;

@@ -221,8 +221,9 @@ pub struct StoreConfig {
     pub snapshot_interval: HumanDuration,
     /// A partition is snapshotted again only once the records applied since its last
     /// snapshot reach this fraction of the rows that snapshot held: snapshot writes stay
-    /// proportional to ingest (at most 1 / ratio rows written per record) and replay at
-    /// restart to ratio × rows records. 0 = every `snapshot_interval` if anything changed.
+    /// proportional to ingest (at most 1 / ratio rows written per record), and a restart
+    /// replays fewer than ratio × rows records plus at most one interval's arrivals.
+    /// 0 = every `snapshot_interval` if anything changed.
     pub snapshot_change_ratio: f64,
     /// Per partition: how many recent `event_id`s are remembered for at-most-once apply.
     pub dedup_window_events: usize,
@@ -1169,7 +1170,10 @@ repository = "./models"
         assert!(err("[server]\nlisten = \"nowhere\"").contains("server.listen"));
         for ratio in ["-0.5", "101.0", "nan"] {
             let text = format!("[store]\nsnapshot_change_ratio = {ratio}");
-            assert!(err(&text).contains("store.snapshot_change_ratio"), "{ratio}");
+            assert!(
+                err(&text).contains("store.snapshot_change_ratio"),
+                "{ratio}"
+            );
         }
         assert!(err("[limits]\nbogus = 1").contains("bogus"));
         let env = vec![("QUIVER_LOG_PARTITIONS".to_string(), "x".to_string())];

@@ -50,6 +50,9 @@ pub enum CodecError {
     /// A snapshot names a feature type this build does not know.
     #[error("unknown feature type {0:?}")]
     FeatureType(String),
+    /// A snapshot of another partition than the file's name says.
+    #[error("a snapshot of partition {0}")]
+    Partition(u32),
 }
 
 /// A decoded record, borrowing names from the payload bytes.

@@ -368,13 +368,17 @@ impl Row {
         values: &[(FeatureIdx, Value)],
     ) -> Option<Row> {
         let covers = values.len() == layout.features()
-            && values.iter().enumerate().all(|(i, (f, v))| {
-                usize::from(*f) == i && !matches!(v, Value::Null)
-            });
+            && values
+                .iter()
+                .enumerate()
+                .all(|(i, (f, v))| usize::from(*f) == i && !matches!(v, Value::Null));
         if !covers || self.stamps().iter().any(|&t| ts_ms < t as EpochMs) {
             return None;
         }
-        assert!(offset < VERSION_MASK, "row versions are log offsets, far below 2^56");
+        assert!(
+            offset < VERSION_MASK,
+            "row versions are log offsets, far below 2^56"
+        );
         let mut words = Vec::with_capacity(2 + layout.nums);
         words.push((offset + 1) | (1 << STAMPS_SHIFT) | DENSE_BIT);
         words.push(ts_ms as u64);
@@ -430,7 +434,11 @@ impl Row {
         if stamps > STAMPS_MAX || (dense && stamps != 1) {
             return None;
         }
-        let idx_words = if dense { 0 } else { layout.features().div_ceil(8) };
+        let idx_words = if dense {
+            0
+        } else {
+            layout.features().div_ceil(8)
+        };
         if words.len() != 1 + stamps + layout.nums + idx_words || heap.len() != layout.heaps {
             return None;
         }

@@ -142,7 +142,10 @@ impl FrameWriter<'_> {
             }
             None => plain,
         };
-        assert!(body.len() <= FRAME_BYTES_MAX as usize, "a frame fits the loader's bound");
+        assert!(
+            body.len() <= FRAME_BYTES_MAX as usize,
+            "a frame fits the loader's bound"
+        );
         self.out.write_all(&(body.len() as u32).to_le_bytes())?;
         self.out.write_all(&crc32c::crc32c(body).to_le_bytes())?;
         self.out.write_all(body)?;
@@ -456,7 +459,11 @@ impl<'s> Loader<'s> {
         if r.u8()? != KIND_HEAD {
             return Err(CodecError::Version(KIND_HEAD));
         }
-        let _partition = r.u32()?;
+        let partition = r.u32()?;
+        if partition != self.partition {
+            // A plain snapshot renamed to another partition's file: its keys belong elsewhere.
+            return Err(CodecError::Partition(partition));
+        }
         let streams = r.u16()?;
         let mut offsets = Vec::with_capacity(usize::from(streams));
         for _ in 0..streams {
@@ -524,7 +531,9 @@ impl<'s> Loader<'s> {
         let view = views
             .get(head.0 as usize)
             .ok_or_else(|| self.corrupt("rows of an unknown view"))?;
-        let inserter = view.current.map(|v| self.store.inserter(self.partition, v.id));
+        let inserter = view
+            .current
+            .map(|v| self.store.inserter(self.partition, v.id));
         for _ in 0..head.1 {
             let (key, row) = self.row(view, &mut r)?;
             if let (Some(ins), Some(row)) = (&inserter, row) {
@@ -539,11 +548,7 @@ impl<'s> Loader<'s> {
     }
 
     /// One row, as the current config holds it (`None`: its view is gone).
-    fn row<'f>(
-        &self,
-        view: &StoredView<'s>,
-        r: &mut Reader<'f>,
-    ) -> Result<(&'f str, Option<Row>)> {
+    fn row<'f>(&self, view: &StoredView<'s>, r: &mut Reader<'f>) -> Result<(&'f str, Option<Row>)> {
         let (key, words, heap) = (|| {
             let key = r.str16("key")?;
             let n = usize::from(r.u16()?);

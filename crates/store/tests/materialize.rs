@@ -259,7 +259,12 @@ fn snapshot_offsets(dir: &std::path::Path) -> Vec<Option<u64>> {
 
 fn updates(t0: i64, keys: usize, round: usize) -> String {
     let events: Vec<String> = (0..keys)
-        .map(|i| format!(r#"{{"view":"txn","key":"k{i}","ts":{},"values":{{"amount":{round}}}}}"#, t0 + round as i64))
+        .map(|i| {
+            format!(
+                r#"{{"view":"txn","key":"k{i}","ts":{},"values":{{"amount":{round}}}}}"#,
+                t0 + round as i64
+            )
+        })
         .collect();
     format!("[{}]", events.join(","))
 }
@@ -281,7 +286,11 @@ fn snapshots_follow_the_log_volume_not_the_clock() {
     let token = push(&node, &updates(t0, 40, 1));
     wait(&node, &token);
     std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(snapshot_offsets(dir.path()), first, "8 intervals, 10% changed: no snapshot");
+    assert_eq!(
+        snapshot_offsets(dir.path()),
+        first,
+        "8 intervals, 10% changed: no snapshot"
+    );
     // More records than rows: every partition is rewritten.
     let token = push(&node, &updates(t0, 400, 2));
     wait(&node, &token);
@@ -291,7 +300,10 @@ fn snapshots_follow_the_log_volume_not_the_clock() {
         if now.iter().zip(&first).all(|(n, f)| n > f) {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "{now:?} after {first:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{now:?} after {first:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     node.mats.shutdown();
@@ -311,7 +323,10 @@ fn snapshots_follow_the_log_volume_not_the_clock() {
         if (0..4).all(|p| !touched.contains(&p) || now[p as usize] > before[p as usize]) {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "{now:?} after {before:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{now:?} after {before:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

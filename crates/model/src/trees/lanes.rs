@@ -276,7 +276,9 @@ mod tests {
     /// A random tree in preorder (children after their parent), appended to `nodes`.
     fn tree(nodes: &mut Vec<Node>, depth: u32, seed: &mut u64, rule: Rule, inputs: u32) {
         let mut next = || {
-            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            *seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             *seed >> 33
         };
         let r = next();

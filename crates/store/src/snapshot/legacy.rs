@@ -280,4 +280,3 @@ pub(super) fn write_v3(
     quiver_fsutil::write_atomic(&path, &buf).map_err(crate::error::io(&path))?;
     Ok(buf.len() as u64)
 }
-

@@ -79,9 +79,23 @@ fn filled(rows: usize) -> Store {
         };
         put(&s, "profile", &key, t, 2 * i as u64, values);
         if i % 3 == 0 {
-            put(&s, "profile", &key, t + 7, 2 * i as u64 + 1, vec![("vip", Value::Null)]);
+            put(
+                &s,
+                "profile",
+                &key,
+                t + 7,
+                2 * i as u64 + 1,
+                vec![("vip", Value::Null)],
+            );
         }
-        put(&s, "txn", &key, t, 2 * i as u64, vec![("amount", Value::F64(i as f64))]);
+        put(
+            &s,
+            "txn",
+            &key,
+            t,
+            2 * i as u64,
+            vec![("amount", Value::F64(i as f64))],
+        );
     }
     s
 }
@@ -107,7 +121,13 @@ fn dump(s: &Store) -> Dump {
                         .collect(),
                     _ => Vec::new(),
                 };
-                out.push((view.name.clone(), key.to_string(), row.version(), cells, rings));
+                out.push((
+                    view.name.clone(),
+                    key.to_string(),
+                    row.version(),
+                    cells,
+                    rings,
+                ));
             });
         }
     }
@@ -159,7 +179,10 @@ fn a_snapshot_loads_back_every_row_offset_and_dedup_id() {
         assert_eq!(l.offset_of("log-a"), Some(1000 + p as u64));
         assert_eq!(l.offset_of("log-b"), Some(7));
         assert_eq!(l.offset_of("log-c"), None);
-        assert_eq!(l.dedup.iter().collect::<Vec<_>>(), dedup().iter().collect::<Vec<_>>());
+        assert_eq!(
+            l.dedup.iter().collect::<Vec<_>>(),
+            dedup().iter().collect::<Vec<_>>()
+        );
     }
     assert!(load(dir.path(), &back, P + 5, 100, None).unwrap().is_none());
 }
@@ -177,7 +200,10 @@ fn a_snapshot_is_about_the_size_of_the_rows_it_holds() {
     let s = store_of(&config);
     let names: Vec<String> = (0..32).map(|f| format!("f{f}")).collect();
     for i in 0..4000u64 {
-        let values = names.iter().map(|n| (n.as_str(), Value::F64(i as f64))).collect();
+        let values = names
+            .iter()
+            .map(|n| (n.as_str(), Value::F64(i as f64)))
+            .collect();
         put(&s, "v", &format!("user-{i:08}"), 1, i, values);
     }
     let bytes: u64 = (0..P)
@@ -188,7 +214,11 @@ fn a_snapshot_is_about_the_size_of_the_rows_it_holds() {
     let ratio = bytes as f64 / raw as f64;
     assert!(ratio < 1.08, "{bytes} bytes for {raw} raw: {ratio:.3}×");
     let on_disk: u64 = (0..P)
-        .map(|p| std::fs::metadata(snapshot_path(dir.path(), p)).unwrap().len())
+        .map(|p| {
+            std::fs::metadata(snapshot_path(dir.path(), p))
+                .unwrap()
+                .len()
+        })
         .sum();
     assert_eq!(on_disk, bytes, "write reports the bytes it wrote");
 }
@@ -201,7 +231,9 @@ fn a_sealed_snapshot_needs_its_key_and_keeps_its_frames_in_place() {
     write_all(dir.path(), &s, Some(&ring));
     let plain_text = std::fs::read(snapshot_path(dir.path(), 0)).unwrap();
     assert!(
-        !plain_text.windows(5).any(|w| w == b"c2998" || w == b"c2999"),
+        !plain_text
+            .windows(5)
+            .any(|w| w == b"c2998" || w == b"c2999"),
         "no value in the clear"
     );
     let back = store_of(CONFIG);
@@ -245,7 +277,10 @@ fn a_damaged_truncated_or_shortened_snapshot_is_refused() {
     let refused = |bytes: &[u8], what: &str| {
         std::fs::write(&path, bytes).unwrap();
         let err = load(dir.path(), &store_of(CONFIG), 0, 100, None).unwrap_err();
-        assert!(matches!(err, StoreError::CorruptSnapshot { .. }), "{what}: {err}");
+        assert!(
+            matches!(err, StoreError::CorruptSnapshot { .. }),
+            "{what}: {err}"
+        );
         err.to_string()
     };
     let mut flipped = good.clone();
@@ -259,6 +294,9 @@ fn a_damaged_truncated_or_shortened_snapshot_is_refused() {
     let mut shortened = good[..start - 8].to_vec();
     shortened.extend_from_slice(&good[stop..]);
     assert!(refused(&shortened, "a frame removed").contains("the end counts"));
+    // Partition 1's plain snapshot under partition 0's name.
+    let other = std::fs::read(snapshot_path(dir.path(), 1)).unwrap();
+    assert!(refused(&other, "another partition's").contains("a snapshot of partition 1"));
     let mut extra = good.clone();
     extra.extend_from_slice(&good[frames[1].0 - 8..frames[1].1]);
     assert!(refused(&extra, "a frame after the end").contains("after the end"));
