@@ -312,14 +312,7 @@ impl Row {
             idx[fi] = if null { NULL_BIT } else { 0 };
             if !null {
                 match layout.slots[fi] {
-                    Slot::Num(n) => {
-                        nums[usize::from(n)] = match value {
-                            Value::F64(v) => v.to_bits(),
-                            Value::I64(v) => *v as u64,
-                            Value::Bool(v) => u64::from(*v),
-                            other => unreachable!("{other:?} in a numeric slot"),
-                        }
-                    }
+                    Slot::Num(n) => nums[usize::from(n)] = slot_bits(value),
                     Slot::Heap(h) => {
                         extra.as_mut().expect("heap slot").heap[usize::from(h)] = value.clone()
                     }
@@ -387,12 +380,7 @@ impl Row {
             debug_assert!(value.fits(layout.types[usize::from(*f)]));
             match layout.slots[usize::from(*f)] {
                 // Numeric slots are numbered in feature order: pushed in order.
-                Slot::Num(_) => words.push(match value {
-                    Value::F64(v) => v.to_bits(),
-                    Value::I64(v) => *v as u64,
-                    Value::Bool(v) => u64::from(*v),
-                    other => unreachable!("{other:?} in a numeric slot"),
-                }),
+                Slot::Num(_) => words.push(slot_bits(value)),
                 Slot::Heap(h) => {
                     extra.as_mut().expect("heap slot").heap[usize::from(h)] = value.clone()
                 }
@@ -498,6 +486,16 @@ impl Row {
         assert!(version <= VERSION_MASK);
         row.words[0] = (row.words[0] & !VERSION_MASK) | version;
         row
+    }
+}
+
+/// A numeric value as its slot holds it (types were checked against the layout).
+fn slot_bits(value: &Value) -> u64 {
+    match value {
+        Value::F64(v) => v.to_bits(),
+        Value::I64(v) => *v as u64,
+        Value::Bool(v) => u64::from(*v),
+        other => unreachable!("{other:?} in a numeric slot"),
     }
 }
 

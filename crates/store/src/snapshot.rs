@@ -283,16 +283,21 @@ fn put_row(buf: &mut Vec<u8>, view: &View, agg_layout: Option<&AggLayout>, key: 
         put_value(buf, value);
     }
     if let Some(al) = agg_layout {
-        let cell = row
-            .aggs()
-            .expect("rows of aggregating views carry their rings");
-        buf.extend_from_slice(&cell.version().to_le_bytes());
-        for a in 0..view.aggregations.len() {
-            let ring = cell.ring_values(view, al, a);
-            buf.extend_from_slice(&(ring.len() as u32).to_le_bytes());
-            for x in ring {
-                buf.extend_from_slice(&x.to_le_bytes());
-            }
+        put_rings(buf, view, al, row);
+    }
+}
+
+/// A row's rings: `u64 version | aggregations × (u32 n, n × f64)` (every format so far).
+fn put_rings(buf: &mut Vec<u8>, view: &View, al: &AggLayout, row: &Row) {
+    let cell = row
+        .aggs()
+        .expect("rows of aggregating views carry their rings");
+    buf.extend_from_slice(&cell.version().to_le_bytes());
+    for a in 0..view.aggregations.len() {
+        let ring = cell.ring_values(view, al, a);
+        buf.extend_from_slice(&(ring.len() as u32).to_le_bytes());
+        for x in ring {
+            buf.extend_from_slice(&x.to_le_bytes());
         }
     }
 }

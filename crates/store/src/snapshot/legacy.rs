@@ -251,17 +251,7 @@ pub(super) fn write_v3(
                 }
             }
             if let Some(al) = agg_layout {
-                let cell = row
-                    .aggs()
-                    .expect("rows of aggregating views carry their rings");
-                buf.extend_from_slice(&cell.version().to_le_bytes());
-                for a in 0..view.aggregations.len() {
-                    let ring = cell.ring_values(view, al, a);
-                    buf.extend_from_slice(&(ring.len() as u32).to_le_bytes());
-                    for x in ring {
-                        buf.extend_from_slice(&x.to_le_bytes());
-                    }
-                }
+                super::put_rings(&mut buf, view, al, row);
             }
         });
         buf[count_at..count_at + 8].copy_from_slice(&rows.to_le_bytes());
