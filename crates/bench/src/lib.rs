@@ -116,6 +116,8 @@ pub struct BenchArgs {
     /// `ingest`: also measure with Kafka as the log, on these brokers (topics
     /// `quiver-bench-<pid>.*` are created), next to the embedded log in the same run.
     /// `cluster`: the brokers of the live cluster (without: only the computed part).
+    /// `restart`: Kafka carries the log (restarts replay from Kafka instead of the embedded
+    /// log).
     #[arg(long)]
     pub kafka: Option<String>,
     /// `ingest` with `--kafka`: `kafka.idle_fetch_backoff` (a test broker that answers empty

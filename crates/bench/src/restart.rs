@@ -46,10 +46,14 @@ impl Restart {
 
 pub(crate) fn run(report: &mut Report, args: &BenchArgs) -> Result<Value> {
     let n = args.entities.max(1);
-    let [replay, snapshot, tail] = restarts(n)?;
+    let log = match &args.kafka {
+        Some(brokers) => format!("Kafka at {brokers}"),
+        None => "the embedded log".to_string(),
+    };
+    let [replay, snapshot, tail] = restarts(n, args.kafka.as_deref())?;
     say!(
         report,
-        "\n## restart: kill -9 → ready, {n} entities × {FEATURES} f64 features\n"
+        "\n## restart: kill -9 → ready, {n} entities × {FEATURES} f64 features, {log}\n"
     );
     say!(report, "| restart from | load (s) | kill -9 → ready (s) | snapshot bytes per entity | snapshot write (s, mean per partition) | data dir bytes | resident bytes per entity after |\n|---|---|---|---|---|---|---|");
     for (name, r) in [
@@ -77,6 +81,7 @@ pub(crate) fn run(report: &mut Report, args: &BenchArgs) -> Result<Value> {
     );
     Ok(json!({
         "entities": n,
+        "log": if args.kafka.is_some() { "kafka" } else { "embedded" },
         "from_snapshot": snapshot.to_json(n),
         "from_snapshot_and_tail": tail.to_json(n),
         "from_log": replay.to_json(n),
@@ -85,14 +90,23 @@ pub(crate) fn run(report: &mut Report, args: &BenchArgs) -> Result<Value> {
 }
 
 /// The bench config with `[store]` set to snapshot every `interval` once `ratio` of the rows
-/// changed.
-fn config_text(dir: &Path, interval: &str, ratio: f64) -> Result<String> {
+/// changed, and the log on Kafka when `kafka` names brokers (topics of this process's own).
+fn config_text(dir: &Path, interval: &str, ratio: f64, kafka: Option<&str>) -> Result<String> {
     let ours = format!("snapshot_interval = \"{interval}\"\nsnapshot_change_ratio = {ratio}\n");
-    let text = bench_config_text(dir).replace(
+    let mut text = bench_config_text(dir).replace(
         "snapshot_interval = \"1s\"\nsnapshot_change_ratio = 0.25\n",
         &ours,
     );
     anyhow::ensure!(text.contains(&ours), "the bench config's [store] changed");
+    if let Some(brokers) = kafka {
+        let partitions = bench_config(dir)?.log.partitions;
+        let prefix = format!("quiver-bench-restart-{}.", std::process::id());
+        text = format!(
+            "[kafka]\nbrokers = \"{brokers}\"\ntopic_prefix = \"{prefix}\"\npartitions = {partitions}\n\
+             idle_fetch_backoff = \"20ms\"\n\n{}",
+            text.replace("[log]\n", "[log]\nbackend = \"kafka\"\n")
+        );
+    }
     Ok(text)
 }
 
@@ -101,10 +115,10 @@ fn config_text(dir: &Path, interval: &str, ratio: f64) -> Result<String> {
 /// snapshotting every 2 s, left to settle); and from those snapshots plus a tail updating a
 /// quarter of the rows (the longest tail `snapshot_change_ratio = 0.25` leaves). Returns them
 /// in that order.
-fn restarts(n: usize) -> Result<[Restart; 3]> {
+fn restarts(n: usize, kafka: Option<&str>) -> Result<[Restart; 3]> {
     let dir = tempfile::tempdir()?;
-    let quiet = config_text(dir.path(), "1h", 0.25)?;
-    let snapshotting = config_text(dir.path(), "2s", 0.0)?;
+    let quiet = config_text(dir.path(), "1h", 0.25, kafka)?;
+    let snapshotting = config_text(dir.path(), "2s", 0.0, kafka)?;
     let partitions = bench_config(dir.path())?.log.partitions;
     let rt = crate::cpu::client_runtime()?;
     // Starts a node on the data dir, returns it and the seconds it took to be ready.
