@@ -283,6 +283,38 @@ fn bench_ingest_measures_kafka_next_to_the_embedded_log() {
     assert!(stdout.contains("Kafka ÷ embedded"), "{stdout}");
 }
 
+/// `quiver bench restart --kafka`: the three restarts with Kafka carrying the log — each came
+/// back ready, and the snapshotting node wrote snapshots that name Kafka's streams.
+#[test]
+fn bench_restart_replays_from_kafka() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::KafkaBroker::start(&dir.path().join("broker"));
+    let out = dir.path().join("restart.json");
+    let (ok, stdout, stderr) = quiver(&[
+        "bench",
+        "restart",
+        "--entities",
+        "2000",
+        "--kafka",
+        &broker.addr(),
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let r = &report["results"]["restart"];
+    assert_eq!(r["log"], "kafka", "{r}");
+    for way in ["from_snapshot", "from_snapshot_and_tail", "from_log"] {
+        assert!(r[way]["kill9_to_ready_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(
+        r["from_snapshot"]["snapshot_bytes"].as_u64().unwrap() > 0,
+        "{r}"
+    );
+    assert_eq!(r["from_log"]["snapshot_bytes"], 0, "{r}");
+}
+
 /// `quiver bench cluster --kafka`: real `quiver serve` processes over the test broker; every
 /// call it reports succeeded, and the failover was observed.
 #[test]
