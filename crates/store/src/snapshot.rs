@@ -64,8 +64,6 @@ const MAGIC_V2: &[u8; 8] = b"QVSNAP02";
 
 /// A rows frame is closed once its plain body reaches this.
 const FRAME_TARGET_BYTES: usize = 256 << 10;
-/// The largest frame a loader accepts (a row of big vectors may overshoot the target).
-const FRAME_BYTES_MAX: u32 = 64 << 20;
 /// Bytes of the smallest row (key length, words count, one header word): bounds how many
 /// rows a file of a given size can claim, before reserving room for them.
 const ROW_BYTES_MIN: u64 = 12;
@@ -142,11 +140,12 @@ impl FrameWriter<'_> {
             }
             None => plain,
         };
-        assert!(
-            body.len() <= FRAME_BYTES_MAX as usize,
-            "a frame fits the loader's bound"
-        );
-        self.out.write_all(&(body.len() as u32).to_le_bytes())?;
+        // A frame overshoots the target by at most one row; the end frame holds the whole
+        // dedup window (16 bytes an id). Only a u32 length bounds them.
+        let len = u32::try_from(body.len()).map_err(|_| {
+            std::io::Error::other(format!("a snapshot frame of {} bytes", body.len()))
+        })?;
+        self.out.write_all(&len.to_le_bytes())?;
         self.out.write_all(&crc32c::crc32c(body).to_le_bytes())?;
         self.out.write_all(body)?;
         self.frames += 1;
@@ -335,6 +334,7 @@ pub fn load(
         sealer,
         partition,
         frames: 0,
+        left: size.saturating_sub(MAGIC.len() as u64),
         plain: Vec::new(),
     };
     let mut loader = Loader::new(&path, store, partition, size);
@@ -366,6 +366,9 @@ struct FrameReader<'a> {
     sealer: Option<&'a KeyRing>,
     partition: u32,
     frames: u32,
+    /// Bytes of the file not read yet: no length word may claim more (a damaged one would
+    /// otherwise allocate up to 4 GiB).
+    left: u64,
     plain: Vec<u8>,
 }
 
@@ -383,9 +386,15 @@ impl FrameReader<'_> {
         }
         .map_err(|_| corrupt(format!("frame {} truncated", self.frames)))?;
         let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
-        if len > FRAME_BYTES_MAX {
-            return Err(corrupt(format!("frame {} claims {len} bytes", self.frames)));
+        self.left = self.left.saturating_sub(8);
+        if u64::from(len) > self.left {
+            let left = self.left;
+            return Err(corrupt(format!(
+                "frame {} claims {len} bytes, {left} are left",
+                self.frames
+            )));
         }
+        self.left -= u64::from(len);
         self.plain.resize(len as usize, 0);
         self.input
             .read_exact(&mut self.plain)

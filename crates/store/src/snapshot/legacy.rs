@@ -61,7 +61,11 @@ pub(super) fn load(
             if magic != MAGIC_V3 && magic != MAGIC_V2 {
                 return Err(quiver_core::record::CodecError::Version(0));
             }
-            let _partition = r.u32()?;
+            let stored = r.u32()?;
+            if stored != partition {
+                // A plain snapshot renamed to another partition's file.
+                return Err(quiver_core::record::CodecError::Partition(stored));
+            }
             let (offsets, legacy_offset) = if magic == MAGIC_V2 {
                 (None, u64::from_le_bytes(r.array()?))
             } else {

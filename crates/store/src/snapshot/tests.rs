@@ -188,6 +188,23 @@ fn a_snapshot_loads_back_every_row_offset_and_dedup_id() {
 }
 
 #[test]
+fn a_dedup_window_larger_than_any_frame_of_rows_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = filled(10);
+    // 5M ids: an 80 MB end frame.
+    let mut big = DedupWindow::new(5_000_000);
+    for id in 0..5_000_000u128 {
+        big.insert(id << 64 | id);
+    }
+    write(dir.path(), &s, 0, &offsets(0), &big, None).unwrap();
+    let back = load(dir.path(), &store_of(CONFIG), 0, 5_000_000, None)
+        .unwrap()
+        .unwrap();
+    assert_eq!(back.dedup.len(), 5_000_000);
+    assert!(back.dedup.iter().eq(big.iter()));
+}
+
+#[test]
 fn a_snapshot_is_about_the_size_of_the_rows_it_holds() {
     let dir = tempfile::tempdir().unwrap();
     let features: Vec<String> = (0..32)
@@ -286,7 +303,7 @@ fn a_damaged_truncated_or_shortened_snapshot_is_refused() {
     let mut flipped = good.clone();
     flipped[frames[1].0 + 100] ^= 1;
     assert!(refused(&flipped, "a flipped bit").contains("checksum"));
-    refused(&good[..good.len() - 3], "a torn end");
+    assert!(refused(&good[..good.len() - 3], "a torn end").contains("are left"));
     let end = frames.last().unwrap();
     refused(&good[..end.0 - 8], "no end frame");
     // A whole rows frame cut out: every frame left is intact, the end's counts are not.
@@ -367,6 +384,14 @@ fn snapshots_of_the_previous_format_still_load() {
         assert_eq!(dump(&back), dump(&s));
         assert_eq!(loaded[1].offset_of("log-a"), Some(1001));
     }
+    // A plain old snapshot under another partition's name is refused too.
+    legacy::write_v3(dir.path(), &s, 1, &offsets(1), &dedup(), None).unwrap();
+    std::fs::copy(snapshot_path(dir.path(), 1), snapshot_path(dir.path(), 0)).unwrap();
+    let err = load(dir.path(), &store_of(CONFIG), 0, 100, None).unwrap_err();
+    assert!(
+        err.to_string().contains("a snapshot of partition 1"),
+        "{err}"
+    );
 }
 
 proptest! {
