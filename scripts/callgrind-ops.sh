@@ -13,6 +13,7 @@
 #   feast10    POST /get-online-features, 10 entities × 32 features
 #   predict    POST /v1/models/gbdt32/predict (lookup + 100-tree GBDT, LightGBM)
 #   ingest100  POST /v1/events?ack=durable, 100 events × 32 features (per event: ÷ 100)
+#   update100  the same, each event overwriting every feature of an entity already loaded
 #
 # Needs valgrind and target/release/quiver (cargo build --release -p quiver). Output files are
 # kept in $OUT (default: a temporary directory, printed) for callgrind_annotate.
@@ -58,8 +59,9 @@ for i in range(start, start + ops):
         c.request("POST", "/get-online-features", body=f'{{"features":{feats},"entities":{{"user_id":{keys}}}}}')
     elif scenario == "predict":
         c.request("POST", "/v1/models/gbdt32/predict", body=f'{{"entities":{{"user_id":"e{k}"}}}}')
-    elif scenario == "ingest100":
-        lines = "\n".join(json.dumps({"view": "row", "key": f"n{i}-{j}", "values": {f"f{f}": (i + j + f) / 7.0 for f in range(32)}}) for j in range(100))
+    elif scenario in ("ingest100", "update100"):
+        key = (lambda j: f"n{i}-{j}") if scenario == "ingest100" else (lambda j: f"e{(k + j * 131) % n}")
+        lines = "\n".join(json.dumps({"view": "row", "key": key(j), "values": {f"f{f}": (i + j + f) / 7.0 for f in range(32)}}) for j in range(100))
         c.request("POST", "/v1/events?ack=durable", body=lines)
     r = c.getresponse()
     body = r.read()
@@ -108,7 +110,7 @@ TOML
   PER=$((IR / OPS))
   case $S in
     feast10) UNIT=$((PER / 10)) ;;
-    ingest100) UNIT=$((PER / 100)) ;;
+    ingest100|update100) UNIT=$((PER / 100)) ;;
     *) UNIT=$PER ;;
   esac
   printf '| %s | %d | %d | %d |\n' "$S" "$OPS" "$PER" "$UNIT" >> "$OUT/summary.md"

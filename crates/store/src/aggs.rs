@@ -1,9 +1,9 @@
 //! One entity's window aggregations for one view: every ring (see `quiver_core::window`) in a
 //! single allocation of atomics, updated in place by the partition's materializer.
 //!
-//! Why in place and not copy-on-write like [`crate::Row`]: a 24 h window of 5-minute tiles is
-//! 289 tiles; copying every ring of an entity on every event would cost kilobytes of copying
-//! per event. Instead the single writer updates the numbers under a *seqlock*: it makes the
+//! Why in place rather than copied on write (as a [`crate::Row`] is when its shape changes):
+//! a 24 h window of 5-minute tiles is 289 tiles; copying every ring of an entity on every
+//! event would cost kilobytes of copying per event. Instead the single writer updates the numbers under a *seqlock*: it makes the
 //! sequence odd, writes, makes it even again; a reader copies what it needs and retries if the
 //! sequence moved. Readers never block and never wait for a lock; the writer never waits at all.
 //! All slots are `AtomicU64`s (f64 bits), so no `unsafe` is needed for the racy copy.
@@ -18,13 +18,7 @@ use quiver_core::time::EpochMs;
 use quiver_core::value::Value;
 use quiver_core::window::{ring_fold, ring_init, ring_newest, ring_read, AggFn, Slots};
 
-/// Attempts a reader makes before it yields the CPU between attempts. A retry means the
-/// writer updated this very entity during the read; on two cores the writer can be
-/// descheduled mid-write, and then spinning only delays it.
-const READ_SPINS_MAX: usize = 64;
-/// Attempts after which a reader gives up (and reports no value) instead of waiting forever:
-/// only reachable if the writer died in the middle of a write.
-const READ_ATTEMPTS_MAX: usize = 100_000;
+use crate::seqlock;
 
 /// Where each aggregation's ring starts in an [`AggCell`].
 #[derive(Debug, Clone)]
@@ -153,15 +147,11 @@ impl AggCell {
                 }
             }
             attempt += 1;
-            if attempt == READ_ATTEMPTS_MAX {
+            if attempt == seqlock::ATTEMPTS_MAX {
                 tracing::error!("aggregation state stuck mid-write (did its materializer die?); reporting no value");
                 return (Value::Null, None, 0);
             }
-            if attempt < READ_SPINS_MAX {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+            seqlock::pause(attempt);
         }
     }
 

@@ -6,10 +6,12 @@
 //! (epoch-based reclamation): a lookup never waits for a writer, a writer never waits for
 //! readers, and a reader holding a row keeps it alive until it is done. Each map has exactly
 //! one writer, the materializer of its partition, so there are no write-write races to
-//! resolve, and rows are immutable: an apply builds a new row and swaps it in whole, so a
-//! reader sees a row before or after an event, never half of one. (Rejected: `RwLock` or
-//! `DashMap` shards, whose readers block behind a writer holding the shard; left-right maps,
-//! which double memory.)
+//! resolve. A reader sees a row before or after an event, never half of one: an event that
+//! overwrites a dense numeric row whole (the common update) rewrites it in place under a
+//! per-row seqlock that readers check and retry on; any other event builds a new row and
+//! swaps it in whole. (Rejected: `RwLock` or `DashMap` shards, whose readers block behind a
+//! writer holding the shard; left-right maps, which double memory; always copying on write,
+//! which cost an allocation, a map insert and a reclamation per update.)
 
 mod aggs;
 mod dedup;
@@ -17,6 +19,7 @@ mod error;
 pub mod materializer;
 pub mod pit;
 pub mod row;
+mod seqlock;
 pub mod snapshot;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -64,9 +67,16 @@ pub struct FeatureRead {
     pub ts_ms: Option<EpochMs>,
 }
 
-/// Keys up to 24 bytes live inline in the map entry (no allocation of their own).
 /// Re-reads of a row whose aggregations moved past it mid-read (see [`Store::read`]).
 const READ_RETRIES_MAX: usize = 1000;
+
+fn not_found() -> FeatureRead {
+    FeatureRead {
+        status: Status::NotFound,
+        value: Value::Null,
+        ts_ms: None,
+    }
+}
 
 fn read_cell(cell: Cell, ttl_ms: Option<EpochMs>, now_ms: EpochMs) -> FeatureRead {
     let Some(ts) = cell.ts_ms() else {
@@ -210,8 +220,6 @@ impl Store {
         &self.layouts[usize::from(view)]
     }
 
-    /// Reads `features` of `key` in `view` as of `now_ms` into `out` (one entry per feature,
-    /// in order). Returns the row's version, or `None` if the entity has no row.
     /// Reads columns `columns` of `key` in `view` as of `now_ms` into `out`, one entry per
     /// column in order. Columns are features, then aggregations (`View::column_index`).
     /// Returns the row's version, or `None` if the entity has no row.
@@ -229,15 +237,24 @@ impl Store {
         let guard = map.guard();
         let start = out.len();
         let mut attempt = 0;
+        let mut overlapped = 0;
         loop {
             out.truncate(start);
-            let Some(row) = map.get(key, &guard) else {
-                out.extend(columns.iter().map(|_| FeatureRead {
-                    status: Status::NotFound,
-                    value: Value::Null,
-                    ts_ms: None,
-                }));
-                return None;
+            let row = map.get(key, &guard);
+            let seen = row.map(|r| (r, r.read_begin()));
+            let (row, seen) = match seen {
+                None => {
+                    out.extend(columns.iter().map(|_| not_found()));
+                    return None;
+                }
+                Some((row, Some(seen))) => (row, seen),
+                Some((_, None)) => {
+                    if self.overlapped(&mut overlapped) {
+                        continue;
+                    }
+                    out.extend(columns.iter().map(|_| not_found()));
+                    return None;
+                }
             };
             let mut agg_version = 0;
             for &c in columns {
@@ -257,26 +274,46 @@ impl Store {
                                 ts_ms: newest,
                             }
                         }
-                        _ => FeatureRead {
-                            status: Status::NotFound,
-                            value: Value::Null,
-                            ts_ms: None,
-                        },
+                        _ => not_found(),
                     },
                     None => read_cell(row.get(layout, c), v.ttl_ms, now_ms),
                 };
                 out.push(read);
             }
-            // The materializer updates aggregations in place *before* it swaps in the row of
-            // the same event: rings newer than the row mean that swap is in flight, so read
+            if !row.read_end(seen) {
+                // The row was overwritten in place during the copy: read it again.
+                if self.overlapped(&mut overlapped) {
+                    continue;
+                }
+                out.truncate(start);
+                out.extend(columns.iter().map(|_| not_found()));
+                return None;
+            }
+            let version = Row::version_of(seen);
+            // The materializer updates aggregations in place *before* it writes the row of
+            // the same event: rings newer than the row mean that write is in flight, so read
             // again to see both at one version. (Bounded; only a writer updating this very
             // entity continuously for the whole time could exhaust it.)
-            if agg_version <= row.version() || attempt == READ_RETRIES_MAX {
-                return Some(row.version());
+            if agg_version <= version || attempt == READ_RETRIES_MAX {
+                return Some(version);
             }
             attempt += 1;
             std::hint::spin_loop();
         }
+    }
+
+    /// Counts a read that an in-place write overlapped and waits before the next attempt.
+    /// `false`: the row has been mid-write for all of [`seqlock::ATTEMPTS_MAX`] attempts,
+    /// which only a materializer that died mid-write explains; the read reports no row
+    /// rather than half of one.
+    fn overlapped(&self, attempts: &mut usize) -> bool {
+        *attempts += 1;
+        if *attempts == seqlock::ATTEMPTS_MAX {
+            tracing::error!("row stuck mid-write (did its materializer die?); reporting no row");
+            return false;
+        }
+        seqlock::pause(*attempts);
+        true
     }
 
     /// The version of a row (`None` if absent): what the prediction cache keys on.
@@ -331,15 +368,16 @@ impl Store {
         }
         let map = &self.maps[partition as usize][usize::from(view_id)];
         let guard = map.guard();
+        let stored = map.get(rec.key, &guard);
         let fresh;
-        let base = match map.get(rec.key, &guard) {
+        let base = match stored {
             Some(row) => row,
             None => {
                 fresh = self.new_row(view_id);
                 &fresh
             }
         };
-        // Aggregations first, in place; then the row of the same version is swapped in (the
+        // Aggregations first, in place; then the row of the same version is written (the
         // order `Store::read` relies on to see both at one version).
         let aggs_changed = match (base.aggs(), &self.agg_layouts[usize::from(view_id)]) {
             (Some(cell), Some(al)) => {
@@ -347,18 +385,20 @@ impl Store {
             }
             _ => false,
         };
-        let next = match base.apply(layout, rec.ts_ms, offset, &values, &mut late.values) {
-            Some(row) => Some(row),
-            None if aggs_changed => Some(base.with_version(offset + 1)),
-            None => None,
-        };
-        match next {
-            Some(row) => {
-                map.insert(compact_str::CompactString::from(rec.key), row, &guard);
-                Applied::Changed
-            }
-            None => Applied::Late,
+        if stored.is_some() && base.overwrite_in_place(layout, rec.ts_ms, offset, &values) {
+            return Applied::Changed;
         }
+        let next = match base.apply(layout, rec.ts_ms, offset, &values, &mut late.values) {
+            Some(row) => row,
+            None if !aggs_changed => return Applied::Late,
+            None if stored.is_some() => {
+                base.set_version(offset + 1);
+                return Applied::Changed;
+            }
+            None => base.with_version(offset + 1),
+        };
+        map.insert(compact_str::CompactString::from(rec.key), next, &guard);
+        Applied::Changed
     }
 
     /// A row for an entity seen for the first time, with empty rings if the view aggregates.
@@ -512,7 +552,131 @@ mod tests {
         s.apply(s.partition_of(key), offset, &rec, &mut dedup, &mut late);
     }
 
+    fn record<'a>(key: &'a str, ts: i64, values: Vec<(&'a str, Value)>) -> Record<'a> {
+        Record {
+            ts_ms: ts,
+            view: "v",
+            key,
+            event_id: None,
+            dedup: None,
+            values,
+        }
+    }
+
+    /// The address of `key`'s row: unchanged by an in-place write, new after a swap.
+    fn row_address(s: &Store, key: &str) -> Option<usize> {
+        let map = &s.maps[s.partition_of(key) as usize][0];
+        map.pin().get(key).map(|r| r as *const Row as usize)
+    }
+
+    /// A reader racing the writer of one row always sees one whole event: both features and
+    /// the event time from the same record, and that record's version.
+    #[test]
+    fn a_reader_never_sees_half_of_an_in_place_overwrite() {
+        const EVENTS: u64 = 300_000;
+        let s = Arc::new(store(None));
+        let key = "k";
+        let p = s.partition_of(key);
+        let event = |i: u64| {
+            record(
+                key,
+                i as i64,
+                vec![("x", Value::F64(i as f64)), ("n", Value::I64(i as i64))],
+            )
+        };
+        let (mut dedup, mut late) = (DedupWindow::new(0), LateCounts::default());
+        assert_eq!(
+            s.apply(p, 0, &event(0), &mut dedup, &mut late),
+            Applied::Changed
+        );
+        let first = row_address(&s, key);
+        let writer = {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || {
+                let (mut dedup, mut late) = (DedupWindow::new(0), LateCounts::default());
+                for i in 1..EVENTS {
+                    assert_eq!(
+                        s.apply(p, i, &event(i), &mut dedup, &mut late),
+                        Applied::Changed
+                    );
+                }
+            })
+        };
+        let mut versions = std::collections::BTreeSet::new();
+        let mut out = Vec::new();
+        while !writer.is_finished() {
+            out.clear();
+            let version = s
+                .read(0, key, &[0, 1], i64::MAX, &mut out)
+                .expect("the row exists");
+            let i = version - 1;
+            assert_eq!(out[0].value, Value::F64(i as f64), "version {version}");
+            assert_eq!(out[1].value, Value::I64(i as i64), "version {version}");
+            assert_eq!(
+                (out[0].ts_ms, out[1].ts_ms),
+                (Some(i as i64), Some(i as i64))
+            );
+            versions.insert(version);
+        }
+        writer.join().unwrap();
+        assert!(
+            versions.len() > 10,
+            "the reads raced the writer ({} versions seen)",
+            versions.len()
+        );
+        assert_eq!(
+            row_address(&s, key),
+            first,
+            "every update was written in place"
+        );
+        out.clear();
+        assert_eq!(s.read(0, key, &[0, 1], i64::MAX, &mut out), Some(EVENTS));
+    }
+
     proptest! {
+        /// Whatever mix of whole, partial, null and late events arrives, the store (writing in
+        /// place where it can) reads back exactly what copying every event into a new row
+        /// gives, with the same version and late count; and a whole, timely event on a dense
+        /// row never moves the row.
+        #[test]
+        fn in_place_writes_equal_copying(events in prop::collection::vec((0i64..20, 1u8..4, any::<bool>()), 1..40)) {
+            let s = store(None);
+            let layout = s.layout(0).clone();
+            let (mut dedup, mut late) = (DedupWindow::new(0), LateCounts::default());
+            let mut model = Row::empty(&layout);
+            let mut model_late = 0;
+            for (offset, &(ts, mask, null)) in events.iter().enumerate() {
+                let offset = offset as u64;
+                let x = if null { Value::Null } else { Value::F64(offset as f64) };
+                let mut values = Vec::new();
+                let mut model_values = Vec::new();
+                if mask & 1 != 0 {
+                    values.push(("x", x.clone()));
+                    model_values.push((0, x));
+                }
+                if mask & 2 != 0 {
+                    values.push(("n", Value::I64(offset as i64)));
+                    model_values.push((1, Value::I64(offset as i64)));
+                }
+                let before = row_address(&s, "k");
+                let whole = mask == 3 && !null;
+                let dense_and_timely = before.is_some() && model.is_dense() && model.stamps()[0] as i64 <= ts;
+                s.apply(s.partition_of("k"), offset, &record("k", ts, values), &mut dedup, &mut late);
+                if let Some(next) = model.apply(&layout, ts, offset, &model_values, &mut model_late) {
+                    model = next;
+                }
+                if whole && dense_and_timely {
+                    prop_assert_eq!(row_address(&s, "k"), before, "written in place");
+                }
+                let mut out = Vec::new();
+                let version = s.read(0, "k", &[0, 1], i64::MAX, &mut out);
+                prop_assert_eq!(version, Some(model.version()));
+                let expected: Vec<FeatureRead> = (0..2).map(|f| read_cell(model.get(&layout, f), None, i64::MAX)).collect();
+                prop_assert_eq!(out, expected);
+                prop_assert_eq!(late.values, model_late);
+            }
+        }
+
         /// TTL: a value is PRESENT iff `now - ts <= ttl`; past it the read is OUTSIDE_MAX_AGE
         /// with no value, whatever the value was (explicit nulls included); never-set features
         /// are NOT_FOUND; a view without a TTL never expires.

@@ -1,11 +1,16 @@
 //! One entity's row of one view: the latest value of each feature and its event time, laid
-//! out compactly, immutable once built (the store swaps whole rows, so readers never see a
-//! half-applied event).
+//! out compactly. Readers never see a half-applied event: an event that changes the row's
+//! shape builds a new row that the store swaps in whole; an event that overwrites every
+//! feature of a DENSE numeric row (the common case: a producer sending all of a view's
+//! features) rewrites the words where they stand, under a seqlock in the header that readers
+//! check (see [`Row::overwrite_in_place`], [`Row::read_begin`]). The words are `AtomicU64`s so
+//! the racy copy needs no `unsafe`; relaxed loads and stores compile to plain moves.
 //!
 //! Layout of `words` (u64 each):
 //! ```text
-//! [0]                 header: bits 0..56 version (offset + 1 of the last record that changed
-//!                     the row), bits 56..63 S (distinct event times in use), bit 63 DENSE
+//! [0]                 header: bits 0..55 version (offset + 1 of the last record that changed
+//!                     the row), bit 55 WRITING (an in-place write is under way), bits 56..63
+//!                     S (distinct event times in use), bit 63 DENSE
 //! [1 .. 1+S]          the distinct event times (epoch ms)
 //! [1+S .. 1+S+N]      numeric slots (f64 bits, i64, bool) in feature order of numeric features
 //! [.. + ceil(F/8)]    one byte per feature: 0xFF never set; else bit 7 = explicit null,
@@ -20,6 +25,7 @@
 //! are applied in log order, so on a tie the later offset (the new record) wins — the
 //! (event time, offset) order of DESIGN.md §2 without storing offsets per feature.
 
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use quiver_core::schema::{FeatureIdx, View};
@@ -108,16 +114,30 @@ impl Cell {
     }
 }
 
-const VERSION_MASK: u64 = (1 << 56) - 1;
+const VERSION_MASK: u64 = (1 << 55) - 1;
+const WRITING_BIT: u64 = 1 << 55;
 const STAMPS_SHIFT: u32 = 56;
 const DENSE_BIT: u64 = 1 << 63;
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Row {
-    words: Box<[u64]>,
+    words: Box<[AtomicU64]>,
     /// Only for views with string/vector features or aggregations, so that the row handle
     /// stays three words for the rest.
     extra: Option<Box<Extra>>,
+}
+
+impl Clone for Row {
+    fn clone(&self) -> Row {
+        Row {
+            words: self
+                .words
+                .iter()
+                .map(|w| AtomicU64::new(w.load(Ordering::Relaxed)))
+                .collect(),
+            extra: self.extra.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -156,9 +176,22 @@ impl Row {
             version <= VERSION_MASK && version > self.version(),
             "versions only grow"
         );
-        let mut row = self.clone();
-        row.words[0] = (row.words[0] & !VERSION_MASK) | version;
+        let row = self.clone();
+        row.words[0].store((self.header() & !VERSION_MASK) | version, Ordering::Relaxed);
         row
+    }
+
+    /// Sets the version of this row where it stands: an event changed only its aggregations.
+    /// Only the row's writer (its partition's materializer) calls this.
+    pub(crate) fn set_version(&self, version: u64) {
+        let header = self.header();
+        assert!(
+            version <= VERSION_MASK && version > header & VERSION_MASK,
+            "versions only grow"
+        );
+        debug_assert_eq!(header & WRITING_BIT, 0, "one writer");
+        // One store: a reader sees the old header or the new one, and retries on a change.
+        self.words[0].store((header & !VERSION_MASK) | version, Ordering::Release);
     }
 
     fn build(
@@ -173,7 +206,7 @@ impl Row {
         debug_assert_eq!(nums.len(), layout.nums);
         assert!(
             version <= VERSION_MASK,
-            "row versions are log offsets, far below 2^56"
+            "row versions are log offsets, far below 2^55"
         );
         assert!(stamps.len() <= STAMPS_MAX);
         let dense = stamps.len() == 1 && idx.iter().all(|&b| b == 0);
@@ -194,31 +227,71 @@ impl Row {
                 words.push(u64::from_le_bytes(b));
             }
         }
+        Row::from_words(words, extra)
+    }
+
+    fn from_words(words: Vec<u64>, extra: Option<Box<Extra>>) -> Row {
         Row {
-            words: words.into_boxed_slice(),
+            // Same size and alignment: collected in place, no second allocation.
+            words: words.into_iter().map(AtomicU64::new).collect(),
             extra,
         }
     }
 
+    fn word(&self, i: usize) -> u64 {
+        self.words[i].load(Ordering::Relaxed)
+    }
+
+    fn header(&self) -> u64 {
+        self.word(0)
+    }
+
     pub fn version(&self) -> u64 {
-        self.words[0] & VERSION_MASK
+        self.header() & VERSION_MASK
+    }
+
+    /// Starts a consistent read: the header to hand to [`read_end`](Self::read_end), or `None`
+    /// while an in-place write is under way (try again).
+    pub(crate) fn read_begin(&self) -> Option<u64> {
+        let header = self.words[0].load(Ordering::Acquire);
+        (header & WRITING_BIT == 0).then_some(header)
+    }
+
+    /// Whether everything read since [`read_begin`](Self::read_begin) returned `seen` belongs
+    /// to one version of the row. Every write in place makes the version grow (see
+    /// [`overwrite_in_place`](Self::overwrite_in_place), [`set_version`](Self::set_version)),
+    /// so an unchanged header means no write happened in between.
+    pub(crate) fn read_end(&self, seen: u64) -> bool {
+        fence(Ordering::Acquire);
+        self.words[0].load(Ordering::Relaxed) == seen
+    }
+
+    /// The version a header from [`read_begin`](Self::read_begin) names.
+    pub(crate) fn version_of(header: u64) -> u64 {
+        header & VERSION_MASK
     }
 
     fn stamp_count(&self) -> usize {
-        ((self.words[0] & !DENSE_BIT) >> STAMPS_SHIFT) as usize
+        // In-place writes never change S or DENSE: these bits are stable for the row's life.
+        ((self.header() & !DENSE_BIT) >> STAMPS_SHIFT) as usize
     }
 
-    fn is_dense(&self) -> bool {
-        self.words[0] & DENSE_BIT != 0
+    pub(crate) fn is_dense(&self) -> bool {
+        self.header() & DENSE_BIT != 0
     }
 
-    fn stamps(&self) -> &[u64] {
-        &self.words[1..1 + self.stamp_count()]
+    fn stamp(&self, i: usize) -> u64 {
+        assert!(i < self.stamp_count());
+        self.word(1 + i)
     }
 
-    fn nums<'a>(&'a self, layout: &Layout) -> &'a [u64] {
-        let start = 1 + self.stamp_count();
-        &self.words[start..start + layout.nums]
+    pub(crate) fn stamps(&self) -> Vec<u64> {
+        (0..self.stamp_count()).map(|i| self.stamp(i)).collect()
+    }
+
+    fn num(&self, layout: &Layout, n: usize) -> u64 {
+        assert!(n < layout.nums);
+        self.word(1 + self.stamp_count() + n)
     }
 
     fn idx_byte(&self, layout: &Layout, f: usize) -> u8 {
@@ -226,7 +299,7 @@ impl Row {
             return 0;
         }
         let start = 1 + self.stamp_count() + layout.nums;
-        self.words[start + f / 8].to_le_bytes()[f % 8]
+        self.word(start + f / 8).to_le_bytes()[f % 8]
     }
 
     pub fn get(&self, layout: &Layout, f: FeatureIdx) -> Cell {
@@ -235,13 +308,13 @@ impl Row {
         if b == ABSENT {
             return Cell::Absent;
         }
-        let ts_ms = self.stamps()[usize::from(b & !NULL_BIT)] as EpochMs;
+        let ts_ms = self.stamp(usize::from(b & !NULL_BIT)) as EpochMs;
         if b & NULL_BIT != 0 {
             return Cell::Null { ts_ms };
         }
         let value = match layout.slots[fi] {
             Slot::Num(n) => {
-                let bits = self.nums(layout)[usize::from(n)];
+                let bits = self.num(layout, usize::from(n));
                 match layout.types[fi] {
                     FeatureType::F64 => Value::F64(f64::from_bits(bits)),
                     FeatureType::I64 => Value::I64(bits as i64),
@@ -293,7 +366,7 @@ impl Row {
             .iter()
             .map(|&b| (b != ABSENT).then(|| old_stamps[usize::from(b & !NULL_BIT)] as EpochMs))
             .collect();
-        let mut nums = self.nums(layout).to_vec();
+        let mut nums: Vec<u64> = (0..layout.nums).map(|n| self.num(layout, n)).collect();
         let mut extra = self.extra.clone();
         let mut changed = false;
         for (f, value) in values {
@@ -365,12 +438,12 @@ impl Row {
                 .iter()
                 .enumerate()
                 .all(|(i, (f, v))| usize::from(*f) == i && !matches!(v, Value::Null));
-        if !covers || self.stamps().iter().any(|&t| ts_ms < t as EpochMs) {
+        if !covers || (0..self.stamp_count()).any(|i| ts_ms < self.stamp(i) as EpochMs) {
             return None;
         }
         assert!(
             offset < VERSION_MASK,
-            "row versions are log offsets, far below 2^56"
+            "row versions are log offsets, far below 2^55"
         );
         let mut words = Vec::with_capacity(2 + layout.nums);
         words.push((offset + 1) | (1 << STAMPS_SHIFT) | DENSE_BIT);
@@ -387,10 +460,54 @@ impl Row {
             }
         }
         debug_assert_eq!(words.len(), 2 + layout.nums);
-        Some(Row {
-            words: words.into_boxed_slice(),
-            extra,
-        })
+        Some(Row::from_words(words, extra))
+    }
+
+    /// [`overwrite_all`](Self::overwrite_all) done to this row where it stands, when the new
+    /// row would have this one's shape: this row is DENSE and the view keeps nothing outside
+    /// the words (no strings or vectors). Saves the allocation of a new row, the map insert
+    /// and the reclamation of the old row — the whole cost of an update but its reads. Returns
+    /// whether it applied; `false` changes nothing. Only the row's writer (its partition's
+    /// materializer) calls this: a seqlock orders one writer against readers, not writers.
+    pub(crate) fn overwrite_in_place(
+        &self,
+        layout: &Layout,
+        ts_ms: EpochMs,
+        offset: u64,
+        values: &[(FeatureIdx, Value)],
+    ) -> bool {
+        let covers = values.len() == layout.features()
+            && values
+                .iter()
+                .enumerate()
+                .all(|(i, (f, v))| usize::from(*f) == i && !matches!(v, Value::Null));
+        let header = self.header();
+        if layout.heaps > 0 || header & DENSE_BIT == 0 || !covers {
+            return false;
+        }
+        // Only a growing version may be written in place: readers detect a write by the
+        // header changing, which a version coming back to a value they saw would hide. (A
+        // point-in-time replay applies records in event-time order, not offset order: it
+        // copies.)
+        if ts_ms < self.stamp(0) as EpochMs || offset < header & VERSION_MASK {
+            return false;
+        }
+        assert!(
+            offset < VERSION_MASK,
+            "row versions are log offsets, far below 2^55"
+        );
+        assert_eq!(self.words.len(), 2 + layout.nums, "a DENSE row's shape");
+        debug_assert_eq!(header & WRITING_BIT, 0, "one writer");
+        self.words[0].store(header | WRITING_BIT, Ordering::Relaxed);
+        fence(Ordering::Release);
+        self.words[1].store(ts_ms as u64, Ordering::Relaxed);
+        // Every feature is numeric here, and numeric slots are numbered in feature order.
+        for (slot, (_, value)) in self.words[2..].iter().zip(values) {
+            slot.store(slot_bits(value), Ordering::Relaxed);
+        }
+        let next = (header & !VERSION_MASK) | (offset + 1);
+        self.words[0].store(next, Ordering::Release);
+        true
     }
 
     /// Bytes this row occupies on the heap (the words and heap slots, not the map entry).
@@ -403,9 +520,10 @@ impl Row {
                 .unwrap_or(0)
     }
 
-    /// The row's words as laid out above: what a snapshot stores.
-    pub fn words(&self) -> &[u64] {
-        &self.words
+    /// The row's words as laid out above: what a snapshot stores. (Read without the seqlock:
+    /// only the row's writer, which takes the snapshots, may call this on a live row.)
+    pub fn words(&self) -> impl ExactSizeIterator<Item = u64> + '_ {
+        self.words.iter().map(|w| w.load(Ordering::Relaxed))
     }
 
     /// The string and vector slots, in feature order (`Null` where never set).
@@ -419,7 +537,7 @@ impl Row {
         let header = *words.first()?;
         let stamps = ((header & !DENSE_BIT) >> STAMPS_SHIFT) as usize;
         let dense = header & DENSE_BIT != 0;
-        if stamps > STAMPS_MAX || (dense && stamps != 1) {
+        if stamps > STAMPS_MAX || (dense && stamps != 1) || header & WRITING_BIT != 0 {
             return None;
         }
         let idx_words = if dense {
@@ -430,13 +548,13 @@ impl Row {
         if words.len() != 1 + stamps + layout.nums + idx_words || heap.len() != layout.heaps {
             return None;
         }
-        let row = Row {
-            words,
-            extra: empty_extra(layout).map(|mut e| {
+        let row = Row::from_words(
+            words.into_vec(),
+            empty_extra(layout).map(|mut e| {
                 e.heap = heap.into_boxed_slice();
                 e
             }),
-        };
+        );
         // Every index byte names a stored time, every value fits its type (a NaN in an f64
         // slot would fail serialization later, far from here).
         let fits = (0..layout.features()).all(|f| {
@@ -484,7 +602,7 @@ impl Row {
             }
         }
         assert!(version <= VERSION_MASK);
-        row.words[0] = (row.words[0] & !VERSION_MASK) | version;
+        row.words[0] = AtomicU64::new((row.header() & !VERSION_MASK) | version);
         row
     }
 }
@@ -611,7 +729,7 @@ features = [
             prop_assert_eq!(late_apply, late_general);
             match (applied, general) {
                 (Some(a), Some(g)) => {
-                    prop_assert_eq!(&a.words, &g.words);
+                    prop_assert_eq!(a.words().collect::<Vec<_>>(), g.words().collect::<Vec<_>>());
                     prop_assert_eq!(a.heap_values(), g.heap_values());
                 }
                 (a, g) => prop_assert!(a.is_none() && g.is_none()),
