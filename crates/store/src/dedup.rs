@@ -44,6 +44,14 @@ impl DedupWindow {
         true
     }
 
+    /// Makes room for `ids` more ids (at most the window's capacity): a snapshot's window
+    /// about to load.
+    pub fn reserve(&mut self, ids: usize) {
+        let ids = ids.min(self.capacity.saturating_sub(self.order.len()));
+        self.order.reserve(ids);
+        self.seen.reserve(ids);
+    }
+
     /// Ids oldest first, for snapshots.
     pub fn iter(&self) -> impl Iterator<Item = u128> + '_ {
         self.order.iter().copied()
@@ -72,5 +80,17 @@ mod tests {
         assert_eq!(w.len(), 2);
         assert!(w.insert(1), "1 fell out of the window");
         assert!(!w.insert(3));
+    }
+
+    #[test]
+    fn reserving_is_bounded_by_the_window() {
+        // A snapshot may claim any number of ids: reserving must not try to allocate them.
+        let mut w = DedupWindow::new(4);
+        w.reserve(usize::MAX);
+        assert!(w.insert(1));
+        assert!(!w.insert(1));
+        let mut off = DedupWindow::new(0);
+        off.reserve(usize::MAX);
+        assert!(off.is_empty());
     }
 }

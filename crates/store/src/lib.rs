@@ -138,6 +138,9 @@ impl Inserter<'_> {
 pub struct Store {
     schema: Arc<Schema>,
     layouts: Vec<Layout>,
+    /// Per view: the row of an entity never seen, read (never written) by the first event of
+    /// each new entity of a view without aggregations instead of building one per insert.
+    empty_rows: Vec<Row>,
     agg_layouts: Vec<Option<AggLayout>>,
     partitions: u32,
     /// `[partition][view]`
@@ -179,6 +182,7 @@ impl Store {
             .map(|_| schema.views.iter().map(|_| RowMap::new()).collect())
             .collect();
         Store {
+            empty_rows: layouts.iter().map(Row::empty).collect(),
             agg_layouts: schema.views.iter().map(AggLayout::of).collect(),
             layouts,
             partitions,
@@ -372,6 +376,9 @@ impl Store {
         let fresh;
         let base = match stored {
             Some(row) => row,
+            None if self.agg_layouts[usize::from(view_id)].is_none() => {
+                &self.empty_rows[usize::from(view_id)]
+            }
             None => {
                 fresh = self.new_row(view_id);
                 &fresh

@@ -313,15 +313,7 @@ impl Row {
             return Cell::Null { ts_ms };
         }
         let value = match layout.slots[fi] {
-            Slot::Num(n) => {
-                let bits = self.num(layout, usize::from(n));
-                match layout.types[fi] {
-                    FeatureType::F64 => Value::F64(f64::from_bits(bits)),
-                    FeatureType::I64 => Value::I64(bits as i64),
-                    FeatureType::Bool => Value::Bool(bits != 0),
-                    other => unreachable!("{other} is not a numeric slot"),
-                }
-            }
+            Slot::Num(n) => num_value(layout.types[fi], self.num(layout, usize::from(n))),
             Slot::Heap(h) => self
                 .extra
                 .as_ref()
@@ -531,10 +523,21 @@ impl Row {
         self.extra.as_ref().map_or(&[], |e| &e.heap)
     }
 
-    /// A row from [`words`](Self::words) and [`heap_values`](Self::heap_values) stored under
-    /// the same layout (snapshot load), checked so that no input can make a read panic.
-    pub fn from_parts(layout: &Layout, words: Box<[u64]>, heap: Vec<Value>) -> Option<Row> {
-        let header = *words.first()?;
+    /// A row from [`words`](Self::words) (as little-endian bytes, 8 per word) and
+    /// [`heap_values`](Self::heap_values) stored under the same layout (snapshot load),
+    /// checked so that no input can make a read panic. The words are copied once, into the
+    /// row, then checked there.
+    pub fn from_parts(layout: &Layout, le: &[u8], heap: Vec<Value>) -> Option<Row> {
+        if !le.len().is_multiple_of(8) {
+            return None;
+        }
+        let atomics: Box<[AtomicU64]> = le
+            .chunks_exact(8)
+            .map(|c| AtomicU64::new(u64::from_le_bytes(c.try_into().expect("8 bytes"))))
+            .collect();
+        let words = atomics.len();
+        let word = |i: usize| atomics[i].load(Ordering::Relaxed);
+        let header = (words > 0).then(|| word(0))?;
         let stamps = ((header & !DENSE_BIT) >> STAMPS_SHIFT) as usize;
         let dense = header & DENSE_BIT != 0;
         if stamps > STAMPS_MAX || (dense && stamps != 1) || header & WRITING_BIT != 0 {
@@ -545,30 +548,39 @@ impl Row {
         } else {
             layout.features().div_ceil(8)
         };
-        if words.len() != 1 + stamps + layout.nums + idx_words || heap.len() != layout.heaps {
+        if words != 1 + stamps + layout.nums + idx_words || heap.len() != layout.heaps {
             return None;
         }
-        let row = Row::from_words(
-            words.into_vec(),
-            empty_extra(layout).map(|mut e| {
-                e.heap = heap.into_boxed_slice();
-                e
-            }),
-        );
         // Every index byte names a stored time, every value fits its type (a NaN in an f64
-        // slot would fail serialization later, far from here).
+        // slot would fail serialization later, far from here). Checked on the plain words,
+        // without building cells: this check was half of a snapshot load's instructions.
+        let idx_byte = |f: usize| {
+            let at = 1 + stamps + layout.nums + f / 8;
+            if dense {
+                0
+            } else {
+                word(at).to_le_bytes()[f % 8]
+            }
+        };
         let fits = (0..layout.features()).all(|f| {
-            let b = row.idx_byte(layout, f);
+            let b = idx_byte(f);
             if b == ABSENT || b & NULL_BIT != 0 {
                 return b == ABSENT || usize::from(b & !NULL_BIT) < stamps;
             }
+            let ty = layout.types[f];
             usize::from(b) < stamps
-                && match row.get(layout, f as FeatureIdx) {
-                    Cell::Value { value, .. } => value.fits(layout.types[f]),
-                    _ => false,
+                && match layout.slots[f] {
+                    Slot::Num(n) => num_fits(ty, word(1 + stamps + usize::from(n))),
+                    Slot::Heap(h) => heap[usize::from(h)].fits(ty),
                 }
         });
-        fits.then_some(row)
+        fits.then(|| Row {
+            words: atomics,
+            extra: empty_extra(layout).map(|mut e| {
+                e.heap = heap.into_boxed_slice();
+                e
+            }),
+        })
     }
 
     /// Rebuilds a row from cells (snapshot load).
@@ -604,6 +616,26 @@ impl Row {
         assert!(version <= VERSION_MASK);
         row.words[0] = AtomicU64::new((row.header() & !VERSION_MASK) | version);
         row
+    }
+}
+
+/// The value a numeric slot of type `ty` holds as `bits`.
+fn num_value(ty: FeatureType, bits: u64) -> Value {
+    match ty {
+        FeatureType::F64 => Value::F64(f64::from_bits(bits)),
+        FeatureType::I64 => Value::I64(bits as i64),
+        FeatureType::Bool => Value::Bool(bits != 0),
+        other => unreachable!("{other} is not a numeric slot"),
+    }
+}
+
+/// Whether `bits` are a value of numeric type `ty` ([`Value::fits`] of
+/// [`num_value`], without building the value).
+fn num_fits(ty: FeatureType, bits: u64) -> bool {
+    match ty {
+        FeatureType::F64 => f64::from_bits(bits).is_finite(),
+        FeatureType::I64 | FeatureType::Bool => true,
+        other => unreachable!("{other} is not a numeric slot"),
     }
 }
 

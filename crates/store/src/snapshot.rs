@@ -566,11 +566,7 @@ impl<'s> Loader<'s> {
         let (key, words, heap) = (|| {
             let key = r.str16("key")?;
             let n = usize::from(r.u16()?);
-            let words: Box<[u64]> = r
-                .take(n * 8)?
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-                .collect();
+            let words = r.take(n * 8)?;
             let heap = (0..view.layout.heap_slots())
                 .map(|_| r.value())
                 .collect::<std::result::Result<Vec<_>, _>>()?;
@@ -642,6 +638,9 @@ impl<'s> Loader<'s> {
             let (frames, rows) = (r.u32()?, u64::from_le_bytes(r.array()?));
             let n = u64::from_le_bytes(r.array()?);
             let mut dedup = DedupWindow::new(dedup_capacity);
+            // Sized once (the window's growth by rehashing was a tenth of a load); a length
+            // claiming more ids than the frame holds reserves no more than it holds.
+            dedup.reserve(n.min(r.remaining() as u64 / 16) as usize);
             for _ in 0..n {
                 dedup.insert(u128::from_le_bytes(r.array()?));
             }
