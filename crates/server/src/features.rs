@@ -53,9 +53,11 @@ pub async fn read_after(state: &AppState, headers: &HeaderMap) -> Result<Option<
 pub async fn get_entity(
     State(state): State<Arc<AppState>>,
     Path((view, key)): Path<(String, String)>,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
+    // The request itself, to borrow its URI and headers (the `Uri` and `HeaderMap`
+    // extractors clone them: an allocation per header on the hottest read).
+    req: axum::extract::Request,
 ) -> Response {
+    let (uri, headers) = (req.uri(), req.headers());
     let started = Instant::now();
     if state.peers.is_some() {
         let p = state.node.store.partition_of(&key);
@@ -65,7 +67,7 @@ pub async fn get_entity(
             p,
             axum::http::Method::GET,
             path,
-            &headers,
+            headers,
             bytes::Bytes::new(),
         )
         .await;
@@ -75,7 +77,7 @@ pub async fn get_entity(
             Err(e) => return e.into_response(),
         }
     }
-    let result = get_entity_inner(&state, &view, &key, &headers).await;
+    let result = get_entity_inner(&state, &view, &key, headers).await;
     metrics::histogram!(t::LOOKUP_SECONDS, "path" => "single")
         .record(started.elapsed().as_secs_f64());
     match result {

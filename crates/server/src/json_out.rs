@@ -30,6 +30,16 @@ impl JsonBuf {
     }
 
     pub fn str(&mut self, s: &str) -> &mut Self {
+        // Feature names, keys and views rarely need escaping: copy those as they are.
+        if s.bytes()
+            .all(|b| (0x20..0x7F).contains(&b) && b != b'"' && b != b'\\')
+        {
+            self.buf.reserve(s.len() + 2);
+            self.buf.push(b'"');
+            self.buf.extend_from_slice(s.as_bytes());
+            self.buf.push(b'"');
+            return self;
+        }
         serde_json::to_writer(&mut self.buf, s).expect("writing to a Vec cannot fail");
         self
     }
@@ -91,6 +101,17 @@ impl JsonBuf {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Any string (the copied fast path or serde's escaping) reads back as itself.
+        #[test]
+        fn any_string_round_trips(s in ".*|[ -~]*|[\\x00-\\x7f]*") {
+            let mut j = JsonBuf::with_capacity(8);
+            j.str(&s);
+            let back: String = serde_json::from_slice(&j.buf).unwrap();
+            proptest::prop_assert_eq!(back, s);
+        }
+    }
+
     #[test]
     fn writes_valid_json() {
         let mut j = JsonBuf::with_capacity(64);
@@ -108,11 +129,15 @@ mod tests {
             .timestamp(1)
             .raw(",")
             .timestamp(0)
+            .raw(",")
+            .str("plain")
+            .raw(",")
+            .str("t\tab\\ é \u{7f}")
             .raw("]}");
         let v: serde_json::Value = serde_json::from_slice(&j.buf).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"a\"b": [1.5, [1.0, 2.5], "x\ny", "1970-01-01T00:00:00.000Z", "1970-01-01T00:00:00.001Z", "1970-01-01T00:00:00.000Z"]})
+            serde_json::json!({"a\"b": [1.5, [1.0, 2.5], "x\ny", "1970-01-01T00:00:00.000Z", "1970-01-01T00:00:00.001Z", "1970-01-01T00:00:00.000Z", "plain", "t\tab\\ é \u{7f}"]})
         );
     }
 }
