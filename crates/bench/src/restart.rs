@@ -255,7 +255,11 @@ fn wait_snapshots(dir: &Path, partitions: u32, quiet: Duration, max: Duration) -
             })
             .collect();
         let last = written.iter().max().copied();
-        let settled = last.is_some_and(|t| t.elapsed().is_ok_and(|e| e >= quiet));
+        // A snapshot still being written (its temporary file present) is not settled: killed
+        // mid-write, it would leave the previous snapshot, which may not hold everything, and
+        // a temporary counted in the snapshot bytes.
+        let settled = last.is_some_and(|t| t.elapsed().is_ok_and(|e| e >= quiet))
+            && !writing(&dir.join("snapshots"));
         if written.len() == partitions as usize && settled {
             return Ok(());
         }
@@ -269,6 +273,15 @@ fn wait_snapshots(dir: &Path, partitions: u32, quiet: Duration, max: Duration) -
 }
 
 /// Bytes of the files under `dir`, recursively.
+/// Whether a snapshot is being written in `dir` (an `AtomicFile` temporary exists).
+fn writing(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+    })
+}
+
 fn dir_bytes(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
