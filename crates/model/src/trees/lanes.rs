@@ -336,8 +336,12 @@ mod tests {
                 // Values a hair from a threshold (0.1, -0.3): equal in f32, not in f64.
                 Just(f64::NAN), Just(0.0), Just(-0.0), Just(1e-36), Just(0.1 + 1e-12), Just(-0.3 - 1e-12),
                 (-120i32..120).prop_map(|v| f64::from(v) / 10.0)
-            ], 5), 1..40),
+            ], 70), 1..40),
+            wide in any::<bool>(),
         ) {
+            // Rows of 5 inputs are rounded to f32 on the stack, rows of 70 on the heap.
+            let inputs = if wide { 70 } else { 5 };
+            let rows: Vec<Vec<f64>> = rows.iter().map(|r| r[..inputs].to_vec()).collect();
             // Index 4: XGBoost splits with one ONNX `Lt` tree among them (the mixed path).
             let rules = [Rule::XgbLess, Rule::LgbLessEq { zero_missing: false }, Rule::Onnx(Mode::Leq), Rule::Onnx(Mode::Lt), Rule::Onnx(Mode::Gt)];
             let rule = rules[rule];
@@ -345,7 +349,7 @@ mod tests {
             for t in 0..trees {
                 roots.push(nodes.len() as u32);
                 let rule = if t == 1 && seed % 2 == 0 { Rule::Onnx(Mode::Lt) } else { rule };
-                tree(&mut nodes, depth, &mut s, rule, 5);
+                tree(&mut nodes, depth, &mut s, rule, inputs as u32);
             }
             if seed % 3 == 0 {
                 // LightGBM with no zero-as-missing split: its loop of its own.
@@ -358,7 +362,7 @@ mod tests {
             let lanes = Lanes::compile(&nodes, &roots);
             let flat: Vec<f64> = rows.iter().flatten().copied().collect();
             let mut batch = vec![0.0; rows.len()];
-            lanes.add_rows(&flat, 5, &mut batch);
+            lanes.add_rows(&flat, inputs, &mut batch);
             for (row, b) in rows.iter().zip(&batch) {
                 let mut expected = 0.0;
                 for &r in &roots {
