@@ -36,10 +36,7 @@ impl AtomicFile {
             _ => Path::new("."),
         };
         std::fs::create_dir_all(dir)?;
-        let name = path
-            .file_name()
-            .ok_or_else(|| std::io::Error::other("a file path is needed"))?;
-        let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+        let tmp = temporary_of(path)?;
         let file = File::create(&tmp)?;
         Ok(AtomicFile {
             path: path.to_path_buf(),
@@ -57,6 +54,25 @@ impl AtomicFile {
         drop(file);
         std::fs::rename(&self.tmp, &self.path)?;
         File::open(&self.dir)?.sync_all()
+    }
+}
+
+/// The temporary an [`AtomicFile`] for `path` writes to, beside it.
+fn temporary_of(path: &Path) -> std::io::Result<PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("a file path is needed"))?;
+    Ok(path.with_file_name(format!(".{}.tmp", name.to_string_lossy())))
+}
+
+/// Removes the temporary a process killed in the middle of replacing `path` left behind
+/// (dropped, an [`AtomicFile`] removes its own; `kill -9` gives it no chance). Returns whether
+/// there was one. Only for when nothing can be writing `path`: at start-up, before its writer.
+pub fn remove_abandoned(path: &Path) -> std::io::Result<bool> {
+    match std::fs::remove_file(temporary_of(path)?) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -88,6 +104,28 @@ mod tests {
         super::write_atomic(&p, b"second").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"second");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_temporary_abandoned_mid_write_is_removed_and_the_file_kept() {
+        use super::{remove_abandoned, write_atomic, AtomicFile};
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p-0000.snap");
+        write_atomic(&path, b"old").unwrap();
+        let mut half = AtomicFile::create(&path).unwrap();
+        half.write_all(b"half of the new").unwrap();
+        half.flush().unwrap();
+        std::mem::forget(half); // what kill -9 does: no drop
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        assert!(remove_abandoned(&path).unwrap());
+        assert!(!remove_abandoned(&path).unwrap(), "nothing left to remove");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("p-0000.snap")]);
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
     }
 
     #[test]

@@ -279,6 +279,15 @@ fn recover(
 ) -> Result<Recovered> {
     let ids = log.partition_streams(p);
     let info = log.streams();
+    // A snapshot the last run was killed in the middle of writing: its temporary (up to the
+    // partition's size) would otherwise stay until the next snapshot overwrites it.
+    match quiver_fsutil::remove_abandoned(&snapshot::snapshot_path(&opts.snapshot_dir, p)) {
+        Ok(true) => tracing::info!(partition = p, "removed a snapshot abandoned mid-write"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(partition = p, error = %e, "could not remove an abandoned snapshot")
+        }
+    }
     let loaded = match snapshot::load(
         &opts.snapshot_dir,
         store,

@@ -330,3 +330,43 @@ fn snapshots_follow_the_log_volume_not_the_clock() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A snapshot's temporary left by a process killed mid-write is removed when the partition
+/// recovers, and the snapshot it was replacing still loads.
+#[test]
+fn recovery_removes_a_snapshot_abandoned_mid_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = 1_700_000_000_000i64;
+    let node = start(dir.path(), Duration::from_secs(3600));
+    let token = push(&node, &updates(t0, 40, 0));
+    wait(&node, &token);
+    node.mats.shutdown();
+    drop(node);
+    let snapshots = dir.path().join("snapshots");
+    let path = quiver_store::snapshot::snapshot_path(&snapshots, 0);
+    let mut half = quiver_fsutil::AtomicFile::create(&path).unwrap();
+    std::io::Write::write_all(&mut half, b"the first bytes of a newer snapshot").unwrap();
+    std::io::Write::flush(&mut half).unwrap();
+    std::mem::forget(half); // kill -9: no drop
+    let names = |d: &std::path::Path| -> Vec<String> {
+        let mut n: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(
+        names(&snapshots).len(),
+        5,
+        "four snapshots and the abandoned temporary"
+    );
+    let node = start(dir.path(), Duration::from_secs(3600));
+    wait(&node, &token);
+    assert_eq!(
+        names(&snapshots),
+        (0..4).map(|p| format!("p-{p:04}.snap")).collect::<Vec<_>>()
+    );
+    assert_eq!(node.store.rows(), 40, "the snapshots still load");
+    node.mats.shutdown();
+}
