@@ -425,11 +425,7 @@ impl Row {
         offset: u64,
         values: &[(FeatureIdx, Value)],
     ) -> Option<Row> {
-        let covers = values.len() == layout.features()
-            && values
-                .iter()
-                .enumerate()
-                .all(|(i, (f, v))| usize::from(*f) == i && !matches!(v, Value::Null));
+        let covers = sets_every_feature(layout, values);
         if !covers || (0..self.stamp_count()).any(|i| ts_ms < self.stamp(i) as EpochMs) {
             return None;
         }
@@ -468,11 +464,7 @@ impl Row {
         offset: u64,
         values: &[(FeatureIdx, Value)],
     ) -> bool {
-        let covers = values.len() == layout.features()
-            && values
-                .iter()
-                .enumerate()
-                .all(|(i, (f, v))| usize::from(*f) == i && !matches!(v, Value::Null));
+        let covers = sets_every_feature(layout, values);
         let header = self.header();
         if layout.heaps > 0 || header & DENSE_BIT == 0 || !covers {
             return false;
@@ -627,6 +619,15 @@ fn num_value(ty: FeatureType, bits: u64) -> Value {
         FeatureType::Bool => Value::Bool(bits != 0),
         other => unreachable!("{other} is not a numeric slot"),
     }
+}
+
+/// Whether an event's values (sorted by feature) set every feature of `layout` to a value.
+fn sets_every_feature(layout: &Layout, values: &[(FeatureIdx, Value)]) -> bool {
+    values.len() == layout.features()
+        && values
+            .iter()
+            .enumerate()
+            .all(|(i, (f, v))| usize::from(*f) == i && !matches!(v, Value::Null))
 }
 
 /// Whether `bits` are a value of numeric type `ty` ([`Value::fits`] of
