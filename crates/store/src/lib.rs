@@ -235,8 +235,6 @@ impl Store {
         now_ms: EpochMs,
         out: &mut Vec<FeatureRead>,
     ) -> Option<u64> {
-        let v = self.schema.view(view);
-        let layout = self.layout(view);
         let map = &self.maps[self.partition_of(key) as usize][usize::from(view)];
         let guard = map.guard();
         let start = out.len();
@@ -244,55 +242,22 @@ impl Store {
         let mut overlapped = 0;
         loop {
             out.truncate(start);
-            let row = map.get(key, &guard);
-            let seen = row.map(|r| (r, r.read_begin()));
-            let (row, seen) = match seen {
-                None => {
-                    out.extend(columns.iter().map(|_| not_found()));
-                    return None;
-                }
-                Some((row, Some(seen))) => (row, seen),
-                Some((_, None)) => {
-                    if self.overlapped(&mut overlapped) {
-                        continue;
-                    }
-                    out.extend(columns.iter().map(|_| not_found()));
-                    return None;
-                }
+            let Some(row) = map.get(key, &guard) else {
+                out.extend(columns.iter().map(|_| not_found()));
+                return None;
             };
-            let mut agg_version = 0;
-            for &c in columns {
-                let read = match v.aggregation_of_column(c) {
-                    Some(a) => match (row.aggs(), &self.agg_layouts[usize::from(view)]) {
-                        (Some(cell), Some(al)) => {
-                            let (value, newest, version) = cell.read(v, al, a, now_ms);
-                            agg_version = agg_version.max(version);
-                            let status = if value == Value::Null {
-                                Status::NullValue
-                            } else {
-                                Status::Present
-                            };
-                            FeatureRead {
-                                status,
-                                value,
-                                ts_ms: newest,
-                            }
-                        }
-                        _ => not_found(),
-                    },
-                    None => read_cell(row.get(layout, c), v.ttl_ms, now_ms),
-                };
-                out.push(read);
-            }
-            if !row.read_end(seen) {
-                // The row was overwritten in place during the copy: read it again.
+            // An in-place write under way, or one that overlapped the copy: read again.
+            let read = row
+                .read_begin()
+                .map(|seen| (seen, self.read_columns(view, row, columns, now_ms, out)));
+            let Some((seen, agg_version)) = read.filter(|(seen, _)| row.read_end(*seen)) else {
                 if self.overlapped(&mut overlapped) {
                     continue;
                 }
                 out.truncate(start);
                 out.extend(columns.iter().map(|_| not_found()));
                 return None;
-            }
+            };
             let version = Row::version_of(seen);
             // The materializer updates aggregations in place *before* it writes the row of
             // the same event: rings newer than the row mean that write is in flight, so read
@@ -304,6 +269,44 @@ impl Store {
             attempt += 1;
             std::hint::spin_loop();
         }
+    }
+
+    /// Reads `columns` of `row` into `out` (not checked against concurrent writes: see
+    /// [`Store::read`]). Returns the version of the aggregation state read (0 if none).
+    fn read_columns(
+        &self,
+        view: ViewId,
+        row: &Row,
+        columns: &[FeatureIdx],
+        now_ms: EpochMs,
+        out: &mut Vec<FeatureRead>,
+    ) -> u64 {
+        let v = self.schema.view(view);
+        let layout = self.layout(view);
+        let al = &self.agg_layouts[usize::from(view)];
+        let mut agg_version = 0;
+        for &c in columns {
+            let read = match (v.aggregation_of_column(c), row.aggs(), al) {
+                (None, _, _) => read_cell(row.get(layout, c), v.ttl_ms, now_ms),
+                (Some(a), Some(cell), Some(al)) => {
+                    let (value, newest, version) = cell.read(v, al, a, now_ms);
+                    agg_version = agg_version.max(version);
+                    let status = if value == Value::Null {
+                        Status::NullValue
+                    } else {
+                        Status::Present
+                    };
+                    FeatureRead {
+                        status,
+                        value,
+                        ts_ms: newest,
+                    }
+                }
+                (Some(_), _, _) => not_found(),
+            };
+            out.push(read);
+        }
+        agg_version
     }
 
     /// Counts a read that an in-place write overlapped and waits before the next attempt.
