@@ -232,7 +232,7 @@ impl Row {
 
     fn from_words(words: Vec<u64>, extra: Option<Box<Extra>>) -> Row {
         Row {
-            // Same size and alignment: collected in place, no second allocation.
+            // Same size and alignment: std collects a mapped `vec::IntoIter` in place.
             words: words.into_iter().map(AtomicU64::new).collect(),
             extra,
         }
@@ -285,6 +285,7 @@ impl Row {
         self.word(1 + i)
     }
 
+    #[cfg(test)]
     pub(crate) fn stamps(&self) -> Vec<u64> {
         (0..self.stamp_count()).map(|i| self.stamp(i)).collect()
     }
@@ -352,11 +353,10 @@ impl Row {
         late: &mut u64,
     ) -> Option<Row> {
         let f_count = layout.features();
-        let old_stamps = self.stamps();
         let mut idx: Vec<u8> = (0..f_count).map(|f| self.idx_byte(layout, f)).collect();
         let mut cell_ts: Vec<Option<EpochMs>> = idx
             .iter()
-            .map(|&b| (b != ABSENT).then(|| old_stamps[usize::from(b & !NULL_BIT)] as EpochMs))
+            .map(|&b| (b != ABSENT).then(|| self.stamp(usize::from(b & !NULL_BIT)) as EpochMs))
             .collect();
         let mut nums: Vec<u64> = (0..layout.nums).map(|n| self.num(layout, n)).collect();
         let mut extra = self.extra.clone();
