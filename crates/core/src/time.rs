@@ -32,13 +32,15 @@ pub fn format_rfc3339_ms(ms: EpochMs) -> String {
     let Ok(t) = OffsetDateTime::from_unix_timestamp_nanos(nanos) else {
         return ms.to_string();
     };
-    let Ok(year) = u16::try_from(t.year()) else {
-        return format!("{:04}-{}", t.year(), &format_fields(0, &t)[5..]);
-    };
-    if year > 9999 {
-        return format!("{year}-{}", &format_fields(0, &t)[5..]);
+    match u16::try_from(t.year()) {
+        Ok(year) if year <= 9999 => format_fields(year, &t),
+        // Years before 0 (the `time` crate's range reaches -9999): the general formatter.
+        _ => {
+            let (y, mo, d) = (t.year(), u8::from(t.month()), t.day());
+            let (h, mi, s, milli) = (t.hour(), t.minute(), t.second(), t.millisecond());
+            format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{milli:03}Z")
+        }
     }
-    format_fields(year, &t)
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` written digit by digit: every feature read answers with its
