@@ -7,6 +7,7 @@
 #
 #   scripts/decoupling-partitions.sh [PARTITIONS="8 4 2"] [LEVELS=0.75,1] [FSYNC=batch]
 #
+# OUT=PREFIX keeps each run's JSON as PREFIX-pP.json; QUIVER_BIN picks the binary.
 # Needs target/release/quiver (cargo build --release -p quiver) and the PostgreSQL on
 # 127.0.0.1:5432 (the peer runs at every level too; its figures are in the JSON files).
 set -euo pipefail
@@ -37,6 +38,7 @@ for P in $PARTS; do
   "$BIN" bench decoupling --url "http://127.0.0.1:$PORT" --connections 32 --levels "$LEVELS" \
     --json "$WORK/$P/r.json" > "$WORK/$P/bench.log" 2>&1
   kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
+  [ -n "${OUT:-}" ] && cp "$WORK/$P/r.json" "$OUT-p$P.json"
   python3 - "$P" "$FSYNC" "$WORK/$P/r.json" <<'PY'
 import json, sys
 p, fsync, path = sys.argv[1], sys.argv[2], sys.argv[3]

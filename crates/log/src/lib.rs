@@ -5,10 +5,12 @@
 //!   `murmur2(key) % P`, as Kafka's producer computes it, so changing P would move keys).
 //! - **Every record is framed with its length and a CRC32C** that also covers its offset and
 //!   append time; readers, recovery and `quiver log verify` check it on every read.
-//! - **Group commit**: one writer thread per partition drains that partition's queue, writes
-//!   every queued record in one `write`, then fsyncs once (`fsync = batch`), or once per request
-//!   (`always`), or never (`never`). Waiters are completed after the write (`ack=written`) or
-//!   after the fsync (`ack=durable`).
+//! - **Group commit through one journal**: one writer thread drains every partition's queue,
+//!   writes each partition's records to its segment in one `write`, writes the same frames to
+//!   the commit journal (`journal`), then fsyncs the journal once per round (`fsync = batch`),
+//!   once per request (`always`), or never (`never`: no journal). Waiters are completed after
+//!   the writes (`ack=written`) or after the fsync (`ack=durable`). Segments are fsynced at
+//!   checkpoints (a full journal, a segment roll, shutdown, recovery).
 //! - **Bounded**: at most `queue_records_max` records are queued or in flight over all
 //!   partitions; an append over the bound fails at once with [`LogError::Full`] (the HTTP layer
 //!   answers 503 + `Retry-After`). Segments are at most `segment_bytes` (one oversized record
@@ -19,7 +21,9 @@
 //! - **Readers see only durable records**: nothing the store serves can be taken back by a crash.
 //! - **Recovery** verifies the last segment of each partition frame by frame, truncates a torn
 //!   tail (an incomplete or bad frame with nothing valid after it), and refuses to start if
-//!   valid frames follow a bad one: that is damage to acknowledged data, not a torn write.
+//!   valid frames follow a bad one before the journal's checkpoint: that is damage to synced
+//!   data, not a torn write. Past the checkpoint the segment is cut at the damage and the
+//!   journal's frames are written back.
 //!
 //! # On-disk format
 //! ```text
@@ -27,6 +31,7 @@
 //!   p-0000/                       one directory per partition
 //!     00000000000000000000.seg    segments, named by the offset of their first record
 //!     00000000000000812345.seg
+//!   journal                       the commit journal (see `journal`; not with fsync = never)
 //!   offsets/<consumer>.offsets    committed consumer offsets (see `offsets`)
 //!
 //! segment = header, frame*
@@ -42,12 +47,14 @@ pub mod consumers;
 mod embedded;
 mod error;
 pub mod frame;
+pub mod journal;
 pub mod offsets;
 mod partition;
 mod reader;
 pub mod segment;
 pub mod threads;
 pub mod tools;
+mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -227,7 +234,8 @@ pub struct Log {
     streams: Vec<StreamInfo>,
     shared: Arc<Shared>,
     consumers: consumers::Consumers,
-    writers: Mutex<Vec<JoinHandle<()>>>,
+    wake: Arc<writer::Wake>,
+    writer: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Log {
@@ -272,21 +280,26 @@ impl Log {
             poison: Mutex::new(None),
         });
         metrics::gauge!(quiver_core::telemetry::LOG_POISONED).set(0.0);
-        let mut parts = Vec::new();
-        let mut writers = Vec::new();
-        for p in 0..opts.partitions {
-            let (part, active) =
-                partition::open(p, &segment::partition_dir(dir, p), opts.sealer.clone())?;
+        let (parts, active, journal) = recover(dir, &opts)?;
+        for part in &parts {
             let bytes: u64 = part.segments.read().iter().map(|s| s.bytes).sum();
             shared.disk_bytes.fetch_add(bytes, Ordering::AcqRel);
-            let (part2, opts2, shared2) = (part.clone(), opts.clone(), shared.clone());
-            let handle = std::thread::Builder::new()
-                .name(format!("log-writer-{p}"))
-                .spawn(move || partition::run_writer(part2, active, opts2, shared2))
-                .map_err(error::io(dir))?;
-            parts.push(part);
-            writers.push(handle);
         }
+        let wake = Arc::new(writer::Wake::default());
+        let w = writer::Writer::new(
+            parts.clone(),
+            active,
+            journal,
+            dir.to_path_buf(),
+            opts.clone(),
+            shared.clone(),
+            wake.clone(),
+        )
+        .map_err(error::io(dir))?;
+        let handle = std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(move || w.run())
+            .map_err(error::io(dir))?;
         let streams = (0..opts.partitions)
             .map(|p| StreamInfo {
                 log_id: id.clone(),
@@ -304,7 +317,8 @@ impl Log {
             parts,
             shared,
             consumers: consumers::Consumers::default(),
-            writers: Mutex::new(writers),
+            wake,
+            writer: Mutex::new(Some(handle)),
         })
     }
 
@@ -351,7 +365,22 @@ impl Log {
         let total: usize = batches.iter().map(|(_, b)| b.len()).sum();
         self.shared.admit(total)?;
         let mut out = Vec::with_capacity(batches.len());
-        for (p, batch) in batches {
+        let result = self.enqueue(batches, ack, &mut out);
+        if !out.is_empty() {
+            self.wake.notify();
+        }
+        result.map(|()| out)
+    }
+
+    /// Queues each batch on its partition, reserving its offsets; stops at shutdown.
+    fn enqueue(
+        &self,
+        batches: Vec<(u32, RecordBatch)>,
+        ack: Ack,
+        out: &mut Vec<Appended>,
+    ) -> Result<()> {
+        let mut batches = batches.into_iter();
+        while let Some((p, batch)) = batches.next() {
             if batch.is_empty() {
                 continue;
             }
@@ -367,7 +396,9 @@ impl Log {
             let mut q = part.queue.lock();
             if q.shutdown {
                 drop(q);
-                self.shared.release(batch.len());
+                // Nothing of this batch or the ones after it will be written.
+                let left: usize = batches.map(|(_, b)| b.len()).sum();
+                self.shared.release(batch.len() + left);
                 return Err(LogError::ShuttingDown);
             }
             let first_offset = q.next_offset;
@@ -380,10 +411,9 @@ impl Log {
                 enqueued: Instant::now(),
             });
             drop(q);
-            part.wake_writer.notify_one();
             out.push(Appended::reserved(p, first_offset, count, rx));
         }
-        Ok(out)
+        Ok(())
     }
 
     pub fn reader(&self, partition: u32, from: u64) -> Result<PartitionReader> {
@@ -514,14 +544,60 @@ impl Log {
     pub fn shutdown(&self) {
         for part in &self.parts {
             part.queue.lock().shutdown = true;
-            part.wake_writer.notify_all();
             let _g = part.progress_lock.lock();
             part.progress.notify_all();
         }
-        for handle in self.writers.lock().drain(..) {
+        self.wake.notify();
+        if let Some(handle) = self.writer.lock().take() {
             let _ = handle.join();
         }
     }
+}
+
+/// Opens every partition, writing back what the commit journal holds that the segments lost,
+/// then fsyncs the segments and starts an empty journal (none with `fsync = never`): from
+/// here on, what the journal held is in synced segments.
+#[allow(clippy::type_complexity)]
+fn recover(
+    dir: &Path,
+    opts: &LogOptions,
+) -> Result<(
+    Vec<Arc<partition::PartitionShared>>,
+    Vec<writer::ActiveSegment>,
+    Option<journal::Journal>,
+)> {
+    let journals = journal::read_all(dir, opts.partitions)?;
+    let mut parts = Vec::new();
+    let mut active = Vec::new();
+    for p in 0..opts.partitions {
+        // The oldest file's checkpoint is synced; the files, in order, hold what came after.
+        let replay = journals.first().map(|oldest| partition::Replay {
+            checkpoint: oldest.decoded.checkpoints[p as usize],
+            frames: journals
+                .iter()
+                .flat_map(|j| {
+                    let entries = j.decoded.entries.iter().filter(move |e| e.partition == p);
+                    entries.map(|e| (e.offset, &j.bytes[e.frame.clone()]))
+                })
+                .collect(),
+        });
+        let pdir = segment::partition_dir(dir, p);
+        let (part, segment) = partition::open(p, &pdir, opts.sealer.clone(), replay)?;
+        parts.push(part);
+        active.push(segment);
+    }
+    if opts.fsync == FsyncPolicy::Never {
+        journal::remove_before(dir, u64::MAX)?;
+        return Ok((parts, active, None));
+    }
+    for segment in &active {
+        segment.file.sync_data().map_err(error::io(&segment.path))?;
+    }
+    let synced: Vec<u64> = parts.iter().map(|p| p.durable_offset()).collect();
+    let generation = journals.last().map_or(0, |j| j.generation + 1);
+    let journal = journal::Journal::create(dir, generation, &synced)?;
+    journal::remove_before(dir, generation)?;
+    Ok((parts, active, Some(journal)))
 }
 
 /// Reads the log's identity, creating it (atomically) for a new log.

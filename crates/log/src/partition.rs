@@ -1,8 +1,8 @@
-//! One partition: its segments, its append queue and the writer thread that drains the queue
-//! with group commit.
+//! One partition: its segments, its append queue, and its recovery at open (the writer that
+//! drains every partition's queue is `writer`).
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,9 +14,10 @@ use quiver_fsutil::seal::KeyRing;
 use tokio::sync::oneshot;
 
 use crate::error::{io, LogError, Result};
-use crate::frame::{self, FRAME_HEADER_BYTES, SEGMENT_HEADER_BYTES};
+use crate::frame::{self, SEGMENT_HEADER_BYTES};
 use crate::segment::{self, segment_name};
-use crate::{Ack, FsyncPolicy, LogOptions, RecordBatch, Shared};
+use crate::writer::ActiveSegment;
+use crate::{Ack, RecordBatch};
 
 /// What the log knows of one segment without reading it.
 #[derive(Debug, Clone)]
@@ -48,7 +49,6 @@ pub struct PartitionShared {
     pub id: u32,
     pub dir: PathBuf,
     pub(crate) queue: Mutex<Queue>,
-    pub(crate) wake_writer: Condvar,
     /// Every record below this offset has been written to the OS.
     pub(crate) written: AtomicU64,
     /// Every record below this offset is on disk (== `written` with `fsync = never`).
@@ -93,7 +93,7 @@ impl PartitionShared {
         }
     }
 
-    fn publish(&self, written: u64, durable: u64) {
+    pub(crate) fn publish(&self, written: u64, durable: u64) {
         self.written.store(written, Ordering::Release);
         self.durable.store(durable, Ordering::Release);
         let _guard = self.progress_lock.lock();
@@ -101,17 +101,22 @@ impl PartitionShared {
     }
 }
 
-pub(crate) struct ActiveSegment {
-    file: File,
-    path: PathBuf,
-    len: u64,
+/// What the commit journal holds for one partition (see `journal`).
+pub(crate) struct Replay<'a> {
+    /// The offset the partition's segments were synced to when the journal began: damage at
+    /// or after it is writes the OS had not written back, which the journal restores.
+    pub checkpoint: u64,
+    /// `(offset, frame)`, offsets following one another.
+    pub frames: Vec<(u64, &'a [u8])>,
 }
 
-/// Opens (recovering) or creates the partition in `dir`.
+/// Opens (recovering) or creates the partition in `dir`; `replay` is what the commit
+/// journal holds for it (`None`: no journal, as with `fsync = never`).
 pub(crate) fn open(
     id: u32,
     dir: &Path,
     sealer: Option<Arc<KeyRing>>,
+    replay: Option<Replay<'_>>,
 ) -> Result<(Arc<PartitionShared>, ActiveSegment)> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mut bases = segment::list_segments(dir)?;
@@ -130,10 +135,13 @@ pub(crate) fn open(
         });
     }
 
-    let active = match bases.pop() {
+    let mut active = match bases.pop() {
         None => create_segment(dir, 0)?,
-        Some(base) => recover_last(id, dir, base)?,
+        Some(base) => recover_last(id, dir, base, replay.as_ref().map(|r| r.checkpoint))?,
     };
+    if let Some(replay) = &replay {
+        replay_journal(id, &mut active, replay)?;
+    }
     let next_offset = active.1.next_offset;
     metas.push(active.1);
     let shared = Arc::new(PartitionShared {
@@ -144,7 +152,6 @@ pub(crate) fn open(
             pending: VecDeque::new(),
             shutdown: false,
         }),
-        wake_writer: Condvar::new(),
         written: AtomicU64::new(next_offset),
         durable: AtomicU64::new(next_offset),
         progress_lock: Mutex::new(()),
@@ -163,7 +170,7 @@ fn mtime_ms(md: &std::fs::Metadata) -> i64 {
         .unwrap_or(0)
 }
 
-fn create_segment(dir: &Path, base: u64) -> Result<(ActiveSegment, SegmentMeta)> {
+pub(crate) fn create_segment(dir: &Path, base: u64) -> Result<(ActiveSegment, SegmentMeta)> {
     let path = dir.join(segment_name(base));
     let mut file = OpenOptions::new()
         .create_new(true)
@@ -191,8 +198,14 @@ fn create_segment(dir: &Path, base: u64) -> Result<(ActiveSegment, SegmentMeta)>
 }
 
 /// Recovery of the last segment: verify every frame, truncate a torn tail, refuse damage that
-/// valid records follow (that would silently drop acknowledged data).
-fn recover_last(id: u32, dir: &Path, base: u64) -> Result<(ActiveSegment, SegmentMeta)> {
+/// valid records follow (that would silently drop acknowledged data) — unless it lies at or
+/// past the journal's `checkpoint`, where the journal holds every acknowledged record.
+fn recover_last(
+    id: u32,
+    dir: &Path,
+    base: u64,
+    checkpoint: Option<u64>,
+) -> Result<(ActiveSegment, SegmentMeta)> {
     let path = dir.join(segment_name(base));
     let bytes = std::fs::read(&path).map_err(io(&path))?;
     if bytes.len() < SEGMENT_HEADER_BYTES {
@@ -207,7 +220,8 @@ fn recover_last(id: u32, dir: &Path, base: u64) -> Result<(ActiveSegment, Segmen
         reason: reason.to_string(),
     })?;
     if let Some((at, problem)) = scan.stop {
-        if scan.valid_after_stop {
+        let journaled = checkpoint.is_some_and(|c| scan.next_offset() >= c);
+        if scan.valid_after_stop && !journaled {
             return Err(LogError::Corrupt {
                 partition: id,
                 segment: path.display().to_string(),
@@ -222,6 +236,7 @@ fn recover_last(id: u32, dir: &Path, base: u64) -> Result<(ActiveSegment, Segmen
             path = %path.display(),
             at,
             dropped_bytes = bytes.len() as u64 - scan.valid_len,
+            journaled,
             "truncating a torn tail"
         );
         let file = OpenOptions::new()
@@ -251,172 +266,50 @@ fn recover_last(id: u32, dir: &Path, base: u64) -> Result<(ActiveSegment, Segmen
     ))
 }
 
-/// The writer thread: drains the queue, frames and writes every pending record, fsyncs once
-/// per round (group commit), then completes the round's waiters.
-pub(crate) fn run_writer(
-    part: Arc<PartitionShared>,
-    mut active: ActiveSegment,
-    opts: LogOptions,
-    shared: Arc<Shared>,
-) {
-    let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
-    let mut round: Vec<Pending> = Vec::new();
-    loop {
-        {
-            let mut q = part.queue.lock();
-            while q.pending.is_empty() && !q.shutdown {
-                part.wake_writer.wait(&mut q);
-            }
-            if q.pending.is_empty() && q.shutdown {
-                break;
-            }
-            // `always`: one request per fsync. `batch`/`never`: everything queued, bounded.
-            let mut records = 0;
-            while let Some(p) = q.pending.front() {
-                let n = p.batch.len();
-                let take = round.is_empty()
-                    || (opts.fsync != FsyncPolicy::Always
-                        && records + n <= opts.group_commit_records_max);
-                if !take {
-                    break;
-                }
-                records += n;
-                round.push(q.pending.pop_front().expect("front exists"));
-            }
-        }
-        let result = match shared.poisoned() {
-            Some(reason) => Err(LogError::Poisoned(reason)),
-            None => write_round(&part, &mut active, &opts, &mut round, &mut buf, &shared),
-        };
-        let records: usize = round.iter().map(|p| p.batch.len()).sum();
-        if let Err(e) = &result {
-            shared.poison(&e.to_string());
-        }
-        // Release before completing, so a caller that saw its append finish never finds it
-        // still counted against the queue bound.
-        shared.release(records);
-        for p in round.drain(..) {
-            metrics::histogram!(quiver_core::telemetry::LOG_APPEND_SECONDS)
-                .record(p.enqueued.elapsed().as_secs_f64());
-            if let Some(done) = p.done {
-                let next = p.first_offset + p.batch.len() as u64;
-                let _ = done.send(match &result {
-                    Ok(()) => Ok(next),
-                    Err(LogError::Poisoned(r)) => Err(LogError::Poisoned(r.clone())),
-                    Err(e) => Err(LogError::Poisoned(e.to_string())),
-                });
-            }
-        }
-    }
-    if opts.fsync != FsyncPolicy::Never {
-        let _ = active.file.sync_data();
-    }
-}
-
-fn write_round(
-    part: &PartitionShared,
-    active: &mut ActiveSegment,
-    opts: &LogOptions,
-    round: &mut [Pending],
-    buf: &mut Vec<u8>,
-    shared: &Shared,
+/// Writes back the journal's frames the last segment lacks (a power loss took writes the OS
+/// had not written back), then fsyncs them. The segment may pass `segment_bytes` by at most a
+/// journal's worth (two journal files, each about `segment_bytes`).
+fn replay_journal(
+    id: u32,
+    active: &mut (ActiveSegment, SegmentMeta),
+    replay: &Replay<'_>,
 ) -> Result<()> {
-    let now = crate::now_ms();
-    buf.clear();
-    let mut next = part.written.load(Ordering::Acquire);
-    let mut sealed = Vec::new();
-    for p in round.iter() {
-        assert_eq!(
-            p.first_offset, next,
-            "offsets are reserved and written in queue order"
-        );
-        for payload in p.batch.iter() {
-            let payload = match &part.sealer {
-                None => payload,
-                Some(ring) => {
-                    sealed.clear();
-                    ring.seal_into(&frame::seal_aad(part.id, next), payload, &mut sealed);
-                    &sealed[..]
-                }
-            };
-            let frame_len = (FRAME_HEADER_BYTES + payload.len()) as u64;
-            let used = active.len + buf.len() as u64;
-            if used + frame_len > opts.segment_bytes && used > SEGMENT_HEADER_BYTES as u64 {
-                flush(part, active, buf, next, now, shared)?;
-                roll(part, active, opts, next, shared)?;
-            }
-            frame::encode_frame(buf, next, now, part.sealer.is_some(), payload);
-            next += 1;
-        }
-    }
-    flush(part, active, buf, next, now, shared)?;
-    let written = next;
-    // Written waiters may go now; durable ones after the fsync.
-    if opts.fsync == FsyncPolicy::Never {
-        part.publish(written, written);
-        return Ok(());
-    }
-    part.written.store(written, Ordering::Release);
-    for p in round.iter_mut().filter(|p| p.ack == Ack::Written) {
-        if let Some(done) = p.done.take() {
-            let _ = done.send(Ok(p.first_offset + p.batch.len() as u64));
-        }
-    }
-    let started = Instant::now();
-    #[cfg(feature = "failpoints")]
-    if shared.fail_next_fsync.swap(false, Ordering::SeqCst) {
-        return Err(io(&active.path)(std::io::Error::other(
-            "injected fsync failure",
+    let (segment, meta) = active;
+    let mut next = meta.next_offset;
+    let corrupt = |reason: String| LogError::Corrupt {
+        partition: id,
+        segment: segment.path.display().to_string(),
+        reason,
+    };
+    if replay.checkpoint > next {
+        return Err(corrupt(format!(
+            "the segments end at offset {next} but the journal says they were synced to {}",
+            replay.checkpoint
         )));
     }
-    active.file.sync_data().map_err(io(&active.path))?;
-    metrics::histogram!(quiver_core::telemetry::LOG_FSYNC_SECONDS)
-        .record(started.elapsed().as_secs_f64());
-    part.publish(written, written);
-    Ok(())
-}
-
-fn flush(
-    part: &PartitionShared,
-    active: &mut ActiveSegment,
-    buf: &mut Vec<u8>,
-    next: u64,
-    now: i64,
-    shared: &Shared,
-) -> Result<()> {
-    if buf.is_empty() {
+    let mut bytes = Vec::new();
+    let end = next;
+    for &(offset, frame) in replay.frames.iter().filter(|(o, _)| *o >= end) {
+        if offset != next {
+            return Err(corrupt(format!(
+                "the segment ends at offset {next} and the journal resumes at {offset}"
+            )));
+        }
+        bytes.extend_from_slice(frame);
+        next += 1;
+    }
+    if bytes.is_empty() {
         return Ok(());
     }
-    active.file.write_all(buf).map_err(io(&active.path))?;
-    active.len += buf.len() as u64;
-    shared
-        .disk_bytes
-        .fetch_add(buf.len() as u64, Ordering::AcqRel);
-    buf.clear();
-    let mut segs = part.segments.write();
-    let meta = segs
-        .last_mut()
-        .expect("a partition always has an active segment");
+    tracing::warn!(
+        partition = id,
+        records = next - meta.next_offset,
+        "restoring records from the journal"
+    );
+    segment.file.write_all(&bytes).map_err(io(&segment.path))?;
+    segment.file.sync_data().map_err(io(&segment.path))?;
+    segment.len += bytes.len() as u64;
     meta.next_offset = next;
-    meta.bytes = active.len;
-    meta.last_append_ms = now;
-    Ok(())
-}
-
-/// Seals the active segment (fsynced, unless `fsync = never`) and starts a new one at `base`.
-fn roll(
-    part: &PartitionShared,
-    active: &mut ActiveSegment,
-    opts: &LogOptions,
-    base: u64,
-    shared: &Shared,
-) -> Result<()> {
-    if opts.fsync != FsyncPolicy::Never {
-        active.file.sync_data().map_err(io(&active.path))?;
-    }
-    let (new_active, meta) = create_segment(&part.dir, base)?;
-    shared.disk_bytes.fetch_add(meta.bytes, Ordering::AcqRel);
-    *active = new_active;
-    part.segments.write().push(meta);
+    meta.bytes = segment.len;
     Ok(())
 }

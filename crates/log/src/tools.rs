@@ -37,7 +37,8 @@ pub struct SegmentReport {
     pub last_append_ms: Option<i64>,
     /// Damage that recovery would not repair on its own.
     pub error: Option<String>,
-    /// A torn tail that recovery truncates (only ever in the last segment after a crash).
+    /// A torn tail that recovery truncates (only ever in the last segment after a crash), or
+    /// unsynced bytes a power loss damaged, which recovery cuts and writes back from the journal.
     pub torn_tail_bytes: u64,
     /// Records stored encrypted (`[storage] encryption_key_file`).
     pub sealed_records: u64,
@@ -86,7 +87,14 @@ pub fn resolve_log_dir(dir: &Path) -> PathBuf {
 /// (a record that does not open is damage: wrong key, or bytes changed and the CRC redone).
 pub fn verify(log_dir: &Path, keys: Option<&KeyRing>) -> Result<Vec<PartitionReport>> {
     let mut reports = Vec::new();
-    for (partition, dir) in partition_dirs(log_dir)? {
+    let partitions = partition_dirs(log_dir)?;
+    // Damage at or past the oldest journal file's checkpoint is repaired at start.
+    let journals = crate::journal::read_all(log_dir, partitions.len() as u32)?;
+    let checkpoints = journals.first().map(|j| j.decoded.checkpoints.clone());
+    for (partition, dir) in partitions {
+        let checkpoint = checkpoints
+            .as_ref()
+            .and_then(|c| c.get(partition as usize).copied());
         let bases = segment::list_segments(&dir)?;
         let mut segments = Vec::new();
         for (i, base) in bases.iter().enumerate() {
@@ -116,7 +124,8 @@ pub fn verify(log_dir: &Path, keys: Option<&KeyRing>) -> Result<Vec<PartitionRep
                     report.sealed_records = sealed;
                     report.error = unopened;
                     if let Some((at, problem)) = scan.stop {
-                        if last && !scan.valid_after_stop {
+                        let journaled = checkpoint.is_some_and(|c| scan.next_offset() >= c);
+                        if last && (!scan.valid_after_stop || journaled) {
                             report.torn_tail_bytes = bytes.len() as u64 - scan.valid_len;
                         } else {
                             report.error = Some(format!("{problem:?} at byte {at}"));

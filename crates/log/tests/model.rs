@@ -1,6 +1,6 @@
 //! The log against a model: random appends across partitions and segment rolls, a simulated
-//! crash that tears the unsynced tail at a random byte, then recovery. Exactly the acknowledged
-//! (fsynced) prefix must survive, plus possibly some whole unacknowledged records after it —
+//! power loss that tears the segments' unsynced tails at a random byte, then recovery. Exactly
+//! the acknowledged records must survive (the commit journal holds what the segments lost) —
 //! never a damaged or reordered one.
 
 use std::path::Path;
@@ -46,54 +46,119 @@ fn batch(payloads: &[Vec<u8>]) -> RecordBatch {
     b
 }
 
-/// A crash tears the last segment of `partition` somewhere after `keep_min` bytes, and may
-/// leave garbage where a frame was being written.
-fn tear(dir: &Path, partition: u32, keep_min: usize, cut: prop::sample::Index, garbage: &[u8]) {
+/// A power loss tears the last segment of `partition` somewhere after `keep_min` bytes, and
+/// may leave garbage where a frame was being written, or a hole of zeros (a block the OS had
+/// not written back) with valid frames after it.
+fn tear(
+    dir: &Path,
+    partition: u32,
+    keep_min: usize,
+    cut: prop::sample::Index,
+    garbage: &[u8],
+    hole: bool,
+) {
     let pdir = segment::partition_dir(dir, partition);
     let last = *segment::list_segments(&pdir).unwrap().last().unwrap();
     let path = pdir.join(segment::segment_name(last));
     let mut bytes = std::fs::read(&path).unwrap();
     let keep = keep_min + cut.index(bytes.len() - keep_min + 1);
-    bytes.truncate(keep);
-    bytes.extend_from_slice(garbage);
+    if hole {
+        let end = (keep + 40).min(bytes.len());
+        bytes[keep..end].fill(0);
+    } else {
+        bytes.truncate(keep);
+        bytes.extend_from_slice(garbage);
+    }
     std::fs::write(&path, bytes).unwrap();
+}
+
+/// What a power loss leaves: a copy of the log's files taken while it runs (the writer never
+/// fsyncs the segments between checkpoints, so the copy holds what the OS had). Copying is
+/// not atomic, so it is retried until no journal file came or went meanwhile (a checkpoint
+/// may still be finishing after the last acknowledgement).
+fn crash_copy(from: &Path, to: &Path) {
+    loop {
+        let before = quiver_log::journal::list(from).unwrap();
+        if copy_tree(from, to) && quiver_log::journal::list(from).unwrap() == before {
+            return;
+        }
+        std::fs::remove_dir_all(to).unwrap();
+        std::fs::create_dir_all(to).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Copies `from` into `to`; false if a file vanished while it was being copied.
+fn copy_tree(from: &Path, to: &Path) -> bool {
+    let mut whole = true;
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            whole &= copy_tree(&entry.path(), &target);
+        } else if let Err(e) = std::fs::copy(entry.path(), &target) {
+            assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
+            whole = false;
+        }
+    }
+    whole
+}
+
+/// Bytes of `partition`'s last segment that a power loss cannot take: through the offset the
+/// oldest journal file names as synced (the segment's header at least).
+fn synced_bytes(dir: &Path, partition: u32) -> usize {
+    let journals = quiver_log::journal::read_all(dir, 2).unwrap();
+    let synced = journals[0].decoded.checkpoints[partition as usize];
+    let pdir = segment::partition_dir(dir, partition);
+    let last = *segment::list_segments(&pdir).unwrap().last().unwrap();
+    let bytes = std::fs::read(pdir.join(segment::segment_name(last))).unwrap();
+    let mut pos = quiver_log::frame::SEGMENT_HEADER_BYTES;
+    for offset in last..synced {
+        let (_, len) = quiver_log::frame::check_frame(&bytes[pos..], offset).unwrap();
+        pos += len;
+    }
+    pos
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
     #[test]
-    fn exactly_the_acked_prefix_survives_a_torn_tail(
+    fn every_acked_record_survives_a_torn_or_holed_tail(
         acked in prop::collection::vec((0u32..2, prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 1..5)), 1..12),
         unacked in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 1..6),
         cut in any::<prop::sample::Index>(),
         garbage in prop::collection::vec(any::<u8>(), 0..30),
         always in any::<bool>(),
+        hole in any::<bool>(),
     ) {
+        let live = tempfile::tempdir().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let fsync = if always { FsyncPolicy::Always } else { FsyncPolicy::Batch };
         let mut model: [Vec<Vec<u8>>; 2] = [Vec::new(), Vec::new()];
         {
-            let log = Log::open(dir.path(), opts(fsync)).unwrap();
+            let log = Log::open(live.path(), opts(fsync)).unwrap();
             for (p, payloads) in &acked {
                 for a in log.append(vec![(*p, batch(payloads))], Ack::Durable).unwrap() {
                     a.wait_blocking().unwrap();
                 }
                 model[*p as usize].extend(payloads.iter().cloned());
             }
-            // The records a crash may take: appended to partition 1, then torn below. A roll
-            // fsyncs the segment it seals, so a crash can only tear the last segment, and only
-            // after the bytes that were already acknowledged in it.
-            let before = log.segments(1).last().cloned().unwrap();
-            for a in log.append(vec![(1, batch(&unacked))], Ack::Durable).unwrap() {
+            // The records a crash may take: appended to partition 1 and torn below (written,
+            // not waited for durability). A roll fsyncs the segment it seals, so a power loss
+            // can only tear the last segment, after what the oldest journal file names as
+            // synced (segments of 512 bytes make the journal checkpoint every 512 bytes too).
+            for a in log.append(vec![(1, batch(&unacked))], Ack::Written).unwrap() {
                 a.wait_blocking().unwrap();
             }
-            let last = log.segments(1).last().cloned().unwrap();
-            let keep_min = if last.base_offset == before.base_offset { before.bytes } else { quiver_log::frame::SEGMENT_HEADER_BYTES as u64 };
-            log.shutdown();
-            tear(dir.path(), 1, keep_min as usize, cut, &garbage);
+            crash_copy(live.path(), dir.path());
+            tear(dir.path(), 1, synced_bytes(dir.path(), 1), cut, &garbage, hole);
+            tear(dir.path(), 0, synced_bytes(dir.path(), 0), cut, &garbage, !hole);
         }
 
+        let reports = quiver_log::tools::verify(dir.path(), None).unwrap();
+        prop_assert!(reports.iter().all(|r| r.errors().next().is_none()), "what recovery repairs is no error");
         let log = Log::open(dir.path(), opts(fsync)).unwrap();
         prop_assert_eq!(read_all(&log, 0), model[0].clone());
         let got = read_all(&log, 1);
@@ -139,6 +204,53 @@ fn damage_inside_synced_data_refuses_to_open() {
     }
     let reports = quiver_log::tools::verify(dir.path(), None).unwrap();
     assert_eq!(reports[0].errors().count(), 1);
+}
+
+#[test]
+fn a_synced_tail_that_went_missing_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = Log::open(dir.path(), opts(FsyncPolicy::Batch)).unwrap();
+        let payloads: Vec<Vec<u8>> = (0..5).map(|i| vec![i; 10]).collect();
+        for a in log
+            .append(vec![(0, batch(&payloads))], Ack::Durable)
+            .unwrap()
+        {
+            a.wait_blocking().unwrap();
+        }
+    } // shutdown checkpoints: the segment is synced through offset 5
+    let path = segment::partition_dir(dir.path(), 0).join(segment::segment_name(0));
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 34]).unwrap();
+    match Log::open(dir.path(), opts(FsyncPolicy::Batch)) {
+        Err(LogError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("synced to 5"), "{reason}")
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("synced records that went missing must not be dropped silently"),
+    }
+}
+
+#[test]
+fn fsync_never_keeps_no_journal_and_batch_starts_one_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = |d: &Path| !quiver_log::journal::list(d).unwrap().is_empty();
+    for (fsync, kept) in [
+        (FsyncPolicy::Batch, true),
+        (FsyncPolicy::Never, false),
+        (FsyncPolicy::Batch, true),
+    ] {
+        let log = Log::open(dir.path(), opts(fsync)).unwrap();
+        assert_eq!(journal(dir.path()), kept, "{fsync:?}");
+        for a in log
+            .append(vec![(1, batch(&[b"r".to_vec()]))], Ack::Durable)
+            .unwrap()
+        {
+            a.wait_blocking().unwrap();
+        }
+    }
+    let log = Log::open(dir.path(), opts(FsyncPolicy::Batch)).unwrap();
+    assert_eq!(read_all(&log, 1).len(), 3);
 }
 
 #[test]
