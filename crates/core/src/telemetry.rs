@@ -44,7 +44,11 @@ pub const REQUESTS_REFUSED_TOTAL: &str = "quiver_requests_refused_total";
 /// Connections closed at once because a listener had `server.connections_max` of them.
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "quiver_connections_refused_total";
 pub const MATERIALIZER_STALENESS_SECONDS: &str = "quiver_materializer_staleness_seconds";
+/// A snapshot from its start until it is synced and in place (the sync runs beside the
+/// materializer).
 pub const SNAPSHOT_SECONDS: &str = "quiver_snapshot_seconds";
+/// The part of a snapshot during which its partition applies nothing: serializing the rows.
+pub const SNAPSHOT_PAUSE_SECONDS: &str = "quiver_snapshot_pause_seconds";
 pub const STORE_ROWS: &str = "quiver_store_rows";
 
 /// Label `path`: `single` (GET one entity) or `batch` (POST /v1/features).

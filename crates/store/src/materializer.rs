@@ -88,6 +88,8 @@ struct Worker {
     initial: Option<(Arc<AtomicUsize>, usize)>,
     stop: Arc<AtomicBool>,
     errors: Arc<Mutex<Vec<String>>>,
+    /// The last snapshot's commit, while it syncs on a thread of its own.
+    committing: Option<JoinHandle<Result<()>>>,
 }
 
 impl Materializers {
@@ -228,6 +230,7 @@ impl Materializers {
             initial: initial.then(|| (sh.recovered.clone(), sh.initial)),
             stop: stop.clone(),
             errors: self.errors.clone(),
+            committing: None,
         };
         self.workers.insert(p, stop, spawn(worker));
         Ok(())
@@ -469,20 +472,28 @@ impl Worker {
             self.store.set_partition_lag(p, behind);
             staleness.set(fresh_at.elapsed().as_secs_f64());
             if self.snapshot_due(&positions, &snapshotted, snapshot_rows, last_snapshot) {
-                if let Err(e) = self.snapshot(&positions) {
-                    self.fail(format!("partition {p}: snapshot failed: {e}"));
-                    return;
+                match self.snapshot(&positions, false) {
+                    Ok(false) => {} // the previous one is still syncing: due again next round
+                    Ok(true) => {
+                        snapshotted = positions;
+                        snapshot_rows = self.store.rows_in(p);
+                        last_snapshot = Instant::now();
+                    }
+                    Err(e) => {
+                        self.fail(format!("partition {p}: snapshot failed: {e}"));
+                        return;
+                    }
                 }
-                snapshotted = positions;
-                snapshot_rows = self.store.rows_in(p);
-                last_snapshot = Instant::now();
             }
         }
         let positions = self.positions();
-        if positions != snapshotted {
-            if let Err(e) = self.snapshot(&positions) {
-                tracing::error!(partition = p, error = %e, "final snapshot failed");
-            }
+        let last = self.wait_commit();
+        let last = last.and_then(|()| match positions != snapshotted {
+            true => self.snapshot(&positions, true).map(drop),
+            false => Ok(()),
+        });
+        if let Err(e) = last {
+            tracing::error!(partition = p, error = %e, "final snapshot failed");
         }
     }
 
@@ -551,7 +562,15 @@ impl Worker {
             && applied as f64 >= self.opts.snapshot_change_ratio * rows as f64
     }
 
-    fn snapshot(&mut self, positions: &[u64]) -> Result<()> {
+    /// Serializes the partition as of `positions` (applying waits meanwhile), then finishes
+    /// the snapshot — fsync, rename, its offsets committed, retention released — on a thread
+    /// of its own, so applying goes on while the disk syncs; on this thread with `wait` (at
+    /// shutdown). False, and nothing done, while the previous snapshot is still syncing.
+    fn snapshot(&mut self, positions: &[u64], wait: bool) -> Result<bool> {
+        if self.committing.as_ref().is_some_and(|h| !h.is_finished()) {
+            return Ok(false);
+        }
+        self.wait_commit()?;
         let started = Instant::now();
         let offsets: Vec<(String, u64)> = self
             .streams
@@ -559,7 +578,7 @@ impl Worker {
             .zip(positions)
             .map(|(s, &o)| (s.log_id.clone(), o))
             .collect();
-        let bytes = snapshot::write(
+        let written = snapshot::write_unsynced(
             &self.opts.snapshot_dir,
             &self.store,
             self.partition,
@@ -567,28 +586,86 @@ impl Worker {
             &self.dedup,
             self.opts.sealer.as_deref(),
         )?;
+        metrics::histogram!(t::SNAPSHOT_PAUSE_SECONDS).record(started.elapsed().as_secs_f64());
+        let commit = SnapshotCommit {
+            written,
+            partition: self.partition,
+            positions: self
+                .streams
+                .iter()
+                .map(|s| s.id)
+                .zip(positions.iter().copied())
+                .collect(),
+            offsets: self.offsets.clone(),
+            committed: self.committed.clone(),
+            consumer: self.consumer.clone(),
+            started,
+        };
+        if wait {
+            return commit.run().map(|()| true);
+        }
+        let thread = std::thread::Builder::new()
+            .name(format!("snapshot-{}", self.partition))
+            .spawn(move || commit.run())
+            .map_err(crate::error::io(&self.opts.snapshot_dir))?;
+        self.committing = Some(thread);
+        Ok(true)
+    }
+
+    /// Waits for the last snapshot's commit, if one is running, and returns its outcome.
+    fn wait_commit(&mut self) -> Result<()> {
+        match self.committing.take().map(JoinHandle::join) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+        }
+    }
+
+    fn fail(&mut self, message: String) {
+        // A commit still syncing finishes (or fails) first: its file and offsets stay whole.
+        if let Err(e) = self.wait_commit() {
+            self.errors.lock().push(format!(
+                "partition {}: snapshot failed: {e}",
+                self.partition
+            ));
+        }
+        tracing::error!(%message, "materializer stopped");
+        self.errors.lock().push(message);
+    }
+}
+
+/// What is left of a snapshot once the partition is serialized: it needs the disk, not the
+/// store, so it runs beside the materializer.
+struct SnapshotCommit {
+    written: snapshot::Written,
+    partition: u32,
+    positions: Vec<(StreamId, u64)>,
+    offsets: OffsetStore,
+    committed: Arc<Mutex<BTreeMap<u32, u64>>>,
+    consumer: Arc<Consumer>,
+    started: Instant,
+}
+
+impl SnapshotCommit {
+    fn run(self) -> Result<()> {
+        let bytes = self.written.commit()?;
         let mut committed = self.committed.lock();
-        for (s, &o) in self.streams.iter().zip(positions) {
-            committed.insert(s.id, o);
+        for &(stream, offset) in &self.positions {
+            committed.insert(stream, offset);
         }
         self.offsets.commit(CONSUMER, &committed)?;
         drop(committed);
         // Only once the snapshot and its offsets are durable may retention pass them.
-        for (s, &o) in self.streams.iter().zip(positions) {
-            self.consumer.commit(s.id, o);
+        for &(stream, offset) in &self.positions {
+            self.consumer.commit(stream, offset);
         }
-        metrics::histogram!(t::SNAPSHOT_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(t::SNAPSHOT_SECONDS).record(self.started.elapsed().as_secs_f64());
         tracing::debug!(
             partition = self.partition,
-            ?positions,
+            positions = ?self.positions,
             bytes,
             "snapshot written"
         );
         Ok(())
-    }
-
-    fn fail(&self, message: String) {
-        tracing::error!(%message, "materializer stopped");
-        self.errors.lock().push(message);
     }
 }

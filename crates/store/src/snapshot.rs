@@ -154,8 +154,24 @@ impl FrameWriter<'_> {
     }
 }
 
-/// Writes the snapshot of `partition` as of `offsets` (one per stream of the partition).
-/// Returns the bytes written.
+/// A snapshot written to its temporary but not yet synced or in place: what is left of the
+/// write is waiting on the disk, which needs nothing of the store (see [`Written::commit`]).
+pub struct Written {
+    file: AtomicFile,
+    path: PathBuf,
+    pub bytes: u64,
+}
+
+impl Written {
+    /// fsyncs the snapshot and renames it over the partition's previous one.
+    pub fn commit(self) -> Result<u64> {
+        self.file.commit().map_err(io(&self.path))?;
+        Ok(self.bytes)
+    }
+}
+
+/// Writes the snapshot of `partition` as of `offsets` (one per stream of the partition) and
+/// puts it in place. Returns the bytes written.
 pub fn write(
     dir: &Path,
     store: &Store,
@@ -164,6 +180,19 @@ pub fn write(
     dedup: &DedupWindow,
     sealer: Option<&KeyRing>,
 ) -> Result<u64> {
+    write_unsynced(dir, store, partition, offsets, dedup, sealer)?.commit()
+}
+
+/// Serializes the snapshot of `partition` into its temporary; [`Written::commit`] finishes it.
+/// Only this half needs the partition to stand still.
+pub fn write_unsynced(
+    dir: &Path,
+    store: &Store,
+    partition: u32,
+    offsets: &[(String, u64)],
+    dedup: &DedupWindow,
+    sealer: Option<&KeyRing>,
+) -> Result<Written> {
     assert!(
         !offsets.is_empty() && offsets.len() <= usize::from(u16::MAX),
         "a partition has 1..=65535 streams"
@@ -194,9 +223,13 @@ pub fn write(
         buf.extend_from_slice(&id.to_le_bytes());
     }
     w.frame(&buf).map_err(io(&path))?;
-    let bytes = w.bytes;
-    w.out.commit().map_err(io(&path))?;
-    Ok(bytes)
+    // Hand the bytes to the OS now, so the commit's fsync is all that is left.
+    w.out.flush().map_err(io(&path))?;
+    Ok(Written {
+        bytes: w.bytes,
+        file: w.out,
+        path,
+    })
 }
 
 fn put_head(buf: &mut Vec<u8>, store: &Store, partition: u32, offsets: &[(String, u64)]) {
