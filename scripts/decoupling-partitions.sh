@@ -7,7 +7,8 @@
 #
 #   scripts/decoupling-partitions.sh [PARTITIONS="8 4 2"] [LEVELS=0.75,1] [FSYNC=batch]
 #
-# OUT=PREFIX keeps each run's JSON as PREFIX-pP.json; QUIVER_BIN picks the binary.
+# OUT=PREFIX keeps each run's JSON as PREFIX-pP.json; QUIVER_BIN picks the binary; SNAP sets
+# [store] snapshot_interval (the bench config's 1s by default; 600s leaves snapshots out).
 # Needs target/release/quiver (cargo build --release -p quiver) and the PostgreSQL on
 # 127.0.0.1:5432 (the peer runs at every level too; its figures are in the JSON files).
 set -euo pipefail
@@ -28,7 +29,7 @@ for P in $PARTS; do
   PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   mkdir -p "$WORK/$P"
   "$BIN" bench config \
-    | sed "s/^partitions = 8$/partitions = $P/; s/^fsync = \"batch\"$/fsync = \"$FSYNC\"/" \
+    | sed "s/^partitions = 8$/partitions = $P/; s/^fsync = \"batch\"$/fsync = \"$FSYNC\"/; s/^snapshot_interval = .*/snapshot_interval = \"${SNAP:-1s}\"/" \
     > "$WORK/$P/quiver.toml"
   grep -q "^partitions = $P$" "$WORK/$P/quiver.toml" || { echo "no [log] partitions line" >&2; exit 1; }
   "$BIN" serve --config "$WORK/$P/quiver.toml" --data-dir "$WORK/$P/data" \
