@@ -178,19 +178,24 @@ proptest! {
     }
 }
 
+/// A log whose partition 0 holds five acknowledged records, shut down cleanly.
+fn five_records_then_shutdown() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts(FsyncPolicy::Batch)).unwrap();
+    let payloads: Vec<Vec<u8>> = (0..5).map(|i| vec![i; 10]).collect();
+    for a in log
+        .append(vec![(0, batch(&payloads))], Ack::Durable)
+        .unwrap()
+    {
+        a.wait_blocking().unwrap();
+    }
+    drop(log);
+    dir
+}
+
 #[test]
 fn damage_inside_synced_data_refuses_to_open() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let log = Log::open(dir.path(), opts(FsyncPolicy::Batch)).unwrap();
-        let payloads: Vec<Vec<u8>> = (0..5).map(|i| vec![i; 10]).collect();
-        for a in log
-            .append(vec![(0, batch(&payloads))], Ack::Durable)
-            .unwrap()
-        {
-            a.wait_blocking().unwrap();
-        }
-    }
+    let dir = five_records_then_shutdown();
     let path = segment::partition_dir(dir.path(), 0).join(segment::segment_name(0));
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[quiver_log::frame::SEGMENT_HEADER_BYTES + 30] ^= 0x40;
@@ -208,17 +213,7 @@ fn damage_inside_synced_data_refuses_to_open() {
 
 #[test]
 fn a_synced_tail_that_went_missing_refuses_to_open() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let log = Log::open(dir.path(), opts(FsyncPolicy::Batch)).unwrap();
-        let payloads: Vec<Vec<u8>> = (0..5).map(|i| vec![i; 10]).collect();
-        for a in log
-            .append(vec![(0, batch(&payloads))], Ack::Durable)
-            .unwrap()
-        {
-            a.wait_blocking().unwrap();
-        }
-    } // shutdown checkpoints: the segment is synced through offset 5
+    let dir = five_records_then_shutdown(); // shutdown checkpoints: synced through offset 5
     let path = segment::partition_dir(dir.path(), 0).join(segment::segment_name(0));
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 34]).unwrap();
