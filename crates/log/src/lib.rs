@@ -31,7 +31,8 @@
 //!   p-0000/                       one directory per partition
 //!     00000000000000000000.seg    segments, named by the offset of their first record
 //!     00000000000000812345.seg
-//!   journal                       the commit journal (see `journal`; not with fsync = never)
+//!   journal-00000000000000000007  the commit journal, by generation (see `journal`; one file,
+//!                                 two while a checkpoint syncs; none with fsync = never)
 //!   offsets/<consumer>.offsets    committed consumer offsets (see `offsets`)
 //!
 //! segment = header, frame*
