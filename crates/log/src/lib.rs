@@ -178,6 +178,8 @@ pub(crate) struct Shared {
     queue_max: usize,
     /// Bytes of every segment of every partition (headers included), as written.
     pub(crate) disk_bytes: AtomicU64,
+    /// fsyncs that made records durable (the journal's, one per group-commit round).
+    pub(crate) durable_syncs: AtomicU64,
     poison: Mutex<Option<String>>,
 }
 
@@ -278,6 +280,7 @@ impl Log {
             queued: AtomicUsize::new(0),
             queue_max: opts.queue_records_max,
             disk_bytes: AtomicU64::new(0),
+            durable_syncs: AtomicU64::new(0),
             poison: Mutex::new(None),
         });
         metrics::gauge!(quiver_core::telemetry::LOG_POISONED).set(0.0);
@@ -450,6 +453,12 @@ impl Log {
 
     pub fn segments(&self, partition: u32) -> Vec<SegmentMeta> {
         self.parts[partition as usize].segments.read().clone()
+    }
+
+    /// fsyncs that made records durable so far: one per group-commit round, however many
+    /// partitions the round wrote (checkpoints and rolls not counted).
+    pub fn durable_syncs(&self) -> u64 {
+        self.shared.durable_syncs.load(Ordering::Acquire)
     }
 
     /// Records queued or being written, over all partitions.

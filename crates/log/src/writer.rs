@@ -25,7 +25,8 @@ use crate::partition::{self, PartitionShared, Pending};
 use crate::{Ack, FsyncPolicy, LogOptions, Shared};
 
 /// An append's signal to the writer: set after a request is queued, cleared by the writer
-/// before it looks at the queues, so a request queued while it looks is never missed.
+/// before it looks at the queues, so a request queued while it looks is never missed (the
+/// flag stays set and the next wait returns at once).
 #[derive(Default)]
 pub(crate) struct Wake {
     flag: Mutex<bool>,
@@ -117,13 +118,20 @@ impl Writer {
     /// The thread's body: rounds until shutdown has been asked and every queue is empty.
     pub fn run(mut self) {
         let mut rounds: Vec<Vec<Pending>> = self.parts.iter().map(|_| Vec::new()).collect();
+        // A round starts only after an append's signal, and an append signals once its whole
+        // request is queued: a request reaching every partition is one round, one fsync.
+        let mut signalled = false;
         loop {
+            if !signalled {
+                self.wake.wait();
+            }
             let c = self.collect(&mut rounds);
+            // Drain on without waiting what the round's bound left, and everything at shutdown.
+            signalled = c.more || c.shutdown;
             if c.records == 0 {
                 if c.shutdown {
                     break;
                 }
-                self.wake.wait();
                 continue;
             }
             let result = match self.shared.poisoned() {
@@ -174,10 +182,6 @@ impl Writer {
             }
         }
         self.start = (self.start + 1) % n;
-        if c.more {
-            // The next round must not wait for an append that may never come.
-            *self.wake.flag.lock() = true;
-        }
         c
     }
 
@@ -242,6 +246,7 @@ impl Writer {
             )));
         }
         journal.sync()?;
+        self.shared.durable_syncs.fetch_add(1, Ordering::AcqRel);
         metrics::histogram!(quiver_core::telemetry::LOG_FSYNC_SECONDS)
             .record(started.elapsed().as_secs_f64());
         for (p, round) in rounds.iter().enumerate() {

@@ -227,6 +227,27 @@ fn a_synced_tail_that_went_missing_refuses_to_open() {
 }
 
 #[test]
+fn a_round_over_every_partition_costs_one_fsync() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(FsyncPolicy::Batch);
+    o.partitions = 8;
+    o.segment_bytes = 1 << 20;
+    let log = Log::open(dir.path(), o).unwrap();
+    for round in 1..=10u64 {
+        let batches = (0..8)
+            .map(|p| (p, batch(&[format!("r{round}p{p}").into_bytes()])))
+            .collect();
+        for a in log.append(batches, Ack::Durable).unwrap() {
+            a.wait_blocking().unwrap();
+        }
+        // The writer sleeps until the whole request is queued: one round, one fsync (with a
+        // file per partition it was eight).
+        assert_eq!(log.durable_syncs(), round);
+    }
+    assert!((0..8).all(|p| log.durable_offset(p) == 10));
+}
+
+#[test]
 fn fsync_never_keeps_no_journal_and_batch_starts_one_again() {
     let dir = tempfile::tempdir().unwrap();
     let journal = |d: &Path| !quiver_log::journal::list(d).unwrap().is_empty();
