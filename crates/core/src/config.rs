@@ -156,6 +156,8 @@ pub struct LogConfig {
     /// Partitions of the embedded log (with Kafka: `kafka.partitions`).
     pub partitions: u32,
     pub fsync: FsyncPolicy,
+    /// Largest segment file; also how far the embedded log's commit journal grows before a
+    /// checkpoint syncs the segments and starts the next one.
     pub segment_bytes: u64,
     /// Segments whose newest record is older than this are deleted.
     pub retention: HumanDuration,
