@@ -8,11 +8,14 @@
 //! journal: a record is durable once it is in the journal. Segments are fsynced at a
 //! *checkpoint*; a sealed segment when it rolls.
 //!
-//! A checkpoint does not stop the writer: when the journal passes `log.segment_bytes` (64 MiB by
-//! default: it bounds the journal's disk and the replay at start) the writer starts the next journal file, whose header names the offset each partition has been
-//! written to, and a checkpointer thread fsyncs the segments up to there, then deletes the
-//! older journal. So the *oldest* journal file's header always names offsets the segments are
-//! synced to, and the journal files together hold every durable record past them.
+//! A checkpoint does not stop the writer: when the journal passes `log.segment_bytes` (64 MiB
+//! by default) the writer starts the next journal file, whose header names the offset each
+//! partition has been written to, and a checkpointer thread fsyncs the segments up to there,
+//! then deletes the older journal. So the *oldest* journal file's header always names offsets
+//! the segments are synced to, and the journal files together hold every durable record past
+//! them. Bounded: one checkpoint runs at a time, and past twice the threshold the writer waits
+//! for it, so the journal files hold at most about 4 × `segment_bytes` (disk, and replay at
+//! start).
 //!
 //! Recovery reads the journal files first: in a partition's last segment, damage at or past
 //! the oldest file's checkpoint is bytes the OS had not written back yet (a power loss); the

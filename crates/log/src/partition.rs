@@ -268,7 +268,7 @@ fn recover_last(
 
 /// Writes back the journal's frames the last segment lacks (a power loss took writes the OS
 /// had not written back), then fsyncs them. The segment may pass `segment_bytes` by at most a
-/// journal's worth (two journal files, each about `segment_bytes`).
+/// journal's worth (two journal files, each at most about 2 × `segment_bytes`).
 fn replay_journal(
     id: u32,
     active: &mut (ActiveSegment, SegmentMeta),

@@ -346,8 +346,17 @@ impl Writer {
         let Some(journal) = &self.journal else {
             return Ok(());
         };
-        if journal.bytes() <= self.opts.segment_bytes || self.checkpointer.busy() {
+        if journal.bytes() <= self.opts.segment_bytes {
             return Ok(());
+        }
+        if self.checkpointer.busy() {
+            // The journal's bound: past twice the threshold the writer waits for the sync.
+            if journal.bytes() <= 2 * self.opts.segment_bytes {
+                return Ok(());
+            }
+            while self.checkpointer.busy() {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
         }
         let mut files = Vec::new();
         for (p, unsynced) in self.unsynced.iter_mut().enumerate() {

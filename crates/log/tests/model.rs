@@ -248,6 +248,39 @@ fn a_round_over_every_partition_costs_one_fsync() {
 }
 
 #[test]
+fn the_journal_stays_within_four_segments_of_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts(FsyncPolicy::Batch)).unwrap();
+    let payloads: Vec<Vec<u8>> = (0..3).map(|i| vec![i; 20]).collect();
+    let (mut most, mut files_seen) = (0, 0);
+    for i in 0..300u32 {
+        for a in log
+            .append(vec![(i % 2, batch(&payloads))], Ack::Durable)
+            .unwrap()
+        {
+            a.wait_blocking().unwrap();
+        }
+        let files = quiver_log::journal::list(dir.path()).unwrap();
+        files_seen = files_seen.max(files.last().unwrap().0);
+        let bytes: u64 = files
+            .iter()
+            .filter_map(|(_, path)| std::fs::metadata(path).ok())
+            .map(|m| m.len())
+            .sum();
+        most = most.max(bytes);
+    }
+    // 4 × segment_bytes (512), plus a round written past each file's threshold.
+    assert!(
+        most <= 4 * 512 + 2 * 200,
+        "journal files reached {most} bytes"
+    );
+    assert!(
+        files_seen > 10,
+        "the journal was checkpointed ({files_seen} generations)"
+    );
+}
+
+#[test]
 fn fsync_never_keeps_no_journal_and_batch_starts_one_again() {
     let dir = tempfile::tempdir().unwrap();
     let journal = |d: &Path| !quiver_log::journal::list(d).unwrap().is_empty();
