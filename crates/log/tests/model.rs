@@ -330,6 +330,24 @@ fn a_failed_fsync_poisons_the_log() {
 }
 
 #[test]
+fn an_append_refused_at_shutdown_holds_no_admission() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts(FsyncPolicy::Batch)).unwrap();
+    log.shutdown();
+    let two = vec![
+        (0, batch(&[b"a".to_vec()])),
+        (1, batch(&[b"b".to_vec(), b"c".to_vec()])),
+    ];
+    let err = log.append(two, Ack::Durable).unwrap_err();
+    assert!(matches!(err, LogError::ShuttingDown), "{err}");
+    assert_eq!(
+        log.queued_records(),
+        0,
+        "every batch of the refused append is released"
+    );
+}
+
+#[test]
 fn a_full_queue_refuses_instead_of_growing() {
     let dir = tempfile::tempdir().unwrap();
     let mut o = opts(FsyncPolicy::Batch);
