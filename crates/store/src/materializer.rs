@@ -457,6 +457,18 @@ impl Worker {
                 }
             }
             self.apply(&batch);
+            // A snapshot commit that failed stops the partition now, as a failed write did when
+            // it ran on this thread, not whenever the next snapshot falls due.
+            if self
+                .committing
+                .as_ref()
+                .is_some_and(JoinHandle::is_finished)
+            {
+                if let Err(e) = self.wait_commit() {
+                    self.fail(format!("partition {p}: snapshot failed: {e}"));
+                    return;
+                }
+            }
             let positions = self.positions();
             let behind: u64 = self
                 .streams
