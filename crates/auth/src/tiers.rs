@@ -23,7 +23,7 @@
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
@@ -85,17 +85,23 @@ pub struct Limits {
 /// Requests a priority may have waiting, per running slot of its share.
 const QUEUE_PER_SLOT: usize = 4;
 
+/// A request is [lowered](Permit::lowered) while a better priority started one this recently.
+pub const LOWER_WHILE_BETTER_WITHIN: Duration = Duration::from_secs(1);
+
 /// The running requests and the queues of those waiting, by rank.
 struct Slots {
     inflight_max: usize,
     ranks: usize,
+    lower_window: Duration,
     state: Mutex<SlotState>,
 }
 
 struct SlotState {
     running: usize,
-    /// Per rank, FIFO: each waiter is told `()` when it has been given a slot.
-    queues: Vec<VecDeque<oneshot::Sender<()>>>,
+    /// Per rank, FIFO: each waiter is told, when given a slot, whether it is lowered.
+    queues: Vec<VecDeque<oneshot::Sender<bool>>>,
+    /// Per rank, when it last started a request.
+    started: Vec<Option<Instant>>,
 }
 
 impl Slots {
@@ -103,6 +109,19 @@ impl Slots {
         (self.inflight_max * (self.ranks - rank))
             .div_ceil(self.ranks)
             .max(1)
+    }
+
+    /// Records that a request of `rank` starts; whether it is to be lowered: a better rank
+    /// started one within the window (lowering is for when there is someone to yield to —
+    /// otherwise a lower tier's own refused retries, served at normal priority, would starve
+    /// its running requests).
+    fn start(&self, st: &mut SlotState, rank: usize) -> bool {
+        let now = Instant::now();
+        st.started[rank] = Some(now);
+        st.started[..rank]
+            .iter()
+            .flatten()
+            .any(|t| now.duration_since(*t) < self.lower_window)
     }
 
     /// A slot came free: hand it to the best waiting priority that may run, else keep it.
@@ -115,7 +134,8 @@ impl Slots {
                 let Some(waiter) = st.queues[rank].pop_front() else {
                     break;
                 };
-                if waiter.send(()).is_ok() {
+                let lowered = self.start(&mut st, rank);
+                if waiter.send(lowered).is_ok() {
                     st.running += 1; // handed over: the waiter's Permit releases it
                     return;
                 }
@@ -127,6 +147,21 @@ impl Slots {
 /// A running request's slot; released on drop (to the best waiting priority).
 pub struct Permit {
     slots: Arc<Slots>,
+    rank: usize,
+    lowered: bool,
+}
+
+impl Permit {
+    /// The request's rank among the priorities in use: 0 is the best.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Whether the request should run below normal OS priority: a better priority started a
+    /// request within [`LOWER_WHILE_BETTER_WITHIN`] of this one.
+    pub fn lowered(&self) -> bool {
+        self.lowered
+    }
 }
 
 impl Drop for Permit {
@@ -138,7 +173,7 @@ impl Drop for Permit {
 /// A queued request: if it is dropped (its deadline passed) after a slot was handed to it
 /// but before it saw it, the slot is released instead of lost.
 struct Waiter {
-    rx: Option<oneshot::Receiver<()>>,
+    rx: Option<oneshot::Receiver<bool>>,
     slots: Arc<Slots>,
 }
 
@@ -183,9 +218,11 @@ impl Limits {
             slots: Arc::new(Slots {
                 inflight_max,
                 ranks,
+                lower_window: LOWER_WHILE_BETTER_WITHIN,
                 state: Mutex::new(SlotState {
                     running: 0,
                     queues: (0..ranks).map(|_| VecDeque::new()).collect(),
+                    started: vec![None; ranks],
                 }),
             }),
             clock: DefaultClock::default(),
@@ -240,8 +277,11 @@ impl Limits {
             queue.retain(|w| !w.is_closed()); // waiters whose deadline passed
             if st.running < share && st.queues[rank].is_empty() {
                 st.running += 1;
+                let lowered = slots.start(&mut st, rank);
                 return Ok(Permit {
                     slots: slots.clone(),
+                    rank,
+                    lowered,
                 });
             }
             if st.queues[rank].len() >= QUEUE_PER_SLOT * share {
@@ -262,8 +302,10 @@ impl Limits {
         let given = waiter.rx.as_mut().expect("set above").await;
         waiter.rx = None; // seen: the Permit owns the slot now
         match given {
-            Ok(()) => Ok(Permit {
+            Ok(lowered) => Ok(Permit {
                 slots: slots.clone(),
+                rank,
+                lowered,
             }),
             // Only when the limits themselves go away (shutdown).
             Err(_) => Err(Refused::Saturated {
@@ -272,6 +314,11 @@ impl Limits {
                 share,
             }),
         }
+    }
+
+    /// Distinct priorities in use (1 without tiers).
+    pub fn priorities(&self) -> usize {
+        self.slots.ranks
     }
 
     /// Requests running now.
@@ -353,10 +400,32 @@ mod tests {
         let bronze: Vec<Permit> = (0..5).map(|_| now(&l, Some("bronze")).unwrap()).collect();
         let gold: Vec<Permit> = (0..5).map(|_| now(&l, Some("gold")).unwrap()).collect();
         assert_eq!(l.inflight(), 10, "bronze filled its half, gold the rest");
+        assert_eq!(l.priorities(), 2);
+        assert_eq!(
+            (gold[0].rank(), bronze[0].rank()),
+            (0, 1),
+            "a permit knows its rank"
+        );
         drop(bronze);
         assert_eq!(l.inflight(), 5);
         assert!(now(&l, Some("gold")).is_ok());
         drop(gold);
+    }
+
+    #[test]
+    fn lower_priorities_are_lowered_only_while_a_better_one_is_active() {
+        let mut l = Limits::new(&tiers(), 10).unwrap();
+        Arc::get_mut(&mut l.slots).unwrap().lower_window = Duration::from_millis(50);
+        let bronze = now(&l, Some("bronze")).unwrap();
+        assert!(!bronze.lowered(), "nothing better to yield to");
+        let gold = now(&l, Some("gold")).unwrap();
+        assert!(!gold.lowered(), "the best priority never is");
+        let bronze2 = now(&l, Some("bronze")).unwrap();
+        assert!(bronze2.lowered(), "gold started just now");
+        drop((bronze, gold, bronze2));
+        std::thread::sleep(Duration::from_millis(60));
+        let bronze3 = now(&l, Some("bronze")).unwrap();
+        assert!(!bronze3.lowered(), "gold's start is past the window");
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -399,7 +468,11 @@ mod tests {
         drop(gold_running);
         drop(gold);
         for w in waiting {
-            drop(w.await.unwrap()); // one at a time: bronze's share is 1
+            let p = w.await.unwrap(); // one at a time: bronze's share is 1
+            assert!(
+                p.lowered(),
+                "gold started within the window: a waiter is lowered too"
+            );
         }
         assert_eq!(l.inflight(), 0, "every slot came back");
         assert_eq!(order.lock().len(), 5);

@@ -12,8 +12,10 @@
 //! flooded at 3 × the peer's C. Gold runs on a runtime of its own (another client than the
 //! flood). `inflight_max` = 2, the server runtime's worker threads: handlers are CPU-bound and
 //! do not yield, so slots beyond the threads would only move the queue into the scheduler,
-//! where priority is not seen. The load generator shares the machine's 2 cores with the
-//! server: the figures include that interference in both runs alike.
+//! where admission is not seen (with two tiers, bronze's handlers run on the server's
+//! idle-priority threads while gold is active, so the kernel too puts gold first). The load
+//! generator shares the machine's 2 cores with the server: the figures include that
+//! interference in both runs alike.
 
 use std::path::Path;
 

@@ -41,6 +41,9 @@ pub const ROLLOUT_CANDIDATE_PERCENT: &str = "quiver_rollout_candidate_percent";
 pub const AUDIT_SUPPRESSED_TOTAL: &str = "quiver_audit_suppressed_total";
 /// Requests refused by the security layer before they ran, by `status` (401, 403, 429, 503).
 pub const REQUESTS_REFUSED_TOTAL: &str = "quiver_requests_refused_total";
+/// Requests whose handler ran on the lower-priority (`SCHED_IDLE`) threads: those of a rate
+/// tier below the best priority in use.
+pub const REQUESTS_LOWERED_TOTAL: &str = "quiver_requests_lowered_total";
 /// Connections closed at once because a listener had `server.connections_max` of them.
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "quiver_connections_refused_total";
 pub const MATERIALIZER_STALENESS_SECONDS: &str = "quiver_materializer_staleness_seconds";

@@ -254,6 +254,105 @@ fn tiered(dir: &Path) -> (String, [String; 4]) {
     (config, keys)
 }
 
+/// The scheduling policy of each of `pid`'s threads whose name starts with `prefix`, from
+/// `/proc` (0 = `SCHED_OTHER`, 5 = `SCHED_IDLE`).
+fn thread_policies(pid: u32, prefix: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let sched = std::fs::read_to_string(task.join("sched")).unwrap();
+        let policy = sched
+            .lines()
+            .find(|l| l.starts_with("policy"))
+            .and_then(|l| l.rsplit(' ').next()?.trim().parse().ok())
+            .expect("a policy line");
+        out.push(policy);
+    }
+    out
+}
+
+/// A gRPC `Push` of one event for `key` with `bearer`'s credentials.
+fn grpc_push(grpc: &str, bearer: &str, key: &str) -> Result<(), tonic::Status> {
+    use quiver_server::ingest_proto::{ingest_client::IngestClient, PushRequest};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut client = IngestClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
+        let msg = PushRequest {
+            events: format!(r#"{{"view":"txn","key":"{key}","values":{{"amount":2.0}}}}"#)
+                .into_bytes(),
+            ack: String::new(),
+            idempotency_key: String::new(),
+        };
+        let mut req = tonic::Request::new(tokio_stream::iter(vec![msg]));
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {bearer}").parse().unwrap());
+        client.push(req).await.map(|_| ())
+    })
+}
+
+/// While a better tier is active, requests of a lower tier run on threads the kernel
+/// schedules at idle priority (a gold request's thread preempts them at once), over HTTP and
+/// gRPC alike; the best tier's never move, and with nothing better active nothing is lowered.
+#[test]
+fn lower_tiers_run_on_idle_priority_threads_while_a_better_tier_is_active() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, [gold, bronze, _tin, producer]) = tiered(dir.path());
+    let data = dir.path().join("data");
+    let bronze_producer = key(&data, "bronze-producer", &["producer"], Some("bronze"));
+    let server = Server::start_args(dir.path(), &config, &["--grpc-listen", "127.0.0.1:0"]);
+    let grpc = server.grpc.clone().expect("gRPC listener announced");
+    let pid = server.child.id();
+    let lower = thread_policies(pid, "quiver-lower");
+    assert!(!lower.is_empty(), "the lower-priority pool exists");
+    assert!(lower.iter().all(|&p| p == 5), "SCHED_IDLE: {lower:?}");
+    let main = thread_policies(pid, "tokio-");
+    assert!(!main.is_empty() && main.iter().all(|&p| p == 0), "{main:?}");
+
+    let auth = |k: &str| format!("Bearer {k}");
+    let (status, body) = server.post_with(
+        "/v1/events",
+        r#"[{"view":"txn","key":"u1","values":{"amount":1.0}}]"#,
+        &[("authorization", &auth(&producer))],
+    );
+    assert_eq!(status, 200, "{body}");
+    let token = body["token"].as_str().unwrap().to_string();
+    let read = |k: &str| {
+        let headers = [
+            ("authorization", auth(k)),
+            ("quiver-read-after", token.clone()),
+        ];
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(h, v)| (*h, v.as_str())).collect();
+        let (status, body) = server.get_with("/v1/features/txn/u1", &headers);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["features"]["amount"]["value"], 1.0, "{body}");
+    };
+    let lowered = || server.metric("quiver_requests_lowered_total");
+    read(&gold);
+    assert_eq!(lowered(), 0.0, "gold is never lowered");
+    // Nothing better started a request in the last second: bronze runs as before.
+    std::thread::sleep(Duration::from_millis(1200));
+    read(&bronze);
+    assert_eq!(lowered(), 0.0, "nothing better to yield to");
+    for n in 1..=3 {
+        read(&gold);
+        read(&bronze);
+        assert_eq!(lowered(), n as f64, "bronze right after gold is lowered");
+    }
+    grpc_push(&grpc, &producer, "g1").unwrap();
+    assert_eq!(lowered(), 3.0, "gold stays");
+    grpc_push(&grpc, &bronze_producer, "b1").unwrap();
+    assert_eq!(lowered(), 4.0, "a gRPC call is lowered as HTTP is");
+}
+
 #[test]
 fn a_bronze_flood_is_shed_while_gold_is_served_and_buckets_answer_429() {
     let dir = tempfile::tempdir().unwrap();

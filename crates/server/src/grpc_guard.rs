@@ -77,6 +77,7 @@ where
         + Send
         + 'static,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
     B: Send + 'static,
     R: Default + Send + 'static,
 {
@@ -130,14 +131,18 @@ where
         let call = async move {
             // The slot is held until the call is answered; the wait for it is bounded by the
             // call's deadline (tonic's timeout around this service).
-            let _permit = match admission {
+            let permit = match admission {
                 None => None,
                 Some(tier) => match state.security.admit(tier.as_deref()).await {
                     Ok(p) => Some(p),
                     Err(d) => return Ok(status(d).into_http()),
                 },
             };
-            fut.await
+            match (&state.lower, permit.as_ref().is_some_and(|p| p.lowered())) {
+                // A tier below a better one that is active: on the idle-priority threads.
+                (Some(pool), true) => pool.run(fut).await,
+                _ => fut.await,
+            }
         };
         Box::pin(tracing::Instrument::instrument(call, span))
     }

@@ -12,6 +12,7 @@ mod grpc_ingest;
 mod ingest;
 mod json_out;
 pub mod listen;
+pub mod lower;
 mod ops;
 mod peer_rows;
 mod predict;
@@ -39,12 +40,19 @@ pub struct AppState {
     pub security: Security,
     /// Connections to the other nodes, in a cluster.
     pub peers: Option<Arc<cluster::Peers>>,
+    /// Where handlers of tiers below the best priority run (only with two priorities or more).
+    pub lower: Option<lower::LowerPool>,
 }
 
 impl AppState {
     pub fn new(node: Arc<Node>, metrics: Option<PrometheusHandle>) -> Result<AppState, String> {
         let security = Security::from_config(&node.config, node.audit.clone())?;
+        let lower = match security.limits.priorities() {
+            1 => None,
+            _ => Some(lower::LowerPool::new().map_err(|e| format!("lower-priority threads: {e}"))?),
+        };
         Ok(AppState {
+            lower,
             metrics,
             resolved: features::ResolvedCache::new(features::RESOLVED_CACHE_ENTRIES),
             security,

@@ -314,8 +314,11 @@ pub async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: N
     );
     // The deadline covers the wait for a slot as well as the work.
     let admitted = async {
-        let _permit = sec.admit(tier.as_deref()).await?; // held until the handler is done
-        Ok::<_, Denial>(run.await)
+        let permit = sec.admit(tier.as_deref()).await?; // held until the handler is done
+        Ok::<_, Denial>(match &state.lower {
+            Some(pool) if permit.lowered() => pool.run(run).await,
+            _ => run.await,
+        })
     };
     let mut resp = match tokio::time::timeout(deadline, admitted).await {
         Ok(Ok(r)) => r,
