@@ -16,6 +16,10 @@
 //!   `Retry-After` at once, before any work. Why queues at all: handlers are CPU-bound and
 //!   do not yield, so on a small runtime the requests past the limit would otherwise wait in
 //!   the scheduler's queue — unseen, unordered — instead of here, where gold goes first.
+//! - **Yield while someone better is active**: a permit is `lowered` when a better priority
+//!   started a request within [`LOWER_WHILE_BETTER_WITHIN`]; the surface then runs the handler
+//!   on idle-priority threads (`quiver-server`'s `lower`), so the kernel puts the better
+//!   request first too. Not lowered otherwise: a tier alone on the node keeps normal priority.
 //! - In a cluster each node enforces its own buckets (a credential may get up to N × its rate
 //!   over N nodes); the two-tier design — local buckets topped up from a shared Redis budget —
 //!   is the way to a global limit and is not built.

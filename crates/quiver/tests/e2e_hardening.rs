@@ -254,6 +254,17 @@ fn tiered(dir: &Path) -> (String, [String; 4]) {
     (config, keys)
 }
 
+/// Ingests `txn/u1` with `amount` 1.0 as `producer`; the reply's token.
+fn ingest_u1(server: &Server, producer: &str) -> String {
+    let (status, body) = server.post_with(
+        "/v1/events",
+        r#"[{"view":"txn","key":"u1","values":{"amount":1.0}}]"#,
+        &[("authorization", &format!("Bearer {producer}"))],
+    );
+    assert_eq!(status, 200, "{body}");
+    body["token"].as_str().unwrap().to_string()
+}
+
 /// The scheduling policy of each of `pid`'s threads whose name starts with `prefix`, from
 /// `/proc` (0 = `SCHED_OTHER`, 5 = `SCHED_IDLE`).
 fn thread_policies(pid: u32, prefix: &str) -> Vec<u32> {
@@ -318,13 +329,7 @@ fn lower_tiers_run_on_idle_priority_threads_while_a_better_tier_is_active() {
     assert!(!main.is_empty() && main.iter().all(|&p| p == 0), "{main:?}");
 
     let auth = |k: &str| format!("Bearer {k}");
-    let (status, body) = server.post_with(
-        "/v1/events",
-        r#"[{"view":"txn","key":"u1","values":{"amount":1.0}}]"#,
-        &[("authorization", &auth(&producer))],
-    );
-    assert_eq!(status, 200, "{body}");
-    let token = body["token"].as_str().unwrap().to_string();
+    let token = ingest_u1(&server, &producer);
     let read = |k: &str| {
         let headers = [
             ("authorization", auth(k)),
@@ -359,13 +364,8 @@ fn a_bronze_flood_is_shed_while_gold_is_served_and_buckets_answer_429() {
     let (config, [gold, bronze, tin, producer]) = tiered(dir.path());
     let server = Server::start(dir.path(), &config);
     let auth = |k: &str| format!("Bearer {k}");
-    let (status, body) = server.post_with(
-        "/v1/events",
-        r#"[{"view":"txn","key":"u1","values":{"amount":1.0}}]"#,
-        &[("authorization", &auth(&producer))],
-    );
-    assert_eq!(status, 200, "{body}");
-    let token = body["token"].as_str().unwrap();
+    let token = ingest_u1(&server, &producer);
+    let token = token.as_str();
     let (status, body) = server.get_with(
         "/v1/features/txn/u1",
         &[
