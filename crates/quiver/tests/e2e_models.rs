@@ -110,10 +110,14 @@ fn hot_load_rollback_and_corrupt_files_under_steady_load() {
     // answered by some version with exactly that version's output.
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
+    // The highest version the load has been answered by (so the test waits for the load, not
+    // only its own request, to reach a version before moving on).
+    let newest = Arc::new(AtomicU64::new(0));
     let url = format!("{}/v1/models/m/predict", server.url);
     let load: Vec<_> = (0..2)
         .map(|_| {
             let (stop, served, url) = (stop.clone(), served.clone(), url.clone());
+            let newest = newest.clone();
             std::thread::spawn(move || {
                 let c = client();
                 let mut seen = std::collections::BTreeSet::new();
@@ -130,6 +134,7 @@ fn hot_load_rollback_and_corrupt_files_under_steady_load() {
                     let p = v["outputs"]["p"].as_f64().unwrap();
                     assert!((p - expected(version, 1.5)).abs() < 1e-12, "{v}");
                     seen.insert(version);
+                    newest.fetch_max(version as u64, Ordering::Relaxed);
                     served.fetch_add(1, Ordering::Relaxed);
                 }
                 seen
@@ -141,6 +146,9 @@ fn hot_load_rollback_and_corrupt_files_under_steady_load() {
     // a restart.
     write_version(&models, 2);
     wait_for("version 2", || predict(&server, "u1").1["version"] == 2);
+    wait_for("the load on version 2", || {
+        newest.load(Ordering::Relaxed) == 2
+    });
     let (_, list) = server.get("/v1/models");
     let m = &list["models"][0];
     assert_eq!(m["versions"][1]["status"], "READY", "{m}");
