@@ -178,6 +178,55 @@ mod tests {
             .as_secs() as i64
     }
 
+    /// RS256 with a fixed RSA key (ring, behind rcgen, cannot generate RSA keys): generated
+    /// once with `openssl genrsa 2048` for this test and used nowhere else; its JWK holds the
+    /// modulus and exponent.
+    #[test]
+    fn an_rs256_token_verifies_beside_es256_keys_and_no_key_verifies_another_algorithm() {
+        let dir = tempfile::tempdir().unwrap();
+        let rsa_jwk: Value =
+            serde_json::from_str(include_str!("testdata/rs256-test-key.jwk.json")).unwrap();
+        let rsa = EncodingKey::from_rsa_pem(include_bytes!("testdata/rs256-test-key.pem")).unwrap();
+        let (ec, ec_jwk) = key("e1");
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, json!({"keys": [rsa_jwk, ec_jwk]}).to_string()).unwrap();
+        let v = JwtVerifier::open(JwtOptions {
+            jwks_file: path,
+            audience: "quiver".into(),
+            issuer: None,
+            roles_claim: "roles".into(),
+            tier_claim: "tier".into(),
+        })
+        .unwrap();
+        let claims =
+            json!({"sub": "svc", "aud": "quiver", "exp": now() + 60, "roles": ["predictor:m"]});
+        let rs256 = |kid: &str, claims: &Value| {
+            let mut h = Header::new(Algorithm::RS256);
+            h.kid = Some(kid.into());
+            jsonwebtoken::encode(&h, claims, &rsa).unwrap()
+        };
+        let id = v.verify(&rs256("r1", &claims)).unwrap();
+        assert_eq!(id.name, "jwt:svc");
+        assert!(id.allows(crate::Role::Predictor, Some("m")));
+        assert!(
+            v.verify(&sign(&ec, "e1", claims.clone())).is_ok(),
+            "ES256 beside it"
+        );
+        // An RS256 token naming the EC key, and an ES256 token naming the RSA key: refused.
+        assert!(v.verify(&rs256("e1", &claims)).is_err());
+        assert!(v.verify(&sign(&ec, "r1", claims.clone())).is_err());
+        let mut expired = claims.clone();
+        expired["exp"] = json!(now() - 3600);
+        assert!(matches!(
+            v.verify(&rs256("r1", &expired)),
+            Err(AuthError::Invalid("JWT expired"))
+        ));
+        let mut forged = rs256("r1", &claims);
+        let sig = forged.split_off(forged.rfind('.').unwrap() + 1);
+        forged.push_str(&sig.chars().rev().collect::<String>());
+        assert!(v.verify(&forged).is_err(), "a signature not of this key");
+    }
+
     #[test]
     fn only_a_current_token_for_this_audience_signed_by_a_known_key_passes() {
         let dir = tempfile::tempdir().unwrap();

@@ -337,6 +337,7 @@ mod tests {
         assert!(store.verify("qvk_nope_x").is_err());
         assert!(store.verify("Bearer nonsense").is_err());
         revoke(&path, &entry.id).unwrap();
+        let (_, second) = create(&path, "svc2", &["reader".into()], None).unwrap();
         // The store notices the change (at most a second later).
         *store.checked.lock() = Instant::now() - RECHECK_EVERY;
         let later = std::time::SystemTime::now() + Duration::from_secs(2);
@@ -353,6 +354,10 @@ mod tests {
         let trail = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
         assert!(
             trail.contains("key_revoked") && trail.contains(&entry.id),
+            "{trail}"
+        );
+        assert!(
+            trail.contains("key_created") && trail.contains(&second.id),
             "{trail}"
         );
         assert!(create(&path, "bad", &["owner:*".into()], None).is_err());

@@ -198,7 +198,44 @@ pub fn client_sans(cert: &CertificateDer<'_>) -> Vec<String> {
         .filter_map(|n| match n {
             GeneralName::DNSName(d) => Some(d.to_string()),
             GeneralName::URI(u) => Some(u.to_string()),
+            // In its usual text form ("10.0.0.5", "fd00::5"), as a `[[cert]] san` names it.
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*b).ok()?).to_string()),
+                16 => Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*b).ok()?).to_string()),
+                _ => None,
+            },
             _ => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificates_dns_uri_and_ip_sans_are_all_identities() {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![
+            rcgen::SanType::DnsName("svc.example".try_into().unwrap()),
+            rcgen::SanType::URI("spiffe://quiver/payments".try_into().unwrap()),
+            rcgen::SanType::IpAddress("10.0.0.5".parse().unwrap()),
+            rcgen::SanType::IpAddress("fd00::5".parse().unwrap()),
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(
+            client_sans(cert.der()),
+            [
+                "svc.example",
+                "spiffe://quiver/payments",
+                "10.0.0.5",
+                "fd00::5"
+            ]
+        );
+        assert!(
+            client_sans(&CertificateDer::from(vec![0u8; 8])).is_empty(),
+            "not a certificate"
+        );
+    }
 }
