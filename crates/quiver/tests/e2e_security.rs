@@ -243,6 +243,144 @@ fn every_route_answers_every_role_as_its_access_says() {
     assert!(ok, "{stdout}");
 }
 
+/// Every gRPC method of the served `.proto` files (`service/Method` paths), read from the
+/// files themselves so a new method cannot be left out of the matrix below.
+fn grpc_methods() -> Vec<String> {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../server/proto");
+    let mut out = Vec::new();
+    for (file, service) in [
+        ("grpc_service.proto", "inference.GRPCInferenceService"),
+        ("quiver/v1/ingest.proto", "quiver.v1.Ingest"),
+    ] {
+        let text = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+        for line in text.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("rpc ") {
+                let name: String = rest.chars().take_while(|c| c.is_alphanumeric()).collect();
+                out.push(format!("/{service}/{name}"));
+            }
+        }
+    }
+    out
+}
+
+/// The role a gRPC method needs, as README's "Roles and grants" says (`None`: public).
+fn grpc_role(path: &str) -> Option<&'static str> {
+    match path.rsplit('/').next().unwrap() {
+        "ServerLive" | "ServerReady" => None,
+        "ServerMetadata" | "ModelReady" | "ModelMetadata" | "ModelInfer" | "ModelStreamInfer"
+        | "RepositoryIndex" => Some("predictor"),
+        "Push" => Some("producer"),
+        _ => Some("admin"),
+    }
+}
+
+/// Calls `path` with one empty message (unary, client-, server- or bidi-streaming alike: the
+/// security layer answers before a message is read) and returns the status code.
+async fn grpc_call(
+    channel: tonic::transport::Channel,
+    path: &str,
+    bearer: Option<&str>,
+) -> tonic::Code {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::try_from(path.to_string()).unwrap();
+    let mut req = tonic::Request::new(tokio_stream::iter(vec![()]));
+    if let Some(t) = bearer {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    match grpc.streaming(req, path, codec).await {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+/// The gRPC side of the endpoint × role matrix: every method of the `.proto` files, every role,
+/// no credentials and a revoked key.
+#[test]
+fn every_grpc_method_answers_every_role_as_its_role_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let roles = ["producer", "reader", "predictor", "admin", "ops"];
+    let tokens: Vec<(&str, String)> = roles
+        .iter()
+        .map(|r| {
+            let grant = match *r {
+                "admin" | "ops" => r.to_string(),
+                other => format!("{other}:*"),
+            };
+            (*r, key(&data, r, &[&grant], None))
+        })
+        .collect();
+    let revoked = key(
+        &data,
+        "revoked",
+        &["admin", "predictor:*", "producer:*"],
+        None,
+    );
+    let revoked_id = revoked.split('_').nth(1).unwrap().to_string();
+    let keys_file = data.join("keys.toml");
+    let (ok, _, e) = quiver(&[
+        "keys",
+        "revoke",
+        &revoked_id,
+        "--keys-file",
+        keys_file.to_str().unwrap(),
+    ]);
+    assert!(ok, "{e}");
+    let server = Server::start_args(
+        dir.path(),
+        &secured(dir.path(), "[auth]\nmode = \"api_key\""),
+        &["--grpc-listen", "127.0.0.1:0"],
+    );
+    let grpc = server.grpc.clone().expect("gRPC listener announced");
+    let methods = grpc_methods();
+    assert!(methods.len() >= 20, "{methods:?}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        for path in &methods {
+            let needed = grpc_role(path);
+            for (who, token) in [("nobody", None), ("revoked", Some(revoked.as_str()))] {
+                let code = grpc_call(channel.clone(), path, token).await;
+                match needed {
+                    None => assert!(
+                        !matches!(
+                            code,
+                            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                        ),
+                        "{path} is public, {who} got {code:?}"
+                    ),
+                    Some(_) => assert_eq!(code, tonic::Code::Unauthenticated, "{path} as {who}"),
+                }
+            }
+            for (who, token) in &tokens {
+                let code = grpc_call(channel.clone(), path, Some(token)).await;
+                if needed.is_none_or(|r| r == *who) {
+                    assert!(
+                        !matches!(
+                            code,
+                            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                        ),
+                        "{path} as {who}: {code:?}"
+                    );
+                } else {
+                    assert_eq!(code, tonic::Code::PermissionDenied, "{path} as {who}");
+                }
+            }
+        }
+    });
+}
+
 #[test]
 fn a_revoked_key_stops_working_without_a_restart_and_the_audit_trail_catches_tampering() {
     let dir = tempfile::tempdir().unwrap();
