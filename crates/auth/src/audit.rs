@@ -264,6 +264,40 @@ mod tests {
     }
 
     #[test]
+    fn denials_past_the_bound_are_counted_and_summarized_but_admin_actions_never_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path).unwrap();
+        let deny = |n: u32| log.record("anonymous", "denied", "GET /x", "401", &format!("try {n}"));
+        deny(0);
+        // This second's bound is reached (set, not raced: a slow disk must not reset it).
+        log.state.lock().window = (Instant::now(), FAILURES_PER_SECOND_MAX);
+        (1..=5).for_each(deny);
+        log.record("key:ops", "rollback", "model:m", "ok", "to 1");
+        assert_eq!(log.state.lock().suppressed, 5);
+        let trail = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !trail.contains("try 1") && !trail.contains("try 5"),
+            "{trail}"
+        );
+        assert!(
+            trail.contains("\"rollback\""),
+            "admin actions are never throttled"
+        );
+        // The next second: the next denial is written, carrying the count of those dropped.
+        log.state.lock().window.0 = Instant::now() - std::time::Duration::from_secs(2);
+        deny(6);
+        let trail = std::fs::read_to_string(&path).unwrap();
+        let last = trail.lines().last().unwrap();
+        assert!(
+            last.contains("try 6 (and 5 denials not recorded before this one)"),
+            "{last}"
+        );
+        assert_eq!(log.state.lock().suppressed, 0);
+        assert_eq!(verify(&path).unwrap().entries, 3, "the chain is whole");
+    }
+
+    #[test]
     fn an_untouched_trail_verifies_and_reopens_where_it_ended() {
         let dir = tempfile::tempdir().unwrap();
         let path = trail(dir.path());
