@@ -672,6 +672,56 @@ fn peer_certificate(client: &reqwest::blocking::Client, url: &str) -> Vec<u8> {
         .to_vec()
 }
 
+/// Over TLS the handshake is bound by `header_read_timeout` too: connections that send nothing
+/// or only a ClientHello's record header are closed within it, while HTTPS requests are served.
+#[test]
+fn a_stalled_tls_handshake_is_closed_within_the_header_timeout() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, _rogue, data) = mtls_setup(dir.path());
+    std::fs::write(
+        data.join("keys.toml"),
+        "[[cert]]\nsan = \"spiffe://quiver/reader\"\nroles = [\"reader:txn\"]\n",
+    )
+    .unwrap();
+    let auth = format!(
+        "[server]\nheader_read_timeout = \"1s\"\n\n{}",
+        mtls_auth(&pki, "mtls")
+    );
+    let reader = pki.leaf(&["spiffe://quiver/reader"], true);
+    let client = https_client(&pki, Some(&reader));
+    let server = Server::start_client(dir.path(), &secured(dir.path(), &auth), client);
+    let addr = server.url.trim_start_matches("https://").to_string();
+    let opened = std::time::Instant::now();
+    let mut stalled: Vec<std::net::TcpStream> = (0..50)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            if i % 2 == 1 {
+                s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).unwrap();
+            }
+            s
+        })
+        .collect();
+    assert_eq!(server.get("/v1/features/txn/u1").0, 404, "served meanwhile");
+    // The header timeout (1 s) plus slack for a loaded machine.
+    let deadline = opened + Duration::from_secs(5);
+    for s in &mut stalled {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        s.set_read_timeout(Some(left.max(Duration::from_millis(10))))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => continue, // an alert before the close
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("a stalled handshake is still open past the timeout: {e}"),
+            }
+        }
+    }
+    assert_eq!(server.get("/v1/features/txn/u1").0, 404, "and after");
+}
+
 #[test]
 fn mtls_admits_only_certificates_of_its_ca_and_a_new_certificate_needs_no_restart() {
     let dir = tempfile::tempdir().unwrap();
