@@ -234,6 +234,62 @@ fn a_request_past_its_deadline_is_dropped_with_503() {
     assert_eq!(status, 200);
 }
 
+/// A gRPC call's deadline (`grpc-timeout`) bounds its wait for an in-flight slot as well as its
+/// work: with the node's one slot held, a call with a 300 ms deadline is answered
+/// DEADLINE_EXCEEDED long before the slot comes free, and the node serves on.
+#[test]
+fn a_grpc_call_past_its_deadline_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = bounded(
+        "inflight_max = 1\nread_after_wait_ms_max = 20000\nrequest_timeout_max = \"3s\"",
+        "",
+    );
+    let server = Server::start_args(dir.path(), &config, &["--grpc-listen", "127.0.0.1:0"]);
+    let grpc = server.grpc.clone().expect("gRPC listener announced");
+    let url = server.url.clone();
+    // Holds the one slot for 3 s: a read waiting for a token far past the log's end.
+    let hold = std::thread::spawn(move || {
+        client()
+            .get(format!("{url}/v1/features/txn/u1"))
+            .header("quiver-read-after", "0:1000000000")
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (code, took) = rt.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let path = "/inference.GRPCInferenceService/ServerMetadata";
+        let started = Instant::now();
+        let code = grpc_call(channel, path, None, Some(Duration::from_millis(300))).await;
+        (code, started.elapsed())
+    });
+    assert!(
+        matches!(code, tonic::Code::DeadlineExceeded | tonic::Code::Cancelled),
+        "{code:?}"
+    );
+    assert!(
+        took < Duration::from_millis(2000),
+        "answered after {took:?}"
+    );
+    assert_eq!(
+        hold.join().unwrap(),
+        503,
+        "the hold ended by its own deadline"
+    );
+    let (status, _) = server.get("/healthz");
+    assert_eq!(status, 200);
+}
+
 /// Keys: `gold` and `bronze` readers, a `tin` reader with a 2/s bucket, a gold producer.
 fn tiered(dir: &Path) -> (String, [String; 4]) {
     let data = dir.join("data");

@@ -498,3 +498,30 @@ pub fn serve_refused(dir: &Path, config: &str) -> String {
     assert!(!out.status.success(), "the server started: {text}");
     text
 }
+
+/// Calls gRPC method `path` with one empty message (unary, client-, server- or bidi-streaming
+/// alike: the security layer answers before a message is read), with `bearer`'s credentials
+/// and a `grpc-timeout`, and returns the status code (`Ok` if the call was answered).
+pub async fn grpc_call(
+    channel: tonic::transport::Channel,
+    path: &str,
+    bearer: Option<&str>,
+    timeout: Option<Duration>,
+) -> tonic::Code {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::try_from(path.to_string()).unwrap();
+    let mut req = tonic::Request::new(tokio_stream::iter(vec![()]));
+    if let Some(t) = bearer {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    if let Some(t) = timeout {
+        req.set_timeout(t);
+    }
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    match grpc.streaming(req, path, codec).await {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    }
+}
