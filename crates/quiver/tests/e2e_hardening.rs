@@ -290,6 +290,56 @@ fn a_grpc_call_past_its_deadline_is_dropped() {
     assert_eq!(status, 200);
 }
 
+/// A gRPC client that keeps its connection open and never answers the server's GOAWAY (here:
+/// one whose runtime is no longer driven) cannot hold a SIGTERM past the drain bound (10 s):
+/// the server closes the connection and exits cleanly.
+#[test]
+fn a_grpc_client_holding_its_connection_cannot_hold_the_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_args(
+        dir.path(),
+        &bounded("", ""),
+        &["--grpc-listen", "127.0.0.1:0"],
+    );
+    let grpc = server.grpc.clone().expect("gRPC listener announced");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let channel = rt.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let path = "/inference.GRPCInferenceService/ServerLive";
+        assert_eq!(
+            grpc_call(channel.clone(), path, None, None).await,
+            tonic::Code::Ok
+        );
+        channel
+    });
+    let pid = server.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let started = Instant::now();
+    let exit = loop {
+        if let Some(exit) = server.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(25),
+            "a held gRPC connection holds the shutdown"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(exit.success(), "{exit:?}");
+    drop((channel, rt));
+}
+
 /// Keys: `gold` and `bronze` readers, a `tin` reader with a 2/s bucket, a gold producer.
 fn tiered(dir: &Path) -> (String, [String; 4]) {
     let data = dir.join("data");

@@ -367,7 +367,10 @@ fn a_revoked_key_stops_working_without_a_restart_and_the_audit_trail_catches_tam
     let admin = key(&data, "ops-team", &["admin", "predictor:*"], None);
     let server = Server::start_logged(
         dir.path(),
-        &secured(dir.path(), "[auth]\nmode = \"api_key\""),
+        &secured(
+            dir.path(),
+            "[server]\ngrpc_listen = \"127.0.0.1:0\"\n\n[auth]\nmode = \"api_key\"",
+        ),
         "warn,quiver_server=debug",
     );
     let (status, v) = send(
@@ -395,6 +398,33 @@ fn a_revoked_key_stops_working_without_a_restart_and_the_audit_trail_catches_tam
             && l.contains("status=200")),
         "{log}"
     );
+    // A gRPC call is logged the same way, in a span naming its identity.
+    let grpc = server.grpc.clone().expect("gRPC listener announced");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let method = "/inference.GRPCInferenceService/ModelReady";
+    rt.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        grpc_call(channel, method, Some(&admin), None).await
+    });
+    drop(rt); // and with it the client's connection
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let logged = |l: &str| {
+        l.contains("answered")
+            && l.contains("identity=key:ops-team")
+            && l.contains(&format!("path={method}"))
+            && l.contains("grpc_status=")
+    };
+    while !server.log().lines().any(logged) {
+        assert!(std::time::Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let id = admin.split('_').nth(1).unwrap().to_string();
     let keys_file = data.join("keys.toml");
     let list = |file: &std::path::Path| {

@@ -138,11 +138,22 @@ where
                     Err(d) => return Ok(status(d).into_http()),
                 },
             };
-            match (&state.lower, permit.as_ref().is_some_and(|p| p.lowered())) {
+            let answered = match (&state.lower, permit.as_ref().is_some_and(|p| p.lowered())) {
                 // A tier below a better one that is active: on the idle-priority threads.
                 (Some(pool), true) => pool.run(fut).await,
                 _ => fut.await,
+            };
+            // The access log (at debug), in the call's span as HTTP's is: a refusal by the
+            // handler comes back as a trailers-only answer carrying its `grpc-status` here;
+            // a call answered with a stream says 0, its own status coming at the stream's end.
+            if let Ok(resp) = &answered {
+                let code = resp
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok());
+                tracing::debug!(grpc_status = code.unwrap_or("0"), "answered");
             }
+            answered
         };
         Box::pin(tracing::Instrument::instrument(call, span))
     }

@@ -358,13 +358,24 @@ pub async fn serve_with(
     let grpc_task = grpc.map(|l| {
         let incoming = listen::incoming(l, tls.clone(), bounds);
         let routes = grpc::service(state.clone());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .timeout(node.config.server.request_timeout_max.0)
-                .layer(grpc_guard::GuardLayer::new(state.clone()))
-                .add_routes(routes)
-                .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
-        )
+        let serve = tonic::transport::Server::builder()
+            .timeout(node.config.server.request_timeout_max.0)
+            .layer(grpc_guard::GuardLayer::new(state.clone()))
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
+        let drained = stopped(stop_rx.clone());
+        tokio::spawn(async move {
+            // tonic's graceful shutdown waits for every connection to close, and a client that
+            // keeps an idle one open (never answering the GOAWAY) would hold the shutdown
+            // forever: bounded as HTTP's drain is, from the same signal.
+            tokio::select! {
+                served = serve => served,
+                () = async { drained.await; tokio::time::sleep(listen::DRAIN_MAX).await } => {
+                    tracing::warn!("gRPC connections still open after {:?} of shutdown; closing them", listen::DRAIN_MAX);
+                    Ok(())
+                }
+            }
+        })
     });
     let app = router(state);
     let result = listen::serve_http(listener, tls, bounds, app, stopped(stop_rx)).await;

@@ -56,7 +56,7 @@ impl Bounds {
 }
 
 /// How long running requests get to finish once shutdown begins.
-const DRAIN_MAX: Duration = Duration::from_secs(10);
+pub(crate) const DRAIN_MAX: Duration = Duration::from_secs(10);
 
 /// How an HTTP/2 connection without TLS (prior knowledge) begins.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
