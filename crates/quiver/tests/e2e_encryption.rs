@@ -183,3 +183,69 @@ fn a_node_without_the_key_refuses_sealed_data_instead_of_serving_nothing() {
     let text = serve_refused(dir.path(), CONFIG);
     assert!(text.contains("encryption_key_file"), "{text}");
 }
+
+/// Ingests one event for `key` carrying [`MARK`] and waits until it is applied.
+fn one(server: &Server, key: &str) {
+    let body =
+        format!(r#"[{{"view":"txn","key":"{key}","values":{{"merchant":"{MARK}","seq":1}}}}]"#);
+    let (status, reply) = server.post("/v1/events", &body);
+    assert_eq!(status, 200, "{reply}");
+    wait_seqs(server, &[key.to_string()], &[Some(1)]);
+}
+
+/// `quiver log verify <log> --key-file <keys>`: whether it passed, and what it printed.
+fn verify_with(log: &Path, keys: &Path) -> (bool, String) {
+    let args = [
+        "log",
+        "verify",
+        log.to_str().unwrap(),
+        "--key-file",
+        keys.to_str().unwrap(),
+    ];
+    let (ok, stdout, stderr) = quiver(&args);
+    (ok, format!("{stdout}{stderr}"))
+}
+
+/// README's "Rotation" paragraph: a data directory that was plain is sealed from the first
+/// start with a key on (its plain records stay readable); after a rotation, `quiver log verify`
+/// with only the new key tells that records still need the old one, and with every key all open.
+#[test]
+fn a_plain_directory_is_sealed_from_its_first_keyed_start_and_verify_names_old_key_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), CONFIG);
+    one(&server, "k-plain-91c");
+    server.stop();
+    let (keys, config) = encrypted(dir.path());
+    let server = Server::start(dir.path(), &config);
+    one(&server, "k-sealed-37d");
+    server.stop();
+    let log = dir.path().join("data").join("log");
+    assert!(
+        !files_containing(&log, b"k-plain-91c").is_empty(),
+        "the plain record stays"
+    );
+    assert!(
+        files_containing(&log, b"k-sealed-37d").is_empty(),
+        "the new one is sealed"
+    );
+
+    keygen(&keys); // rotation: the second key seals from the next start
+    let server = Server::restart(dir.path());
+    one(&server, "k-rotated-52e");
+    for key in ["k-plain-91c", "k-sealed-37d", "k-rotated-52e"] {
+        let (_, row) = server.get(&format!("/v1/features/txn/{key}"));
+        assert_eq!(row["features"]["merchant"]["value"], MARK, "{key}: {row}");
+    }
+    server.stop();
+
+    let (ok, out) = verify_with(&log, &keys);
+    assert!(ok, "every key: everything opens: {out}");
+    let newest = dir.path().join("newest.keys");
+    let text = std::fs::read_to_string(&keys).unwrap();
+    std::fs::write(&newest, format!("{}\n", text.lines().last().unwrap())).unwrap();
+    let (ok, out) = verify_with(&log, &newest);
+    assert!(
+        !ok && out.contains("does not open"),
+        "a record still needs the old key: {out}"
+    );
+}
