@@ -171,6 +171,18 @@ mod tests {
         jsonwebtoken::encode(&h, &claims, k).unwrap()
     }
 
+    /// A verifier of `jwks_file` for audience `quiver`, no issuer.
+    fn verifier(jwks_file: std::path::PathBuf) -> JwtVerifier {
+        JwtVerifier::open(JwtOptions {
+            jwks_file,
+            audience: "quiver".into(),
+            issuer: None,
+            roles_claim: "roles".into(),
+            tier_claim: "tier".into(),
+        })
+        .unwrap()
+    }
+
     fn now() -> i64 {
         SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -190,14 +202,7 @@ mod tests {
         let (ec, ec_jwk) = key("e1");
         let path = dir.path().join("jwks.json");
         std::fs::write(&path, json!({"keys": [rsa_jwk, ec_jwk]}).to_string()).unwrap();
-        let v = JwtVerifier::open(JwtOptions {
-            jwks_file: path,
-            audience: "quiver".into(),
-            issuer: None,
-            roles_claim: "roles".into(),
-            tier_claim: "tier".into(),
-        })
-        .unwrap();
+        let v = verifier(path);
         let claims =
             json!({"sub": "svc", "aud": "quiver", "exp": now() + 60, "roles": ["predictor:m"]});
         let rs256 = |kid: &str, claims: &Value| {
@@ -235,14 +240,7 @@ mod tests {
         let (stranger, _) = key("k9");
         let path = dir.path().join("jwks.json");
         std::fs::write(&path, json!({"keys": [jwk]}).to_string()).unwrap();
-        let v = JwtVerifier::open(JwtOptions {
-            jwks_file: path,
-            audience: "quiver".into(),
-            issuer: None,
-            roles_claim: "roles".into(),
-            tier_claim: "tier".into(),
-        })
-        .unwrap();
+        let v = verifier(path);
         let t = now();
         let good = json!({"sub": "svc", "aud": "quiver", "exp": t + 60, "roles": ["reader:txn"], "tier": "gold"});
         let id = v.verify(&sign(&signer, "k1", good.clone())).unwrap();

@@ -649,6 +649,17 @@ fn mtls_setup(dir: &Path) -> (Pki, Pki, PathBuf) {
     (pki, rogue, data)
 }
 
+/// [`mtls_setup`] with a keys file mapping `spiffe://quiver/reader` to `reader:txn`.
+fn mtls_reader_setup(dir: &Path) -> (Pki, Pki, PathBuf) {
+    let (pki, rogue, data) = mtls_setup(dir);
+    std::fs::write(
+        data.join("keys.toml"),
+        "[[cert]]\nsan = \"spiffe://quiver/reader\"\nroles = [\"reader:txn\"]\n",
+    )
+    .unwrap();
+    (pki, rogue, data)
+}
+
 /// `[auth]` in `mode` and `[tls]` with the CA's server certificate, clients of the CA only.
 fn mtls_auth(pki: &Pki, mode: &str) -> String {
     format!(
@@ -686,12 +697,7 @@ fn peer_certificate(client: &reqwest::blocking::Client, url: &str) -> Vec<u8> {
 fn a_stalled_tls_handshake_is_closed_within_the_header_timeout() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
-    let (pki, _rogue, data) = mtls_setup(dir.path());
-    std::fs::write(
-        data.join("keys.toml"),
-        "[[cert]]\nsan = \"spiffe://quiver/reader\"\nroles = [\"reader:txn\"]\n",
-    )
-    .unwrap();
+    let (pki, _rogue, _) = mtls_reader_setup(dir.path());
     let auth = format!(
         "[server]\nheader_read_timeout = \"1s\"\n\n{}",
         mtls_auth(&pki, "mtls")
@@ -733,12 +739,7 @@ fn a_stalled_tls_handshake_is_closed_within_the_header_timeout() {
 #[test]
 fn mtls_admits_only_certificates_of_its_ca_and_a_new_certificate_needs_no_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let (pki, rogue, data) = mtls_setup(dir.path());
-    std::fs::write(
-        data.join("keys.toml"),
-        "[[cert]]\nsan = \"spiffe://quiver/reader\"\nroles = [\"reader:txn\"]\n",
-    )
-    .unwrap();
+    let (pki, rogue, _) = mtls_reader_setup(dir.path());
     let auth = format!("{}\nreload_interval = \"200ms\"", mtls_auth(&pki, "mtls"));
     let reader = pki.leaf(&["spiffe://quiver/reader"], true);
     let stranger = pki.leaf(&["spiffe://quiver/nobody"], true);
