@@ -787,11 +787,7 @@ fn mtls_admits_only_certificates_of_its_ca_and_a_new_certificate_needs_no_restar
 
     // A new server certificate, written over the files: new connections get it.
     let before = peer_certificate(&good, &server.url);
-    let (new_cert, new_key) = pki.leaf(&["localhost", "127.0.0.1"], false);
-    std::fs::write(pki.dir.join("server.key.tmp"), &new_key).unwrap();
-    std::fs::write(pki.dir.join("server.pem.tmp"), &new_cert).unwrap();
-    std::fs::rename(pki.dir.join("server.key.tmp"), pki.dir.join("server.key")).unwrap();
-    std::fs::rename(pki.dir.join("server.pem.tmp"), pki.dir.join("server.pem")).unwrap();
+    install_server_certificate(&pki.dir, pki.leaf(&["localhost", "127.0.0.1"], false));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let fresh = https_client(&pki, Some(&reader));
@@ -815,6 +811,15 @@ fn send_with(client: &reqwest::blocking::Client, url: &str, path: &str) -> (Opti
 }
 
 /// Writes a leaf's PEMs as `<name>.pem` and `<name>.key` in the CA's directory.
+/// Writes a new server certificate and key over `dir/server.{pem,key}` (each renamed into
+/// place whole, the key first), as a certificate renewal would.
+fn install_server_certificate(dir: &Path, (cert, key): (String, String)) {
+    std::fs::write(dir.join("server.key.tmp"), key).unwrap();
+    std::fs::write(dir.join("server.pem.tmp"), cert).unwrap();
+    std::fs::rename(dir.join("server.key.tmp"), dir.join("server.key")).unwrap();
+    std::fs::rename(dir.join("server.pem.tmp"), dir.join("server.pem")).unwrap();
+}
+
 fn leaf_files(pki: &Pki, issuer: &Pki, name: &str, sans: &[&str]) -> (String, String) {
     let (cert, key) = issuer.leaf(sans, true);
     let (c, k) = (
@@ -836,7 +841,10 @@ fn tritonclient_grpc_over_mtls_is_admitted_by_certificate_and_grant() {
          [[cert]]\nsan = \"spiffe://quiver/reader\"\nroles = [\"reader:txn\"]\n",
     )
     .unwrap();
-    let auth = mtls_auth(&pki, "mtls,api_key");
+    let auth = format!(
+        "{}\nreload_interval = \"200ms\"",
+        mtls_auth(&pki, "mtls,api_key")
+    );
     let token = key(&data, "scorer-key", &["predictor:m"], None);
     let scorer = leaf_files(&pki, &pki, "scorer", &["spiffe://quiver/scorer"]);
     let reader = leaf_files(&pki, &pki, "reader", &["spiffe://quiver/reader"]);
@@ -872,6 +880,23 @@ fn tritonclient_grpc_over_mtls_is_admitted_by_certificate_and_grant() {
     call("handshake", None, None);
     // Modes combine: a certificate of the CA that maps to nothing, plus an API key.
     call("ok", Some(&stranger), Some(&token));
+
+    // A renewed server certificate, from another CA to tell them apart, written over the
+    // files: the gRPC listener serves it without a restart (a client trusting only the new CA
+    // is refused before and admitted after).
+    let ca2 = Pki::new(dir.path(), "ca2");
+    let ca2_pem = ca2.dir.join("ca.pem").display().to_string();
+    let with_ca2 = |case: &str| {
+        let args = [grpc.as_str(), ca2_pem.as_str(), "m", "32", case];
+        run_client_script(
+            "triton_grpc_secure.py",
+            &[&args[..], &[&scorer.0, &scorer.1]].concat(),
+        )
+    };
+    with_ca2("handshake");
+    install_server_certificate(&pki.dir, ca2.leaf(&["localhost", "127.0.0.1"], false));
+    std::thread::sleep(Duration::from_millis(1500)); // reload_interval = 200ms
+    with_ca2("ok");
 }
 
 /// `[kafka] client` reaches librdkafka as given: that is how Kafka's TLS and SASL are set.
