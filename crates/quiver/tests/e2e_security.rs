@@ -140,6 +140,23 @@ fn send(
     )
 }
 
+/// A key with `grants`, made and then revoked by the real CLI: what a revoked client sends.
+fn revoked_key(data: &Path, grants: &[&str]) -> String {
+    let token = key(data, "revoked", grants, None);
+    let id = token.split('_').nth(1).unwrap().to_string();
+    let keys_file = data.join("keys.toml");
+    let args = [
+        "keys",
+        "revoke",
+        &id,
+        "--keys-file",
+        keys_file.to_str().unwrap(),
+    ];
+    let (ok, _, e) = quiver(&args);
+    assert!(ok, "{e}");
+    token
+}
+
 #[test]
 fn every_route_answers_every_role_as_its_access_says() {
     let dir = tempfile::tempdir().unwrap();
@@ -164,21 +181,10 @@ fn every_route_answers_every_role_as_its_access_says() {
         &["producer:profile", "reader:profile", "predictor:other"],
         None,
     );
-    let revoked = key(
+    let revoked = revoked_key(
         &data,
-        "revoked",
         &["admin", "reader:*", "producer:*", "predictor:*", "ops"],
-        None,
     );
-    let revoked_id = revoked.split('_').nth(1).unwrap().to_string();
-    let (ok, _, e) = quiver(&[
-        "keys",
-        "revoke",
-        &revoked_id,
-        "--keys-file",
-        data.join("keys.toml").to_str().unwrap(),
-    ]);
-    assert!(ok, "{e}");
     tokens.push(("elsewhere", elsewhere));
     let server = Server::start(
         dir.path(),
@@ -292,22 +298,7 @@ fn every_grpc_method_answers_every_role_as_its_role_says() {
             (*r, key(&data, r, &[&grant], None))
         })
         .collect();
-    let revoked = key(
-        &data,
-        "revoked",
-        &["admin", "predictor:*", "producer:*"],
-        None,
-    );
-    let revoked_id = revoked.split('_').nth(1).unwrap().to_string();
-    let keys_file = data.join("keys.toml");
-    let (ok, _, e) = quiver(&[
-        "keys",
-        "revoke",
-        &revoked_id,
-        "--keys-file",
-        keys_file.to_str().unwrap(),
-    ]);
-    assert!(ok, "{e}");
+    let revoked = revoked_key(&data, &["admin", "predictor:*", "producer:*"]);
     let server = Server::start_args(
         dir.path(),
         &secured(dir.path(), "[auth]\nmode = \"api_key\""),
