@@ -45,10 +45,12 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let offsets = vec![("log".to_string(), rows as u64)];
     let started = Instant::now();
-    let written = snapshot::write_unsynced(dir.path(), &store, 0, &offsets, &dedup, None).unwrap();
+    let mut snap = snapshot::Snapshot::begin(dir.path(), &store, 0, &offsets, None).unwrap();
+    snap.capture(&store, || {}).unwrap();
+    let written = snap.finish(&[rows as u64], dedup.iter()).unwrap();
     let pause = started.elapsed();
     println!(
-        "{rows} rows: serialized {} bytes in {:.1} ms ({:.0} ns per row)",
+        "{rows} rows: copied {} bytes in {:.1} ms ({:.0} ns per row)",
         written.bytes,
         pause.as_secs_f64() * 1e3,
         pause.as_nanos() as f64 / rows as f64

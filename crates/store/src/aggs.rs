@@ -23,7 +23,7 @@ use crate::seqlock;
 /// Where each aggregation's ring starts in an [`AggCell`].
 #[derive(Debug, Clone)]
 pub struct AggLayout {
-    offsets: Vec<usize>,
+    pub(crate) offsets: Vec<usize>,
     len: usize,
 }
 
@@ -155,7 +155,21 @@ impl AggCell {
         }
     }
 
-    /// Every slot, for snapshots (taken by the writer thread, so no seqlock is needed).
+    /// Copies every word of the cell into `out` (rings at the layout's offsets), at one
+    /// version: the version, or `None` if a write overlapped the copy (try again). A snapshot
+    /// copies rings so while the materializer goes on applying.
+    pub(crate) fn copy_words(&self, out: &mut Vec<u64>) -> Option<u64> {
+        let s1 = self.words[0].load(Ordering::Acquire);
+        if !s1.is_multiple_of(2) {
+            return None;
+        }
+        out.clear();
+        out.extend(self.words.iter().map(|w| w.load(Ordering::Relaxed)));
+        fence(Ordering::Acquire);
+        (self.words[0].load(Ordering::Relaxed) == s1).then_some(out[1])
+    }
+
+    /// Every slot of one ring (tests; only the writer may call it on a live cell).
     pub fn ring_values(&self, view: &View, layout: &AggLayout, agg: usize) -> Vec<f64> {
         let off = layout.offsets[agg];
         let len = view.aggregations[agg].window.ring_len();

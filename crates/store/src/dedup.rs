@@ -53,7 +53,7 @@ impl DedupWindow {
     }
 
     /// Ids oldest first, for snapshots.
-    pub fn iter(&self) -> impl Iterator<Item = u128> + '_ {
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = u128> + '_ {
         self.order.iter().copied()
     }
 

@@ -166,6 +166,8 @@ pub enum Applied {
     Duplicate,
     /// The record names a view this config no longer has, or nothing of it still fits.
     Skipped,
+    /// Replayed after an online snapshot whose row already holds it (see [`Store::apply_from`]).
+    Covered,
 }
 
 impl Store {
@@ -339,6 +341,22 @@ impl Store {
         dedup: &mut DedupWindow,
         late: &mut LateCounts,
     ) -> Applied {
+        self.apply_from(partition, offset, rec, dedup, late, 0)
+    }
+
+    /// [`Store::apply`] of a record replayed after an online snapshot loaded: below
+    /// `covered_below` (the snapshot's end position in the record's stream) a row may already
+    /// hold it — its version, the offset after its last change, says whether — and then the
+    /// record only enters the dedup window, as it did when it was first applied.
+    pub fn apply_from(
+        &self,
+        partition: u32,
+        offset: u64,
+        rec: &Record<'_>,
+        dedup: &mut DedupWindow,
+        late: &mut LateCounts,
+        covered_below: u64,
+    ) -> Applied {
         let Some(view_id) = self.schema.view_id(rec.view) else {
             return Applied::Skipped;
         };
@@ -376,6 +394,9 @@ impl Store {
         let map = &self.maps[partition as usize][usize::from(view_id)];
         let guard = map.guard();
         let stored = map.get(rec.key, &guard);
+        if offset < covered_below && stored.is_some_and(|row| row.version() > offset) {
+            return Applied::Covered;
+        }
         let fresh;
         let base = match stored {
             Some(row) => row,
@@ -451,6 +472,37 @@ impl Store {
         Inserter(self.maps[partition as usize][usize::from(view)].pin())
     }
 
+    /// Calls `copy` with every row of `view` in `partition` as it stands now, while its
+    /// materializer may be applying: `copy` returns false if a write overlapped it, and is
+    /// called again with the key's current row. (The walk itself may meet a stale row: a
+    /// resize begun after it started leaves it on the old table, so each key is looked up
+    /// again.) False if a row stayed mid-write for [`seqlock::ATTEMPTS_MAX`] attempts.
+    pub(crate) fn for_each_live_row(
+        &self,
+        partition: u32,
+        view: ViewId,
+        mut copy: impl FnMut(&str, &Row) -> bool,
+    ) -> bool {
+        let map = &self.maps[partition as usize][usize::from(view)];
+        // One guard for the whole walk: rows replaced meanwhile are reclaimed after it.
+        let guard = map.guard();
+        for (key, met) in map.iter(&guard) {
+            let mut attempts = 0;
+            loop {
+                // Rows are never removed while their partition is materialized.
+                let row = map.get(key, &guard).unwrap_or(met);
+                if copy(key, row) {
+                    break;
+                }
+                if !self.overlapped(&mut attempts) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    #[cfg(test)]
     pub(crate) fn for_each_row(&self, partition: u32, view: ViewId, mut f: impl FnMut(&str, &Row)) {
         let map = &self.maps[partition as usize][usize::from(view)];
         for (k, r) in map.pin().iter() {

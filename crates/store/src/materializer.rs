@@ -3,14 +3,21 @@
 //! publishes each stream's applied offset (for `Quiver-Read-After`), and snapshots the
 //! partition periodically and at shutdown.
 //!
+//! A periodic snapshot is taken online: the materializer copies its dedup window and hands
+//! the rest to a thread of its own, which copies the rows while applying goes on, then asks
+//! for the positions reached (the snapshot's end), and syncs and commits the file (see
+//! [`snapshot`]). Only the final snapshot at shutdown is taken with the partition standing
+//! still.
+//!
 //! Start-up recovery, per partition: load the snapshot, replay every stream from the
-//! snapshot's offset in it. The store reports itself recovered once every partition has
-//! applied everything its log held when the server started.
+//! snapshot's start offset in it, leaving out of each row what it already holds (below the
+//! snapshot's end). The store reports itself recovered once every partition has applied
+//! everything its log held when the server started.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -72,6 +79,8 @@ struct Stream {
     log_id: String,
     /// The log's end when the server started: recovery is done once this is applied.
     recovery_target: u64,
+    /// The loaded snapshot's end in this stream: a record below it may be in its row already.
+    covered_below: u64,
 }
 
 struct Worker {
@@ -88,8 +97,17 @@ struct Worker {
     initial: Option<(Arc<AtomicUsize>, usize)>,
     stop: Arc<AtomicBool>,
     errors: Arc<Mutex<Vec<String>>>,
-    /// The last snapshot's commit, while it syncs on a thread of its own.
-    committing: Option<JoinHandle<Result<()>>>,
+    /// The snapshot under way on a thread of its own.
+    snapshotting: Option<SnapshotJob>,
+}
+
+/// A snapshot under way (see [`Worker::snapshot`]).
+struct SnapshotJob {
+    thread: JoinHandle<Result<()>>,
+    /// Says when every row is copied: the worker answers on `ends` with its positions then.
+    captured: mpsc::Receiver<()>,
+    /// Taken once answered.
+    ends: Option<mpsc::SyncSender<Vec<u64>>>,
 }
 
 impl Materializers {
@@ -230,7 +248,7 @@ impl Materializers {
             initial: initial.then(|| (sh.recovered.clone(), sh.initial)),
             stop: stop.clone(),
             errors: self.errors.clone(),
-            committing: None,
+            snapshotting: None,
         };
         self.workers.insert(p, stop, spawn(worker));
         Ok(())
@@ -331,10 +349,12 @@ fn recover(
             opts,
             p,
         )?;
+        let covered_below = loaded.as_ref().map_or(0, |l| l.covered_below(&log_id));
         streams.push(Stream {
             id: s,
             log_id,
             recovery_target: log.high_watermark(s)?,
+            covered_below,
         });
         from.push(start);
     }
@@ -457,17 +477,11 @@ impl Worker {
                 }
             }
             self.apply(&batch);
-            // A snapshot commit that failed stops the partition now, as a failed write did when
-            // it ran on this thread, not whenever the next snapshot falls due.
-            if self
-                .committing
-                .as_ref()
-                .is_some_and(JoinHandle::is_finished)
-            {
-                if let Err(e) = self.wait_commit() {
-                    self.fail(format!("partition {p}: snapshot failed: {e}"));
-                    return;
-                }
+            // A snapshot that failed stops the partition now, as a failed write did when it
+            // ran on this thread, not whenever the next snapshot falls due.
+            if let Err(e) = self.tend_snapshot() {
+                self.fail(format!("partition {p}: snapshot failed: {e}"));
+                return;
             }
             let positions = self.positions();
             let behind: u64 = self
@@ -499,7 +513,7 @@ impl Worker {
             }
         }
         let positions = self.positions();
-        let last = self.wait_commit();
+        let last = self.wait_snapshot();
         let last = last.and_then(|()| match positions != snapshotted {
             true => self.snapshot(&positions, true).map(drop),
             false => Ok(()),
@@ -515,15 +529,27 @@ impl Worker {
         let mut late = crate::LateCounts::default();
         let (mut applied, mut duplicates) = (0, 0);
         for rec in batch.iter() {
+            let covered_below = self
+                .streams
+                .iter()
+                .find(|s| s.id == rec.stream)
+                .map_or(0, |s| s.covered_below);
             match record::decode(rec.payload) {
                 Ok(decoded) => {
-                    match self
-                        .store
-                        .apply(p, rec.offset, &decoded, &mut self.dedup, &mut late)
-                    {
+                    let dedup = &mut self.dedup;
+                    let offset = rec.offset;
+                    match (self.store).apply_from(
+                        p,
+                        offset,
+                        &decoded,
+                        dedup,
+                        &mut late,
+                        covered_below,
+                    ) {
                         Applied::Changed | Applied::Late => applied += 1,
                         Applied::Duplicate => duplicates += 1,
-                        Applied::Skipped => {}
+                        // Counted when it was first applied, before the snapshot.
+                        Applied::Skipped | Applied::Covered => {}
                     }
                 }
                 // The log checked these bytes (frame checksum, or the Kafka backend's
@@ -574,68 +600,103 @@ impl Worker {
             && applied as f64 >= self.opts.snapshot_change_ratio * rows as f64
     }
 
-    /// Serializes the partition as of `positions` (applying waits meanwhile), then finishes
-    /// the snapshot — fsync, rename, its offsets committed, retention released — on a thread
-    /// of its own, so applying goes on while the disk syncs; on this thread with `wait` (at
-    /// shutdown). False, and nothing done, while the previous snapshot is still syncing.
+    /// Starts a snapshot as of `positions` (S): the dedup window is copied here, the rest —
+    /// rows copied while applying goes on, the end positions asked for
+    /// ([`tend_snapshot`](Self::tend_snapshot)), fsync, rename, offsets committed, retention
+    /// released — runs on a thread of its own; all of it on this thread with `wait` (at
+    /// shutdown, the partition standing still: the end is S). False, and nothing done, while
+    /// the previous snapshot is still under way.
     fn snapshot(&mut self, positions: &[u64], wait: bool) -> Result<bool> {
-        if self.committing.as_ref().is_some_and(|h| !h.is_finished()) {
+        if self
+            .snapshotting
+            .as_ref()
+            .is_some_and(|job| !job.thread.is_finished())
+        {
             return Ok(false);
         }
-        self.wait_commit()?;
+        self.wait_snapshot()?;
         let started = Instant::now();
-        let offsets: Vec<(String, u64)> = self
-            .streams
-            .iter()
-            .zip(positions)
-            .map(|(s, &o)| (s.log_id.clone(), o))
-            .collect();
-        let written = snapshot::write_unsynced(
-            &self.opts.snapshot_dir,
-            &self.store,
-            self.partition,
-            &offsets,
-            &self.dedup,
-            self.opts.sealer.as_deref(),
-        )?;
-        metrics::histogram!(t::SNAPSHOT_PAUSE_SECONDS).record(started.elapsed().as_secs_f64());
-        let commit = SnapshotCommit {
-            written,
-            partition: self.partition,
-            positions: self
-                .streams
-                .iter()
-                .map(|s| s.id)
-                .zip(positions.iter().copied())
+        let work = SnapshotWork {
+            store: self.store.clone(),
+            dir: self.opts.snapshot_dir.clone(),
+            sealer: self.opts.sealer.clone(),
+            offsets: (self.streams.iter())
+                .zip(positions)
+                .map(|(s, &o)| (s.log_id.clone(), o))
                 .collect(),
-            offsets: self.offsets.clone(),
-            committed: self.committed.clone(),
-            consumer: self.consumer.clone(),
-            started,
+            dedup: self.dedup.iter().collect(),
+            commit: SnapshotCommit {
+                partition: self.partition,
+                positions: (self.streams.iter().map(|s| s.id))
+                    .zip(positions.iter().copied())
+                    .collect(),
+                offsets: self.offsets.clone(),
+                committed: self.committed.clone(),
+                consumer: self.consumer.clone(),
+                started,
+            },
         };
+        let (captured_tx, captured) = mpsc::sync_channel(1);
+        let (ends, ends_rx) = mpsc::sync_channel(1);
         if wait {
-            return commit.run().map(|()| true);
+            ends.send(positions.to_vec()).expect("the receiver is here");
+            return work
+                .run(self.partition, &captured_tx, &ends_rx)
+                .map(|()| true);
         }
+        let p = self.partition;
         let thread = std::thread::Builder::new()
-            .name(format!("snapshot-{}", self.partition))
-            .spawn(move || commit.run())
+            .name(format!("snapshot-{p}"))
+            .spawn(move || work.run(p, &captured_tx, &ends_rx))
             .map_err(crate::error::io(&self.opts.snapshot_dir))?;
-        self.committing = Some(thread);
+        metrics::histogram!(t::SNAPSHOT_PAUSE_SECONDS).record(started.elapsed().as_secs_f64());
+        self.snapshotting = Some(SnapshotJob {
+            thread,
+            captured,
+            ends: Some(ends),
+        });
         Ok(true)
     }
 
-    /// Waits for the last snapshot's commit, if one is running, and returns its outcome.
-    fn wait_commit(&mut self) -> Result<()> {
-        match self.committing.take().map(JoinHandle::join) {
-            None | Some(Ok(Ok(()))) => Ok(()),
-            Some(Ok(Err(e))) => Err(e),
-            Some(Err(panic)) => std::panic::resume_unwind(panic),
+    /// Answers a snapshot whose rows are all copied with the positions reached — everything
+    /// a copied row can hold was applied below them — and collects a finished one's outcome.
+    fn tend_snapshot(&mut self) -> Result<()> {
+        let Some(job) = &self.snapshotting else {
+            return Ok(());
+        };
+        if job.ends.is_some() && job.captured.try_recv().is_ok() {
+            let ends = self.positions();
+            let job = self.snapshotting.as_mut().expect("checked above");
+            // A thread that ended meanwhile says why through its join.
+            let _ = job.ends.take().expect("checked above").send(ends);
+        }
+        match self.snapshotting.as_ref() {
+            Some(job) if job.thread.is_finished() => self.wait_snapshot(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits for the snapshot under way, if any (answering it if it waits for its end), and
+    /// returns its outcome.
+    fn wait_snapshot(&mut self) -> Result<()> {
+        let Some(mut job) = self.snapshotting.take() else {
+            return Ok(());
+        };
+        if let Some(ends) = job.ends.take() {
+            // An error instead means the thread ended early; its join says why.
+            if job.captured.recv().is_ok() {
+                let _ = ends.send(self.positions());
+            }
+        }
+        match job.thread.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
         }
     }
 
     fn fail(&mut self, message: String) {
-        // A commit still syncing finishes (or fails) first: its file and offsets stay whole.
-        if let Err(e) = self.wait_commit() {
+        // A snapshot under way finishes (or fails) first: its file and offsets stay whole.
+        if let Err(e) = self.wait_snapshot() {
             self.errors.lock().push(format!(
                 "partition {}: snapshot failed: {e}",
                 self.partition
@@ -646,10 +707,44 @@ impl Worker {
     }
 }
 
-/// What is left of a snapshot once the partition is serialized: it needs the disk, not the
-/// store, so it runs beside the materializer.
+/// A snapshot taken beside the materializer: what it needs of the worker, copied.
+struct SnapshotWork {
+    store: Arc<Store>,
+    dir: PathBuf,
+    sealer: Option<Arc<quiver_fsutil::seal::KeyRing>>,
+    /// S: each stream's position when the snapshot began.
+    offsets: Vec<(String, u64)>,
+    /// The dedup window at S.
+    dedup: Vec<u128>,
+    commit: SnapshotCommit,
+}
+
+impl SnapshotWork {
+    /// Copies the rows, says so on `captured`, waits for the end positions on `ends`, then
+    /// finishes and commits the file.
+    fn run(
+        self,
+        p: u32,
+        captured: &mpsc::SyncSender<()>,
+        ends: &mpsc::Receiver<Vec<u64>>,
+    ) -> Result<()> {
+        let store = &self.store;
+        let mut snap = snapshot::Snapshot::begin(&self.dir, store, p, &self.offsets, self.sealer)?;
+        snap.capture(store, || {})?;
+        // At shutdown nobody listens: the end is already waiting.
+        let _ = captured.send(());
+        let ends = ends.recv().map_err(|_| {
+            let stopped =
+                std::io::Error::other("the materializer stopped before the snapshot ended");
+            crate::error::io(&self.dir)(stopped)
+        })?;
+        let written = snap.finish(&ends, self.dedup.into_iter())?;
+        self.commit.run(written)
+    }
+}
+
+/// What is left of a snapshot once its rows are written: it needs the disk, not the store.
 struct SnapshotCommit {
-    written: snapshot::Written,
     partition: u32,
     positions: Vec<(StreamId, u64)>,
     offsets: OffsetStore,
@@ -659,8 +754,8 @@ struct SnapshotCommit {
 }
 
 impl SnapshotCommit {
-    fn run(self) -> Result<()> {
-        let bytes = self.written.commit()?;
+    fn run(self, written: snapshot::Written) -> Result<()> {
+        let bytes = written.commit()?;
         let mut committed = self.committed.lock();
         for &(stream, offset) in &self.positions {
             committed.insert(stream, offset);

@@ -3,8 +3,15 @@
 //! load each partition's snapshot, then replay every stream from its offset.
 //!
 //! # Design constraints
-//! - Written by the partition's materializer between two records, so a snapshot is exactly
-//!   the state after applying everything below its offset.
+//! - Taken while the partition's materializer goes on applying (an *online* snapshot: the
+//!   materializer stops only to copy its dedup window, not for the rows). The head names each
+//!   stream's position when the snapshot began (S), the end its position once every row was
+//!   copied (E). Each row is copied whole, at one version (under its seqlock, rings and words
+//!   together), as it stood at some moment between the two: it holds exactly the records of
+//!   its key below its version. Recovery replays every stream from S and leaves out of a row
+//!   a record below E that the row's version says it already holds (`Store::apply_from`);
+//!   the dedup window is the one at S, so the replay rebuilds it as the live run did. A record
+//!   touches one row, so rows copied at different moments need nothing of each other.
 //! - Atomic (`quiver_fsutil::AtomicFile`): a crash leaves the old snapshot or the new, never a
 //!   torn one.
 //! - Streamed both ways in frames of ~256 KiB: neither writing nor loading holds the file in
@@ -26,7 +33,7 @@
 //!
 //! Format (little-endian):
 //! ```text
-//! "QVSNAP04" | frames
+//! "QVSNAP05" | frames
 //! frame = u32 len | u32 crc32c(body) | body (len bytes; sealed or plain)
 //! plain = u8 kind | …
 //!   0 head: u32 partition | u16 streams × (str16 log id, u64 offset) | u32 views × view
@@ -35,17 +42,21 @@
 //!   1 rows: u32 view (index in the head) | u32 n | n × row
 //!           row = str16 key | u16 words | words × u64 | heap slots × value (record codec)
 //!                 | rings (views with aggregations: u64 version | aggregations × (u32 n, n × f64))
-//!   2 end:  u32 frames before | u64 rows | u64 dedup ids × u128 (oldest first)
+//!   2 end:  u32 frames before | u64 rows | u16 streams × u64 end position (the head's order)
+//!           | u64 dedup ids × u128 (oldest first)
 //! ```
+//! (The view row counts in the head are taken at S: hints to size the maps, not checks.)
 //! A stream is named by its log id (`quiver_log::StreamInfo::log_id`): an offset is only
 //! meaningful in the log that gave it. `QVSNAP02`/`QVSNAP03` snapshots (one buffer, a cell
-//! per feature) still load ([`legacy`]).
+//! per feature) still load ([`legacy`]), and so do `QVSNAP04` snapshots (taken offline,
+//! between two records: no end positions, E = S).
 
 mod legacy;
 
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use quiver_core::record::{put_str16, put_value, CodecError, Reader};
 use quiver_core::schema::{FeatureIdx, View};
@@ -57,7 +68,9 @@ use crate::error::{io, Result, StoreError};
 use crate::row::{Cell, Layout, Row};
 use crate::{AggCell, AggLayout, DedupWindow, Store};
 
-const MAGIC: &[u8; 8] = b"QVSNAP04";
+const MAGIC: &[u8; 8] = b"QVSNAP05";
+/// The format before online snapshots: no end positions.
+const MAGIC_V4: &[u8; 8] = b"QVSNAP04";
 const MAGIC_V3: &[u8; 8] = b"QVSNAP03";
 /// The format before stream ids: one offset of the embedded log.
 const MAGIC_V2: &[u8; 8] = b"QVSNAP02";
@@ -81,6 +94,9 @@ pub struct Loaded {
     /// `None` for a `QVSNAP02` snapshot: one offset of the embedded log, whatever its id.
     pub offsets: Option<StreamOffsets>,
     pub legacy_offset: u64,
+    /// Where each stream stood once every row was copied (E); `None` for formats taken
+    /// offline, where E = S.
+    pub ends: Option<StreamOffsets>,
     pub dedup: DedupWindow,
 }
 
@@ -91,6 +107,14 @@ impl Loaded {
             None => Some(self.legacy_offset),
             Some(list) => list.iter().find(|(id, _)| id == log_id).map(|(_, o)| *o),
         }
+    }
+
+    /// Below this offset of the stream of log `log_id`, a replayed record may already be in
+    /// the rows loaded (the snapshot's E; 0 when it was taken offline: nothing below S is
+    /// replayed).
+    pub fn covered_below(&self, log_id: &str) -> u64 {
+        let ends = self.ends.iter().flatten();
+        ends.filter(|(id, _)| id == log_id).map(|(_, o)| *o).sum()
     }
 }
 
@@ -110,31 +134,32 @@ fn legacy_seal_aad(partition: u32) -> [u8; 12] {
 }
 
 /// What a sealed frame is bound to: the format, its partition and its place in the file.
-fn frame_aad(partition: u32, frame: u32) -> [u8; 16] {
+fn frame_aad(magic: &[u8; 8], partition: u32, frame: u32) -> [u8; 16] {
     let mut aad = [0u8; 16];
-    aad[..8].copy_from_slice(MAGIC);
+    aad[..8].copy_from_slice(magic);
     aad[8..12].copy_from_slice(&partition.to_le_bytes());
     aad[12..].copy_from_slice(&frame.to_le_bytes());
     aad
 }
 
 /// Frames onto the file being written.
-struct FrameWriter<'a> {
+struct FrameWriter {
     out: AtomicFile,
-    sealer: Option<&'a KeyRing>,
+    magic: &'static [u8; 8],
+    sealer: Option<Arc<KeyRing>>,
     partition: u32,
     frames: u32,
     bytes: u64,
     sealed: Vec<u8>,
 }
 
-impl FrameWriter<'_> {
+impl FrameWriter {
     fn frame(&mut self, plain: &[u8]) -> std::io::Result<()> {
         debug_assert!(plain.first().is_some_and(|&k| k <= KIND_END));
-        let body: &[u8] = match self.sealer {
+        let body: &[u8] = match &self.sealer {
             Some(ring) => {
                 self.sealed.clear();
-                let aad = frame_aad(self.partition, self.frames);
+                let aad = frame_aad(self.magic, self.partition, self.frames);
                 ring.seal_into(&aad, plain, &mut self.sealed);
                 &self.sealed
             }
@@ -171,65 +196,122 @@ impl Written {
 }
 
 /// Writes the snapshot of `partition` as of `offsets` (one per stream of the partition) and
-/// puts it in place. Returns the bytes written.
+/// puts it in place, the partition standing still meanwhile. Returns the bytes written.
 pub fn write(
     dir: &Path,
     store: &Store,
     partition: u32,
     offsets: &[(String, u64)],
     dedup: &DedupWindow,
-    sealer: Option<&KeyRing>,
+    sealer: Option<&Arc<KeyRing>>,
 ) -> Result<u64> {
-    write_unsynced(dir, store, partition, offsets, dedup, sealer)?.commit()
+    let mut snap = Snapshot::begin(dir, store, partition, offsets, sealer.cloned())?;
+    snap.capture(store, || {})?;
+    let ends: Vec<u64> = offsets.iter().map(|(_, o)| *o).collect();
+    snap.finish(&ends, dedup.iter())?.commit()
 }
 
-/// Serializes the snapshot of `partition` into its temporary; [`Written::commit`] finishes it.
-/// Only this half needs the partition to stand still.
-pub fn write_unsynced(
-    dir: &Path,
-    store: &Store,
-    partition: u32,
-    offsets: &[(String, u64)],
-    dedup: &DedupWindow,
-    sealer: Option<&KeyRing>,
-) -> Result<Written> {
-    assert!(
-        !offsets.is_empty() && offsets.len() <= usize::from(u16::MAX),
-        "a partition has 1..=65535 streams"
-    );
-    let path = snapshot_path(dir, partition);
-    let mut w = FrameWriter {
-        out: AtomicFile::create(&path).map_err(io(&path))?,
-        sealer,
-        partition,
-        frames: 0,
-        bytes: MAGIC.len() as u64,
-        sealed: Vec::new(),
-    };
-    w.out.write_all(MAGIC).map_err(io(&path))?;
-    let mut buf = Vec::with_capacity(FRAME_TARGET_BYTES + (64 << 10));
-    put_head(&mut buf, store, partition, offsets);
-    w.frame(&buf).map_err(io(&path))?;
-    let mut rows = 0u64;
-    for (index, view) in store.schema().views.iter().enumerate() {
-        rows += write_rows(&mut w, &mut buf, store, view, index as u32).map_err(io(&path))?;
+/// A snapshot being taken: begun at the streams' positions S, its rows copied while the
+/// materializer may go on applying ([`Snapshot::capture`]), finished with the positions E
+/// reached by then ([`Snapshot::finish`]).
+pub struct Snapshot {
+    w: FrameWriter,
+    path: PathBuf,
+    buf: Vec<u8>,
+    streams: usize,
+    rows: u64,
+}
+
+impl Snapshot {
+    /// Creates the temporary and writes the head: `offsets` are S, one per stream.
+    pub fn begin(
+        dir: &Path,
+        store: &Store,
+        partition: u32,
+        offsets: &[(String, u64)],
+        sealer: Option<Arc<KeyRing>>,
+    ) -> Result<Snapshot> {
+        Snapshot::begin_as(MAGIC, dir, store, partition, offsets, sealer)
     }
-    buf.clear();
-    buf.push(KIND_END);
-    buf.extend_from_slice(&w.frames.to_le_bytes());
-    buf.extend_from_slice(&rows.to_le_bytes());
-    buf.extend_from_slice(&(dedup.len() as u64).to_le_bytes());
-    for id in dedup.iter() {
-        buf.extend_from_slice(&id.to_le_bytes());
+
+    /// [`begin`](Self::begin) in format `magic` (tests write the previous one).
+    fn begin_as(
+        magic: &'static [u8; 8],
+        dir: &Path,
+        store: &Store,
+        partition: u32,
+        offsets: &[(String, u64)],
+        sealer: Option<Arc<KeyRing>>,
+    ) -> Result<Snapshot> {
+        assert!(
+            !offsets.is_empty() && offsets.len() <= usize::from(u16::MAX),
+            "a partition has 1..=65535 streams"
+        );
+        let path = snapshot_path(dir, partition);
+        let mut snap = Snapshot {
+            w: FrameWriter {
+                out: AtomicFile::create(&path).map_err(io(&path))?,
+                magic,
+                sealer,
+                partition,
+                frames: 0,
+                bytes: magic.len() as u64,
+                sealed: Vec::new(),
+            },
+            path,
+            buf: Vec::with_capacity(FRAME_TARGET_BYTES + (64 << 10)),
+            streams: offsets.len(),
+            rows: 0,
+        };
+        snap.w.out.write_all(snap.w.magic).map_err(io(&snap.path))?;
+        put_head(&mut snap.buf, store, partition, offsets);
+        snap.w.frame(&snap.buf).map_err(io(&snap.path))?;
+        Ok(snap)
     }
-    w.frame(&buf).map_err(io(&path))?;
-    // Hand the bytes to the OS now, so the commit's fsync is all that is left.
-    w.out.flush().map_err(io(&path))?;
-    Ok(Written {
-        bytes: w.bytes,
-        file: w.out,
-        path,
-    })
+
+    /// Copies every row of the partition, each whole at one version, while its materializer
+    /// may apply records; `between_rows` runs after each row is copied (tests apply records
+    /// there, at chosen points of the walk).
+    pub fn capture(&mut self, store: &Store, mut between_rows: impl FnMut()) -> Result<()> {
+        for (index, view) in store.schema().views.iter().enumerate() {
+            let rows = write_rows(self, store, view, index as u32, &mut between_rows);
+            self.rows += rows.map_err(io(&self.path))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the end — `ends` (E, each stream's position once [`capture`](Self::capture)
+    /// was done, in the head's order), the rows' count and the dedup window as of S — and
+    /// hands the bytes to the OS: the commit's fsync is all that is left.
+    pub fn finish(
+        mut self,
+        ends: &[u64],
+        dedup: impl ExactSizeIterator<Item = u128>,
+    ) -> Result<Written> {
+        assert_eq!(ends.len(), self.streams, "an end position per stream");
+        let buf = &mut self.buf;
+        buf.clear();
+        buf.push(KIND_END);
+        buf.extend_from_slice(&self.w.frames.to_le_bytes());
+        buf.extend_from_slice(&self.rows.to_le_bytes());
+        if self.w.magic == MAGIC {
+            buf.extend_from_slice(&(ends.len() as u16).to_le_bytes());
+            for end in ends {
+                buf.extend_from_slice(&end.to_le_bytes());
+            }
+        }
+        buf.extend_from_slice(&(dedup.len() as u64).to_le_bytes());
+        for id in dedup {
+            buf.extend_from_slice(&id.to_le_bytes());
+        }
+        self.w.frame(&self.buf).map_err(io(&self.path))?;
+        self.w.out.flush().map_err(io(&self.path))?;
+        Ok(Written {
+            bytes: self.w.bytes,
+            file: self.w.out,
+            path: self.path,
+        })
+    }
 }
 
 fn put_head(buf: &mut Vec<u8>, store: &Store, partition: u32, offsets: &[(String, u64)]) {
@@ -262,11 +344,11 @@ fn put_head(buf: &mut Vec<u8>, store: &Store, partition: u32, offsets: &[(String
 
 /// Writes the rows of `view` in frames; returns how many.
 fn write_rows(
-    w: &mut FrameWriter<'_>,
-    buf: &mut Vec<u8>,
+    snap: &mut Snapshot,
     store: &Store,
     view: &View,
     index: u32,
+    between_rows: &mut impl FnMut(),
 ) -> std::io::Result<u64> {
     const COUNT_AT: usize = 1 + 4;
     let begin = |buf: &mut Vec<u8>| {
@@ -278,12 +360,18 @@ fn write_rows(
     let agg_layout = store.agg_layout(view.id);
     let (mut total, mut in_frame) = (0u64, 0u32);
     let mut failed = None;
+    let (w, buf) = (&mut snap.w, &mut snap.buf);
+    let mut rings = Vec::new();
     begin(buf);
-    store.for_each_row(w.partition, view.id, |key, row| {
+    let whole = store.for_each_live_row(w.partition, view.id, |key, row| {
         if failed.is_some() {
-            return;
+            return true;
         }
-        put_row(buf, view, agg_layout, key, row);
+        let start = buf.len();
+        if !put_row(buf, view, agg_layout, key, row, &mut rings) {
+            buf.truncate(start);
+            return false;
+        }
         total += 1;
         in_frame += 1;
         if buf.len() >= FRAME_TARGET_BYTES {
@@ -292,9 +380,17 @@ fn write_rows(
             begin(buf);
             in_frame = 0;
         }
+        between_rows();
+        true
     });
     if let Some(e) = failed {
         return Err(e);
+    }
+    if !whole {
+        return Err(std::io::Error::other(format!(
+            "a row of view {} stayed mid-write (its materializer died?)",
+            view.name
+        )));
     }
     if in_frame > 0 {
         buf[COUNT_AT..COUNT_AT + 4].copy_from_slice(&in_frame.to_le_bytes());
@@ -303,7 +399,20 @@ fn write_rows(
     Ok(total)
 }
 
-fn put_row(buf: &mut Vec<u8>, view: &View, agg_layout: Option<&AggLayout>, key: &str, row: &Row) {
+/// Appends `row` as of one version; false, with the buffer to be cut back, if a write
+/// overlapped the copy (the words changed, or the rings moved past the words: the writer is
+/// between the two halves of an event).
+fn put_row(
+    buf: &mut Vec<u8>,
+    view: &View,
+    agg_layout: Option<&AggLayout>,
+    key: &str,
+    row: &Row,
+    rings: &mut Vec<u64>,
+) -> bool {
+    let Some(header) = row.read_begin() else {
+        return false;
+    };
     put_str16(buf, key);
     let words = row.words();
     let n = u16::try_from(words.len()).expect("a row of at most 65535 words");
@@ -315,22 +424,34 @@ fn put_row(buf: &mut Vec<u8>, view: &View, agg_layout: Option<&AggLayout>, key: 
     for (out, word) in buf[start..].chunks_exact_mut(8).zip(words) {
         out.copy_from_slice(&word.to_le_bytes());
     }
+    // Heap slots are never written in place: a row holding them is replaced whole.
     for value in row.heap_values() {
         put_value(buf, value);
     }
-    if let Some(al) = agg_layout {
-        put_rings(buf, view, al, row);
-    }
+    let rings_version = match agg_layout {
+        None => 0,
+        Some(al) => {
+            let cell = row
+                .aggs()
+                .expect("rows of aggregating views carry their rings");
+            let Some(version) = cell.copy_words(rings) else {
+                return false;
+            };
+            put_rings(buf, view, al, version, rings);
+            version
+        }
+    };
+    // Rings are written before the row of the same event: rings past the row's version
+    // belong to an event the row does not show yet.
+    row.read_end(header) && rings_version <= Row::version_of(header)
 }
 
-/// A row's rings: `u64 version | aggregations × (u32 n, n × f64)` (every format so far).
-fn put_rings(buf: &mut Vec<u8>, view: &View, al: &AggLayout, row: &Row) {
-    let cell = row
-        .aggs()
-        .expect("rows of aggregating views carry their rings");
-    buf.extend_from_slice(&cell.version().to_le_bytes());
-    for a in 0..view.aggregations.len() {
-        let ring = cell.ring_values(view, al, a);
+/// A row's rings from the cell's words: `u64 version | aggregations × (u32 n, n × f64)`
+/// (every format so far).
+fn put_rings(buf: &mut Vec<u8>, view: &View, al: &AggLayout, version: u64, words: &[u64]) {
+    buf.extend_from_slice(&version.to_le_bytes());
+    for (a, agg) in view.aggregations.iter().enumerate() {
+        let ring = &words[al.offsets[a]..al.offsets[a] + agg.window.ring_len()];
         buf.extend_from_slice(&(ring.len() as u32).to_le_bytes());
         for x in ring {
             buf.extend_from_slice(&x.to_le_bytes());
@@ -355,43 +476,63 @@ pub fn load(
     };
     let size = file.metadata().map_err(io(&path))?.len();
     let mut input = BufReader::with_capacity(1 << 20, file);
-    let mut magic = Vec::with_capacity(8);
+    let mut bytes = Vec::with_capacity(8);
     (&mut input)
         .take(8)
-        .read_to_end(&mut magic)
+        .read_to_end(&mut bytes)
         .map_err(io(&path))?;
-    if magic != MAGIC {
-        // An older format (or a sealed `QVSNAP03`): one buffer of the whole file.
-        input.read_to_end(&mut magic).map_err(io(&path))?;
-        return legacy::load(&path, magic, store, partition, dedup_capacity, sealer).map(Some);
-    }
+    let magic = match bytes.as_slice() {
+        m if m == MAGIC => MAGIC,
+        m if m == MAGIC_V4 => MAGIC_V4,
+        _ => {
+            // An older format (or a sealed `QVSNAP03`): one buffer of the whole file.
+            input.read_to_end(&mut bytes).map_err(io(&path))?;
+            return legacy::load(&path, bytes, store, partition, dedup_capacity, sealer).map(Some);
+        }
+    };
     let mut frames = FrameReader {
         input,
         path: &path,
+        magic,
         sealer,
         partition,
         frames: 0,
-        left: size.saturating_sub(MAGIC.len() as u64),
+        left: size.saturating_sub(magic.len() as u64),
         plain: Vec::new(),
     };
     let mut loader = Loader::new(&path, store, partition, size);
     let (_, head) = frames.next()?.ok_or_else(|| loader.corrupt("empty"))?;
     let (offsets, views) = loader.head(head)?;
-    let dedup = loop {
+    let streams = (magic == MAGIC).then_some(offsets.len());
+    let (ends, dedup) = loop {
         let frame = frames.next()?;
         let (index, frame) = frame.ok_or_else(|| loader.corrupt("no end frame"))?;
         match frame.first() {
             Some(&KIND_ROWS) => loader.rows(&views, frame)?,
-            Some(&KIND_END) => break loader.end(frame, index, dedup_capacity)?,
+            Some(&KIND_END) => break loader.end(frame, index, streams, dedup_capacity)?,
             _ => return Err(loader.corrupt("unknown frame kind")),
         }
     };
     if frames.next()?.is_some() {
         return Err(loader.corrupt("frames after the end"));
     }
+    if let Some(ends) = &ends {
+        if ends
+            .iter()
+            .zip(&offsets)
+            .any(|(end, (_, start))| end < start)
+        {
+            return Err(loader.corrupt("a stream ends before it starts"));
+        }
+    }
+    let ends = ends.map(|ends| {
+        let ids = offsets.iter().map(|(id, _)| id.clone());
+        ids.zip(ends).collect()
+    });
     Ok(Some(Loaded {
         offsets: Some(offsets),
         legacy_offset: 0,
+        ends,
         dedup,
     }))
 }
@@ -400,6 +541,7 @@ pub fn load(
 struct FrameReader<'a> {
     input: BufReader<File>,
     path: &'a Path,
+    magic: &'static [u8; 8],
     sealer: Option<&'a KeyRing>,
     partition: u32,
     frames: u32,
@@ -443,7 +585,7 @@ impl FrameReader<'_> {
             let ring = self.sealer.ok_or_else(|| {
                 corrupt("encrypted, and [storage] encryption_key_file is not set".into())
             })?;
-            let aad = frame_aad(self.partition, self.frames);
+            let aad = frame_aad(self.magic, self.partition, self.frames);
             self.plain = ring
                 .open(&aad, &self.plain)
                 .map_err(|e| corrupt(format!("frame {}: {e}", self.frames)))?;
@@ -669,24 +811,45 @@ impl<'s> Loader<'s> {
         Ok(Some((version, rings)))
     }
 
-    fn end(&self, frame: &[u8], frames_before: u32, dedup_capacity: usize) -> Result<DedupWindow> {
-        let parse = || -> std::result::Result<(u32, u64, DedupWindow), CodecError> {
-            let mut r = Reader::new(&frame[1..]);
-            let (frames, rows) = (r.u32()?, u64::from_le_bytes(r.array()?));
-            let n = u64::from_le_bytes(r.array()?);
-            let mut dedup = DedupWindow::new(dedup_capacity);
-            // Sized once (the window's growth by rehashing was a tenth of a load); a length
-            // claiming more ids than the frame holds reserves no more than it holds.
-            dedup.reserve(n.min(r.remaining() as u64 / 16) as usize);
-            for _ in 0..n {
-                dedup.insert(u128::from_le_bytes(r.array()?));
-            }
-            if r.remaining() != 0 {
-                return Err(CodecError::Trailing(r.remaining()));
-            }
-            Ok((frames, rows, dedup))
-        };
-        let (frames, rows, dedup) = parse().map_err(|e| self.codec(e))?;
+    /// The end frame: its end positions (`streams` of them, if the format has them) and the
+    /// dedup window, once its counts are checked against what the file held.
+    #[allow(clippy::type_complexity)]
+    fn end(
+        &self,
+        frame: &[u8],
+        frames_before: u32,
+        streams: Option<usize>,
+        dedup_capacity: usize,
+    ) -> Result<(Option<Vec<u64>>, DedupWindow)> {
+        let parse =
+            || -> std::result::Result<(u32, u64, Option<Vec<u64>>, DedupWindow), CodecError> {
+                let mut r = Reader::new(&frame[1..]);
+                let (frames, rows) = (r.u32()?, u64::from_le_bytes(r.array()?));
+                let ends = match streams {
+                    None => None,
+                    Some(_) => {
+                        let count = usize::from(r.u16()?);
+                        let ends = (0..count).map(|_| Ok(u64::from_le_bytes(r.array()?)));
+                        Some(ends.collect::<std::result::Result<Vec<u64>, CodecError>>()?)
+                    }
+                };
+                let n = u64::from_le_bytes(r.array()?);
+                let mut dedup = DedupWindow::new(dedup_capacity);
+                // Sized once (the window's growth by rehashing was a tenth of a load); a length
+                // claiming more ids than the frame holds reserves no more than it holds.
+                dedup.reserve(n.min(r.remaining() as u64 / 16) as usize);
+                for _ in 0..n {
+                    dedup.insert(u128::from_le_bytes(r.array()?));
+                }
+                if r.remaining() != 0 {
+                    return Err(CodecError::Trailing(r.remaining()));
+                }
+                Ok((frames, rows, ends, dedup))
+            };
+        let (frames, rows, ends, dedup) = parse().map_err(|e| self.codec(e))?;
+        if ends.as_ref().is_some_and(|e| Some(e.len()) != streams) {
+            return Err(self.corrupt("end positions do not match the head's streams"));
+        }
         if frames != frames_before || rows != self.rows {
             return Err(self.corrupt(format!(
                 "the end counts {frames} frames and {rows} rows, the file held {frames_before} \
@@ -694,7 +857,7 @@ impl<'s> Loader<'s> {
                 self.rows
             )));
         }
-        Ok(dedup)
+        Ok((ends, dedup))
     }
 }
 

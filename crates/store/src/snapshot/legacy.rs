@@ -188,6 +188,7 @@ pub(super) fn load(
             Ok(Loaded {
                 offsets,
                 legacy_offset,
+                ends: None,
                 dedup,
             })
         };
@@ -255,7 +256,10 @@ pub(super) fn write_v3(
                 }
             }
             if let Some(al) = agg_layout {
-                super::put_rings(&mut buf, view, al, row);
+                let cell = row.aggs().expect("rows of aggregating views carry rings");
+                let mut words = Vec::new();
+                let version = cell.copy_words(&mut words).expect("one writer: this one");
+                super::put_rings(&mut buf, view, al, version, &words);
             }
         });
         buf[count_at..count_at + 8].copy_from_slice(&rows.to_le_bytes());
