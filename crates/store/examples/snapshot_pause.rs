@@ -1,5 +1,6 @@
-//! Times (or, under callgrind, counts) serializing one partition's snapshot: the part that
-//! pauses the partition's materializer.
+//! Times (or, under callgrind, counts) copying one partition's rows into a snapshot. It once
+//! paused the partition's materializer; snapshots are taken online now (on a thread of their
+//! own while records apply), so this is CPU the snapshot thread shares the cores with.
 //!
 //!   cargo run --release -p quiver-store --example snapshot_pause -- [ROWS=200000]
 use std::sync::Arc;

@@ -647,7 +647,10 @@ impl Worker {
         let p = self.partition;
         let thread = std::thread::Builder::new()
             .name(format!("snapshot-{p}"))
-            .spawn(move || work.run(p, &captured_tx, &ends_rx))
+            .spawn(move || {
+                yield_to_serving();
+                work.run(p, &captured_tx, &ends_rx)
+            })
             .map_err(crate::error::io(&self.opts.snapshot_dir))?;
         metrics::histogram!(t::SNAPSHOT_PAUSE_SECONDS).record(started.elapsed().as_secs_f64());
         self.snapshotting = Some(SnapshotJob {
@@ -704,6 +707,37 @@ impl Worker {
         }
         tracing::error!(%message, "materializer stopped");
         self.errors.lock().push(message);
+    }
+}
+
+/// Lowers the calling thread (a snapshot's) below the materializers and request handlers:
+/// `SCHED_BATCH`, so a waking normal thread preempts it at once, at nice 10, so when both
+/// want a core it gets about a tenth of a normal thread's share — slowed down under full
+/// load, never starved (`SCHED_IDLE` could starve it, and retention waits for snapshots).
+/// Measured in BENCHMARKS.md ("Online snapshots"). Refused: a warning, normal priority.
+fn yield_to_serving() {
+    #[cfg(target_os = "linux")]
+    {
+        use thread_priority::unix::{
+            set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy,
+            ThreadSchedulePolicy,
+        };
+        use thread_priority::{ThreadPriority, ThreadPriorityValue};
+        let batch = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
+        // The crate maps 0..=99 onto nice 19..=-20 (no way to name a nice value on Linux):
+        // 22 is nice 10, as the test below checks.
+        let nice_10 = ThreadPriorityValue::try_from(22u8).expect("within 0..=99");
+        let set = set_thread_priority_and_policy(
+            thread_native_id(),
+            ThreadPriority::Crossplatform(nice_10),
+            batch,
+        );
+        if let Err(e) = set {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                tracing::warn!(error = ?e, "snapshot threads run at normal priority: SCHED_BATCH refused");
+            });
+        }
     }
 }
 
@@ -774,5 +808,42 @@ impl SnapshotCommit {
             "snapshot written"
         );
         Ok(())
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    /// `policy` and nice of the calling thread, from `/proc`.
+    fn schedule() -> (u32, i32) {
+        let sched = std::fs::read_to_string("/proc/thread-self/sched").unwrap();
+        let policy = sched
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("policy")?
+                    .split(':')
+                    .nth(1)?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap();
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        // Fields after the name (which may hold spaces); nice is field 19.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let nice = after.split(' ').nth(16).unwrap().parse().unwrap();
+        (policy, nice)
+    }
+
+    #[test]
+    fn snapshot_threads_run_as_batch_work_at_nice_10() {
+        let normal = std::thread::spawn(schedule).join().unwrap();
+        assert_eq!(normal, (0, 0), "SCHED_OTHER at nice 0 before");
+        let lowered = std::thread::spawn(|| {
+            super::yield_to_serving();
+            schedule()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(lowered, (3, 10), "SCHED_BATCH (3) at nice 10");
     }
 }
