@@ -10,6 +10,10 @@ pub enum StoreError {
     },
     #[error("snapshot {path} is corrupt: {reason}")]
     CorruptSnapshot { path: PathBuf, reason: String },
+    /// A snapshot given up without harm (the partition goes on; the next one is taken when
+    /// due): a row stayed mid-write through every retry of its copy.
+    #[error("snapshot abandoned: {0}")]
+    SnapshotAbandoned(String),
     #[error(transparent)]
     Log(#[from] quiver_log::LogError),
 }

@@ -472,6 +472,15 @@ impl Store {
         Inserter(self.maps[partition as usize][usize::from(view)].pin())
     }
 
+    /// Finishes any resize under way of `partition`'s maps (a walk would help finish it; a
+    /// snapshot does this before its thread lowers its priority).
+    pub(crate) fn finish_resizes(&self, partition: u32) {
+        for map in &self.maps[partition as usize] {
+            // Creating a walk finishes the resize under way (papaya's `iter`).
+            let _ = map.pin().iter();
+        }
+    }
+
     /// Calls `copy` with every row of `view` in `partition` as it stands now, while its
     /// materializer may be applying: `copy` returns false if a write overlapped it, and is
     /// called again with the key's current row. (The walk itself may meet a stale row: a

@@ -275,7 +275,15 @@ impl Snapshot {
     pub fn capture(&mut self, store: &Store, mut between_rows: impl FnMut()) -> Result<()> {
         for (index, view) in store.schema().views.iter().enumerate() {
             let rows = write_rows(self, store, view, index as u32, &mut between_rows);
-            self.rows += rows.map_err(io(&self.path))?;
+            match rows.map_err(io(&self.path))? {
+                Some(rows) => self.rows += rows,
+                None => {
+                    return Err(StoreError::SnapshotAbandoned(format!(
+                        "a row of view {} stayed mid-write for the whole of its retries",
+                        view.name
+                    )))
+                }
+            }
         }
         Ok(())
     }
@@ -342,14 +350,15 @@ fn put_head(buf: &mut Vec<u8>, store: &Store, partition: u32, offsets: &[(String
     }
 }
 
-/// Writes the rows of `view` in frames; returns how many.
+/// Writes the rows of `view` in frames; returns how many, or `None` if a row could not be
+/// copied whole (see [`Store::for_each_live_row`]).
 fn write_rows(
     snap: &mut Snapshot,
     store: &Store,
     view: &View,
     index: u32,
     between_rows: &mut impl FnMut(),
-) -> std::io::Result<u64> {
+) -> std::io::Result<Option<u64>> {
     const COUNT_AT: usize = 1 + 4;
     let begin = |buf: &mut Vec<u8>| {
         buf.clear();
@@ -387,16 +396,13 @@ fn write_rows(
         return Err(e);
     }
     if !whole {
-        return Err(std::io::Error::other(format!(
-            "a row of view {} stayed mid-write (its materializer died?)",
-            view.name
-        )));
+        return Ok(None);
     }
     if in_frame > 0 {
         buf[COUNT_AT..COUNT_AT + 4].copy_from_slice(&in_frame.to_le_bytes());
         w.frame(buf)?;
     }
-    Ok(total)
+    Ok(Some(total))
 }
 
 /// Appends `row` as of one version; false, with the buffer to be cut back, if a write

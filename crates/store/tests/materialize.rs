@@ -43,6 +43,14 @@ fn start(dir: &std::path::Path, snapshot_interval: Duration) -> Node {
 }
 
 fn start_with(dir: &std::path::Path, snapshot_interval: Duration, ratio: f64) -> Node {
+    try_start_with(dir, snapshot_interval, ratio).unwrap()
+}
+
+fn try_start_with(
+    dir: &std::path::Path,
+    snapshot_interval: Duration,
+    ratio: f64,
+) -> quiver_store::Result<Node> {
     let schema = Arc::new(
         Schema::compile(&Config::from_toml_with_env(CONFIG, Vec::new()).unwrap()).unwrap(),
     );
@@ -70,9 +78,8 @@ fn start_with(dir: &std::path::Path, snapshot_interval: Duration, ratio: f64) ->
             poll_records_max: 256,
             sealer: None,
         },
-    )
-    .unwrap();
-    Node { store, log, mats }
+    )?;
+    Ok(Node { store, log, mats })
 }
 
 /// Appends events (JSON) the way ingest does, returns the token.
@@ -368,5 +375,52 @@ fn recovery_removes_a_snapshot_abandoned_mid_write() {
         (0..4).map(|p| format!("p-{p:04}.snap")).collect::<Vec<_>>()
     );
     assert_eq!(node.store.rows(), 40, "the snapshots still load");
+    node.mats.shutdown();
+}
+
+/// An online snapshot's rows may hold records up to its end E: if the log ends before E
+/// (records lost with `fsync = never`, a topic recreated), new records would reuse offsets the
+/// rows claim to hold and be left out as already applied. Such a snapshot refuses to start,
+/// as one whose start is past the log's end does.
+#[test]
+fn a_snapshot_ending_past_the_log_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = 1_700_000_000_000i64;
+    let node = start(dir.path(), Duration::from_secs(3600));
+    let token = push(&node, &updates(t0, 40, 0));
+    wait(&node, &token);
+    node.mats.shutdown();
+    let store = node.store.clone();
+    drop(node);
+    let snapshots = dir.path().join("snapshots");
+    let p = partition_for(b"k0", 4);
+    let loaded = quiver_store::snapshot::load(&snapshots, &store, p, 1000, None)
+        .unwrap()
+        .unwrap();
+    let offsets = loaded.offsets.unwrap();
+    let end = offsets[0].1;
+    assert!(end > 0);
+    let write = |ends: &[u64]| {
+        let mut snap =
+            quiver_store::snapshot::Snapshot::begin(&snapshots, &store, p, &offsets, None).unwrap();
+        snap.capture(&store, || {}).unwrap();
+        snap.finish(ends, std::iter::empty())
+            .unwrap()
+            .commit()
+            .unwrap();
+    };
+    write(&[end + 3]);
+    let err = try_start_with(dir.path(), Duration::from_secs(3600), 0.25)
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("ahead of the log") || err.to_string().contains("ends at"),
+        "{err}"
+    );
+    // The same rows ending where the log ends load.
+    write(&[end]);
+    let node = start(dir.path(), Duration::from_secs(3600));
+    wait(&node, &token);
+    assert_eq!(node.store.rows(), 40);
     node.mats.shutdown();
 }
