@@ -525,3 +525,32 @@ pub async fn grpc_call(
         Err(status) => status.code(),
     }
 }
+
+/// Every `*.snap` file under `dir`.
+pub fn snapshot_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(snapshot_files(&path));
+        } else if path.extension().is_some_and(|e| e == "snap") {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Every feature of `keys` as the server serves them (values, statuses, event times,
+/// versions; not the ages, which depend on when they are read).
+pub fn read_all(server: &Server, view: &str, keys: &[String]) -> Vec<serde_json::Value> {
+    keys.iter()
+        .map(|k| {
+            let (status, mut v) = server.get(&format!("/v1/features/{view}/{k}"));
+            assert_eq!(status, 200, "{v}");
+            for feature in v["features"].as_object_mut().unwrap().values_mut() {
+                assert!(feature.as_object_mut().unwrap().remove("age_ms").is_some());
+            }
+            v
+        })
+        .collect()
+}
