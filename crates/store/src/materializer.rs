@@ -684,23 +684,13 @@ impl Worker {
             let _ = job.ends.take().expect("checked above").send(ends);
         }
         match self.snapshotting.as_ref() {
-            Some(job) if job.thread.is_finished() => match self.wait_snapshot() {
-                Err(crate::StoreError::SnapshotAbandoned(reason)) => {
-                    tracing::warn!(
-                        partition = self.partition,
-                        reason,
-                        "snapshot abandoned; the next is taken when due"
-                    );
-                    Ok(())
-                }
-                other => other,
-            },
+            Some(job) if job.thread.is_finished() => self.wait_snapshot(),
             _ => Ok(()),
         }
     }
 
     /// Waits for the snapshot under way, if any (answering it if it waits for its end), and
-    /// returns its outcome.
+    /// returns its outcome; an abandoned one is no failure (the next is taken when due).
     fn wait_snapshot(&mut self) -> Result<()> {
         let Some(mut job) = self.snapshotting.take() else {
             return Ok(());
@@ -712,7 +702,7 @@ impl Worker {
             }
         }
         match job.thread.join() {
-            Ok(result) => result,
+            Ok(result) => forgive_abandoned(self.partition, result),
             Err(panic) => std::panic::resume_unwind(panic),
         }
     }
@@ -727,6 +717,22 @@ impl Worker {
         }
         tracing::error!(%message, "materializer stopped");
         self.errors.lock().push(message);
+    }
+}
+
+/// A snapshot's outcome as the partition takes it: an abandoned snapshot is logged and
+/// forgiven (the partition goes on; the next is taken when due), any other error stops it.
+fn forgive_abandoned(partition: u32, outcome: Result<()>) -> Result<()> {
+    match outcome {
+        Err(crate::StoreError::SnapshotAbandoned(reason)) => {
+            tracing::warn!(
+                partition,
+                reason,
+                "snapshot abandoned; the next is taken when due"
+            );
+            Ok(())
+        }
+        other => other,
     }
 }
 
@@ -828,6 +834,23 @@ impl SnapshotCommit {
             "snapshot written"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod outcome_tests {
+    use crate::StoreError;
+
+    #[test]
+    fn an_abandoned_snapshot_is_forgiven_and_a_failed_one_is_not() {
+        let abandoned = Err(StoreError::SnapshotAbandoned("a row never settled".into()));
+        assert!(super::forgive_abandoned(0, abandoned).is_ok());
+        let failed = Err(StoreError::Io {
+            path: "snap".into(),
+            source: std::io::Error::other("disk full"),
+        });
+        assert!(super::forgive_abandoned(0, failed).is_err());
+        assert!(super::forgive_abandoned(0, Ok(())).is_ok());
     }
 }
 

@@ -338,17 +338,22 @@ fn snapshots_follow_the_log_volume_not_the_clock() {
     }
 }
 
+/// A node in `dir` that applied 40 rows, snapshotted them at shutdown and stopped: the token
+/// of its records and its store.
+fn forty_rows_snapshotted(dir: &std::path::Path) -> (Token, Arc<Store>) {
+    let node = start(dir, Duration::from_secs(3600));
+    let token = push(&node, &updates(1_700_000_000_000, 40, 0));
+    wait(&node, &token);
+    node.mats.shutdown();
+    (token, node.store.clone())
+}
+
 /// A snapshot's temporary left by a process killed mid-write is removed when the partition
 /// recovers, and the snapshot it was replacing still loads.
 #[test]
 fn recovery_removes_a_snapshot_abandoned_mid_write() {
     let dir = tempfile::tempdir().unwrap();
-    let t0 = 1_700_000_000_000i64;
-    let node = start(dir.path(), Duration::from_secs(3600));
-    let token = push(&node, &updates(t0, 40, 0));
-    wait(&node, &token);
-    node.mats.shutdown();
-    drop(node);
+    let (token, _) = forty_rows_snapshotted(dir.path());
     let snapshots = dir.path().join("snapshots");
     let path = quiver_store::snapshot::snapshot_path(&snapshots, 0);
     let mut half = quiver_fsutil::AtomicFile::create(&path).unwrap();
@@ -385,13 +390,7 @@ fn recovery_removes_a_snapshot_abandoned_mid_write() {
 #[test]
 fn a_snapshot_ending_past_the_log_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
-    let t0 = 1_700_000_000_000i64;
-    let node = start(dir.path(), Duration::from_secs(3600));
-    let token = push(&node, &updates(t0, 40, 0));
-    wait(&node, &token);
-    node.mats.shutdown();
-    let store = node.store.clone();
-    drop(node);
+    let (token, store) = forty_rows_snapshotted(dir.path());
     let snapshots = dir.path().join("snapshots");
     let p = partition_for(b"k0", 4);
     let loaded = quiver_store::snapshot::load(&snapshots, &store, p, 1000, None)
