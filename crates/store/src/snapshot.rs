@@ -197,7 +197,9 @@ impl Written {
 
 /// Writes the snapshot of `partition` as of `offsets` (one per stream of the partition) and
 /// puts it in place, the partition standing still meanwhile. Returns the bytes written.
-pub fn write(
+/// (Tests' shorthand; the materializer drives [`Snapshot`] itself, online.)
+#[cfg(test)]
+pub(crate) fn write(
     dir: &Path,
     store: &Store,
     partition: u32,
