@@ -30,6 +30,158 @@ pub(super) struct Lanes {
     /// The one rule every split uses, when there is one: the lanes' loops are then compiled
     /// for it alone (no match on the rule per step).
     kind: Kind,
+    /// The same forest without a NaN test per step, for single rows, when it can be built
+    /// (see [`Splits`]).
+    splits: Option<Splits>,
+}
+
+/// Inputs a [`Splits`] forest may read: a row is spread on the stack into twice this many.
+const SPREAD: usize = 64;
+
+/// The forest for one row at a time with the missing-value test moved out of the walk.
+///
+/// Every rule [`Splits`] takes sends NaN its node's default way and otherwise compares
+/// `x <= t` (or `x < t`). A row is spread once per call into two copies: the first as it is —
+/// NaN compares false, so it goes right — and the second with NaN made −∞, which goes left for
+/// every threshold (but `x < −∞`, refused at compile). A split reads the copy of its default.
+/// So a step is one compare, no NaN test, and the spread row is indexed under a mask, not
+/// bounds-checked. Children are laid out side by side, so a split stores one child index (16
+/// bytes a split, half a [`Node`]); a leaf is a split on a NaN threshold (always "right")
+/// whose left child is the slot before it, so it steps to itself. Built only when every
+/// feature is below [`SPREAD`] and no threshold is NaN; otherwise single rows take
+/// [`Lanes`]' nodes.
+#[derive(Debug, Clone)]
+struct Splits {
+    /// Power-of-two length, so `index & mask` is always in range.
+    splits: Box<[Split]>,
+    /// The value of the leaf at each index (0 elsewhere).
+    leaves: Box<[f64]>,
+    /// Per tree, in order: its root here and the steps to its deepest leaf.
+    trees: Vec<(u32, u32)>,
+    /// The compare is `x < t` (XGBoost, ONNX `BRANCH_LT`), not `x <= t`.
+    strict: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Split {
+    threshold: f64,
+    /// The input, plus [`SPREAD`] when NaN goes left (it reads the −∞ copy).
+    feature: u32,
+    /// The left child; the right one is the next slot.
+    left: u32,
+}
+
+impl Splits {
+    /// `nodes` (thresholds as compared) of the `trees` (root, depth), if every split's rule is
+    /// `kind`'s and the conditions above hold.
+    fn compile(nodes: &[Node], trees: &[(u32, u32)], kind: Kind) -> Option<Splits> {
+        let strict = match kind {
+            Kind::Xgb | Kind::OnnxLt => true,
+            Kind::LgbNan | Kind::OnnxLeq => false,
+            Kind::Mixed | Kind::Lgb => return None,
+        };
+        let splits = nodes.iter().filter(|n| n.feature != LEAF);
+        // NaN compares false both ways; `x < −∞` is false even for the −∞ copy.
+        let incomparable = |t: f64| t.is_nan() || (strict && t == f64::NEG_INFINITY);
+        let comparable = |t: f64| !incomparable(t);
+        if !splits
+            .clone()
+            .all(|n| comparable(n.value) && (n.feature as usize) < SPREAD)
+        {
+            return None;
+        }
+        // Two slots per split's children plus one per root, and slot 0 kept free so a leaf's
+        // "slot before" never wraps.
+        let used = 1 + trees.len() + 2 * splits.count();
+        let len = used.next_power_of_two();
+        let looped = |i: usize| Split {
+            threshold: f64::NAN,
+            feature: 0,
+            left: i.wrapping_sub(1) as u32 & (len as u32 - 1),
+        };
+        let mut out: Vec<Split> = (0..len).map(looped).collect();
+        let mut leaves = vec![0.0; len];
+        let mut placed = Vec::with_capacity(trees.len());
+        let mut next = 1usize;
+        let mut queue = std::collections::VecDeque::new();
+        for &(root, depth) in trees {
+            if next >= used {
+                return None; // slots taken by copies of shared nodes
+            }
+            placed.push((next as u32, depth));
+            queue.push_back((root as usize, next));
+            next += 1;
+            while let Some((from, to)) = queue.pop_front() {
+                let n = &nodes[from];
+                if n.feature == LEAF {
+                    leaves[to] = n.value;
+                    continue;
+                }
+                if next + 2 > used {
+                    // A split with two parents (a malformed file) is copied under each, with
+                    // its subtree: more slots than counted.
+                    return None;
+                }
+                out[to] = Split {
+                    threshold: n.value,
+                    feature: n.feature + if n.default_left { SPREAD as u32 } else { 0 },
+                    left: next as u32,
+                };
+                queue.push_back((n.left as usize, next));
+                queue.push_back((n.right as usize, next + 1));
+                next += 2;
+            }
+        }
+        if next != used {
+            return None; // a node no root reaches
+        }
+        Some(Splits {
+            splits: out.into_boxed_slice(),
+            leaves: leaves.into_boxed_slice(),
+            trees: placed,
+            strict,
+        })
+    }
+
+    /// The sum of the leaves `row` (already rounded as the rule compares) reaches.
+    fn sum_row(&self, row: &[f64]) -> f64 {
+        let mut spread = [0.0; 2 * SPREAD];
+        for (i, &x) in row.iter().take(SPREAD).enumerate() {
+            spread[i] = x;
+            spread[SPREAD + i] = if x.is_nan() { f64::NEG_INFINITY } else { x };
+        }
+        match self.strict {
+            true => self.sum_by(&spread, |x, t| x < t),
+            false => self.sum_by(&spread, |x, t| x <= t),
+        }
+    }
+
+    #[inline(always)]
+    fn sum_by(&self, spread: &[f64; 2 * SPREAD], left: impl Fn(f64, f64) -> bool) -> f64 {
+        let mask = self.splits.len() - 1;
+        let (splits, leaves) = (&self.splits[..=mask], &self.leaves[..=mask]);
+        let mut sum = 0.0;
+        for group in self.trees.chunks(LANES) {
+            // Lanes beyond the group stay on slot 0, a self-loop, and are not added.
+            let mut at = [0u32; LANES];
+            let mut steps = 0;
+            for (k, &(root, depth)) in group.iter().enumerate() {
+                at[k] = root;
+                steps = steps.max(depth);
+            }
+            for _ in 0..steps {
+                for a in &mut at {
+                    let s = &splits[*a as usize & mask];
+                    let x = spread[s.feature as usize & (2 * SPREAD - 1)];
+                    *a = s.left + u32::from(!left(x, s.threshold));
+                }
+            }
+            for &a in &at[..group.len()] {
+                sum += leaves[a as usize & mask];
+            }
+        }
+        sum
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -103,6 +255,16 @@ impl Lanes {
     /// Compiles `nodes` laid out as `Forest::check` guarantees: each tree's nodes from its
     /// root up to the next root, children after their parent.
     pub(super) fn compile(nodes: &[Node], roots: &[u32]) -> Lanes {
+        let kind = Kind::of(nodes);
+        let mut compared = nodes.to_vec();
+        if kind.in_f32() {
+            // Thresholds rounded to f32 once here, rows once per call (`rounded`): the f32
+            // compare `(x as f32) < (t as f32)` is the f64 compare of the rounded values
+            // (f32 → f64 is exact and keeps order), without two conversions per step.
+            for n in compared.iter_mut().filter(|n| n.feature != LEAF) {
+                n.value = f64::from(n.value as f32);
+            }
+        }
         let len = nodes.len().max(1).next_power_of_two();
         let looped = |i: usize, n: &Node| Node {
             feature: 0,
@@ -111,7 +273,7 @@ impl Lanes {
             ..*n
         };
         let mut out: Vec<Node> = Vec::with_capacity(len);
-        for (i, n) in nodes.iter().enumerate() {
+        for (i, n) in compared.iter().enumerate() {
             out.push(if n.feature == LEAF { looped(i, n) } else { *n });
         }
         while out.len() < len {
@@ -126,20 +288,11 @@ impl Lanes {
                 depth[i] = 1 + depth[n.left as usize].max(depth[n.right as usize]);
             }
         }
-        let kind = Kind::of(nodes);
-        if kind.in_f32() {
-            // Thresholds rounded to f32 once here, rows once per call (`rounded`): the f32
-            // compare `(x as f32) < (t as f32)` is the f64 compare of the rounded values
-            // (f32 → f64 is exact and keeps order), without two conversions per step.
-            for (n, original) in out.iter_mut().zip(nodes) {
-                if original.feature != LEAF {
-                    n.value = f64::from(n.value as f32);
-                }
-            }
-        }
+        let trees: Vec<(u32, u32)> = roots.iter().map(|&r| (r, depth[r as usize])).collect();
         Lanes {
+            splits: Splits::compile(&compared, &trees, kind),
             nodes: out.into_boxed_slice(),
-            trees: roots.iter().map(|&r| (r, depth[r as usize])).collect(),
+            trees,
             kind,
         }
     }
@@ -159,6 +312,9 @@ impl Lanes {
                 &rounded
             }
         };
+        if let Some(splits) = &self.splits {
+            return splits.sum_row(row);
+        }
         match self.kind {
             Kind::Mixed => self.sum_row_by(row, goes_left),
             Kind::Xgb => self.sum_row_by(row, f32_lt),
@@ -293,9 +449,15 @@ mod tests {
             },
             other => other,
         };
+        // Thresholds at ±∞ now and then (when `inputs` is odd).
+        let value = match next() % 400 {
+            0 if inputs % 2 == 1 => f64::INFINITY,
+            1 if inputs % 2 == 1 => f64::NEG_INFINITY,
+            v => ((v % 200) as f64 - 100.0) / 10.0,
+        };
         nodes.push(Node {
             feature: (r % u64::from(inputs)) as u32,
-            value: ((next() % 200) as f64 - 100.0) / 10.0,
+            value,
             left: 0,
             right: 0,
             default_left: r % 2 == 0,
@@ -323,6 +485,34 @@ mod tests {
         }
     }
 
+    /// A file whose trees share a node passes `Forest::check` (children after parents). The
+    /// side-by-side layout copies a shared node where each parent reaches it: a shared leaf
+    /// fits the slots counted, a shared split's children do not, and that forest keeps the node
+    /// lanes. Either way the sums are the node walk's.
+    #[test]
+    fn nodes_with_two_parents_are_copied_or_keep_the_node_lanes() {
+        let split = |left, right| Node {
+            feature: 0,
+            value: 0.5,
+            left,
+            right,
+            default_left: true,
+            rule: Rule::LgbLessEq {
+                zero_missing: false,
+            },
+        };
+        let (one, two) = (Node::leaf(1.0), Node::leaf(2.0));
+        let shared_leaf = [split(1, 2), split(2, 3), one, two];
+        let shared_split = [split(1, 2), split(2, 3), split(3, 4), one, two];
+        for (nodes, copied) in [(&shared_leaf[..], true), (&shared_split[..], false)] {
+            let lanes = Lanes::compile(nodes, &[0]);
+            assert_eq!(lanes.splits.is_some(), copied);
+            for x in [0.0, 1.0, f64::NAN] {
+                assert_eq!(lanes.sum_row(&[x]), walk(nodes, 0, &[x]), "{x}");
+            }
+        }
+    }
+
     proptest! {
         /// Lanes reach the node walk's leaves and add them in its order, bit for bit, for
         /// every rule, trees of any shape and depth, rows with NaN, zeros and ties.
@@ -335,12 +525,19 @@ mod tests {
             rows in prop::collection::vec(prop::collection::vec(prop_oneof![
                 // Values a hair from a threshold (0.1, -0.3): equal in f32, not in f64.
                 Just(f64::NAN), Just(0.0), Just(-0.0), Just(1e-36), Just(0.1 + 1e-12), Just(-0.3 - 1e-12),
+                Just(f64::INFINITY), Just(f64::NEG_INFINITY),
                 (-120i32..120).prop_map(|v| f64::from(v) / 10.0)
             ], 70), 1..40),
             wide in any::<bool>(),
         ) {
-            // Rows of 5 inputs are rounded to f32 on the stack, rows of 70 on the heap.
-            let inputs = if wide { 70 } else { 5 };
+            // Rows of 5 inputs are rounded to f32 on the stack, rows of 70 on the heap (and
+            // their features past 64 keep NaN tests); 7 inputs: some thresholds at ±∞
+            // (`x < −∞` keeps them too).
+            let inputs = match (wide, seed % 4) {
+                (true, _) => 70,
+                (false, 0) => 7,
+                (false, _) => 6,
+            };
             let rows: Vec<Vec<f64>> = rows.iter().map(|r| r[..inputs].to_vec()).collect();
             // Index 4: XGBoost splits with one ONNX `Lt` tree among them (the mixed path).
             let rules = [Rule::XgbLess, Rule::LgbLessEq { zero_missing: false }, Rule::Onnx(Mode::Leq), Rule::Onnx(Mode::Lt), Rule::Onnx(Mode::Gt)];
@@ -360,6 +557,11 @@ mod tests {
                 }
             }
             let lanes = Lanes::compile(&nodes, &roots);
+            let strict = matches!(lanes.kind, Kind::Xgb | Kind::OnnxLt);
+            let never = nodes.iter().any(|n| n.feature != LEAF && strict && n.value == f64::NEG_INFINITY);
+            let fits = nodes.iter().all(|n| n.feature == LEAF || (n.feature as usize) < SPREAD);
+            let nan_free = !never && fits && !matches!(lanes.kind, Kind::Mixed | Kind::Lgb);
+            prop_assert_eq!(lanes.splits.is_some(), nan_free);
             let flat: Vec<f64> = rows.iter().flatten().copied().collect();
             let mut batch = vec![0.0; rows.len()];
             lanes.add_rows(&flat, inputs, &mut batch);
