@@ -57,13 +57,24 @@ pub async fn get_entity(
     // extractors clone them: an allocation per header on the hottest read).
     req: axum::extract::Request,
 ) -> Response {
-    let (uri, headers) = (req.uri(), req.headers());
+    get_entity_of(&state, &view, &key, req.uri(), req.headers()).await
+}
+
+/// `GET /v1/features/{view}/{key}` once routed and admitted: by the router ([`get_entity`]) or
+/// beside it (`crate::direct`).
+pub(crate) async fn get_entity_of(
+    state: &AppState,
+    view: &str,
+    key: &str,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+) -> Response {
     let started = Instant::now();
     if state.peers.is_some() {
-        let p = state.node.store.partition_of(&key);
+        let p = state.node.store.partition_of(key);
         let path = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
         let forwarded = crate::cluster::forward_if_remote(
-            &state,
+            state,
             p,
             axum::http::Method::GET,
             path,
@@ -77,7 +88,7 @@ pub async fn get_entity(
             Err(e) => return e.into_response(),
         }
     }
-    let result = get_entity_inner(&state, &view, &key, headers).await;
+    let result = get_entity_inner(state, view, key, headers).await;
     metrics::histogram!(t::LOOKUP_SECONDS, "path" => "single")
         .record(started.elapsed().as_secs_f64());
     match result {

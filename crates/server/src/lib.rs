@@ -3,6 +3,7 @@
 
 mod body;
 pub mod cluster;
+mod direct;
 pub mod error;
 mod feast;
 pub mod features;
@@ -377,7 +378,7 @@ pub async fn serve_with(
             }
         })
     });
-    let app = router(state);
+    let app = direct::Surface::new(state);
     let result = listen::serve_http(listener, tls, bounds, app, stopped(stop_rx)).await;
     if let Some(t) = grpc_task {
         match t.await {

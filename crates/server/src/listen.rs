@@ -301,7 +301,7 @@ pub async fn serve_http(
     listener: TcpListener,
     tls: Option<Tls>,
     bounds: Bounds,
-    router: axum::Router,
+    router: crate::direct::Surface,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let acceptor = Acceptor::new(listener, tls, bounds);
@@ -333,7 +333,7 @@ pub async fn serve_http(
 /// Serves one connection with hyper, closing it when idle too long.
 async fn serve_connection(
     conn: Conn,
-    router: axum::Router,
+    router: crate::direct::Surface,
     bounds: Bounds,
     graceful: &hyper_util::server::graceful::GracefulShutdown,
 ) {

@@ -261,6 +261,32 @@ pub async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: N
     };
     let path = matched.as_str();
     let access = crate::access_of(req.method(), path);
+    let params = req.extract_parts::<RawPathParams>().await.ok();
+    let resource = params.as_ref().and_then(|params| {
+        params
+            .iter()
+            .find(|(k, _)| *k == "view" || *k == "model")
+            .map(|(_, v)| v)
+    });
+    guarded(&state, req, path, access, resource, |req| next.run(req)).await
+}
+
+/// The guard's work on a request to the route `path` (its pattern) with `access`, naming
+/// `resource` (its `{view}` or `{model}`): refusals answered here, `run` called with the
+/// request once admitted. For the router's routes ([`guard`]) and for the read answered beside
+/// the router (`crate::direct`): one layer, whichever way a request arrives.
+pub(crate) async fn guarded<B, F, Fut>(
+    state: &Arc<AppState>,
+    mut req: axum::http::Request<B>,
+    path: &str,
+    access: Option<Access>,
+    resource: Option<&str>,
+    run: F,
+) -> Response
+where
+    F: FnOnce(axum::http::Request<B>) -> Fut,
+    Fut: std::future::Future<Output = Response> + Send + 'static,
+{
     let limit = state.node.config.limits.request_body_bytes_max;
     let declared = req
         .headers()
@@ -274,26 +300,19 @@ pub async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: N
     }
     let sec = &state.security;
     if sec.public_path(path) {
-        return next.run(req).await;
+        return run(req).await;
     }
     let role = match access {
         Some(Access::Health) => Role::Ops,
         Some(Access::Role(r)) => r,
-        None => return next.run(req).await,
-    };
-    let resource = match req.extract_parts::<RawPathParams>().await {
-        Ok(params) => params
-            .iter()
-            .find(|(k, _)| *k == "view" || *k == "model")
-            .map(|(_, v)| v.to_string()),
-        Err(_) => None,
+        None => return run(req).await,
     };
     let checked = sec.check(
         // Formatted only if the request is refused.
         &format_args!("{} {}", req.method(), req.uri().path()),
         &credentials(req.headers(), req.extensions().get::<Peer>()),
         role,
-        resource.as_deref(),
+        resource,
     );
     let (identity, allowance) = match checked {
         Ok(ok) => ok,
@@ -310,7 +329,7 @@ pub async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: N
     };
     let run = crate::peer_rows::CALLER.scope(
         caller,
-        tracing::Instrument::instrument(next.run(req), span.clone()),
+        tracing::Instrument::instrument(run(req), span.clone()),
     );
     // The deadline covers the wait for a slot as well as the work.
     let admitted = async {
