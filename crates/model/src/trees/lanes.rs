@@ -30,26 +30,29 @@ pub(super) struct Lanes {
     /// The one rule every split uses, when there is one: the lanes' loops are then compiled
     /// for it alone (no match on the rule per step).
     kind: Kind,
-    /// The same forest without a NaN test per step, for single rows, when it can be built
+    /// The same forest without a NaN test per step, for rows and batches, when it can be built
     /// (see [`Splits`]).
     splits: Option<Splits>,
 }
 
-/// Inputs a [`Splits`] forest may read: a row is spread on the stack into twice this many.
+/// Inputs a [`Splits`] forest may read: a single row is spread on the stack into twice this
+/// many.
 const SPREAD: usize = 64;
 
-/// The forest for one row at a time with the missing-value test moved out of the walk.
+/// The forest with the missing-value test moved out of the walk.
 ///
 /// Every rule [`Splits`] takes sends NaN its node's default way and otherwise compares
-/// `x <= t` (or `x < t`). A row is spread once per call into two copies: the first as it is —
+/// `x <= t` (or `x < t`). A row is spread once per call into two copies, `half` values apart
+/// (the inputs the splits read, rounded up to a power of two): the first as it is —
 /// NaN compares false, so it goes right — and the second with NaN made −∞, which goes left for
 /// every threshold (but `x < −∞`, refused at compile). A split reads the copy of its default.
 /// So a step is one compare, no NaN test, and the spread row is indexed under a mask, not
 /// bounds-checked. Children are laid out side by side, so a split stores one child index (16
 /// bytes a split, half a [`Node`]); a leaf is a split on a NaN threshold (always "right")
 /// whose left child is the slot before it, so it steps to itself. Built only when every
-/// feature is below [`SPREAD`] and no threshold is NaN; otherwise single rows take
-/// [`Lanes`]' nodes.
+/// feature is below [`SPREAD`] and no threshold is NaN; otherwise rows take [`Lanes`]' nodes.
+/// A batch is spread whole (`2 × half` values a row), and walked as [`Lanes`] walks one: tree
+/// by tree, eight rows side by side.
 #[derive(Debug, Clone)]
 struct Splits {
     /// Power-of-two length, so `index & mask` is always in range.
@@ -60,12 +63,14 @@ struct Splits {
     trees: Vec<(u32, u32)>,
     /// The compare is `x < t` (XGBoost, ONNX `BRANCH_LT`), not `x <= t`.
     strict: bool,
+    /// Where a spread row's second copy starts: a power of two above every feature read.
+    half: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Split {
     threshold: f64,
-    /// The input, plus [`SPREAD`] when NaN goes left (it reads the −∞ copy).
+    /// The input, plus `half` when NaN goes left (it reads the −∞ copy).
     feature: u32,
     /// The left child; the right one is the next slot.
     left: u32,
@@ -84,10 +89,9 @@ impl Splits {
         // NaN compares false both ways; `x < −∞` is false even for the −∞ copy.
         let incomparable = |t: f64| t.is_nan() || (strict && t == f64::NEG_INFINITY);
         let comparable = |t: f64| !incomparable(t);
-        if !splits
-            .clone()
-            .all(|n| comparable(n.value) && (n.feature as usize) < SPREAD)
-        {
+        let half = splits.clone().map(|n| n.feature as usize + 1).max();
+        let half = half.unwrap_or(1).next_power_of_two();
+        if half > SPREAD || !splits.clone().all(|n| comparable(n.value)) {
             return None;
         }
         // Two slots per split's children plus one per root, and slot 0 kept free so a leaf's
@@ -124,7 +128,7 @@ impl Splits {
                 }
                 out[to] = Split {
                     threshold: n.value,
-                    feature: n.feature + if n.default_left { SPREAD as u32 } else { 0 },
+                    feature: n.feature + if n.default_left { half as u32 } else { 0 },
                     left: next as u32,
                 };
                 queue.push_back((n.left as usize, next));
@@ -140,19 +144,72 @@ impl Splits {
             leaves: leaves.into_boxed_slice(),
             trees: placed,
             strict,
+            half,
         })
     }
 
     /// The sum of the leaves `row` (already rounded as the rule compares) reaches.
     fn sum_row(&self, row: &[f64]) -> f64 {
         let mut spread = [0.0; 2 * SPREAD];
-        for (i, &x) in row.iter().take(SPREAD).enumerate() {
-            spread[i] = x;
-            spread[SPREAD + i] = if x.is_nan() { f64::NEG_INFINITY } else { x };
-        }
+        self.spread(row, &mut spread[..2 * self.half]);
         match self.strict {
             true => self.sum_by(&spread, |x, t| x < t),
             false => self.sum_by(&spread, |x, t| x <= t),
+        }
+    }
+
+    /// `row`'s two copies into `out` (`2 × half` values).
+    fn spread(&self, row: &[f64], out: &mut [f64]) {
+        let (plain, missing_left) = out.split_at_mut(self.half);
+        for ((p, m), &x) in plain.iter_mut().zip(missing_left).zip(row) {
+            *p = x;
+            *m = if x.is_nan() { f64::NEG_INFINITY } else { x };
+        }
+    }
+
+    /// Adds to each row's `out` the leaf it reaches in every tree (rows already rounded as
+    /// the rule compares).
+    fn add_rows(&self, rows: &[f64], inputs: usize, out: &mut [f64]) {
+        let stride = 2 * self.half;
+        let mut spread = vec![0.0; out.len().next_multiple_of(LANES) * stride];
+        for (row, s) in rows
+            .chunks_exact(inputs)
+            .zip(spread.chunks_exact_mut(stride))
+        {
+            self.spread(row, s);
+        }
+        match self.strict {
+            true => self.add_by(&spread, out, |x, t| x < t),
+            false => self.add_by(&spread, out, |x, t| x <= t),
+        }
+    }
+
+    /// Tree by tree, [`LANES`] spread rows at a time (rows past the end are zeros, walked and
+    /// not added), so each row's leaves are added in tree order.
+    #[inline(always)]
+    fn add_by(&self, spread: &[f64], out: &mut [f64], left: impl Fn(f64, f64) -> bool) {
+        let mask = self.splits.len() - 1;
+        let (splits, leaves) = (&self.splits[..=mask], &self.leaves[..=mask]);
+        let stride = 2 * self.half;
+        let block_mask = LANES * stride - 1; // a power of two less one
+        for &(root, depth) in &self.trees {
+            for (block, o) in spread
+                .chunks_exact(LANES * stride)
+                .zip(out.chunks_mut(LANES))
+            {
+                let block = &block[..=block_mask];
+                let mut at = [root; LANES];
+                for _ in 0..depth {
+                    for (k, a) in at.iter_mut().enumerate() {
+                        let s = &splits[*a as usize & mask];
+                        let x = block[(k * stride + s.feature as usize) & block_mask];
+                        *a = s.left + u32::from(!left(x, s.threshold));
+                    }
+                }
+                for (o, &a) in o.iter_mut().zip(&at) {
+                    *o += leaves[a as usize & mask];
+                }
+            }
         }
     }
 
@@ -335,6 +392,9 @@ impl Lanes {
         } else {
             rows
         };
+        if let Some(splits) = &self.splits {
+            return splits.add_rows(rows, inputs, out);
+        }
         match self.kind {
             Kind::Mixed => self.add_rows_by(rows, inputs, out, goes_left),
             Kind::Xgb => self.add_rows_by(rows, inputs, out, f32_lt),
