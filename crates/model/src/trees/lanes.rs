@@ -220,12 +220,7 @@ impl Splits {
         let mut sum = 0.0;
         for group in self.trees.chunks(LANES) {
             // Lanes beyond the group stay on slot 0, a self-loop, and are not added.
-            let mut at = [0u32; LANES];
-            let mut steps = 0;
-            for (k, &(root, depth)) in group.iter().enumerate() {
-                at[k] = root;
-                steps = steps.max(depth);
-            }
+            let (mut at, steps) = start(group);
             for _ in 0..steps {
                 for a in &mut at {
                     let s = &splits[*a as usize & mask];
@@ -411,13 +406,8 @@ impl Lanes {
         let nodes = &self.nodes[..=mask];
         let mut sum = 0.0;
         for group in self.trees.chunks(LANES) {
-            // Lanes beyond the group walk tree 0's root harmlessly and are not added.
-            let mut at = [0u32; LANES];
-            let mut steps = 0;
-            for (k, &(root, depth)) in group.iter().enumerate() {
-                at[k] = root;
-                steps = steps.max(depth);
-            }
+            // Lanes beyond the group walk node 0's tree harmlessly and are not added.
+            let (mut at, steps) = start(group);
             for _ in 0..steps {
                 for a in &mut at {
                     let n = &nodes[*a as usize & mask];
@@ -471,6 +461,19 @@ impl Lanes {
             }
         }
     }
+}
+
+/// A group of up to [`LANES`] trees (root, depth): the lanes' first nodes (0 past the group)
+/// and the steps that take every one of them to a leaf.
+#[inline(always)]
+fn start(group: &[(u32, u32)]) -> ([u32; LANES], u32) {
+    let mut at = [0u32; LANES];
+    let mut steps = 0;
+    for (k, &(root, depth)) in group.iter().enumerate() {
+        at[k] = root;
+        steps = steps.max(depth);
+    }
+    (at, steps)
 }
 
 /// The next node from `n` for value `x` (a leaf: itself).
