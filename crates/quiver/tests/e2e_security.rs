@@ -282,17 +282,19 @@ fn grpc_role(path: &str) -> Option<&'static str> {
 
 /// The gRPC side of the endpoint × role matrix: every method of the `.proto` files, every role,
 /// no credentials and a revoked key.
-/// A plain single-entity GET is answered beside the router (`quiver_server::direct`); the same
-/// request with its view or key percent-escaped goes through the router. Both must answer
-/// alike — reads, refusals and errors — for every credential.
+/// A plain single-entity GET or predict is answered beside the router
+/// (`quiver_server::direct`); the same request with its view, key or model percent-escaped goes
+/// through the router. Both must answer alike — reads, predictions, refusals and errors — for
+/// every credential.
 #[test]
-fn a_get_beside_the_router_answers_as_the_router_does() {
+fn reads_and_predicts_beside_the_router_answer_as_the_router_does() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
     let reader = key(&data, "reader", &["reader:txn"], None);
     let elsewhere = key(&data, "elsewhere", &["reader:profile"], None);
     let producer = key(&data, "producer", &["producer:txn"], None);
+    let predictor = key(&data, "predictor", &["predictor:m"], None);
     let server = Server::start(
         dir.path(),
         &secured(dir.path(), "[auth]\nmode = \"api_key\""),
@@ -331,9 +333,58 @@ fn a_get_beside_the_router_answers_as_the_router_does() {
             "/v1/features/nosuchview/%75%31",
         ),
     ];
+    let body = r#"{"entities":{"user_id":"u1"},"features":{"r1":0.5}}"#;
+    let predicts = [
+        ("/v1/models/m/predict", "/v1/models/%6D/predict", body),
+        (
+            "/v1/models/m/predict",
+            "/v1/models/%6D/predict",
+            "{not json",
+        ),
+        (
+            "/v1/models/nosuch/predict",
+            "/v1/models/n%6Fsuch/predict",
+            body,
+        ),
+    ];
+    let tokens = [
+        None,
+        Some(&reader),
+        Some(&elsewhere),
+        Some(&producer),
+        Some(&predictor),
+    ];
+    let mut predicted = 0;
+    for (plain, escaped, body) in predicts {
+        for token in tokens {
+            let (s1, v1) = send(
+                &server,
+                "POST",
+                plain,
+                Some(body),
+                token.map(String::as_str),
+            );
+            let (s2, v2) = send(
+                &server,
+                "POST",
+                escaped,
+                Some(body),
+                token.map(String::as_str),
+            );
+            assert_eq!((s1, &v1), (s2, &v2), "{plain} and {escaped}: {body}");
+            if s1 == 200 {
+                assert!(v1["outputs"]["p"].is_number(), "{v1}");
+                predicted += 1;
+            }
+        }
+    }
+    assert_eq!(
+        predicted, 1,
+        "the predictor predicted with m, nothing else did"
+    );
     let mut read = 0;
     for (plain, escaped) in pairs {
-        for token in [None, Some(&reader), Some(&elsewhere), Some(&producer)] {
+        for token in tokens {
             let (s1, v1) = send(&server, "GET", plain, None, token.map(String::as_str));
             let (s2, v2) = send(&server, "GET", escaped, None, token.map(String::as_str));
             let who = token.map_or("nobody", |_| "a key");

@@ -1,16 +1,18 @@
-//! The hottest read, `GET /v1/features/{view}/{key}`, answered beside the router.
+//! The hottest requests, `GET /v1/features/{view}/{key}` and `POST /v1/models/{model}/predict`,
+//! answered beside the router.
 //!
 //! Measured (BENCHMARKS.md "A single-entity GET beside the router"): of a routed GET's ~61k
 //! instructions, ~11k (18 %) are axum's per-request machinery — matching the path, the
 //! matched-path and parameter extensions, the middleware's cloned and boxed services, the body
 //! boxed into `axum::body::Body`, the extractors' decoded copies. This service sees
-//! every HTTP request first: a plain single-entity GET (no percent-escape, no empty or extra
-//! segment, not in a cluster) goes through the same security layer
-//! ([`crate::security::guarded`]: authentication, grants, tiers, deadline, audit) and the same
-//! handler ([`crate::features::get_entity_of`]) as the routed one, with the route's access from
-//! the route table; everything else goes to the router unchanged. So the two ways answer
-//! alike (tested: `a_get_beside_the_router_answers_as_the_router_does` and the role matrix,
-//! which runs through it).
+//! every HTTP request first: a plain single-entity GET or predict (no percent-escape, no empty
+//! or extra segment, not in a cluster) goes through the same security layer
+//! ([`crate::security::guarded`]: body limit, authentication, grants, tiers, deadline, audit)
+//! and the same handler ([`crate::features::get_entity_of`], [`crate::predict::predict_of`]) as
+//! the routed one, with the route's access from the route table; everything else goes to the
+//! router unchanged. So the two ways answer alike (tested:
+//! `reads_and_predicts_beside_the_router_answer_as_the_router_does` and the role matrix, which
+//! runs through it).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -25,37 +27,65 @@ use futures_util::future::Either;
 use crate::security::Access;
 use crate::AppState;
 
-/// The route this service answers itself, as the route table names it.
+/// The routes this service answers itself, as the route table names them.
 const ENTITY_ROUTE: &str = "/v1/features/{view}/{key}";
+const PREDICT_ROUTE: &str = "/v1/models/{model}/predict";
 
-/// The HTTP surface: the router, with the single-entity GET taken beside it.
+/// A request taken beside the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken<'a> {
+    Entity { view: &'a str, key: &'a str },
+    Predict { model: &'a str },
+}
+
+impl<'a> Taken<'a> {
+    /// What the grant is checked on: the view or the model.
+    fn resource(&self) -> &'a str {
+        match *self {
+            Taken::Entity { view, .. } => view,
+            Taken::Predict { model } => model,
+        }
+    }
+}
+
+/// The HTTP surface: the router, with the hottest requests taken beside it.
 #[derive(Clone)]
 pub struct Surface {
     router: axum::Router,
-    /// Set when GETs are answered here: a single node (in a cluster the router's layers
-    /// forward and stamp the node that served).
-    direct: Option<(Arc<AppState>, Option<Access>)>,
+    /// Set when requests are answered here: a single node (in a cluster the router's layers
+    /// forward and stamp the node that served). The access of the entity and predict routes.
+    direct: Option<(Arc<AppState>, [Option<Access>; 2])>,
 }
 
 impl Surface {
     pub fn new(state: Arc<AppState>) -> Surface {
         let router = crate::router(state.clone());
-        let access = crate::access_of(&Method::GET, ENTITY_ROUTE);
-        assert!(access.is_some(), "the route table holds {ENTITY_ROUTE}");
+        let access = [
+            crate::access_of(&Method::GET, ENTITY_ROUTE),
+            crate::access_of(&Method::POST, PREDICT_ROUTE),
+        ];
+        assert!(
+            access.iter().all(Option::is_some),
+            "the route table holds both"
+        );
         let direct = state.peers.is_none().then_some((state, access));
         Surface { router, direct }
     }
 }
 
-/// The view and key of a single-entity GET this service answers, or `None` (the router's).
-fn entity_get<'a>(method: &Method, path: &'a str) -> Option<(&'a str, &'a str)> {
-    if method != Method::GET {
-        return None; // HEAD and the rest: the router's
-    }
-    let (view, key) = path.strip_prefix("/v1/features/")?.split_once('/')?;
+/// The request this service answers, or `None` (the router's).
+fn taken<'a>(method: &Method, path: &'a str) -> Option<Taken<'a>> {
     // Escapes are decoded (and refused when not UTF-8) by the router's extractor.
     let plain = |s: &str| !s.is_empty() && !s.contains(['/', '%']);
-    (plain(view) && plain(key)).then_some((view, key))
+    if method == Method::GET {
+        let (view, key) = path.strip_prefix("/v1/features/")?.split_once('/')?;
+        return (plain(view) && plain(key)).then_some(Taken::Entity { view, key });
+    }
+    if method == Method::POST {
+        let model = path.strip_prefix("/v1/models/")?.strip_suffix("/predict")?;
+        return plain(model).then_some(Taken::Predict { model });
+    }
+    None // HEAD and the rest: the router's
 }
 
 type Answer = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
@@ -77,22 +107,31 @@ where
         let Some((state, access)) = &self.direct else {
             return Either::Left(self.router.call(req));
         };
-        if entity_get(req.method(), req.uri().path()).is_none() {
-            return Either::Left(self.router.call(req));
-        }
-        let (state, access) = (state.clone(), *access);
-        // The view for the grant check, borrowed from a clone of the URI (a reference count:
-        // hyper's URI shares the bytes it was read into).
-        let uri = req.uri().clone();
+        let (route, access) = match taken(req.method(), req.uri().path()) {
+            Some(Taken::Entity { .. }) => (ENTITY_ROUTE, access[0]),
+            Some(Taken::Predict { .. }) => (PREDICT_ROUTE, access[1]),
+            None => return Either::Left(self.router.call(req)),
+        };
+        let state = state.clone();
+        // Names are borrowed from clones of the method and URI (reference counts: hyper's URI
+        // shares the bytes it was read into), so the request itself can move on.
+        let (method, uri) = (req.method().clone(), req.uri().clone());
         Either::Right(Box::pin(async move {
-            let (view, _) = entity_get(&Method::GET, uri.path()).expect("checked above");
+            let resource = taken(&method, uri.path()).expect("taken above").resource();
             let handler = state.clone();
             let run = move |req: Request<B>| async move {
-                let (view, key) = entity_get(req.method(), req.uri().path()).expect("checked");
-                crate::features::get_entity_of(&handler, view, key, req.uri(), req.headers()).await
+                let uri = req.uri().clone();
+                match taken(req.method(), uri.path()).expect("taken above") {
+                    Taken::Entity { view, key } => {
+                        let headers = req.headers();
+                        crate::features::get_entity_of(&handler, view, key, &uri, headers).await
+                    }
+                    Taken::Predict { model } => {
+                        crate::predict::predict_of(&handler, model, req).await
+                    }
+                }
             };
-            let answer =
-                crate::security::guarded(&state, req, ENTITY_ROUTE, access, Some(view), run);
+            let answer = crate::security::guarded(&state, req, route, access, Some(resource), run);
             Ok(answer.await)
         }))
     }
@@ -103,10 +142,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_plain_single_entity_get_is_taken_beside_the_router() {
-        let get = |p| entity_get(&Method::GET, p);
-        assert_eq!(get("/v1/features/txn/u1"), Some(("txn", "u1")));
-        assert_eq!(get("/v1/features/txn/a+b:c"), Some(("txn", "a+b:c")));
+    fn only_plain_single_entity_gets_and_predicts_are_taken_beside_the_router() {
+        let get = |p| taken(&Method::GET, p);
+        let entity = |view, key| Some(Taken::Entity { view, key });
+        assert_eq!(get("/v1/features/txn/u1"), entity("txn", "u1"));
+        assert_eq!(get("/v1/features/txn/a+b:c"), entity("txn", "a+b:c"));
+        let post = |p| taken(&Method::POST, p);
+        assert_eq!(
+            post("/v1/models/m/predict"),
+            Some(Taken::Predict { model: "m" })
+        );
+        for routed in [
+            "/v1/models/%6D/predict",
+            "/v1/models//predict",
+            "/v1/models/a/b/predict",
+            "/v1/models/m/predict/",
+            "/v1/models/m/promote",
+            "/v1/models/m",
+            "/v2/models/m/infer",
+            "/v1/features/txn/u1",
+        ] {
+            assert_eq!(post(routed), None, "{routed}");
+        }
+        assert_eq!(get("/v1/models/m/predict"), None);
         for routed in [
             "/v1/features/txn/u%31", // escapes: the router decodes them
             "/v1/features/%74xn/u1",
@@ -122,13 +180,18 @@ mod tests {
         ] {
             assert_eq!(get(routed), None, "{routed}");
         }
-        for method in [Method::HEAD, Method::POST, Method::PUT, Method::DELETE] {
-            assert_eq!(entity_get(&method, "/v1/features/txn/u1"), None, "{method}");
+        for method in [Method::HEAD, Method::PUT, Method::DELETE] {
+            assert_eq!(taken(&method, "/v1/features/txn/u1"), None, "{method}");
+            assert_eq!(taken(&method, "/v1/models/m/predict"), None, "{method}");
         }
-        // The route it stands in for is in the table, with its access.
+        // The routes it stands in for are in the table, with their access.
         assert_eq!(
             crate::access_of(&Method::GET, ENTITY_ROUTE),
             Some(Access::Role(quiver_auth::Role::Reader))
+        );
+        assert_eq!(
+            crate::access_of(&Method::POST, PREDICT_ROUTE),
+            Some(Access::Role(quiver_auth::Role::Predictor))
         );
     }
 }

@@ -47,6 +47,16 @@ impl JsonBuf {
         self
     }
 
+    /// A float as serde_json writes it; `null` if it is not finite (JSON has no NaN or ∞).
+    pub fn f64(&mut self, x: f64) -> &mut Self {
+        if x.is_finite() {
+            serde_json::to_writer(&mut self.buf, &x).expect("writing to a Vec cannot fail");
+            self
+        } else {
+            self.raw("null")
+        }
+    }
+
     // Integers by itoa (what serde_json uses inside), without its writer's machinery.
     pub fn u64(&mut self, v: u64) -> &mut Self {
         self.raw(itoa::Buffer::new().format(v))
@@ -59,15 +69,8 @@ impl JsonBuf {
     pub fn value(&mut self, v: &Value) -> &mut Self {
         match v {
             Value::Null => self.raw("null"),
-            Value::F64(x) => {
-                // Stored values are finite (validated at ingest); null is the safe fallback.
-                if x.is_finite() {
-                    serde_json::to_writer(&mut self.buf, x).expect("vec");
-                    self
-                } else {
-                    self.raw("null")
-                }
-            }
+            // Stored values are finite (validated at ingest); null is the safe fallback.
+            Value::F64(x) => self.f64(*x),
             Value::I64(x) => self.i64(*x),
             Value::Bool(b) => self.raw(if *b { "true" } else { "false" }),
             Value::Str(s) => self.str(s),
