@@ -250,41 +250,43 @@ fn resolve(state: &AppState, req: &OnlineRequest) -> Result<Arc<Resolved>, ApiEr
 
 /// How a batch read reads: the online store now (strict or Feast's lenient parsing), or
 /// point-in-time per row.
-enum Mode {
+pub(crate) enum Mode {
     Online,
     Feast,
     Historical,
 }
 
+// The request itself, to borrow its headers and identity (the extractors clone them).
 pub async fn post_features(
     State(state): State<Arc<AppState>>,
-    identity: Option<Extension<Identity>>,
-    headers: HeaderMap,
-    body: Body,
+    req: axum::extract::Request,
 ) -> Response {
-    online_read(state, identity, headers, body, Mode::Online).await
+    online_read_of(&state, req, Mode::Online).await
 }
 
 /// `POST /get-online-features`: Feast's route, which ignores fields it does not know.
 pub async fn get_online_features(
     State(state): State<Arc<AppState>>,
-    identity: Option<Extension<Identity>>,
-    headers: HeaderMap,
-    body: Body,
+    req: axum::extract::Request,
 ) -> Response {
-    online_read(state, identity, headers, body, Mode::Feast).await
+    online_read_of(&state, req, Mode::Feast).await
 }
 
-async fn online_read(
-    state: Arc<AppState>,
-    identity: Option<Extension<Identity>>,
-    headers: HeaderMap,
-    body: Body,
+/// `POST /v1/features` and `/get-online-features` once routed and admitted: by the router or
+/// beside it (`crate::direct`).
+pub(crate) async fn online_read_of<B>(
+    state: &AppState,
+    req: axum::http::Request<B>,
     mode: Mode,
-) -> Response {
+) -> Response
+where
+    B: axum::body::HttpBody<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
     let started = Instant::now();
-    let identity = identity.map(|Extension(i)| i);
-    let result = post_features_inner(&state, identity.as_ref(), &headers, body, mode).await;
+    let (parts, body) = req.into_parts();
+    let identity = parts.extensions.get::<Identity>();
+    let result = post_features_inner(state, identity, &parts.headers, Body::new(body), mode).await;
     metrics::histogram!(t::LOOKUP_SECONDS, "path" => "batch")
         .record(started.elapsed().as_secs_f64());
     match result {
