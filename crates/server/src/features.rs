@@ -256,7 +256,8 @@ pub(crate) enum Mode {
     Historical,
 }
 
-// The request itself, to borrow its headers and identity (the extractors clone them).
+/// `POST /v1/features`: the strict batch read. Takes the request itself, to borrow its
+/// headers and identity (the extractors clone them).
 pub async fn post_features(
     State(state): State<Arc<AppState>>,
     req: axum::extract::Request,

@@ -1,6 +1,7 @@
 //! The security layer over every surface: who a request is (`quiver_auth::Authenticator`), what
 //! it may do (each route's [`Access`]), how fast (rate tiers), how long (deadlines), and what
-//! is written to the audit trail. HTTP goes through [`guard`]; gRPC through
+//! is written to the audit trail. HTTP goes through [`guarded`] — from the router's middleware
+//! [`guard`], or from `crate::direct` for the requests answered beside the router; gRPC through
 //! `grpc_guard::GuardLayer`, which calls the same [`Security::check`].
 //!
 //! # Design constraints
@@ -273,8 +274,8 @@ pub async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: N
 
 /// The guard's work on a request to the route `path` (its pattern) with `access`, naming
 /// `resource` (its `{view}` or `{model}`): refusals answered here, `run` called with the
-/// request once admitted. For the router's routes ([`guard`]) and for the read answered beside
-/// the router (`crate::direct`): one layer, whichever way a request arrives.
+/// request once admitted. For the router's routes ([`guard`]) and for the requests answered
+/// beside the router (`crate::direct`): one layer, whichever way a request arrives.
 pub(crate) async fn guarded<B, F, Fut>(
     state: &Arc<AppState>,
     mut req: axum::http::Request<B>,
