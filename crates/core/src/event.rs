@@ -10,6 +10,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::schema::{FeatureIdx, Schema, ViewId};
+
+mod scan;
 use crate::time::{self, EpochMs};
 use crate::value::{FeatureType, Value};
 
@@ -140,11 +142,47 @@ struct RawEvent<'a> {
     values: Option<RawValues<'a>>,
 }
 
-/// An event's `values` object: (name, raw value) pairs in document order; of a name given
-/// twice the last counts, as in a map. A vector rather than a map, and names borrowed from
-/// the body where they hold no escapes: an ingest spent 7 % of its instructions comparing and
-/// copying names into a `BTreeMap` (callgrind, `scripts/callgrind-ops.sh`).
-pub(crate) struct RawValues<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+/// An event's fields as JSON texts (each one whole JSON value; a JSON `null` is `None`), read
+/// by the scanner ([`scan`]) or, for anything it does not take, by serde ([`RawEvent`]).
+#[derive(Debug, Default, PartialEq)]
+struct Fields<'a> {
+    view: Option<&'a str>,
+    key: Option<&'a str>,
+    ts: Option<&'a str>,
+    event_id: Option<&'a str>,
+    values: Option<RawValues<'a>>,
+}
+
+impl<'a> Fields<'a> {
+    fn of(ev: RawEvent<'a>) -> Fields<'a> {
+        Fields {
+            view: ev.view.map(RawValue::get),
+            key: ev.key.map(RawValue::get),
+            ts: ev.ts.map(RawValue::get),
+            event_id: ev.event_id.map(RawValue::get),
+            values: ev.values,
+        }
+    }
+}
+
+/// An event's fields: by the scanner when it takes the text, else by serde, whose error is
+/// the one reported. Where the scanner takes a text, serde reads the same fields from it
+/// (`the_scanner_reads_what_serde_reads`).
+fn fields_of(text: &str, index: usize) -> Result<Fields<'_>, EventError> {
+    match scan::event(text) {
+        Some(fields) => Ok(fields),
+        None => serde_json::from_str::<RawEvent<'_>>(text)
+            .map(Fields::of)
+            .map_err(|e| raw_event_error(&e, index)),
+    }
+}
+
+/// An event's `values` object: (name, value's JSON text) pairs in document order; of a name
+/// given twice the last counts, as in a map. A vector rather than a map, and names borrowed
+/// from the body where they hold no escapes: an ingest spent 7 % of its instructions comparing
+/// and copying names into a `BTreeMap` (callgrind, `scripts/callgrind-ops.sh`).
+#[derive(Debug, PartialEq)]
+struct RawValues<'a>(Vec<(Cow<'a, str>, &'a str)>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for RawValues<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -160,7 +198,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawValues<'a> {
             ) -> Result<Self::Value, M::Error> {
                 let mut out = Vec::with_capacity(m.size_hint().unwrap_or(16).min(256));
                 while let Some((Name(k), v)) = m.next_entry::<Name<'de>, &'de RawValue>()? {
-                    out.push((k, v));
+                    out.push((k, v.get()));
                 }
                 Ok(RawValues(out))
             }
@@ -326,12 +364,12 @@ pub fn decode_event_text(
     limits: &EventLimits,
     now_ms: EpochMs,
 ) -> Result<Event, EventError> {
-    let ev: RawEvent<'_> = serde_json::from_str(text).map_err(|e| raw_event_error(&e, index))?;
-
+    let ev = fields_of(text, index)?;
     let view_name: Cow<'_, str> = match ev.view {
         None => return Err(err(Reason::MissingField, index, "view", "missing")),
-        Some(v) => serde_json::from_str(v.get())
-            .map_err(|_| err(Reason::WrongType, index, "view", "must be a string"))?,
+        Some(v) => {
+            string_of(v).ok_or_else(|| err(Reason::WrongType, index, "view", "must be a string"))?
+        }
     };
     let Some(view_id) = schema.view_id(&view_name) else {
         return Err(err(
@@ -394,8 +432,8 @@ fn bad_key(index: usize) -> EventError {
 /// An event's parts other than its view and values, as found in whatever shape carried it.
 struct Parts<'a> {
     key: String,
-    ts: Option<&'a RawValue>,
-    event_id: Option<&'a RawValue>,
+    ts: Option<&'a str>,
+    event_id: Option<&'a str>,
     /// Accept an integer `event_id` (other producers' records), kept as its decimal string.
     numeric_id: bool,
     /// Leave out values of features the view no longer has (or of another type) instead of
@@ -511,15 +549,15 @@ fn finish(
 }
 
 fn parse_event_id(
-    raw: &RawValue,
+    text: &str,
     numeric: bool,
     index: usize,
     limits: &EventLimits,
 ) -> Result<String, EventError> {
     let id = if numeric {
-        parse_key(raw)
+        parse_key(text)
     } else {
-        serde_json::from_str::<String>(raw.get()).ok()
+        string_of(text).map(Cow::into_owned)
     };
     let id = id.ok_or_else(|| err(Reason::WrongType, index, "event_id", "must be a string"))?;
     if id.is_empty() || id.len() > limits.event_id_bytes_max {
@@ -551,10 +589,10 @@ pub fn decode_topic_event(
 ) -> Result<Event, EventError> {
     let text = std::str::from_utf8(value)
         .map_err(|_| err(Reason::MalformedJson, 0, "", "value is not UTF-8"))?;
-    let ev: RawEvent<'_> = serde_json::from_str(text).map_err(|e| raw_event_error(&e, 0))?;
+    let ev = fields_of(text, 0)?;
     if let Some(v) = ev.view {
-        let name: Cow<'_, str> = serde_json::from_str(v.get())
-            .map_err(|_| err(Reason::WrongType, 0, "view", "must be a string"))?;
+        let name =
+            string_of(v).ok_or_else(|| err(Reason::WrongType, 0, "view", "must be a string"))?;
         if name != schema.view(view).name {
             return Err(err(
                 Reason::Mismatch,
@@ -632,7 +670,7 @@ pub fn decode_source_record(
                     "missing (the source's key_field)",
                 ))
             }
-            Some(raw) => parse_key(raw).ok_or_else(|| {
+            Some(raw) => parse_key(raw.get()).ok_or_else(|| {
                 err(
                     Reason::WrongType,
                     0,
@@ -653,7 +691,10 @@ pub fn decode_source_record(
             }
         },
     };
-    let lookup = |name: &Option<String>| name.as_deref().and_then(|n| fields.get(n).copied());
+    let lookup = |name: &Option<String>| {
+        let raw = name.as_deref().and_then(|n| fields.get(n).copied());
+        raw.map(RawValue::get)
+    };
     if let Some(name) = &source.ts_field {
         if !fields.contains_key(name.as_str()) {
             return Err(err(
@@ -671,12 +712,12 @@ pub fn decode_source_record(
         numeric_id: true,
         lenient: false,
     };
-    let values: Vec<(Cow<'_, str>, &RawValue)> = source
+    let values: Vec<(Cow<'_, str>, &str)> = source
         .fields
         .iter()
         .filter_map(|(f, field)| {
             let raw = fields.get(field.as_str())?;
-            Some((Cow::Borrowed(v.feature(*f).name.as_str()), *raw))
+            Some((Cow::Borrowed(v.feature(*f).name.as_str()), raw.get()))
         })
         .collect();
     finish(
@@ -690,11 +731,26 @@ pub fn decode_source_record(
     )
 }
 
-fn parse_key(raw: &RawValue) -> Option<String> {
-    let text = raw.get();
+/// The contents of a JSON string's text that holds no escape, borrowed; `None` for any other
+/// text. Only for texts that are one whole JSON value (as every field text here is): such a
+/// text that starts with a quote is a string, and without a backslash it has no escape.
+fn plain_string(text: &str) -> Option<&str> {
+    let inner = text.strip_prefix('"')?.strip_suffix('"')?;
+    (!inner.contains('\\')).then_some(inner)
+}
+
+/// A JSON string's value from its text (one whole JSON value); `None` if it is not a string.
+fn string_of(text: &str) -> Option<Cow<'_, str>> {
+    match plain_string(text) {
+        Some(s) => Some(Cow::Borrowed(s)),
+        None => serde_json::from_str(text).ok(),
+    }
+}
+
+fn parse_key(text: &str) -> Option<String> {
     if text.starts_with('"') {
-        let s: String = serde_json::from_str(text).ok()?;
-        (!s.is_empty()).then_some(s)
+        let s = string_of(text)?;
+        (!s.is_empty()).then(|| s.into_owned())
     } else {
         // Numbers are kept as their decimal string; only integers make sense as keys.
         let n: i64 = serde_json::from_str(text).ok().or_else(|| {
@@ -706,10 +762,9 @@ fn parse_key(raw: &RawValue) -> Option<String> {
     }
 }
 
-fn parse_ts(raw: &RawValue) -> Option<EpochMs> {
-    let text = raw.get();
+fn parse_ts(text: &str) -> Option<EpochMs> {
     let ms = if text.starts_with('"') {
-        let s: Cow<'_, str> = serde_json::from_str(text).ok()?;
+        let s = string_of(text)?;
         time::parse_rfc3339_ms(&s)?
     } else {
         serde_json::from_str::<i64>(text).ok()?
@@ -718,11 +773,10 @@ fn parse_ts(raw: &RawValue) -> Option<EpochMs> {
 }
 
 fn parse_value(
-    raw: &RawValue,
+    text: &str,
     ty: FeatureType,
     limits: &EventLimits,
 ) -> Result<Value, (Reason, String)> {
-    let text = raw.get();
     if text == "null" {
         return Ok(Value::Null);
     }
@@ -732,7 +786,7 @@ fn parse_value(
             format!("expected {ty}, got {}", preview(text)),
         )
     };
-    // `text` is one valid JSON value (serde checked it): a JSON number is also valid for
+    // `text` is one valid JSON value (serde or the scanner checked it): a JSON number is also valid for
     // Rust's own number parsers, which cost a fraction of a second JSON parse. Rust reads a
     // number too large for f64 as infinite where serde_json refuses it: both are refused.
     let value = match ty {
@@ -750,7 +804,7 @@ fn parse_value(
             _ => return Err(wrong()),
         },
         FeatureType::String => {
-            let s: Cow<'_, str> = serde_json::from_str(text).map_err(|_| wrong())?;
+            let s = string_of(text).ok_or_else(wrong)?;
             if s.len() > limits.string_bytes_max {
                 return Err((
                     Reason::TooLong,
@@ -800,6 +854,7 @@ fn preview(text: &str) -> String {
 pub(crate) mod tests {
     use super::*;
     use crate::config::Config;
+    use proptest::prelude::*;
 
     pub(crate) fn schema() -> Schema {
         let text = r#"
@@ -1016,6 +1071,192 @@ features = [
         assert_eq!(decode(&four).unwrap_err().reason, Reason::BatchTooLarge);
         let four = format!("{ok}\n{ok}\n{ok}\n{ok}");
         assert_eq!(decode(&four).unwrap_err().reason, Reason::BatchTooLarge);
+    }
+
+    /// Whitespace between tokens, or none.
+    fn ws() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec!["", "", " ", "\n", "\t ", " \r\n"])
+    }
+
+    fn number() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<f64>()
+                .prop_filter("finite", |x| x.is_finite())
+                .prop_map(|x| x.to_string()),
+            any::<i64>().prop_map(|x| x.to_string()),
+            "-?(0|[1-9][0-9]{0,4})(\\.[0-9]{1,4})?([eE][+-]?[0-9]{1,3})?",
+        ]
+    }
+
+    /// A string without escapes, a number, `true`, `false` or `null`.
+    fn scalar() -> impl Strategy<Value = String> {
+        prop_oneof![
+            number(),
+            "[a-z0-9 é_]{0,6}".prop_map(|s| format!("\"{s}\"")),
+            Just("true".to_string()),
+            Just("false".to_string()),
+            Just("null".to_string()),
+        ]
+    }
+
+    /// An event in the common shape: known fields at most once each, in any order, a
+    /// `values` object of scalars and arrays of numbers, whitespace anywhere between tokens.
+    fn clean_event() -> impl Strategy<Value = String> {
+        let fields = ["view", "key", "ts", "event_id", "values"];
+        let names = prop::sample::subsequence(fields.to_vec(), 0..=5).prop_shuffle();
+        let array = prop::collection::vec((number(), ws()), 0..3).prop_map(|xs| {
+            let xs: Vec<String> = xs.into_iter().map(|(x, w)| format!("{w}{x}{w}")).collect();
+            format!("[{}]", xs.join(","))
+        });
+        let value = prop_oneof![3 => scalar(), 1 => array];
+        let values = prop::collection::vec(("[a-z]{1,3}", value, ws(), ws()), 0..5);
+        let scalars = prop::collection::vec((scalar(), ws(), ws()), 5);
+        (names, scalars, values, ws()).prop_map(|(names, scalars, values, w)| {
+            let pairs: Vec<String> = values
+                .iter()
+                .map(|(n, v, a, b)| format!("{a}\"{n}\"{b}:{a}{v}{b}"))
+                .collect();
+            let object = format!("{{{}{w}}}", pairs.join(","));
+            let fields: Vec<String> = names
+                .iter()
+                .zip(&scalars)
+                .map(|(name, (v, a, b))| {
+                    let v = if *name == "values" { &object } else { v };
+                    format!("{a}\"{name}\"{b}:{a}{v}{b}")
+                })
+                .collect();
+            format!("{w}{{{}{w}}}{w}", fields.join(","))
+        })
+    }
+
+    /// A common-shape event with a few edits: what the scanner must leave to serde (escapes,
+    /// repeated or unknown fields, nesting, malformed numbers, control characters, stray
+    /// bytes) and what it must still read as serde does.
+    fn edited_event() -> impl Strategy<Value = String> {
+        let inserts = vec![
+            "",
+            "\\",
+            "\"",
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            "0",
+            "-",
+            ".",
+            "e",
+            "+",
+            "x",
+            "\u{1}",
+            " ",
+            "\u{a0}",
+            ",\"view\":\"v\"",
+            ",\"values\":{}",
+            ",\"other\":1",
+            "\\u0041",
+            "null",
+            "1e999",
+            "é",
+            "[1]",
+            "{\"a\":1}",
+        ];
+        let edit = (any::<prop::sample::Index>(), prop::sample::select(inserts));
+        (clean_event(), prop::collection::vec(edit, 1..3)).prop_map(|(mut text, edits)| {
+            for (at, insert) in edits {
+                let mut i = at.index(text.len() + 1);
+                while !text.is_char_boundary(i) {
+                    i -= 1;
+                }
+                match text[i..].chars().next() {
+                    // The empty insert deletes the character where it lands.
+                    Some(c) if insert.is_empty() => text.replace_range(i..i + c.len_utf8(), ""),
+                    _ => text.insert_str(i, insert),
+                }
+            }
+            text
+        })
+    }
+
+    #[test]
+    fn the_scanner_leaves_what_json_refuses_to_serde() {
+        let malformed = [
+            "01",
+            "-01",
+            "1.",
+            "1.e5",
+            ".5",
+            "-",
+            "-.5",
+            "+1",
+            "1e",
+            "1e+",
+            "1E-",
+            "0x1",
+            "1_0",
+            "NaN",
+            "Infinity",
+            "-Infinity",
+            "tru",
+            "nul",
+            "True",
+            "'a'",
+            "\"a\u{1}\"",
+            "[1,]",
+            "[,1]",
+            "[1 2]",
+            "[\"a\"]",
+            "[[1]]",
+            "{}",
+        ];
+        for bad in malformed {
+            for text in [
+                format!(r#"{{"view":"v","key":"k","values":{{"a":{bad}}}}}"#),
+                format!(r#"{{"view":"v","key":{bad},"values":{{"a":1}}}}"#),
+            ] {
+                assert_eq!(scan::event(&text), None, "{text}");
+            }
+        }
+        let good = r#"{"view":"v","key":"k","values":{"a":1}}"#;
+        assert!(scan::event(good).is_some());
+        for bad in [
+            format!("{good},"),
+            format!("{good}{{}}"),
+            good.replace("\"view\"", "\"vi\\u0065w\""),
+            good.replace("\"a\"", "\"\\u0061\""),
+            good.replace(r#""k""#, r#""k","key":"k""#),
+            good.replace(r#""k""#, r#""k","other":1"#),
+            good.replace(':', " :: "),
+        ] {
+            assert_eq!(scan::event(&bad), None, "{bad}");
+        }
+    }
+
+    fn serde_fields(text: &str) -> Option<Fields<'_>> {
+        serde_json::from_str::<RawEvent<'_>>(text)
+            .ok()
+            .map(Fields::of)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// The scanner takes every event of the common shape, and reads it as serde does.
+        #[test]
+        fn the_scanner_takes_the_common_shape(text in clean_event()) {
+            let fast = scan::event(&text);
+            prop_assert!(fast.is_some(), "not taken: {}", text);
+            prop_assert_eq!(fast, serde_fields(&text), "{}", text);
+        }
+
+        /// Whatever the scanner takes, serde takes too and reads the same fields from.
+        #[test]
+        fn the_scanner_reads_what_serde_reads(text in edited_event()) {
+            if let Some(fast) = scan::event(&text) {
+                prop_assert_eq!(Some(fast), serde_fields(&text), "{}", text);
+            }
+        }
     }
 
     proptest::proptest! {
