@@ -37,6 +37,8 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// Feature lists of batch reads, resolved (see `features::Resolved`).
     pub resolved: features::ResolvedCache,
+    /// Every view's column names as a single-entity reply writes them.
+    pub(crate) column_keys: json_out::ColumnKeys,
     /// Authentication, grants, rate tiers, the audit trail.
     pub security: Security,
     /// Connections to the other nodes, in a cluster.
@@ -56,6 +58,7 @@ impl AppState {
             lower,
             metrics,
             resolved: features::ResolvedCache::new(features::RESOLVED_CACHE_ENTRIES),
+            column_keys: json_out::ColumnKeys::of(&node.schema),
             security,
             peers: match &node.cluster {
                 None => None,
