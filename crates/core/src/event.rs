@@ -10,10 +10,10 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::schema::{FeatureIdx, Schema, ViewId};
-
-mod scan;
 use crate::time::{self, EpochMs};
 use crate::value::{FeatureType, Value};
+
+mod scan;
 
 /// A validated event, ready to be encoded as a log record.
 #[derive(Debug, Clone, PartialEq)]

@@ -31,7 +31,7 @@ pub(super) fn event(text: &str) -> Option<Fields<'_>> {
                 "key" => (2, &mut fields.key),
                 "ts" => (4, &mut fields.ts),
                 "event_id" => (8, &mut fields.event_id),
-                "values" => (16, &mut None),
+                "values" => (16, &mut None), // not a text: read below
                 _ => return None,
             };
             if seen & bit != 0 {
