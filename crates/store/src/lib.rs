@@ -240,6 +240,8 @@ impl Store {
         let map = &self.maps[self.partition_of(key) as usize][usize::from(view)];
         let guard = map.guard();
         let start = out.len();
+        // Once, not by doubling as it fills (four growths a 32-column read: ~1.3k instructions).
+        out.reserve(columns.len());
         let mut attempt = 0;
         let mut overlapped = 0;
         loop {
