@@ -101,8 +101,8 @@ impl Drop for KafkaBroker {
 }
 
 /// The broker binary inside the pinned venv's `noida_db` package (run directly, not through
-/// its Python wrapper, so that signals reach it).
-fn broker_binary() -> PathBuf {
+/// its Python wrapper, so that signals reach it). `QUIVER_TEST_KAFKA_BROKER` names it instead.
+pub fn broker_binary() -> PathBuf {
     if let Ok(bin) = std::env::var("QUIVER_TEST_KAFKA_BROKER") {
         return PathBuf::from(bin);
     }

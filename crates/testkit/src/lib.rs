@@ -3,7 +3,7 @@
 
 mod kafka;
 
-pub use kafka::KafkaBroker;
+pub use kafka::{broker_binary as kafka_broker_binary, KafkaBroker};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -14,8 +14,11 @@
 //! - Only the fetch thread changes the consumer's assignment (`reconcile`): readers register
 //!   and drop routes, and ask for a re-seek; librdkafka refuses to assign a partition twice.
 //! - `kafka.idle_fetch_backoff` (0 by default): with a broker that answers fetches at once
-//!   when there is nothing new, the fetch thread, finding nothing for `IDLE_LOOK`, takes its
-//!   partitions away for that long, then assigns them again where they stood.
+//!   when there is nothing new, the fetch thread, finding nothing for `IDLE_LOOK` once the
+//!   broker has said every assigned partition is at its end, takes its partitions away for that
+//!   long, then assigns them again where they stood. (Not before the broker has answered: a
+//!   broker slower than `IDLE_LOOK` to answer the first fetch after an assignment had its
+//!   answers thrown away by the pause, again and again, and nothing was ever read.)
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -122,6 +125,35 @@ struct Route {
 
 type Key = (String, u32);
 
+/// End-of-partition reports since the assignment last changed, by partition number (librdkafka
+/// does not say of which topic): the fetch thread calls its partitions idle only once every
+/// assigned one may have reported its end. Two topics' partitions of one number need two
+/// reports; a partition that reports twice may stand in for another of its number, which at
+/// worst pauses that one a fetch early (it resumes where it stood).
+#[derive(Debug, Default)]
+struct Ends(HashMap<u32, usize>);
+
+impl Ends {
+    fn reported(&mut self, partition: u32) {
+        *self.0.entry(partition).or_default() += 1;
+    }
+
+    /// The assignment changed: what was reported was about the old one.
+    fn forget(&mut self) {
+        self.0.clear();
+    }
+
+    fn all_reported<'a>(&self, assigned: impl Iterator<Item = &'a Key>) -> bool {
+        let mut wanted: HashMap<u32, usize> = HashMap::new();
+        for (_, p) in assigned {
+            *wanted.entry(*p).or_default() += 1;
+        }
+        wanted
+            .iter()
+            .all(|(p, n)| self.0.get(p).is_some_and(|seen| seen >= n))
+    }
+}
+
 /// The routes, and whether the consumer's assignment must catch up with them. Only the fetch
 /// thread assigns (librdkafka refuses to assign a partition twice, and readers come and go
 /// while the fetch thread pauses).
@@ -221,8 +253,11 @@ fn fetch_loop(
         IDLE_LOOK
     };
     let mut assigned: HashMap<Key, ()> = HashMap::new();
+    let mut ends = Ends::default();
     while !stop.load(Ordering::Acquire) {
-        reconcile(consumer, routing, &mut assigned);
+        if reconcile(consumer, routing, &mut assigned) {
+            ends.forget();
+        }
         match consumer.poll(poll_for) {
             Some(Ok(m)) => {
                 let key = (m.topic().to_string(), m.partition().max(0) as u32);
@@ -250,12 +285,18 @@ fn fetch_loop(
                 };
                 send(&tx, Item::Record(index, owned), stop);
             }
-            Some(Err(KafkaError::PartitionEOF(p))) => at_end(consumer, routing, p.max(0) as u32),
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                ends.reported(p.max(0) as u32);
+                at_end(consumer, routing, p.max(0) as u32)
+            }
             Some(Err(KafkaError::MessageConsumption(
                 RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset,
             ))) => broadcast(routing, |_| true, || Item::OutOfRange),
             Some(Err(e)) => tracing::debug!(error = %e, "Kafka consumer error"),
-            None if !backoff.is_zero() && !assigned.is_empty() => {
+            None if !backoff.is_zero()
+                && !assigned.is_empty()
+                && ends.all_reported(assigned.keys()) =>
+            {
                 // Nothing new: take every partition away for `backoff`; the next reconcile
                 // assigns them again where they stand.
                 let all: Vec<Key> = assigned.keys().cloned().collect();
@@ -272,11 +313,15 @@ fn fetch_loop(
 }
 
 /// Brings the consumer's assignment in line with the routes: new and re-sought partitions
-/// assigned at their offsets, gone ones unassigned.
-fn reconcile(consumer: &KafkaConsumer, routing: &Mutex<Routing>, assigned: &mut HashMap<Key, ()>) {
+/// assigned at their offsets, gone ones unassigned. Whether it changed anything.
+fn reconcile(
+    consumer: &KafkaConsumer,
+    routing: &Mutex<Routing>,
+    assigned: &mut HashMap<Key, ()>,
+) -> bool {
     let mut r = routing.lock();
     if !r.dirty {
-        return;
+        return false;
     }
     r.dirty = false;
     let mut remove: Vec<Key> = assigned
@@ -295,7 +340,9 @@ fn reconcile(consumer: &KafkaConsumer, routing: &Mutex<Routing>, assigned: &mut 
         route.reseek = false;
     }
     drop(r);
+    let changed = !add.is_empty() || !remove.is_empty();
     set_assignment(consumer, assigned, &add, &remove);
+    changed
 }
 
 fn set_assignment(
@@ -627,5 +674,36 @@ impl Drop for KafkaReader {
         if self.owns_fetcher {
             self.fetcher.shutdown();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(list: &[(&str, u32)]) -> Vec<Key> {
+        list.iter().map(|(t, p)| (t.to_string(), *p)).collect()
+    }
+
+    #[test]
+    fn partitions_are_idle_only_once_the_broker_reported_each_at_its_end() {
+        let assigned = keys(&[("a", 0), ("a", 1), ("b", 0)]);
+        let mut ends = Ends::default();
+        // Just assigned, no answer yet (a broker slower than `IDLE_LOOK`): not idle.
+        assert!(!ends.all_reported(assigned.iter()));
+        ends.reported(0);
+        ends.reported(1);
+        assert!(
+            !ends.all_reported(assigned.iter()),
+            "partition 0 of two topics needs two reports"
+        );
+        ends.reported(0);
+        assert!(ends.all_reported(assigned.iter()));
+        ends.forget();
+        assert!(!ends.all_reported(assigned.iter()), "a new assignment");
+        assert!(
+            Ends::default().all_reported(std::iter::empty()),
+            "nothing assigned"
+        );
     }
 }
