@@ -173,10 +173,10 @@ impl ServeChild {
         let mut lines = BufReader::new(stdout).lines();
         loop {
             let line = lines.next().with_context(|| {
-                format!(
-                    "quiver exited before listening; see {}",
-                    dir.join("stderr.log").display()
-                )
+                // The caller's temporary directory, log included, goes with the error: quote it.
+                let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+                let tail: String = log.lines().take(20).collect::<Vec<_>>().join("\n");
+                format!("quiver exited before listening:\n{tail}")
             })??;
             if line.starts_with("quiver listening on ") {
                 break;
