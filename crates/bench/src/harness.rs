@@ -175,7 +175,8 @@ impl ServeChild {
             let line = lines.next().with_context(|| {
                 // The caller's temporary directory, log included, goes with the error: quote it.
                 let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
-                let tail: String = log.lines().take(20).collect::<Vec<_>>().join("\n");
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
                 format!("quiver exited before listening:\n{tail}")
             })??;
             if line.starts_with("quiver listening on ") {

@@ -301,7 +301,7 @@ where
     }
     // The handler's future is boxed where it is made: it is several kilobytes, and this
     // function moves it (into the span, the task-local scope, the admission, the timeout) —
-    // one copy each, ~2.5k instructions a GET, against one allocation.
+    // one copy each: ~1.2k instructions of `memcpy` a GET (callgrind), for one allocation.
     let sec = &state.security;
     if sec.public_path(path) {
         return Box::pin(run(req)).await;

@@ -121,7 +121,8 @@ const DENSE_BIT: u64 = 1 << 63;
 
 /// Two words: the map's entry holds a key (three words) and this, 40 bytes, which the
 /// allocator serves from its 48-byte class (a three-word handle put every entry in the
-/// 64-byte one: 16 bytes more per entity).
+/// 64-byte one: 16 bytes more per entity of a view of numeric features without aggregations;
+/// for the other views the side allocation grows by what the entry loses).
 #[derive(Debug)]
 pub struct Row(Body);
 
@@ -567,10 +568,11 @@ impl Row {
 
     /// Bytes this row occupies on the heap (the words and heap slots, not the map entry).
     pub fn heap_bytes(&self) -> usize {
+        let side = std::mem::size_of::<(Box<[AtomicU64]>, Extra)>();
         self.atomics().len() * 8
             + self
                 .extra()
-                .map(|e| std::mem::size_of::<Extra>() + e.heap.len() * std::mem::size_of::<Value>())
+                .map(|e| side + e.heap.len() * std::mem::size_of::<Value>())
                 .unwrap_or(0)
     }
 
