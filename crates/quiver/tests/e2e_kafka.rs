@@ -151,6 +151,21 @@ fn wait_for<T: std::fmt::Debug>(what: &str, mut probe: impl FnMut() -> (bool, T)
     }
 }
 
+/// Waits until every `step`-th key `{prefix}{i}` of `0..n` reads `txn.seq == i`.
+fn wait_for_seqs(server: &Server, prefix: &str, n: i64, step: usize) {
+    wait_for("records readable", || {
+        let got: Vec<Option<i64>> = (0..n)
+            .step_by(step)
+            .map(|i| {
+                let path = format!("/v1/features/txn/{prefix}{i}");
+                server.get(&path).1["features"]["seq"]["value"].as_i64()
+            })
+            .collect();
+        let want: Vec<Option<i64>> = (0..n).step_by(step).map(Some).collect();
+        (got == want, got)
+    });
+}
+
 fn start(dir: &std::path::Path, broker: &KafkaBroker, config: &str, prefix: &str) -> Server {
     let d = dir.join("quiver");
     std::fs::create_dir_all(&d).unwrap();
@@ -189,16 +204,7 @@ fn an_independent_librdkafka_producer_lands_where_quiver_puts_a_key() {
         );
     }
     // And Quiver serves what it did not write itself.
-    wait_for("external records readable", || {
-        let got: Vec<Option<i64>> = (0..200)
-            .step_by(17)
-            .map(|i| {
-                server.get(&format!("/v1/features/txn/u{i}")).1["features"]["seq"]["value"].as_i64()
-            })
-            .collect();
-        let want: Vec<Option<i64>> = (0..200).step_by(17).map(Some).collect();
-        (got == want, got)
-    });
+    wait_for_seqs(&server, "u", 200, 17);
     // What Quiver writes is the documented format, readable by any Kafka consumer.
     let (status, v) = server.post(
         "/v1/events",
@@ -845,14 +851,5 @@ fn a_broker_slower_than_the_idle_look_is_still_read_with_idle_backoff() {
         .collect();
     let (status, v) = server.post("/v1/events", &Value::from(events).to_string());
     assert_eq!(status, 200, "{v}");
-    wait_for("every key readable", || {
-        let got: Vec<Option<i64>> = (0..300)
-            .step_by(23)
-            .map(|i| {
-                server.get(&format!("/v1/features/txn/s{i}")).1["features"]["seq"]["value"].as_i64()
-            })
-            .collect();
-        let want: Vec<Option<i64>> = (0..300).step_by(23).map(Some).collect();
-        (got == want, got)
-    });
+    wait_for_seqs(&server, "s", 300, 23);
 }
