@@ -2,12 +2,14 @@
 //! by one materializer per log partition, snapshotted for fast restart.
 //!
 //! # Concurrency
-//! Rows live in `papaya` hash maps, one per (partition, view). papaya's reads are lock-free
-//! (epoch-based reclamation): a lookup never waits for a writer, a writer never waits for
-//! readers, and a reader holding a row keeps it alive until it is done. Each map has exactly
-//! one writer, the materializer of its partition, so there are no write-write races to
-//! resolve. A reader sees a row before or after an event, never half of one: an event that
-//! overwrites a dense numeric row whole (the common update) rewrites it in place under a
+//! Rows live in one map per (partition, view) (`rowmap`): DENSE rows of numeric views without
+//! aggregations in slots of a map of Quiver's own, every other row in a `papaya` map beside
+//! it. Reads of both are lock-free: a lookup never waits for a writer, a writer never waits
+//! for readers, and a reader holding a row keeps it alive until it is done (papaya's epochs;
+//! the slot map's tables are shared by reference count and its slots never change keys). Each
+//! map has exactly one writer, the materializer of its partition, so there are no write-write
+//! races to resolve. A reader sees a row before or after an event, never half of one: an event
+//! that overwrites a dense numeric row whole (the common update) rewrites it in place under a
 //! per-row seqlock that readers check and retry on; any other event builds a new row and
 //! swaps it in whole. (Rejected: `RwLock` or `DashMap` shards, whose readers block behind a
 //! writer holding the shard; left-right maps, which double memory; always copying on write,
@@ -19,6 +21,7 @@ mod error;
 pub mod materializer;
 pub mod pit;
 pub mod row;
+mod rowmap;
 mod seqlock;
 pub mod snapshot;
 
@@ -36,7 +39,8 @@ use quiver_core::value::Value;
 pub use aggs::{AggCell, AggLayout};
 pub use dedup::DedupWindow;
 pub use error::{Result, StoreError};
-pub use row::{Cell, Layout, Row};
+pub use row::{Cell, Layout, Row, RowRef};
+use rowmap::RowMap;
 
 /// Feast's per-value statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,22 +120,12 @@ pub struct LateCounts {
     pub aggregations: u64,
 }
 
-type RowMap = papaya::HashMap<compact_str::CompactString, Row>;
-
-/// A pinned map of one (partition, view), for inserting rows in bulk.
-pub(crate) struct Inserter<'a>(
-    papaya::HashMapRef<
-        'a,
-        compact_str::CompactString,
-        Row,
-        std::hash::RandomState,
-        papaya::LocalGuard<'a>,
-    >,
-);
+/// One (partition, view)'s map, for inserting rows in bulk (snapshot load).
+pub(crate) struct Inserter<'a>(&'a RowMap);
 
 impl Inserter<'_> {
     pub(crate) fn insert(&self, key: &str, row: Row) {
-        self.0.insert(compact_str::CompactString::from(key), row);
+        self.0.insert(key, row);
     }
 }
 
@@ -180,12 +174,19 @@ impl Store {
     pub fn with_streams(schema: Arc<Schema>, partitions: u32, streams: u32) -> Store {
         assert!(partitions > 0 && streams >= partitions);
         let layouts: Vec<Layout> = schema.views.iter().map(Layout::of).collect();
+        let agg_layouts: Vec<_> = schema.views.iter().map(AggLayout::of).collect();
+        // Rows of views without aggregations whose features are all numeric take slots.
+        let slot_words: Vec<Option<usize>> = layouts
+            .iter()
+            .zip(&agg_layouts)
+            .map(|(l, a)| l.dense_words().filter(|_| a.is_none()))
+            .collect();
         let maps = (0..partitions)
-            .map(|_| schema.views.iter().map(|_| RowMap::new()).collect())
+            .map(|_| slot_words.iter().map(|&w| RowMap::new(w)).collect())
             .collect();
         Store {
             empty_rows: layouts.iter().map(Row::empty).collect(),
-            agg_layouts: schema.views.iter().map(AggLayout::of).collect(),
+            agg_layouts,
             layouts,
             partitions,
             maps,
@@ -214,7 +215,7 @@ impl Store {
     /// Drops every row of `partition` (a snapshot that turned out not to belong to this log).
     pub(crate) fn clear_partition(&self, partition: u32) {
         for map in &self.maps[partition as usize] {
-            map.pin().clear();
+            map.clear();
         }
     }
 
@@ -238,7 +239,7 @@ impl Store {
         out: &mut Vec<FeatureRead>,
     ) -> Option<u64> {
         let map = &self.maps[self.partition_of(key) as usize][usize::from(view)];
-        let guard = map.guard();
+        let pinned = map.pin();
         let start = out.len();
         // Once, not by doubling as it fills (four growths a 32-column read: ~1.3k instructions).
         out.reserve(columns.len());
@@ -246,7 +247,7 @@ impl Store {
         let mut overlapped = 0;
         loop {
             out.truncate(start);
-            let Some(row) = map.get(key, &guard) else {
+            let Some(row) = pinned.get(key) else {
                 out.extend(columns.iter().map(|_| not_found()));
                 return None;
             };
@@ -280,7 +281,7 @@ impl Store {
     fn read_columns(
         &self,
         view: ViewId,
-        row: &Row,
+        row: RowRef<'_>,
         columns: &[FeatureIdx],
         now_ms: EpochMs,
         out: &mut Vec<FeatureRead>,
@@ -330,7 +331,14 @@ impl Store {
     /// The version of a row (`None` if absent): what the prediction cache keys on.
     pub fn row_version(&self, view: ViewId, key: &str) -> Option<u64> {
         let map = &self.maps[self.partition_of(key) as usize][usize::from(view)];
-        map.pin().get(key).map(Row::version)
+        let pinned = map.pin();
+        loop {
+            // A row the writer moves to the side map between the look and the version is
+            // looked up again (a moved slot's version means nothing).
+            if let Some(version) = pinned.get(key)?.live_version() {
+                return Some(version);
+            }
+        }
     }
 
     /// Applies one decoded record of `partition` at `offset`. Only that partition's
@@ -394,8 +402,8 @@ impl Store {
             }
         }
         let map = &self.maps[partition as usize][usize::from(view_id)];
-        let guard = map.guard();
-        let stored = map.get(rec.key, &guard);
+        let pinned = map.pin();
+        let stored = pinned.get(rec.key);
         if offset < covered_below && stored.is_some_and(|row| row.version() > offset) {
             return Applied::Covered;
         }
@@ -403,11 +411,11 @@ impl Store {
         let base = match stored {
             Some(row) => row,
             None if self.agg_layouts[usize::from(view_id)].is_none() => {
-                &self.empty_rows[usize::from(view_id)]
+                self.empty_rows[usize::from(view_id)].r()
             }
             None => {
                 fresh = self.new_row(view_id);
-                &fresh
+                fresh.r()
             }
         };
         // Aggregations first, in place; then the row of the same version is written (the
@@ -430,7 +438,7 @@ impl Store {
             }
             None => base.with_version(offset + 1),
         };
-        map.insert(compact_str::CompactString::from(rec.key), next, &guard);
+        map.insert(rec.key, next);
         Applied::Changed
     }
 
@@ -448,8 +456,7 @@ impl Store {
     }
 
     pub(crate) fn insert_row(&self, partition: u32, view: ViewId, key: &str, row: Row) {
-        let map = &self.maps[partition as usize][usize::from(view)];
-        map.pin().insert(compact_str::CompactString::from(key), row);
+        self.maps[partition as usize][usize::from(view)].insert(key, row);
     }
 
     /// Rows of every view in `partition`.
@@ -464,61 +471,51 @@ impl Store {
 
     /// Makes room for `rows` more rows of `view` in `partition` (a snapshot about to load).
     pub(crate) fn reserve_rows(&self, partition: u32, view: ViewId, rows: usize) {
-        self.maps[partition as usize][usize::from(view)]
-            .pin()
-            .reserve(rows);
+        self.maps[partition as usize][usize::from(view)].reserve(rows);
     }
 
-    /// Inserts many rows of `view` in `partition` under one epoch guard (snapshot load).
+    /// Inserts many rows of `view` in `partition` (snapshot load).
     pub(crate) fn inserter(&self, partition: u32, view: ViewId) -> Inserter<'_> {
-        Inserter(self.maps[partition as usize][usize::from(view)].pin())
+        Inserter(&self.maps[partition as usize][usize::from(view)])
     }
 
     /// Finishes any resize under way of `partition`'s maps (a walk would help finish it; a
     /// snapshot does this before its thread lowers its priority).
     pub(crate) fn finish_resizes(&self, partition: u32) {
         for map in &self.maps[partition as usize] {
-            // Creating a walk finishes the resize under way (papaya's `iter`).
-            let _ = map.pin().iter();
+            map.finish_resizes();
         }
     }
 
     /// Calls `copy` with every row of `view` in `partition` as it stands now, while its
     /// materializer may be applying: `copy` returns false if a write overlapped it, and is
-    /// called again with the key's current row. (The walk itself may meet a stale row: a
-    /// resize begun after it started leaves it on the old table, so each key is looked up
-    /// again.) False if a row stayed mid-write for [`seqlock::ATTEMPTS_MAX`] attempts.
+    /// called again with the key's current row (see [`RowMap::for_each_live`]). False if a
+    /// row stayed mid-write for [`seqlock::ATTEMPTS_MAX`] attempts.
     pub(crate) fn for_each_live_row(
         &self,
         partition: u32,
         view: ViewId,
-        mut copy: impl FnMut(&str, &Row) -> bool,
+        copy: impl FnMut(&str, RowRef<'_>) -> bool,
     ) -> bool {
-        let map = &self.maps[partition as usize][usize::from(view)];
-        // One guard for the whole walk: rows replaced meanwhile are reclaimed after it.
-        let guard = map.guard();
-        for (key, met) in map.iter(&guard) {
-            let mut attempts = 0;
-            loop {
-                // Rows are never removed while their partition is materialized.
-                let row = map.get(key, &guard).unwrap_or(met);
-                if copy(key, row) {
-                    break;
-                }
-                if !self.overlapped(&mut attempts) {
-                    return false;
-                }
-            }
-        }
-        true
+        self.maps[partition as usize][usize::from(view)]
+            .for_each_live(copy, |attempts| self.overlapped(attempts))
     }
 
     #[cfg(test)]
-    pub(crate) fn for_each_row(&self, partition: u32, view: ViewId, mut f: impl FnMut(&str, &Row)) {
+    pub(crate) fn for_each_row(
+        &self,
+        partition: u32,
+        view: ViewId,
+        mut f: impl FnMut(&str, RowRef<'_>),
+    ) {
         let map = &self.maps[partition as usize][usize::from(view)];
-        for (k, r) in map.pin().iter() {
-            f(k, r);
-        }
+        map.for_each_live(
+            |k, r| {
+                f(k, r);
+                true
+            },
+            |_| false,
+        );
     }
 
     pub fn rows(&self) -> usize {
@@ -639,7 +636,7 @@ mod tests {
     /// The address of `key`'s row: unchanged by an in-place write, new after a swap.
     fn row_address(s: &Store, key: &str) -> Option<usize> {
         let map = &s.maps[s.partition_of(key) as usize][0];
-        map.pin().get(key).map(|r| r as *const Row as usize)
+        map.pin().get(key).map(RowRef::address)
     }
 
     /// A reader racing the writer of one row always sees one whole event: both features and
@@ -733,9 +730,9 @@ mod tests {
                 }
                 let before = row_address(&s, "k");
                 let whole = mask == 3 && !null;
-                let dense_and_timely = before.is_some() && model.is_dense() && model.stamps()[0] as i64 <= ts;
+                let dense_and_timely = before.is_some() && model.r().is_dense() && model.r().stamps()[0] as i64 <= ts;
                 s.apply(s.partition_of("k"), offset, &record("k", ts, values), &mut dedup, &mut late);
-                if let Some(next) = model.apply(&layout, ts, offset, &model_values, &mut model_late) {
+                if let Some(next) = model.r().apply(&layout, ts, offset, &model_values, &mut model_late) {
                     model = next;
                 }
                 if whole && dense_and_timely {
@@ -743,8 +740,8 @@ mod tests {
                 }
                 let mut out = Vec::new();
                 let version = s.read(0, "k", &[0, 1], i64::MAX, &mut out);
-                prop_assert_eq!(version, Some(model.version()));
-                let expected: Vec<FeatureRead> = (0..2).map(|f| read_cell(model.get(&layout, f), None, i64::MAX)).collect();
+                prop_assert_eq!(version, Some(model.r().version()));
+                let expected: Vec<FeatureRead> = (0..2).map(|f| read_cell(model.r().get(&layout, f), None, i64::MAX)).collect();
                 prop_assert_eq!(out, expected);
                 prop_assert_eq!(late.values, model_late);
             }

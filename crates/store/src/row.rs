@@ -95,6 +95,12 @@ impl Layout {
     pub fn heap_slots(&self) -> usize {
         self.heaps
     }
+
+    /// Words of a DENSE row of this layout (header, event time, values) when every feature
+    /// is numeric; `None` when some row of it keeps strings or vectors outside its words.
+    pub(crate) fn dense_words(&self) -> Option<usize> {
+        (self.heaps == 0).then_some(2 + self.nums)
+    }
 }
 
 /// What a row holds for one feature.
@@ -118,11 +124,16 @@ const VERSION_MASK: u64 = (1 << 55) - 1;
 const WRITING_BIT: u64 = 1 << 55;
 const STAMPS_SHIFT: u32 = 56;
 const DENSE_BIT: u64 = 1 << 63;
+/// The header of a map slot whose row has moved to the side map (`rowmap`): WRITING, so a read
+/// under way fails its check and looks the key up again, with a version no row has (versions
+/// are log offsets + 1, far below 2^55 − 1), and S and DENSE as a DENSE row has them, so a
+/// read that met it mid-copy still finds one event time.
+pub(crate) const MOVED: u64 = DENSE_BIT | (1 << STAMPS_SHIFT) | WRITING_BIT | VERSION_MASK;
 
-/// Two words: the map's entry holds a key (three words) and this, 40 bytes, which the
-/// allocator serves from its 48-byte class (a three-word handle put every entry in the
-/// 64-byte one: 16 bytes more per entity of a view of numeric features without aggregations;
-/// for the other views the side allocation grows by what the entry loses).
+/// An owned row: two words. The store keeps most DENSE numeric rows in slots of its own map
+/// instead (`rowmap`: no `Row` around their words), and every other row as one of these in a
+/// `papaya` map, whose entry holds a key (three words) and this, 40 bytes, which the allocator
+/// serves from its 48-byte class (a three-word handle took the 64-byte one).
 #[derive(Debug)]
 pub struct Row(Body);
 
@@ -183,13 +194,17 @@ impl Words<'_> {
 
 impl Clone for Row {
     fn clone(&self) -> Row {
-        let words = self
-            .atomics()
-            .iter()
-            .map(|w| AtomicU64::new(w.load(Ordering::Relaxed)))
-            .collect();
-        Row::from_atomics(words, self.extra().cloned().map(Box::new))
+        self.r().to_row()
     }
+}
+
+/// A row borrowed where it stands — from a [`Row`] ([`Row::r`]) or from a slot of the store's
+/// map, which holds a DENSE row's words with no `Row` around them (`rowmap`). Every read and
+/// every in-place write goes through this.
+#[derive(Debug, Clone, Copy)]
+pub struct RowRef<'a> {
+    words: &'a [AtomicU64],
+    extra: Option<&'a Extra>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -222,54 +237,11 @@ impl Row {
         Row(Body::Extra(Box::new((words, extra))))
     }
 
-    pub fn aggs(&self) -> Option<&Arc<AggCell>> {
-        self.extra().and_then(|e| e.aggs.as_ref())
-    }
-
-    /// The row's words (see the layout above).
-    fn atomics(&self) -> &[AtomicU64] {
-        match &self.0 {
-            Body::Plain(words) => words,
-            Body::Extra(both) => &both.0,
-        }
-    }
-
-    fn extra(&self) -> Option<&Extra> {
-        match &self.0 {
-            Body::Plain(_) => None,
-            Body::Extra(both) => Some(&both.1),
-        }
-    }
-
     fn from_atomics(words: Box<[AtomicU64]>, extra: Option<Box<Extra>>) -> Row {
         Row(match extra {
             None => Body::Plain(words),
             Some(extra) => Body::Extra(Box::new((words, *extra))),
         })
-    }
-
-    /// The same row under a new version: an event changed only its aggregations.
-    pub fn with_version(&self, version: u64) -> Row {
-        assert!(
-            version <= VERSION_MASK && version > self.version(),
-            "versions only grow"
-        );
-        let row = self.clone();
-        row.atomics()[0].store((self.header() & !VERSION_MASK) | version, Ordering::Relaxed);
-        row
-    }
-
-    /// Sets the version of this row where it stands: an event changed only its aggregations.
-    /// Only the row's writer (its partition's materializer) calls this.
-    pub(crate) fn set_version(&self, version: u64) {
-        let header = self.header();
-        assert!(
-            version <= VERSION_MASK && version > header & VERSION_MASK,
-            "versions only grow"
-        );
-        debug_assert_eq!(header & WRITING_BIT, 0, "one writer");
-        // One store: a reader sees the old header or the new one, and retries on a change.
-        self.atomics()[0].store((header & !VERSION_MASK) | version, Ordering::Release);
     }
 
     fn build(
@@ -313,23 +285,257 @@ impl Row {
         Row::from_atomics(words.into_iter().map(AtomicU64::new).collect(), extra)
     }
 
+    /// The version a header from [`read_begin`](Self::read_begin) names.
+    pub(crate) fn version_of(header: u64) -> u64 {
+        header & VERSION_MASK
+    }
+
+    /// A row from [`words`](Self::words) (as little-endian bytes, 8 per word) and
+    /// [`heap_values`](Self::heap_values) stored under the same layout (snapshot load),
+    /// checked so that no input can make a read panic. The words are copied once, into the
+    /// row, then checked there.
+    pub fn from_parts(layout: &Layout, le: &[u8], heap: Vec<Value>) -> Option<Row> {
+        if !le.len().is_multiple_of(8) {
+            return None;
+        }
+        let atomics: Box<[AtomicU64]> = le
+            .chunks_exact(8)
+            .map(|c| AtomicU64::new(u64::from_le_bytes(c.try_into().expect("8 bytes"))))
+            .collect();
+        let words = atomics.len();
+        let word = |i: usize| atomics[i].load(Ordering::Relaxed);
+        let header = (words > 0).then(|| word(0))?;
+        let stamps = ((header & !DENSE_BIT) >> STAMPS_SHIFT) as usize;
+        let dense = header & DENSE_BIT != 0;
+        if stamps > STAMPS_MAX || (dense && stamps != 1) || header & WRITING_BIT != 0 {
+            return None;
+        }
+        let idx_words = if dense {
+            0
+        } else {
+            layout.features().div_ceil(8)
+        };
+        if words != 1 + stamps + layout.nums + idx_words || heap.len() != layout.heaps {
+            return None;
+        }
+        // Every index byte names a stored time, every value fits its type (a NaN in an f64
+        // slot would fail serialization later, far from here). Checked on the plain words,
+        // without building cells: this check was half of a snapshot load's instructions.
+        let idx_byte = |f: usize| {
+            let at = 1 + stamps + layout.nums + f / 8;
+            if dense {
+                0
+            } else {
+                word(at).to_le_bytes()[f % 8]
+            }
+        };
+        let fits = (0..layout.features()).all(|f| {
+            let b = idx_byte(f);
+            if b == ABSENT || b & NULL_BIT != 0 {
+                return b == ABSENT || usize::from(b & !NULL_BIT) < stamps;
+            }
+            let ty = layout.types[f];
+            usize::from(b) < stamps
+                && match layout.slots[f] {
+                    Slot::Num(n) => num_fits(ty, word(1 + stamps + usize::from(n))),
+                    Slot::Heap(h) => heap[usize::from(h)].fits(ty),
+                }
+        });
+        let extra = empty_extra(layout).map(|mut e| {
+            e.heap = heap.into_boxed_slice();
+            e
+        });
+        fits.then(|| Row::from_atomics(atomics, extra))
+    }
+
+    /// Rebuilds a row from cells (snapshot load).
+    pub fn from_cells(layout: &Layout, version: u64, cells: Vec<Cell>) -> Row {
+        let mut row = Row::empty(layout);
+        // Group cells by time and apply oldest first so ties cannot reorder anything.
+        let mut by_time: Vec<(EpochMs, FeatureIdx, Value)> = cells
+            .into_iter()
+            .enumerate()
+            .filter_map(|(f, c)| match c {
+                Cell::Absent => None,
+                Cell::Null { ts_ms } => Some((ts_ms, f as FeatureIdx, Value::Null)),
+                Cell::Value { ts_ms, value } => Some((ts_ms, f as FeatureIdx, value)),
+            })
+            .collect();
+        by_time.sort_by_key(|(t, f, _)| (*t, *f));
+        // One `apply` per distinct time, not per cell: `apply` rebuilds the row, so cell by cell
+        // a row of F features written together cost F rebuilds of F cells (a 32-feature row:
+        // 150k instructions, 93 % of a snapshot load).
+        let mut late = 0;
+        let mut group: Vec<(FeatureIdx, Value)> = Vec::with_capacity(by_time.len());
+        let mut cells = by_time.into_iter().peekable();
+        while let Some((t, f, v)) = cells.next() {
+            group.clear();
+            group.push((f, v));
+            while let Some((_, f, v)) = cells.next_if(|(next, _, _)| *next == t) {
+                group.push((f, v));
+            }
+            if let Some(next) = row.r().apply(layout, t, 0, &group, &mut late) {
+                row = next;
+            }
+        }
+        assert!(version <= VERSION_MASK);
+        let r = row.r();
+        r.atomics()[0].store((r.header() & !VERSION_MASK) | version, Ordering::Relaxed);
+        row
+    }
+
+    /// This row, borrowed (every read and in-place write is on [`RowRef`]).
+    pub fn r(&self) -> RowRef<'_> {
+        match &self.0 {
+            Body::Plain(words) => RowRef { words, extra: None },
+            Body::Extra(both) => RowRef {
+                words: &both.0,
+                extra: Some(&both.1),
+            },
+        }
+    }
+}
+
+impl<'a> RowRef<'a> {
+    pub fn aggs(self) -> Option<&'a Arc<AggCell>> {
+        self.extra().and_then(|e| e.aggs.as_ref())
+    }
+
+    /// A DENSE row's words where they stand outside any [`Row`] (a slot of the store's map).
+    pub(crate) fn of_words(words: &'a [AtomicU64]) -> RowRef<'a> {
+        RowRef { words, extra: None }
+    }
+
+    /// The row's words (see the layout above).
+    fn atomics(self) -> &'a [AtomicU64] {
+        self.words
+    }
+
+    fn extra(self) -> Option<&'a Extra> {
+        self.extra
+    }
+
+    /// Whether this row can live in a map slot of `row_words` words: DENSE, and nothing
+    /// outside its words (no strings, vectors or rings).
+    pub(crate) fn fits_slot(self, row_words: usize) -> bool {
+        self.extra.is_none() && self.w().is_dense() && self.words.len() == row_words
+    }
+
+    /// Where the words are (tests: an in-place write keeps it, a swap changes it).
+    #[cfg(test)]
+    pub(crate) fn address(self) -> usize {
+        self.words.as_ptr() as usize
+    }
+
+    /// Whether this slot's row has moved to the side map (see [`MOVED`]). Acquire: a reader
+    /// that meets the mark then finds the row the writer put in the side map before it.
+    pub(crate) fn is_moved(self) -> bool {
+        self.words[0].load(Ordering::Acquire) == MOVED
+    }
+
+    /// The version, unless this slot's row has moved (one load: what `is_moved` then
+    /// `version` would race on).
+    pub(crate) fn live_version(self) -> Option<u64> {
+        let header = self.words[0].load(Ordering::Acquire);
+        (header != MOVED).then_some(header & VERSION_MASK)
+    }
+
+    /// Copies `row` into words no reader can reach yet (a slot about to be published).
+    pub(crate) fn fill(words: &[AtomicU64], row: RowRef<'_>) {
+        assert_eq!(words.len(), row.words.len(), "a slot holds one row shape");
+        for (to, from) in words.iter().zip(row.words) {
+            to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    /// Writes `next`, a row of this one's shape (see [`fits_slot`](Self::fits_slot)) at a
+    /// newer version, over this one where it stands, under the seqlock that
+    /// [`overwrite_in_place`](Self::overwrite_in_place) uses. `false`: not that case (nothing
+    /// changed; the caller moves the row instead). Only the row's writer calls this.
+    pub(crate) fn replace_in_place(self, next: RowRef<'_>) -> bool {
+        let header = self.header();
+        if !next.fits_slot(self.words.len()) || next.version() <= header & VERSION_MASK {
+            return false;
+        }
+        debug_assert_eq!(header & WRITING_BIT, 0, "one writer");
+        self.words[0].store(header | WRITING_BIT, Ordering::Relaxed);
+        fence(Ordering::Release);
+        for (to, from) in self.words[1..].iter().zip(&next.words[1..]) {
+            to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.words[0].store(next.header(), Ordering::Release);
+        true
+    }
+
+    /// Puts `next`, DENSE again, back in this slot its row had moved out of: the words first
+    /// (no reader reads those of a moved slot), then the header, which makes it live; the
+    /// caller then drops the side map's copy. A reader that read the words before the move
+    /// fails its check: the header it saw is gone. Only the row's writer calls this.
+    pub(crate) fn fill_moved(self, next: RowRef<'_>) {
+        assert!(self.is_moved() && next.fits_slot(self.words.len()));
+        for (to, from) in self.words[1..].iter().zip(&next.words[1..]) {
+            to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.words[0].store(next.header(), Ordering::Release);
+    }
+
+    /// Marks this slot's row as moved to the side map, which already holds its successor.
+    pub(crate) fn mark_moved(self) {
+        debug_assert_eq!(self.header() & WRITING_BIT, 0, "one writer");
+        self.words[0].store(MOVED, Ordering::Release);
+    }
+
+    /// An owned copy of this row (the words copied without the seqlock: see `words`).
+    pub fn to_row(self) -> Row {
+        let words = self
+            .atomics()
+            .iter()
+            .map(|w| AtomicU64::new(w.load(Ordering::Relaxed)))
+            .collect();
+        Row::from_atomics(words, self.extra().cloned().map(Box::new))
+    }
+
+    /// The same row under a new version: an event changed only its aggregations.
+    pub fn with_version(self, version: u64) -> Row {
+        assert!(
+            version <= VERSION_MASK && version > self.version(),
+            "versions only grow"
+        );
+        let row = self.to_row();
+        row.r().atomics()[0].store((self.header() & !VERSION_MASK) | version, Ordering::Relaxed);
+        row
+    }
+
+    /// Sets the version of this row where it stands: an event changed only its aggregations.
+    /// Only the row's writer (its partition's materializer) calls this.
+    pub(crate) fn set_version(self, version: u64) {
+        let header = self.header();
+        assert!(
+            version <= VERSION_MASK && version > header & VERSION_MASK,
+            "versions only grow"
+        );
+        debug_assert_eq!(header & WRITING_BIT, 0, "one writer");
+        // One store: a reader sees the old header or the new one, and retries on a change.
+        self.atomics()[0].store((header & !VERSION_MASK) | version, Ordering::Release);
+    }
+
     /// The words, for several reads in a row (one match on the handle, not one per read: a
     /// GET matched ~160 times, +1.5k instructions).
-    fn w(&self) -> Words<'_> {
+    fn w(self) -> Words<'a> {
         Words(self.atomics())
     }
 
-    fn header(&self) -> u64 {
+    fn header(self) -> u64 {
         self.w().header()
     }
 
-    pub fn version(&self) -> u64 {
+    pub fn version(self) -> u64 {
         self.header() & VERSION_MASK
     }
 
     /// Starts a consistent read: the header to hand to [`read_end`](Self::read_end), or `None`
     /// while an in-place write is under way (try again).
-    pub(crate) fn read_begin(&self) -> Option<u64> {
+    pub(crate) fn read_begin(self) -> Option<u64> {
         let header = self.atomics()[0].load(Ordering::Acquire);
         (header & WRITING_BIT == 0).then_some(header)
     }
@@ -338,43 +544,38 @@ impl Row {
     /// to one version of the row. Every write in place makes the version grow (see
     /// [`overwrite_in_place`](Self::overwrite_in_place), [`set_version`](Self::set_version)),
     /// so an unchanged header means no write happened in between.
-    pub(crate) fn read_end(&self, seen: u64) -> bool {
+    pub(crate) fn read_end(self, seen: u64) -> bool {
         fence(Ordering::Acquire);
         self.atomics()[0].load(Ordering::Relaxed) == seen
     }
 
-    /// The version a header from [`read_begin`](Self::read_begin) names.
-    pub(crate) fn version_of(header: u64) -> u64 {
-        header & VERSION_MASK
-    }
-
-    fn stamp_count(&self) -> usize {
+    fn stamp_count(self) -> usize {
         self.w().stamp_count()
     }
 
     #[cfg(test)]
-    pub(crate) fn is_dense(&self) -> bool {
+    pub(crate) fn is_dense(self) -> bool {
         self.w().is_dense()
     }
 
-    fn stamp(&self, i: usize) -> u64 {
+    fn stamp(self, i: usize) -> u64 {
         self.w().stamp(i)
     }
 
     #[cfg(test)]
-    pub(crate) fn stamps(&self) -> Vec<u64> {
+    pub(crate) fn stamps(self) -> Vec<u64> {
         (0..self.stamp_count()).map(|i| self.stamp(i)).collect()
     }
 
-    fn num(&self, layout: &Layout, n: usize) -> u64 {
+    fn num(self, layout: &Layout, n: usize) -> u64 {
         self.w().num(layout, n)
     }
 
-    fn idx_byte(&self, layout: &Layout, f: usize) -> u8 {
+    fn idx_byte(self, layout: &Layout, f: usize) -> u8 {
         self.w().idx_byte(layout, f)
     }
 
-    pub fn get(&self, layout: &Layout, f: FeatureIdx) -> Cell {
+    pub fn get(self, layout: &Layout, f: FeatureIdx) -> Cell {
         let w = self.w();
         let fi = usize::from(f);
         let b = w.idx_byte(layout, fi);
@@ -567,7 +768,7 @@ impl Row {
     }
 
     /// Bytes this row occupies on the heap (the words and heap slots, not the map entry).
-    pub fn heap_bytes(&self) -> usize {
+    pub fn heap_bytes(self) -> usize {
         let side = std::mem::size_of::<(Box<[AtomicU64]>, Extra)>();
         self.atomics().len() * 8
             + self
@@ -578,106 +779,13 @@ impl Row {
 
     /// The row's words as laid out above: what a snapshot stores. (Read without the seqlock:
     /// only the row's writer, which takes the snapshots, may call this on a live row.)
-    pub fn words(&self) -> impl ExactSizeIterator<Item = u64> + '_ {
+    pub fn words(self) -> impl ExactSizeIterator<Item = u64> + 'a {
         self.atomics().iter().map(|w| w.load(Ordering::Relaxed))
     }
 
     /// The string and vector slots, in feature order (`Null` where never set).
-    pub fn heap_values(&self) -> &[Value] {
+    pub fn heap_values(self) -> &'a [Value] {
         self.extra().map_or(&[], |e| &e.heap)
-    }
-
-    /// A row from [`words`](Self::words) (as little-endian bytes, 8 per word) and
-    /// [`heap_values`](Self::heap_values) stored under the same layout (snapshot load),
-    /// checked so that no input can make a read panic. The words are copied once, into the
-    /// row, then checked there.
-    pub fn from_parts(layout: &Layout, le: &[u8], heap: Vec<Value>) -> Option<Row> {
-        if !le.len().is_multiple_of(8) {
-            return None;
-        }
-        let atomics: Box<[AtomicU64]> = le
-            .chunks_exact(8)
-            .map(|c| AtomicU64::new(u64::from_le_bytes(c.try_into().expect("8 bytes"))))
-            .collect();
-        let words = atomics.len();
-        let word = |i: usize| atomics[i].load(Ordering::Relaxed);
-        let header = (words > 0).then(|| word(0))?;
-        let stamps = ((header & !DENSE_BIT) >> STAMPS_SHIFT) as usize;
-        let dense = header & DENSE_BIT != 0;
-        if stamps > STAMPS_MAX || (dense && stamps != 1) || header & WRITING_BIT != 0 {
-            return None;
-        }
-        let idx_words = if dense {
-            0
-        } else {
-            layout.features().div_ceil(8)
-        };
-        if words != 1 + stamps + layout.nums + idx_words || heap.len() != layout.heaps {
-            return None;
-        }
-        // Every index byte names a stored time, every value fits its type (a NaN in an f64
-        // slot would fail serialization later, far from here). Checked on the plain words,
-        // without building cells: this check was half of a snapshot load's instructions.
-        let idx_byte = |f: usize| {
-            let at = 1 + stamps + layout.nums + f / 8;
-            if dense {
-                0
-            } else {
-                word(at).to_le_bytes()[f % 8]
-            }
-        };
-        let fits = (0..layout.features()).all(|f| {
-            let b = idx_byte(f);
-            if b == ABSENT || b & NULL_BIT != 0 {
-                return b == ABSENT || usize::from(b & !NULL_BIT) < stamps;
-            }
-            let ty = layout.types[f];
-            usize::from(b) < stamps
-                && match layout.slots[f] {
-                    Slot::Num(n) => num_fits(ty, word(1 + stamps + usize::from(n))),
-                    Slot::Heap(h) => heap[usize::from(h)].fits(ty),
-                }
-        });
-        let extra = empty_extra(layout).map(|mut e| {
-            e.heap = heap.into_boxed_slice();
-            e
-        });
-        fits.then(|| Row::from_atomics(atomics, extra))
-    }
-
-    /// Rebuilds a row from cells (snapshot load).
-    pub fn from_cells(layout: &Layout, version: u64, cells: Vec<Cell>) -> Row {
-        let mut row = Row::empty(layout);
-        // Group cells by time and apply oldest first so ties cannot reorder anything.
-        let mut by_time: Vec<(EpochMs, FeatureIdx, Value)> = cells
-            .into_iter()
-            .enumerate()
-            .filter_map(|(f, c)| match c {
-                Cell::Absent => None,
-                Cell::Null { ts_ms } => Some((ts_ms, f as FeatureIdx, Value::Null)),
-                Cell::Value { ts_ms, value } => Some((ts_ms, f as FeatureIdx, value)),
-            })
-            .collect();
-        by_time.sort_by_key(|(t, f, _)| (*t, *f));
-        // One `apply` per distinct time, not per cell: `apply` rebuilds the row, so cell by cell
-        // a row of F features written together cost F rebuilds of F cells (a 32-feature row:
-        // 150k instructions, 93 % of a snapshot load).
-        let mut late = 0;
-        let mut group: Vec<(FeatureIdx, Value)> = Vec::with_capacity(by_time.len());
-        let mut cells = by_time.into_iter().peekable();
-        while let Some((t, f, v)) = cells.next() {
-            group.clear();
-            group.push((f, v));
-            while let Some((_, f, v)) = cells.next_if(|(next, _, _)| *next == t) {
-                group.push((f, v));
-            }
-            if let Some(next) = row.apply(layout, t, 0, &group, &mut late) {
-                row = next;
-            }
-        }
-        assert!(version <= VERSION_MASK);
-        row.atomics()[0].store((row.header() & !VERSION_MASK) | version, Ordering::Relaxed);
-        row
     }
 }
 
@@ -786,21 +894,21 @@ features = [
                         changed = true;
                     }
                 }
-                if let Some(next) = row.apply(&layout, *ts, offset as u64, &values, &mut late) {
+                if let Some(next) = row.r().apply(&layout, *ts, offset as u64, &values, &mut late) {
                     row = next;
                     version = offset as u64 + 1;
                 }
-                prop_assert_eq!(changed, row.version() == offset as u64 + 1);
+                prop_assert_eq!(changed, row.r().version() == offset as u64 + 1);
                 prop_assert_eq!(late, expected_late);
             }
-            prop_assert_eq!(row.version(), version);
+            prop_assert_eq!(row.r().version(), version);
             for f in 0..9u16 {
-                prop_assert_eq!(row.get(&layout, f), model[usize::from(f)].clone(), "feature {}", f);
+                prop_assert_eq!(row.r().get(&layout, f), model[usize::from(f)].clone(), "feature {}", f);
             }
-            let cells: Vec<Cell> = (0..9u16).map(|f| row.get(&layout, f)).collect();
-            let rebuilt = Row::from_cells(&layout, row.version(), cells);
+            let cells: Vec<Cell> = (0..9u16).map(|f| row.r().get(&layout, f)).collect();
+            let rebuilt = Row::from_cells(&layout, row.r().version(), cells);
             for f in 0..9u16 {
-                prop_assert_eq!(rebuilt.get(&layout, f), row.get(&layout, f));
+                prop_assert_eq!(rebuilt.r().get(&layout, f), row.r().get(&layout, f));
             }
         }
     }
@@ -818,22 +926,22 @@ features = [
             let mut late = 0;
             for (offset, (t, features, null)) in history.iter().enumerate() {
                 let values: Vec<(u16, Value)> = features.iter().map(|&f| (f, if *null { Value::Null } else { value_for(f, offset as i64) })).collect();
-                if let Some(next) = row.apply(&layout, *t, offset as u64, &values, &mut late) {
+                if let Some(next) = row.r().apply(&layout, *t, offset as u64, &values, &mut late) {
                     row = next;
                 }
             }
             let all: Vec<(u16, Value)> = (0..9).map(|f| (f, value_for(f, 99))).collect();
-            let fast = row.overwrite_all(&layout, ts, 100, &all);
-            let newest = row.stamps().iter().map(|&t| t as i64).max();
+            let fast = row.r().overwrite_all(&layout, ts, 100, &all);
+            let newest = row.r().stamps().iter().map(|&t| t as i64).max();
             prop_assert_eq!(fast.is_some(), newest.is_none_or(|t| ts >= t));
             let (mut late_general, mut late_apply) = (0, 0);
-            let general = row.apply_general(&layout, ts, 100, &all, &mut late_general);
-            let applied = row.apply(&layout, ts, 100, &all, &mut late_apply);
+            let general = row.r().apply_general(&layout, ts, 100, &all, &mut late_general);
+            let applied = row.r().apply(&layout, ts, 100, &all, &mut late_apply);
             prop_assert_eq!(late_apply, late_general);
             match (applied, general) {
                 (Some(a), Some(g)) => {
-                    prop_assert_eq!(a.words().collect::<Vec<_>>(), g.words().collect::<Vec<_>>());
-                    prop_assert_eq!(a.heap_values(), g.heap_values());
+                    prop_assert_eq!(a.r().words().collect::<Vec<_>>(), g.r().words().collect::<Vec<_>>());
+                    prop_assert_eq!(a.r().heap_values(), g.r().heap_values());
                 }
                 (a, g) => prop_assert!(a.is_none() && g.is_none()),
             }
@@ -845,24 +953,27 @@ features = [
         let layout = layout();
         let mut late = 0;
         let r1 = Row::empty(&layout)
+            .r()
             .apply(&layout, 100, 0, &[(0, Value::F64(1.0))], &mut late)
             .unwrap();
         assert!(r1
+            .r()
             .apply(&layout, 99, 1, &[(0, Value::F64(2.0))], &mut late)
             .is_none());
         assert_eq!(late, 1);
         let r2 = r1
+            .r()
             .apply(&layout, 100, 2, &[(0, Value::F64(3.0))], &mut late)
             .unwrap();
         assert_eq!(
-            r2.get(&layout, 0),
+            r2.r().get(&layout, 0),
             Cell::Value {
                 ts_ms: 100,
                 value: Value::F64(3.0)
             },
             "tie: the later offset wins"
         );
-        assert_eq!(r2.version(), 3);
+        assert_eq!(r2.r().version(), 3);
     }
 
     #[test]
@@ -871,25 +982,30 @@ features = [
         let values: Vec<(u16, Value)> = (0..9).map(|f| (f, value_for(f, 1))).collect();
         let mut late = 0;
         let r = Row::empty(&layout)
+            .r()
             .apply(&layout, 5, 0, &values, &mut late)
             .unwrap();
-        assert_eq!(r.stamps().len(), 1);
-        let r = r.apply(&layout, 6, 1, &values[..1], &mut late).unwrap();
-        assert_eq!(r.stamps().len(), 2);
-        let r = r.apply(&layout, 6, 2, &values, &mut late).unwrap();
-        assert_eq!(r.stamps().len(), 1, "unreferenced times are dropped");
-        assert!(r.is_dense(), "every feature at one time: no index bytes");
+        assert_eq!(r.r().stamps().len(), 1);
+        let r = r.r().apply(&layout, 6, 1, &values[..1], &mut late).unwrap();
+        assert_eq!(r.r().stamps().len(), 2);
+        let r = r.r().apply(&layout, 6, 2, &values, &mut late).unwrap();
+        assert_eq!(r.r().stamps().len(), 1, "unreferenced times are dropped");
+        assert!(
+            r.r().is_dense(),
+            "every feature at one time: no index bytes"
+        );
         assert_eq!(
-            r.atomics().len(),
+            r.r().atomics().len(),
             1 + 1 + 7,
             "header, one time, seven numeric slots"
         );
         let r = r
+            .r()
             .apply(&layout, 7, 3, &[(0, Value::Null)], &mut late)
             .unwrap();
-        assert!(!r.is_dense());
-        assert_eq!(r.get(&layout, 0), Cell::Null { ts_ms: 7 });
-        assert_eq!(r.version(), 4);
+        assert!(!r.r().is_dense());
+        assert_eq!(r.r().get(&layout, 0), Cell::Null { ts_ms: 7 });
+        assert_eq!(r.r().version(), 4);
         assert_eq!(std::mem::size_of::<Row>(), 16);
     }
 }

@@ -65,7 +65,7 @@ use quiver_fsutil::seal::KeyRing;
 use quiver_fsutil::AtomicFile;
 
 use crate::error::{io, Result, StoreError};
-use crate::row::{Cell, Layout, Row};
+use crate::row::{Cell, Layout, Row, RowRef};
 use crate::{AggCell, AggLayout, DedupWindow, Store};
 
 const MAGIC: &[u8; 8] = b"QVSNAP05";
@@ -415,7 +415,7 @@ fn put_row(
     view: &View,
     agg_layout: Option<&AggLayout>,
     key: &str,
-    row: &Row,
+    row: RowRef<'_>,
     rings: &mut Vec<u64>,
 ) -> bool {
     let Some(header) = row.read_begin() else {
@@ -773,10 +773,10 @@ impl<'s> Loader<'s> {
             let mut cells = vec![Cell::Absent; current.features.len()];
             for (i, target) in view.features.iter().enumerate() {
                 if let Some(t) = target {
-                    cells[usize::from(*t)] = stored.get(&view.layout, i as FeatureIdx);
+                    cells[usize::from(*t)] = stored.r().get(&view.layout, i as FeatureIdx);
                 }
             }
-            Row::from_cells(layout, stored.version(), cells)
+            Row::from_cells(layout, stored.r().version(), cells)
         };
         if let Some(al) = self.store.agg_layout(current.id) {
             let cell = AggCell::new(current, al);
