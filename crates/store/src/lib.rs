@@ -403,6 +403,7 @@ impl Store {
         }
         let map = &self.maps[partition as usize][usize::from(view_id)];
         let pinned = map.pin();
+        pinned.help_copy();
         let stored = pinned.get(rec.key);
         if offset < covered_below && stored.is_some_and(|row| row.version() > offset) {
             return Applied::Covered;

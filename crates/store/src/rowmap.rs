@@ -24,14 +24,14 @@
 //!   the header, and only then is the side map's copy dropped: a reader that met the mark and
 //!   then misses the side map looks at the slot again.
 //! - Growing publishes new tables (`arc_swap`): a larger index, empty, beside the old one,
-//!   and one more segment of slots. The old index's entries are copied over a few per new key
+//!   and one more segment of slots. The old index's entries are copied over a few per write
 //!   (a find that misses the new index looks in the old one until the copy ends). Readers
 //!   holding the old tables read on — segments are shared, so they see the same rows — and
 //!   free them when done. A row inserted after a reader loaded its tables is not in them:
 //!   that reader started first.
 
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -46,10 +46,11 @@ const KEY_WORDS: usize = 2;
 const INDEX_MIN: usize = 16;
 /// Slots per map: an index of 2^32 entries at most, 3/4 full (positions are 32 bits of hash).
 const SLOTS_MAX: usize = 3 << 30;
-/// Entries of the previous index copied over per new key after a growth: the copy ends long
+/// Positions of the previous index copied over per write after a growth: the copy ends long
 /// before the index fills again (after 1/32 of the previous index's length in new keys; a
-/// growth leaves room for 3/8 of the new length).
-const COPY_STEP: usize = 32;
+/// growth leaves room for 3/8 of the new length). Tests copy one at a time, so that copies
+/// stay under way across many operations.
+const COPY_STEP: usize = if cfg!(test) { 1 } else { 32 };
 
 type Side = papaya::HashMap<CompactString, Row>;
 
@@ -75,7 +76,11 @@ struct Tables {
     /// few per new key, not all at once, keeps a growth from stopping the writer: placing
     /// 1.6M entries at once took 36 ms.
     previous: ArcSwapOption<Tables>,
-    /// Entries of `previous`'s index copied so far (the writer's).
+    /// Whether `previous` may be set: false once the copy is over (release, after the last
+    /// entry is placed), so a find need not load `previous` (an `arc_swap` load is a few
+    /// locked instructions).
+    copying: AtomicBool,
+    /// Positions of `previous`'s index copied so far (the writer's).
     copied: AtomicUsize,
     /// The slots in order: segment `i` holds slots `starts[i]..starts[i + 1]`.
     segments: Vec<Arc<Segment>>,
@@ -300,6 +305,15 @@ impl Pinned<'_> {
         }
     }
 
+    /// Copies a few more entries of an index the map outgrew (see [`Tables::previous`]): the
+    /// writer calls this on every record it applies, so a map that stops getting new keys
+    /// still lets its previous index go. Only the map's writer calls this.
+    pub(crate) fn help_copy(&self) {
+        if let Some((slots, tables)) = &self.slots {
+            slots.copy_over(tables, COPY_STEP);
+        }
+    }
+
     fn side_get(&self, key: &str) -> Option<RowRef<'_>> {
         let side = self.side.get_or_init(|| self.side_map.pin());
         side.get(key).map(Row::r)
@@ -331,6 +345,9 @@ impl Slots {
     /// Copies up to `steps` more entries of the previous index into `tables`' own; when all
     /// are, lets the previous tables go.
     fn copy_over(&self, tables: &Tables, steps: usize) {
+        if !tables.copying.load(Ordering::Relaxed) {
+            return;
+        }
         let Some(previous) = tables.previous.load_full() else {
             return;
         };
@@ -345,6 +362,7 @@ impl Slots {
         }
         tables.copied.store(to, Ordering::Relaxed);
         if to == previous.index.len() {
+            tables.copying.store(false, Ordering::Release);
             tables.previous.store(None);
         }
     }
@@ -370,6 +388,7 @@ impl Slots {
         let tables = Arc::new(Tables {
             index: zeroed(len),
             previous: ArcSwapOption::new((!old.index.is_empty()).then(|| old.clone())),
+            copying: AtomicBool::new(!old.index.is_empty()),
             copied: AtomicUsize::new(0),
             segments,
             starts,
@@ -388,6 +407,7 @@ impl Tables {
         Tables {
             index: Box::new([]),
             previous: ArcSwapOption::empty(),
+            copying: AtomicBool::new(false),
             copied: AtomicUsize::new(0),
             segments: Vec::new(),
             starts: Vec::new(),
@@ -412,10 +432,13 @@ impl Tables {
     /// The row of the key encoded as `k` (moved or not).
     fn find(&self, k: [u64; 2], hash: u64, row_words: usize) -> Option<RowRef<'_>> {
         // Loaded before this index is probed: the writer drops it only once every entry is
-        // copied here, so one of the two holds the key.
-        let previous = self.previous.load();
+        // copied here, so one of the two holds the key. (`copying` false: every entry is.)
+        let previous = self
+            .copying
+            .load(Ordering::Acquire)
+            .then(|| self.previous.load());
         let at = self.probe(&self.index, k, hash, row_words).or_else(|| {
-            let previous = previous.as_ref()?;
+            let previous = previous.as_ref()?.as_ref()?;
             // Its slots are among these tables' (same segments, fewer of them).
             self.probe(&previous.index, k, hash, row_words)
         })?;
@@ -563,6 +586,7 @@ mod tests {
                         map.clear();
                         model.clear();
                     }
+                    19 => map.reserve(k),
                     1..=4 => {
                         map.insert(&key, sparse(&layout, version, x));
                         model.insert(key, (version, x));
@@ -686,6 +710,43 @@ mod tests {
         let reads = reader.join().expect("the row was always found, whole");
         assert!(reads > 0, "the reader ran alongside the writer");
         assert_eq!(map.len(), 1);
+    }
+
+    /// An outgrown index is let go once its entries are copied over, by the writer's records
+    /// even when no new key comes (updates alone), and every key stays found meanwhile.
+    #[test]
+    fn a_map_without_new_keys_still_lets_its_outgrown_index_go() {
+        let layout = layout();
+        let map = RowMap::new(layout.dense_words());
+        let copying = |map: &RowMap| {
+            let tables = map.slots.as_ref().expect("slots").tables.load();
+            (
+                tables.copying.load(Ordering::Acquire),
+                tables.previous.load().is_some(),
+            )
+        };
+        // The first index holds 12 slots: the 13th key grows it.
+        for i in 0..13 {
+            map.insert(&format!("k{i}"), dense(&layout, i + 1, i as f64));
+        }
+        assert_eq!(
+            copying(&map),
+            (true, true),
+            "a growth leaves a copy under way"
+        );
+        for _ in 0..16 {
+            let pinned = map.pin();
+            pinned.help_copy();
+            for i in 0..13 {
+                let row = pinned.get(&format!("k{i}")).expect("found during the copy");
+                assert_eq!(first_value(&layout, row), i as f64);
+            }
+        }
+        assert_eq!(
+            copying(&map),
+            (false, false),
+            "the previous index is let go"
+        );
     }
 
     /// Feature 0 of `key`, read under the row's seqlock (retried while a write overlaps).
