@@ -224,50 +224,65 @@ impl RowMap {
         let guard = self.side.guard();
         let walked = self.slots.as_ref().map(|s| (s, s.tables.load_full()));
         if let Some((s, tables)) = &walked {
-            let mut buf = [0u8; KEY_WORDS * 8];
-            for at in 0..tables.used.load(Ordering::Acquire) {
-                let slot = tables.slot(at, s.row_words);
-                let key = decode_key(&slot[..KEY_WORDS], &mut buf);
-                let row = RowRef::of_words(&slot[KEY_WORDS..]);
-                let mut attempts = 0;
-                loop {
-                    // A moved row is copied from the side map here, not only by the walk of
-                    // it below: it may come back to its slot, and leave the side map, before
-                    // that walk gets to it.
-                    let copied = if !row.is_moved() {
-                        copy(key, row)
-                    } else if let Some(moved) = self.side.get(key, &guard) {
-                        copy(key, moved.r())
-                    } else if row.is_moved() {
-                        break; // cleared
-                    } else {
-                        continue; // back in its slot meanwhile
-                    };
-                    if copied {
-                        break;
-                    }
-                    if !wait(&mut attempts) {
-                        return false;
-                    }
-                }
+            if !self.walk_slots(s, tables, &guard, &mut copy, &mut wait) {
+                return false;
             }
         }
-        let slotted = |key: &str| {
-            walked.as_ref().is_some_and(|(s, tables)| {
+        for (key, met) in self.side.iter(&guard) {
+            let slotted = walked.as_ref().is_some_and(|(s, tables)| {
                 encode_key(key)
                     .is_some_and(|k| tables.find(k, s.hasher.hash_one(k), s.row_words).is_some())
-            })
-        };
-        for (key, met) in self.side.iter(&guard) {
-            if slotted(key) {
+            });
+            if slotted {
                 continue; // copied with the slots
             }
             let mut attempts = 0;
             loop {
                 // A resize begun after the walk started leaves it on the old table: look the
-                // key up again. (Rows are never removed while their partition is applied.)
+                // key up again. (A row the side map let go meanwhile went back to a slot the
+                // walk's tables do not have yet: copied as met, a state from after the walk
+                // began, which is all a snapshot needs.)
                 let row = self.side.get(key, &guard).unwrap_or(met);
                 if copy(key, row.r()) {
+                    break;
+                }
+                if !wait(&mut attempts) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// [`for_each_live`](Self::for_each_live)'s walk of the slots of `tables`.
+    fn walk_slots(
+        &self,
+        s: &Slots,
+        tables: &Tables,
+        guard: &impl papaya::Guard,
+        copy: &mut impl FnMut(&str, RowRef<'_>) -> bool,
+        wait: &mut impl FnMut(&mut usize) -> bool,
+    ) -> bool {
+        let mut buf = [0u8; KEY_WORDS * 8];
+        for at in 0..tables.used.load(Ordering::Acquire) {
+            let slot = tables.slot(at, s.row_words);
+            let key = decode_key(&slot[..KEY_WORDS], &mut buf);
+            let row = RowRef::of_words(&slot[KEY_WORDS..]);
+            let mut attempts = 0;
+            loop {
+                // A moved row is copied from the side map here, not only by the walk of it:
+                // it may come back to its slot, and leave the side map, before that walk
+                // gets to it.
+                let copied = if !row.is_moved() {
+                    copy(key, row)
+                } else if let Some(moved) = self.side.get(key, guard) {
+                    copy(key, moved.r())
+                } else if row.is_moved() {
+                    break; // cleared
+                } else {
+                    continue; // back in its slot meanwhile
+                };
+                if copied {
                     break;
                 }
                 if !wait(&mut attempts) {
