@@ -13,7 +13,7 @@ use crate::BenchArgs;
 /// takes.
 pub(crate) fn run(report: &mut Report, args: &BenchArgs) -> Result<Value> {
     let n = args.entities.max(1);
-    let (per_entity, _) = crate::memory::probe_memory("day", n)?;
+    let (per_entity, _) = crate::memory::probe_memory("day", n, 0)?;
     let dir = tempfile::tempdir()?;
     let schema = quiver_core::Schema::compile(&bench_config(dir.path())?)?;
     let view = schema.view_id("day").expect("bench view");

@@ -100,6 +100,10 @@ pub struct BenchArgs {
     /// The view `memory-probe` fills (internal: the memory scenarios run it as a child).
     #[arg(long, default_value = "row", hide = true)]
     pub probe_view: String,
+    /// `memory`: each entity key this many bytes long (`e`, zeros, the entity's number; 36 is a
+    /// UUID's length); 0: `e` and the number.
+    #[arg(long, default_value_t = 0)]
+    pub key_bytes: usize,
     /// `decoupling`: offered predictions/s (open loop; events/s is `--rate`, default 50,000).
     #[arg(long, default_value_t = 10_000.0)]
     pub predict_rate: f64,

@@ -36,7 +36,10 @@ pub(crate) fn memory_probe(args: &BenchArgs) -> Result<()> {
     let mut raw = 0u64;
     let before = rss_bytes();
     for i in 0..n {
-        let key = format!("e{i}");
+        let key = match args.key_bytes {
+            0 => format!("e{i}"),
+            n => format!("e{i:0>w$}", w = n.saturating_sub(1)),
+        };
         raw += (key.len() + width * 8) as u64;
         let event = quiver_core::event::Event {
             view,
@@ -67,10 +70,11 @@ pub(crate) fn memory_probe(args: &BenchArgs) -> Result<()> {
 }
 
 /// Runs [`memory_probe`] in a child process: (resident, raw) bytes per entity.
-pub(crate) fn probe_memory(view: &str, entities: usize) -> Result<(f64, f64)> {
+pub(crate) fn probe_memory(view: &str, entities: usize, key_bytes: usize) -> Result<(f64, f64)> {
     let out = std::process::Command::new(std::env::current_exe()?)
         .args(["bench", "memory-probe", "--probe-view", view])
         .args(["--entities", &entities.to_string()])
+        .args(["--key-bytes", &key_bytes.to_string()])
         .output()
         .context("starting the memory probe")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -89,7 +93,7 @@ pub(crate) fn probe_memory(view: &str, entities: usize) -> Result<(f64, f64)> {
 /// Memory per entity: rows applied straight to a store (no HTTP, no log), RSS before/after.
 pub(crate) fn run(report: &mut Report, args: &BenchArgs) -> Result<Value> {
     let n = args.entities.max(1);
-    let (per_entity, raw_per) = probe_memory("row", n)?;
+    let (per_entity, raw_per) = probe_memory("row", n, args.key_bytes)?;
     say!(
         report,
         "\n## memory: {n} entities × {FEATURES} f64 features\n"
@@ -102,6 +106,6 @@ pub(crate) fn run(report: &mut Report, args: &BenchArgs) -> Result<Value> {
     );
     say!(report, "| ratio | {:.2}× |", per_entity / raw_per);
     Ok(
-        json!({"entities": n, "rss_bytes_per_entity": per_entity, "raw_bytes_per_entity": raw_per, "ratio": per_entity / raw_per}),
+        json!({"entities": n, "key_bytes": args.key_bytes, "rss_bytes_per_entity": per_entity, "raw_bytes_per_entity": raw_per, "ratio": per_entity / raw_per}),
     )
 }

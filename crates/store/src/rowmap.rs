@@ -3,14 +3,15 @@
 //! and those live in a map of Quiver's own: key and words side by side in one array of
 //! slots, found through an index of one word per entry. Every other row (strings, vectors,
 //! rings, rows whose features were written at different times, keys over
-//! [`KEY_BYTES_MAX`] bytes) lives in a `papaya` map beside it, the side map. A slotted row
+//! [`keys::LONG_KEY_MAX`] bytes) lives in a `papaya` map beside it, the side map. A slotted row
 //! that stops being DENSE moves to the side map and comes back to its slot when an event makes
 //! it DENSE again; a key whose first row was not DENSE stays in the side map.
 //!
 //! Why a map of our own: papaya allocates each entry apart from the row it points to, so an
 //! entity took two allocations, each with the allocator's header and rounding: 366 bytes for
 //! an entity of 32 f64 (264 raw), against issue #15's ≤ 1.2×. Here an entity takes its slot
-//! (16 bytes of key, then the row's words) and 1⅓–2⅔ words of index (3/8 to 3/4 full).
+//! (16 bytes of key — a key over 15 bytes has its bytes in a key arena beside the slots —,
+//! then the row's words) and 1⅓–2⅔ words of index (3/8 to 3/4 full).
 //! (Rejected: hashbrown under a lock, whose readers wait for a writer's resize.)
 //!
 //! Concurrency — one writer, the partition's materializer; readers never wait for it:
@@ -30,7 +31,6 @@
 //!   free them when done. A row inserted after a reader loaded its tables is not in them:
 //!   that reader started first.
 
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -39,9 +39,9 @@ use compact_str::CompactString;
 
 use crate::row::{Row, RowRef};
 
-/// Keys of up to this many bytes fit a slot: a length byte and the bytes, in two words.
-pub(crate) const KEY_BYTES_MAX: usize = 15;
-const KEY_WORDS: usize = 2;
+mod keys;
+
+use keys::{Key, KeyArena, KEY_WORDS};
 /// Entries of the first index; each growth at least doubles it.
 const INDEX_MIN: usize = 16;
 /// Slots per map: an index of 2^32 entries at most, 3/4 full (positions are 32 bits of hash).
@@ -65,6 +65,9 @@ struct Slots {
     row_words: usize,
     tables: ArcSwap<Tables>,
     hasher: foldhash::fast::RandomState,
+    /// Clears so far: a reader whose tables are from before the last one knows that a moved
+    /// row missing from the side map was cleared, not moved again (see [`Pinned::get`]).
+    clears: AtomicU64,
 }
 
 struct Tables {
@@ -85,6 +88,10 @@ struct Tables {
     /// The slots in order: segment `i` holds slots `starts[i]..starts[i + 1]`.
     segments: Vec<Arc<Segment>>,
     starts: Vec<usize>,
+    /// Long keys' bytes (shared by successive tables; a clear starts a new arena).
+    keys: Arc<KeyArena>,
+    /// [`Slots::clears`] when these tables' first ancestor was made.
+    clears: u64,
     /// Slots handed out (written before `used` counts them), and how many of those moved.
     used: AtomicUsize,
     moved: AtomicUsize,
@@ -112,8 +119,9 @@ impl RowMap {
                 assert!(row_words >= 2, "a row has a header and an event time");
                 Slots {
                     row_words,
-                    tables: ArcSwap::from_pointee(Tables::empty()),
+                    tables: ArcSwap::from_pointee(Tables::empty(0)),
                     hasher: foldhash::fast::RandomState::default(),
+                    clears: AtomicU64::new(0),
                 }
             }),
             side: Side::new(),
@@ -141,7 +149,9 @@ impl RowMap {
     /// Drops every row. Readers holding the old tables read on until they let them go.
     pub(crate) fn clear(&self) {
         if let Some(s) = &self.slots {
-            s.tables.store(Arc::new(Tables::empty()));
+            // Counted first: a reader of the old tables that then misses the side map knows.
+            let clears = s.clears.fetch_add(1, Ordering::AcqRel) + 1;
+            s.tables.store(Arc::new(Tables::empty(clears)));
         }
         self.side.pin().clear();
     }
@@ -172,13 +182,16 @@ impl RowMap {
     /// Puts `row` under `key`, replacing what was there. Only the map's writer calls this.
     pub(crate) fn insert(&self, key: &str, row: Row) {
         let side = self.side.pin();
-        let Some((slots, k)) = self.slots.as_ref().zip(encode_key(key)) else {
+        let slotted = self
+            .slots
+            .as_ref()
+            .and_then(|s| Some((s, Key::new(key, &s.hasher)?)));
+        let Some((slots, k)) = slotted else {
             side.insert(CompactString::from(key), row);
             return;
         };
-        let hash = slots.hasher.hash_one(k);
         let tables = slots.tables.load_full();
-        match tables.find(k, hash, slots.row_words) {
+        match tables.find(&k, slots.row_words) {
             Some(old) if old.is_moved() && row.r().fits_slot(slots.row_words) => {
                 // Back in its slot: the header makes it live, then the side copy goes.
                 old.fill_moved(row.r());
@@ -198,7 +211,7 @@ impl RowMap {
                 tables.moved.fetch_add(1, Ordering::Release);
             }
             None if row.r().fits_slot(slots.row_words) && side.get(key).is_none() => {
-                if let Err(row) = slots.push(tables, k, hash, row) {
+                if let Err(row) = slots.push(tables, &k, row) {
                     side.insert(CompactString::from(key), row);
                 }
             }
@@ -230,8 +243,7 @@ impl RowMap {
         }
         for (key, met) in self.side.iter(&guard) {
             let slotted = walked.as_ref().is_some_and(|(s, tables)| {
-                encode_key(key)
-                    .is_some_and(|k| tables.find(k, s.hasher.hash_one(k), s.row_words).is_some())
+                Key::new(key, &s.hasher).is_some_and(|k| tables.find(&k, s.row_words).is_some())
             });
             if slotted {
                 continue; // copied with the slots
@@ -263,10 +275,10 @@ impl RowMap {
         copy: &mut impl FnMut(&str, RowRef<'_>) -> bool,
         wait: &mut impl FnMut(&mut usize) -> bool,
     ) -> bool {
-        let mut buf = [0u8; KEY_WORDS * 8];
+        let mut buf = Vec::new();
         for at in 0..tables.used.load(Ordering::Acquire) {
             let slot = tables.slot(at, s.row_words);
-            let key = decode_key(&slot[..KEY_WORDS], &mut buf);
+            let key = keys::decode(&slot[..KEY_WORDS], &tables.keys, &mut buf);
             let row = RowRef::of_words(&slot[KEY_WORDS..]);
             let mut attempts = 0;
             loop {
@@ -277,10 +289,10 @@ impl RowMap {
                     copy(key, row)
                 } else if let Some(moved) = self.side.get(key, guard) {
                     copy(key, moved.r())
-                } else if row.is_moved() {
-                    break; // cleared
+                } else if s.cleared_since(tables) {
+                    break;
                 } else {
-                    continue; // back in its slot meanwhile
+                    continue; // back in its slot, or moved again, meanwhile
                 };
                 if copied {
                     break;
@@ -297,11 +309,11 @@ impl RowMap {
 impl Pinned<'_> {
     /// The row of `key`, if any.
     pub(crate) fn get(&self, key: &str) -> Option<RowRef<'_>> {
-        let slotted = self.slots.as_ref().and_then(|(slots, tables)| {
-            let k = encode_key(key)?;
-            tables.find(k, slots.hasher.hash_one(k), slots.row_words)
-        });
-        let Some(row) = slotted else {
+        let Some((slots, tables)) = &self.slots else {
+            return self.side_get(key);
+        };
+        let Some(row) = Key::new(key, &slots.hasher).and_then(|k| tables.find(&k, slots.row_words))
+        else {
             return self.side_get(key);
         };
         // Each turn ends unless the writer moved the row between two looks.
@@ -312,11 +324,11 @@ impl Pinned<'_> {
             if let Some(moved) = self.side_get(key) {
                 return Some(moved);
             }
-            if row.is_moved() {
-                // Marked and not in the side map: the map was cleared.
+            if slots.cleared_since(tables) {
                 return None;
             }
-            // Back in its slot meanwhile (the side map drops it after): look again.
+            // Marked, then not in the side map: back in its slot meanwhile (the side map drops
+            // it after), and maybe moved out again since. Look again.
         }
     }
 
@@ -336,9 +348,15 @@ impl Pinned<'_> {
 }
 
 impl Slots {
+    /// Whether the map was cleared after `tables` (or their first ancestor) were made.
+    fn cleared_since(&self, tables: &Tables) -> bool {
+        self.clears.load(Ordering::Acquire) != tables.clears
+    }
+
     /// Puts a new key's row in the next slot, growing first if the slots are all taken;
     /// gives the row back if the map holds [`SLOTS_MAX`] slots already.
-    fn push(&self, tables: Arc<Tables>, k: [u64; 2], hash: u64, row: Row) -> Result<(), Row> {
+    /// (Also gives it back if a long key finds the key arena full.)
+    fn push(&self, tables: Arc<Tables>, k: &Key<'_>, row: Row) -> Result<(), Row> {
         let at = tables.used.load(Ordering::Relaxed);
         let tables = if at < tables.capacity() {
             tables
@@ -347,11 +365,15 @@ impl Slots {
         } else {
             return Err(row);
         };
+        let Some(key_words) = k.store(&tables.keys) else {
+            return Err(row);
+        };
         let slot = tables.slot(at, self.row_words);
-        slot[0].store(k[0], Ordering::Relaxed);
-        slot[1].store(k[1], Ordering::Relaxed);
+        for (w, value) in slot.iter().zip(key_words) {
+            w.store(value, Ordering::Relaxed);
+        }
         RowRef::fill(&slot[KEY_WORDS..], row.r());
-        tables.place(hash, at, Ordering::Release);
+        tables.place(k.hash, at, Ordering::Release);
         tables.used.store(at + 1, Ordering::Release);
         self.copy_over(&tables, COPY_STEP);
         Ok(())
@@ -405,6 +427,8 @@ impl Slots {
             previous: ArcSwapOption::new((!old.index.is_empty()).then(|| old.clone())),
             copying: AtomicBool::new(!old.index.is_empty()),
             copied: AtomicUsize::new(0),
+            keys: old.keys.clone(),
+            clears: old.clears,
             segments,
             starts,
             used: AtomicUsize::new(old.used.load(Ordering::Relaxed)),
@@ -418,12 +442,14 @@ impl Slots {
 }
 
 impl Tables {
-    fn empty() -> Tables {
+    fn empty(clears: u64) -> Tables {
         Tables {
             index: Box::new([]),
             previous: ArcSwapOption::empty(),
             copying: AtomicBool::new(false),
             copied: AtomicUsize::new(0),
+            keys: Arc::new(KeyArena::new()),
+            clears,
             segments: Vec::new(),
             starts: Vec::new(),
             used: AtomicUsize::new(0),
@@ -445,33 +471,27 @@ impl Tables {
     }
 
     /// The row of the key encoded as `k` (moved or not).
-    fn find(&self, k: [u64; 2], hash: u64, row_words: usize) -> Option<RowRef<'_>> {
+    fn find(&self, k: &Key<'_>, row_words: usize) -> Option<RowRef<'_>> {
         // Loaded before this index is probed: the writer drops it only once every entry is
         // copied here, so one of the two holds the key. (`copying` false: every entry is.)
         let previous = self
             .copying
             .load(Ordering::Acquire)
             .then(|| self.previous.load());
-        let at = self.probe(&self.index, k, hash, row_words).or_else(|| {
+        let at = self.probe(&self.index, k, row_words).or_else(|| {
             let previous = previous.as_ref()?.as_ref()?;
             // Its slots are among these tables' (same segments, fewer of them).
-            self.probe(&previous.index, k, hash, row_words)
+            self.probe(&previous.index, k, row_words)
         })?;
         Some(RowRef::of_words(&self.slot(at, row_words)[KEY_WORDS..]))
     }
 
-    /// The slot `index` names for the key encoded as `k`.
-    fn probe(
-        &self,
-        index: &[AtomicU64],
-        k: [u64; 2],
-        hash: u64,
-        row_words: usize,
-    ) -> Option<usize> {
+    /// The slot `index` names for key `k`.
+    fn probe(&self, index: &[AtomicU64], k: &Key<'_>, row_words: usize) -> Option<usize> {
         if index.is_empty() {
             return None;
         }
-        let high = hash >> 32;
+        let high = k.hash >> 32;
         let mask = index.len() - 1;
         let mut i = high as usize & mask;
         // Bounded: an index is at most 3/4 full, so a free entry ends every probe.
@@ -482,8 +502,7 @@ impl Tables {
             }
             if e >> 32 == high {
                 let at = (e as u32 - 1) as usize;
-                let slot = self.slot(at, row_words);
-                if [0, 1].map(|w| slot[w].load(Ordering::Relaxed)) == k {
+                if k.held_by(&self.slot(at, row_words)[..KEY_WORDS], &self.keys) {
                     return Some(at);
                 }
             }
@@ -506,30 +525,8 @@ impl Tables {
 
 /// `n` zeroed words, from the allocator's zeroed memory: a large segment or index is mapped
 /// fresh and its pages are resident only once written.
-fn zeroed(n: usize) -> Box<[AtomicU64]> {
+pub(super) fn zeroed(n: usize) -> Box<[AtomicU64]> {
     bytemuck::zeroed_slice_box(n)
-}
-
-/// A key as a slot holds it: its length in the first byte, then its bytes, zero-padded.
-fn encode_key(key: &str) -> Option<[u64; 2]> {
-    let bytes = key.as_bytes();
-    if bytes.len() > KEY_BYTES_MAX {
-        return None;
-    }
-    let mut b = [0u8; KEY_WORDS * 8];
-    b[0] = bytes.len() as u8;
-    b[1..=bytes.len()].copy_from_slice(bytes);
-    let word = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-    Some([word(0), word(1)])
-}
-
-/// The key a slot holds ([`encode_key`] undone), in `buf`.
-fn decode_key<'b>(words: &[AtomicU64], buf: &'b mut [u8; KEY_WORDS * 8]) -> &'b str {
-    for (i, w) in words.iter().enumerate() {
-        buf[i * 8..i * 8 + 8].copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
-    }
-    let len = usize::from(buf[0]).min(KEY_BYTES_MAX);
-    std::str::from_utf8(&buf[1..=len]).expect("a slot's key was a str when stored")
 }
 
 #[cfg(test)]
@@ -632,13 +629,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn keys_round_trip_through_a_slot() {
-        for k in ["", "a", "e1234567", "fifteen-bytes!!", "ü-and-ß"] {
-            let words = encode_key(k).expect("fits").map(AtomicU64::new);
-            assert_eq!(decode_key(&words, &mut [0; 16]), k);
+    /// Keys for the race below: every other one long (its bytes in the key arena).
+    fn racing_key(i: usize) -> String {
+        if i.is_multiple_of(2) {
+            format!("k{i}")
+        } else {
+            format!("an-entity-key-longer-than-a-slot-holds-{i}")
         }
-        assert!(encode_key("sixteen-bytes!!!").is_none());
     }
 
     /// Readers racing one writer that adds keys (growing the tables many times), moves every
@@ -665,7 +662,7 @@ mod tests {
                         continue;
                     }
                     i = (i + 7919) % n;
-                    let x = read_whole(&map, &layout, &format!("k{i}"));
+                    let x = read_whole(&map, &layout, &racing_key(i));
                     let i = i as f64;
                     assert!([i, i + 0.5, i + 0.25].contains(&x), "key k{i} read {x}");
                     reads += 1;
@@ -675,16 +672,16 @@ mod tests {
         let mut version = 0;
         for i in 0..KEYS {
             version += 1;
-            map.insert(&format!("k{i}"), dense(&layout, version, i as f64));
+            map.insert(&racing_key(i), dense(&layout, version, i as f64));
             if i % 7 == 3 {
                 let j = i - 3;
                 version += 1;
-                map.insert(&format!("k{j}"), sparse(&layout, version, j as f64 + 0.5));
+                map.insert(&racing_key(j), sparse(&layout, version, j as f64 + 0.5));
             }
             if i % 14 == 5 {
                 let j = i - 5;
                 version += 1;
-                map.insert(&format!("k{j}"), dense(&layout, version, j as f64 + 0.25));
+                map.insert(&racing_key(j), dense(&layout, version, j as f64 + 0.25));
             }
             added.store(i + 1, Ordering::Release);
         }
@@ -700,7 +697,7 @@ mod tests {
     /// the side map let it go.
     #[test]
     fn a_row_moving_out_of_its_slot_and_back_is_always_found() {
-        const MOVES: u64 = 100_000;
+        const MOVES: u64 = 300_000;
         let layout = Arc::new(layout());
         let map = Arc::new(RowMap::new(layout.dense_words()));
         map.insert("k", dense(&layout, 1, 0.0));
