@@ -573,13 +573,15 @@ mod tests {
         }
     }
 
-    /// Keys around the slot's limit: empty, short, exactly 15 bytes, 16 and more (side map).
+    /// Keys around the slot's limits: empty, short, exactly 15 bytes (inline), 16 to 4096
+    /// (the key arena), over 4096 (the side map).
     fn key(i: usize) -> String {
-        match i % 4 {
-            0 => format!("{}", i / 4).repeat(i % 3),
+        match i % 5 {
+            0 => format!("{}", i / 5).repeat(i % 3),
             1 => format!("k{i}"),
             2 => format!("{i:0>15}"),
-            _ => format!("{i:0>16}-long"),
+            3 => format!("{i:0>16}-long"),
+            _ => format!("{i:0>4097}"),
         }
     }
 

@@ -111,7 +111,8 @@ pub(super) fn decode<'b>(slot: &[AtomicU64], arena: &KeyArena, buf: &'b mut Vec<
 }
 
 /// Long keys' bytes, appended in segments that never move (zeroed pages from the allocator,
-/// resident as far as written). One per map's tables; a clear starts a new one.
+/// resident as far as written). Shared by a map's tables as they grow from one another; a
+/// clear starts a new one.
 pub(super) struct KeyArena {
     segments: [OnceLock<Box<[AtomicU64]>>; ARENA_SEGMENTS],
     /// Words handed out (the writer's).
