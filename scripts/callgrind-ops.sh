@@ -14,6 +14,10 @@
 #   predict    POST /v1/models/gbdt32/predict (lookup + 100-tree GBDT, LightGBM)
 #   ingest100  POST /v1/events?ack=durable, 100 events × 32 features (per event: ÷ 100)
 #   update100  the same, each event overwriting every feature of an entity already loaded
+#   floor      the GET's requests against a hyper server that answers each with a fixed body
+#              of a GET reply's length (crates/bench/examples/floor.rs; build it with
+#              cargo build --release -p quiver-bench --example floor): what the HTTP stack and
+#              the runtime cost per request before any lookup
 #
 # Needs valgrind and target/release/quiver (cargo build --release -p quiver). Output files are
 # kept in $OUT (default: a temporary directory, printed) for callgrind_annotate.
@@ -52,7 +56,7 @@ c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
 feats = json.dumps(["row:f%d" % f for f in range(32)])
 for i in range(start, start + ops):
     k = (i * 7919) % n
-    if scenario == "get":
+    if scenario in ("get", "floor"):
         c.request("GET", f"/v1/features/row/e{k}")
     elif scenario == "feast10":
         keys = json.dumps([f"e{(k + j * 131) % n}" for j in range(10)])
@@ -93,13 +97,23 @@ name = "row"
 entity = "user"
 features = [$FEATURES]
 TOML
-  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.$S" \
-    "$BIN" serve --config "$WORK/quiver.toml" > "$WORK/serve.log" 2>&1 &
-  PID=$!
-  for _ in $(seq 1200); do curl -sf "127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
-  curl -sf "127.0.0.1:$PORT/readyz" >/dev/null || { echo "quiver did not get ready under valgrind" >&2; cat "$WORK/serve.log" >&2; exit 1; }
-  "$BIN" push "$WORK/rows.jsonl" --url "http://127.0.0.1:$PORT" --batch-size 1000 >/dev/null
-  for _ in $(seq 600); do curl -sf "127.0.0.1:$PORT/v1/features/row/e$((N - 1))" >/dev/null && break; sleep 0.1; done
+  if [ "$S" = floor ]; then
+    FLOOR_BIN=$(dirname "$BIN")/examples/floor
+    [ -x "$FLOOR_BIN" ] || { echo "$FLOOR_BIN not found (cargo build --release -p quiver-bench --example floor)" >&2; exit 2; }
+    # 3584 bytes: a GET reply of this view (32 features).
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.$S" \
+      "$FLOOR_BIN" hyper "127.0.0.1:$PORT" 3584 > "$WORK/serve.log" 2>&1 &
+    PID=$!
+    for _ in $(seq 1200); do curl -sf "127.0.0.1:$PORT/" >/dev/null && break; sleep 0.1; done
+  else
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.$S" \
+      "$BIN" serve --config "$WORK/quiver.toml" > "$WORK/serve.log" 2>&1 &
+    PID=$!
+    for _ in $(seq 1200); do curl -sf "127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
+    curl -sf "127.0.0.1:$PORT/readyz" >/dev/null || { echo "quiver did not get ready under valgrind" >&2; cat "$WORK/serve.log" >&2; exit 1; }
+    "$BIN" push "$WORK/rows.jsonl" --url "http://127.0.0.1:$PORT" --batch-size 1000 >/dev/null
+    for _ in $(seq 600); do curl -sf "127.0.0.1:$PORT/v1/features/row/e$((N - 1))" >/dev/null && break; sleep 0.1; done
+  fi
   python3 "$WORK/client.py" "$PORT" "$S" 50 "$N" 1000000          # warm-up, not counted
   callgrind_control -i on "$PID" >/dev/null
   python3 "$WORK/client.py" "$PORT" "$S" "$OPS" "$N" 0
