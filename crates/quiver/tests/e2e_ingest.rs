@@ -127,6 +127,35 @@ fn feast_shape() {
     );
 }
 
+/// Every read is timed in `quiver_lookup_seconds` under its path (README "Metrics"), through
+/// handles the server registers once at start, after the recorder is installed.
+#[test]
+fn reads_are_timed_in_lookup_seconds_by_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), CONFIG);
+    let (status, reply) = server.post(
+        "/v1/events",
+        r#"[{"view":"txn","key":"u1","values":{"amount":12.5}}]"#,
+    );
+    assert_eq!(status, 200, "{reply}");
+    let token = reply["token"].as_str().unwrap().to_string();
+    let body = json!({"features": ["txn:amount"], "entities": {"user_id": ["u1"]}});
+    for _ in 0..2 {
+        let (status, v) = server.post_with(
+            "/get-online-features",
+            &body.to_string(),
+            &[("Quiver-Read-After", &token)],
+        );
+        assert_eq!(status, 200, "{v}");
+    }
+    for _ in 0..3 {
+        assert_eq!(server.get("/v1/features/txn/u1").0, 200);
+    }
+    let count =
+        |path: &str| server.metric_with("quiver_lookup_seconds_count", &format!("path=\"{path}\""));
+    assert_eq!((count("single"), count("batch")), (3.0, 2.0));
+}
+
 #[test]
 fn bad_input_is_rejected_whole_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();

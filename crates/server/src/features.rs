@@ -11,7 +11,6 @@ use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use quiver_auth::{Identity, Role};
-use quiver_core::telemetry as t;
 use quiver_core::time::{now_ms, EpochMs};
 use quiver_core::token::Token;
 use quiver_serving::features::{self, AsOf, BatchReads, EntityColumn, FeatureRef};
@@ -89,7 +88,9 @@ pub(crate) async fn get_entity_of(
         }
     }
     let result = get_entity_inner(state, view, key, headers).await;
-    metrics::histogram!(t::LOOKUP_SECONDS, "path" => "single")
+    state
+        .lookup_seconds
+        .single
         .record(started.elapsed().as_secs_f64());
     match result {
         Ok(r) => r,
@@ -305,7 +306,9 @@ where
     let (parts, body) = req.into_parts();
     let identity = parts.extensions.get::<Identity>();
     let result = post_features_inner(state, identity, &parts.headers, Body::new(body), mode).await;
-    metrics::histogram!(t::LOOKUP_SECONDS, "path" => "batch")
+    state
+        .lookup_seconds
+        .batch
         .record(started.elapsed().as_secs_f64());
     match result {
         Ok(r) => r,

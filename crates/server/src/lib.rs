@@ -45,6 +45,16 @@ pub struct AppState {
     pub peers: Option<Arc<cluster::Peers>>,
     /// Where handlers of tiers below the best priority run (only with two priorities or more).
     pub lower: Option<lower::LowerPool>,
+    /// `quiver_lookup_seconds` for single-entity and batch reads, registered once: the macro
+    /// looks a handle up by name and labels on every call (~470 instructions of a GET's ~42k,
+    /// callgrind). Made in [`AppState::new`], which [`serve`] calls after [`install_metrics`].
+    pub(crate) lookup_seconds: LookupSeconds,
+}
+
+/// Handles of `quiver_lookup_seconds`, by path.
+pub(crate) struct LookupSeconds {
+    pub(crate) single: metrics::Histogram,
+    pub(crate) batch: metrics::Histogram,
 }
 
 impl AppState {
@@ -54,9 +64,14 @@ impl AppState {
             1 => None,
             _ => Some(lower::LowerPool::new().map_err(|e| format!("lower-priority threads: {e}"))?),
         };
+        use quiver_core::telemetry::LOOKUP_SECONDS;
         Ok(AppState {
             lower,
             metrics,
+            lookup_seconds: LookupSeconds {
+                single: metrics::histogram!(LOOKUP_SECONDS, "path" => "single"),
+                batch: metrics::histogram!(LOOKUP_SECONDS, "path" => "batch"),
+            },
             resolved: features::ResolvedCache::new(features::RESOLVED_CACHE_ENTRIES),
             column_keys: json_out::ColumnKeys::of(&node.schema),
             security,
