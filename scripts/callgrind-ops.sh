@@ -100,11 +100,12 @@ TOML
   if [ "$S" = floor ]; then
     FLOOR_BIN=$(dirname "$BIN")/examples/floor
     [ -x "$FLOOR_BIN" ] || { echo "$FLOOR_BIN not found (cargo build --release -p quiver-bench --example floor)" >&2; exit 2; }
-    # 3584 bytes: a GET reply of this view (32 features).
+    # 3584 bytes: about a GET reply of this view (32 features; an age's digits vary).
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.$S" \
       "$FLOOR_BIN" hyper "127.0.0.1:$PORT" 3584 > "$WORK/serve.log" 2>&1 &
     PID=$!
     for _ in $(seq 1200); do curl -sf "127.0.0.1:$PORT/" >/dev/null && break; sleep 0.1; done
+    curl -sf "127.0.0.1:$PORT/" >/dev/null || { echo "the floor did not start under valgrind" >&2; cat "$WORK/serve.log" >&2; exit 1; }
   else
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.$S" \
       "$BIN" serve --config "$WORK/quiver.toml" > "$WORK/serve.log" 2>&1 &

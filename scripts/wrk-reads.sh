@@ -121,6 +121,7 @@ for mode in raw hyper; do
   "$FLOOR_BIN" "$mode" "127.0.0.1:$PORT" "$BYTES" > "$WORK/floor.log" 2>&1 &
   FLOOR_PID=$!
   for _ in $(seq 200); do curl -sf "127.0.0.1:$PORT/" >/dev/null && break; sleep 0.05; done
+  curl -sf "127.0.0.1:$PORT/" >/dev/null || { echo "the $mode floor did not start" >&2; cat "$WORK/floor.log" >&2; exit 1; }
   measure "floor: $mode, a fixed $BYTES-byte reply" "$FLOOR_PID" "$PORT" 0
   kill "$FLOOR_PID"; wait "$FLOOR_PID" 2>/dev/null || true; FLOOR_PID=
 done

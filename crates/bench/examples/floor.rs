@@ -10,8 +10,10 @@
 //! ```
 //!
 //! `raw`: tokio alone — reads until a request's blank line, writes a prepared HTTP/1.1 reply
-//! (no parsing, no routing, no allocation per request). `hyper`: the HTTP stack Quiver's
-//! surface is built on, answering every request with the same body. Both on a tokio runtime of
+//! (no parsing, no routing, no allocation per request; requests with a body are not expected).
+//! `hyper`: the HTTP stack Quiver's surface is built on, answering every request with the same
+//! body — plain HTTP/1, lighter than Quiver's listener (hyper-util's HTTP/1-or-2 builder with
+//! a timer). Both on a tokio runtime of
 //! as many workers as cores, as `quiver serve` runs.
 
 use std::convert::Infallible;
@@ -31,6 +33,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let [mode, addr, bytes] = args.as_slice() else {
         return Err("usage: floor raw|hyper ADDR BODY_BYTES".into());
     };
+    if !matches!(mode.as_str(), "raw" | "hyper") {
+        return Err(format!("unknown mode {mode} (raw or hyper)").into());
+    }
     let body = Bytes::from(vec![b'x'; bytes.parse()?]);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -43,8 +48,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let body = body.clone();
             match mode.as_str() {
                 "raw" => tokio::spawn(raw(socket, body)),
-                "hyper" => tokio::spawn(hyper_conn(socket, body)),
-                other => return Err(format!("unknown mode {other}").into()),
+                _ => tokio::spawn(hyper_conn(socket, body)),
             };
         }
     })

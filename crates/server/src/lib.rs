@@ -46,8 +46,9 @@ pub struct AppState {
     /// Where handlers of tiers below the best priority run (only with two priorities or more).
     pub lower: Option<lower::LowerPool>,
     /// `quiver_lookup_seconds` for single-entity and batch reads, registered once: the macro
-    /// looks a handle up by name and labels on every call (~470 instructions of a GET's ~42k,
-    /// callgrind). Made in [`AppState::new`], which [`serve`] calls after [`install_metrics`].
+    /// looks a handle up by name and labels on every call (~490 instructions of a GET's ~42k,
+    /// callgrind). Made in [`AppState::new`] (inside [`serve`]), so the recorder must be
+    /// installed before, as [`serve`] says: handles made earlier record nowhere.
     pub(crate) lookup_seconds: LookupSeconds,
 }
 
