@@ -13,8 +13,7 @@
 //! (no parsing, no routing, no allocation per request; requests with a body are not expected).
 //! `hyper`: the HTTP stack Quiver's surface is built on, answering every request with the same
 //! body — plain HTTP/1, lighter than Quiver's listener (hyper-util's HTTP/1-or-2 builder with
-//! a timer). Both on a tokio runtime of
-//! as many workers as cores, as `quiver serve` runs.
+//! a timer). Both on a tokio runtime of as many workers as cores, as `quiver serve` runs.
 
 use std::convert::Infallible;
 
@@ -69,8 +68,8 @@ async fn raw(mut socket: TcpStream, body: Bytes) {
             Ok(0) | Err(_) => return,
             Ok(n) => filled += n,
         }
-        // Every complete head read gets one reply (wrk sends one at a time; pipelined heads
-        // are answered in order).
+        // Every complete head read gets one reply (wrk and the scripts' curl send one request
+        // at a time and wait for its answer).
         while let Some(end) = memchr::memmem::find(&buf[..filled], b"\r\n\r\n") {
             if socket.write_all(&reply).await.is_err() {
                 return;
